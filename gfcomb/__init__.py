@@ -1,0 +1,47 @@
+"""gfcomb: Gen's Generative Function Interface on PyTorch, built around vmapped combinators.
+
+>>> import gfcomb as gf
+>>> @gf.gen
+... def model(x):
+...     slope = gf.normal(0.0, 1.0) @ "slope"
+...     return gf.normal(slope * x, 1.0) @ "y"
+"""
+
+from gfcomb.core import (
+    AddressError,
+    ArgumentError,
+    ChoiceMap,
+    ChoiceMapMergeError,
+    DegenerateWeightsError,
+    Diff,
+    DistributionArgumentError,
+    DuplicateAddressError,
+    GenerativeFunction,
+    GFIError,
+    Invocation,
+    MissingChoiceError,
+    NoChange,
+    Selection,
+    Trace,
+    UnknownChange,
+    UnvisitedConstraintError,
+    VectorDiff,
+    VmapError,
+    select,
+    selectall,
+)
+from gfcomb.distributions import *  # noqa: F403
+from gfcomb.distributions import __all__ as _dist_all
+from gfcomb.dsl import GenFunction, GenTrace, gen, splice
+from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressError", "ArgumentError", "ChoiceMap", "ChoiceMapMergeError",
+    "DegenerateWeightsError", "DeterministicTrace", "Diff", "DistributionArgumentError",
+    "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
+    "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
+    "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
+    "select", "selectall", "splice", *_dist_all,
+]

@@ -1,0 +1,27 @@
+"""Core records and interfaces: choice maps, selections, diffs, traces, the GFI base class."""
+
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
+from gfcomb.core.errors import (
+    AddressError,
+    ArgumentError,
+    ChoiceMapMergeError,
+    DegenerateWeightsError,
+    DistributionArgumentError,
+    DuplicateAddressError,
+    GFIError,
+    MissingChoiceError,
+    UnvisitedConstraintError,
+    VmapError,
+)
+from gfcomb.core.gfi import GenerativeFunction, Invocation
+from gfcomb.core.selection import Selection, select, selectall
+from gfcomb.core.trace import Trace
+
+__all__ = [
+    "AddressError", "ArgumentError", "ChoiceMap", "ChoiceMapMergeError",
+    "DegenerateWeightsError", "Diff", "DistributionArgumentError", "DuplicateAddressError",
+    "GFIError", "GenerativeFunction", "Invocation", "MissingChoiceError", "NoChange",
+    "Selection", "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff",
+    "VmapError", "select", "selectall",
+]

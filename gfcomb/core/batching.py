@@ -1,0 +1,28 @@
+"""Small facts about torch.func transforms that the rest of gfcomb asks about."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._C import _functorch
+
+
+def inside_functorch_transform() -> bool:
+    """True while a torch.func transform (vmap, grad, jvp, ...) is running."""
+    return _functorch.peek_interpreter_stack() is not None
+
+
+def is_batched(x: Any) -> bool:
+    """True if ``x`` is a tensor carrying a vmap batch dimension (a BatchedTensor)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    return bool(_functorch.is_batchedtensor(x)) or (
+        _functorch.is_functorch_wrapped_tensor(x)
+        and bool(_functorch.is_batchedtensor(_functorch.get_unwrapped(x)))
+    )
+
+
+def is_data_dependent_safe(*xs: Any) -> bool:
+    """True if Python may look at the *values* of ``xs`` (no vmap/grad wrapper involved)."""
+    return not inside_functorch_transform()

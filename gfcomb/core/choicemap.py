@@ -1,0 +1,451 @@
+"""ChoiceMap: an immutable, hierarchical map from addresses to tensor values.
+
+A node is one of four kinds:
+
+- *empty*;
+- a *value* at the empty address (optionally with a boolean ``mask`` saying, per element of a
+  batch, whether the value is present: this is how a Map passes "constraint only for some
+  elements" into a vmapped kernel);
+- a *node*: keys (``str`` or ``int``) to sub-maps;
+- a *stacked* map: the choices of ``length`` elements of a vector (Map elements, Unfold steps)
+  stored as one sub-map whose leaves carry a leading element axis.  Element ``i`` (key ``i``,
+  or ``indices[i]`` for a sparse one) is the sub-map with every leaf indexed at ``i``.
+
+Choice maps are pytrees, so ``torch.func.vmap`` can take and return them.  A stacked map
+remembers the logical rank of its leaves when it was built, so that element indexing still
+finds the element axis after an outer vmap has added batch dimensions in front of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.core.address import check_key, normalize
+from gfcomb.core.errors import AddressError, ChoiceMapMergeError
+
+if TYPE_CHECKING:
+    from gfcomb.core.selection import Selection
+
+_EMPTY, _VALUE, _NODE, _STACKED = 0, 1, 2, 3
+
+
+def _to_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.get_default_dtype())
+    return torch.as_tensor(value)
+
+
+class ChoiceMap:
+    """An immutable hierarchical map from addresses to values.
+
+    ``ChoiceMap({"x": 1.0, ("ys", 0, "y"): 2.0})`` builds one from a flat mapping of
+    addresses (a key or a tuple of keys) to values; nested dicts and ChoiceMaps are accepted
+    as values too.  ``ChoiceMap.empty()`` is the empty map.
+
+    Reading: ``cm["ys", 0, "y"]`` (a value; ``KeyError`` if absent), ``cm.get_submap("ys")``,
+    ``cm.has_value(addr)``, ``addr in cm``, ``cm.items()``.  For stacked (vectorized) sub-maps,
+    ``cm["ys", :, "y"]`` returns the stacked tensor of all elements at once.
+
+    Combining: ``cm.merge(other)`` (error on overlap), ``cm.filter(selection)``.
+    """
+
+    __slots__ = ("_kind", "_value", "_mask", "_submaps", "_inner", "_length", "_indices",
+                 "_ref_ndim", "_pos")
+
+    _kind: int
+    _value: Any
+    _mask: Any
+    _submaps: dict[Any, ChoiceMap]
+    _inner: Any
+    _length: int
+    _indices: tuple[int, ...] | None
+    _ref_ndim: int
+    _pos: dict[int, int] | None
+
+    def __init__(self, mapping: Mapping[Any, Any] | ChoiceMap | None = None) -> None:
+        built = ChoiceMap._from_mapping(mapping)
+        for slot in ChoiceMap.__slots__:
+            object.__setattr__(self, slot, getattr(built, slot))
+
+    # ------------------------------------------------------------------ raw constructors
+    @staticmethod
+    def _raw(kind: int, value: Any = None, mask: Any = None, submaps: Any = None,
+             inner: Any = None, length: int = 0, indices: tuple[int, ...] | None = None,
+             ref_ndim: int = -1) -> ChoiceMap:
+        cm = object.__new__(ChoiceMap)
+        object.__setattr__(cm, "_kind", kind)
+        object.__setattr__(cm, "_value", value)
+        object.__setattr__(cm, "_mask", mask)
+        object.__setattr__(cm, "_submaps", submaps if submaps is not None else {})
+        object.__setattr__(cm, "_inner", inner)
+        object.__setattr__(cm, "_length", length)
+        object.__setattr__(cm, "_indices", indices)
+        object.__setattr__(cm, "_ref_ndim", ref_ndim)
+        object.__setattr__(cm, "_pos", None)
+        return cm
+
+    @staticmethod
+    def empty() -> ChoiceMap:
+        """The empty choice map."""
+        return _EMPTY_MAP
+
+    @staticmethod
+    def value(value: Any, mask: torch.Tensor | None = None) -> ChoiceMap:
+        """A map holding ``value`` at the empty address (present where ``mask`` is true)."""
+        return ChoiceMap._raw(_VALUE, value=_to_tensor(value), mask=mask)
+
+    @staticmethod
+    def node(submaps: Mapping[Any, ChoiceMap]) -> ChoiceMap:
+        """A map from keys to sub-maps (empty sub-maps are dropped)."""
+        subs = {}
+        for k, v in submaps.items():
+            check_key(k)
+            if not v.is_empty():
+                subs[k] = v
+        if not subs:
+            return _EMPTY_MAP
+        return ChoiceMap._raw(_NODE, submaps=subs)
+
+    @staticmethod
+    def stacked(inner: ChoiceMap, length: int,
+                indices: tuple[int, ...] | None = None) -> ChoiceMap:
+        """The choices of ``length`` vector elements whose leaves in ``inner`` are stacked.
+
+        Element ``j`` of the stack has key ``indices[j]`` (``j`` when ``indices`` is None).
+        """
+        if inner.is_empty() or length == 0:
+            return _EMPTY_MAP
+        leaves = [x for x in pytree.tree_leaves(inner) if isinstance(x, torch.Tensor)]
+        ref_ndim = leaves[0].dim() if leaves else -1
+        if indices is not None:
+            indices = tuple(int(i) for i in indices)
+            if len(indices) != length:
+                raise ValueError("stacked choice map: len(indices) != length")
+        return ChoiceMap._raw(_STACKED, inner=inner, length=length, indices=indices,
+                              ref_ndim=ref_ndim)
+
+    @staticmethod
+    def _from_mapping(mapping: Any) -> ChoiceMap:
+        if mapping is None:
+            return _EMPTY_MAP
+        if isinstance(mapping, ChoiceMap):
+            return mapping
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"ChoiceMap expects a mapping of addresses to values, got {mapping!r}")
+        result = _EMPTY_MAP
+        for addr, val in mapping.items():
+            path = normalize(addr)
+            for k in path:
+                check_key(k)
+            if isinstance(val, ChoiceMap):
+                sub = val
+            elif isinstance(val, Mapping):
+                sub = ChoiceMap._from_mapping(val)
+            else:
+                sub = ChoiceMap.value(val)
+            result = result.merge(sub.prefixed(path))
+        return result
+
+    # ------------------------------------------------------------------ immutability
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ChoiceMap is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("ChoiceMap is immutable")
+
+    # ------------------------------------------------------------------ structure queries
+    def is_empty(self) -> bool:
+        """True if the map holds no value at all (structurally)."""
+        return self._kind == _EMPTY
+
+    def is_value(self) -> bool:
+        """True if this map holds a value at the empty address."""
+        return self._kind == _VALUE
+
+    def is_stacked(self) -> bool:
+        """True for a stacked (vectorized) map of vector elements."""
+        return self._kind == _STACKED
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """For a value map: the presence mask (None = present everywhere)."""
+        return self._mask
+
+    def get_value(self) -> Any:
+        """The value at the empty address (error if this map is not a value)."""
+        if self._kind != _VALUE:
+            raise AddressError("no value at address {addr}")
+        return self._value
+
+    @property
+    def stacked_inner(self) -> ChoiceMap:
+        """For a stacked map: the sub-map whose leaves carry the element axis."""
+        if self._kind != _STACKED:
+            raise TypeError("not a stacked choice map")
+        return self._inner
+
+    @property
+    def stacked_length(self) -> int:
+        """For a stacked map: the number of elements."""
+        return self._length
+
+    @property
+    def stacked_indices(self) -> tuple[int, ...]:
+        """For a stacked map: the element keys, in stack order."""
+        if self._indices is None:
+            return tuple(range(self._length))
+        return self._indices
+
+    def _element_axis(self) -> int:
+        for x in pytree.tree_leaves(self._inner):
+            if isinstance(x, torch.Tensor):
+                return x.dim() - self._ref_ndim
+        return 0
+
+    def _position(self, key: int) -> int | None:
+        if self._indices is None:
+            if 0 <= key < self._length:
+                return key
+            return None
+        if self._pos is None:
+            object.__setattr__(self, "_pos", {k: j for j, k in enumerate(self._indices)})
+        assert self._pos is not None
+        return self._pos.get(key)
+
+    def keys(self) -> Iterator[Any]:
+        """The keys of the first level (element keys for a stacked map)."""
+        if self._kind == _NODE:
+            return iter(self._submaps.keys())
+        if self._kind == _STACKED:
+            return iter(self.stacked_indices)
+        return iter(())
+
+    def _child(self, key: Any) -> ChoiceMap:
+        kind = self._kind
+        if kind == _NODE:
+            return self._submaps.get(key, _EMPTY_MAP)
+        if kind == _STACKED:
+            if isinstance(key, slice) and key == slice(None):
+                return self._inner
+            if isinstance(key, bool) or not isinstance(key, int):
+                return _EMPTY_MAP
+            j = self._position(key)
+            if j is None:
+                return _EMPTY_MAP
+            axis = self._element_axis()
+            sl = (slice(None),) * axis + (j,)
+            return pytree.tree_map(
+                lambda x: x[sl] if isinstance(x, torch.Tensor) else x, self._inner
+            )
+        return _EMPTY_MAP
+
+    def get_submap(self, addr: Any) -> ChoiceMap:
+        """The sub-map at ``addr`` (the empty map if there is none)."""
+        cm = self
+        for key in normalize(addr):
+            cm = cm._child(key)
+            if cm._kind == _EMPTY:
+                return cm
+        return cm
+
+    def has_value(self, addr: Any = ()) -> bool:
+        """True if a value is present at ``addr`` (a masked-out value is absent)."""
+        sub = self.get_submap(addr)
+        if sub._kind != _VALUE:
+            return False
+        if sub._mask is None:
+            return True
+        return bool(sub._mask.all())
+
+    def __contains__(self, addr: Any) -> bool:
+        return self.has_value(addr)
+
+    def __getitem__(self, addr: Any) -> Any:
+        sub = self.get_submap(addr)
+        if sub._kind != _VALUE:
+            raise AddressError("no value at address {addr}", normalize(addr))
+        if sub._mask is not None and slice(None) not in normalize(addr):
+            if not bool(sub._mask.all()):
+                raise AddressError("no value at address {addr} (masked out)", normalize(addr))
+        return sub._value
+
+    # ------------------------------------------------------------------ iteration
+    def items(self, stacked: bool = False) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        """Yield ``(address tuple, value)`` for every value in the map.
+
+        Stacked sub-maps are expanded element by element; with ``stacked=True`` they are
+        yielded once per inner address, with ``slice(None)`` standing for the element key and
+        the stacked tensor as the value.
+        """
+        yield from self._items((), stacked)
+
+    def _items(self, prefix: tuple[Any, ...], stacked: bool) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        kind = self._kind
+        if kind == _VALUE:
+            if self._mask is None or stacked or bool(self._mask.all()):
+                yield prefix, self._value
+        elif kind == _NODE:
+            for k, sub in self._submaps.items():
+                yield from sub._items(prefix + (k,), stacked)
+        elif kind == _STACKED:
+            if stacked:
+                yield from self._inner._items(prefix + (slice(None),), stacked)
+            else:
+                for k in self.stacked_indices:
+                    yield from self._child(k)._items(prefix + (k,), stacked)
+
+    def addresses(self) -> list[tuple[Any, ...]]:
+        """All addresses holding a value (stacked maps expanded)."""
+        return [a for a, _ in self.items()]
+
+    def __iter__(self) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        return self.items()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+    def to_dict(self) -> Any:
+        """Nested plain dicts (stacked maps expanded); a value map gives its value."""
+        if self._kind == _VALUE:
+            return self._value
+        return {k: self._child(k).to_dict() for k in self.keys()}
+
+    # ------------------------------------------------------------------ building
+    def prefixed(self, addr: Any) -> ChoiceMap:
+        """This map placed under ``addr``."""
+        cm = self
+        for key in reversed(normalize(addr)):
+            cm = ChoiceMap.node({key: cm})
+        return cm
+
+    def set(self, addr: Any, value: Any) -> ChoiceMap:
+        """A copy with ``value`` at ``addr`` (replacing what was there)."""
+        path = normalize(addr)
+        if not path:
+            return value if isinstance(value, ChoiceMap) else ChoiceMap.value(value)
+        head, rest = path[0], path[1:]
+        if self._kind == _STACKED:
+            return self.unstacked().set(addr, value)
+        subs = dict(self._submaps) if self._kind == _NODE else {}
+        subs[head] = subs.get(head, _EMPTY_MAP).set(rest, value)
+        return ChoiceMap.node(subs)
+
+    def unstacked(self) -> ChoiceMap:
+        """A stacked map rewritten as a node of per-element sub-maps (other kinds unchanged)."""
+        if self._kind != _STACKED:
+            return self
+        return ChoiceMap.node({k: self._child(k) for k in self.stacked_indices})
+
+    def merge(self, other: ChoiceMap) -> ChoiceMap:
+        """The union of two maps; raises ChoiceMapMergeError if both hold a value somewhere."""
+        return self._merge(other, ())
+
+    def __or__(self, other: ChoiceMap) -> ChoiceMap:
+        return self.merge(other)
+
+    def _merge(self, other: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
+        if other._kind == _EMPTY:
+            return self
+        if self._kind == _EMPTY:
+            return other
+        if self._kind == _VALUE or other._kind == _VALUE:
+            if (self._kind == _VALUE and other._kind == _VALUE and self._mask is not None
+                    and other._mask is not None):
+                overlap = self._mask & other._mask
+                if bool(overlap.any()):
+                    raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}",
+                                              prefix)
+                m = self._mask.reshape(self._mask.shape + (1,) * (self._value.dim() - self._mask.dim()))
+                return ChoiceMap.value(torch.where(m, self._value, other._value),
+                                       self._mask | other._mask)
+            raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
+        if self._kind == _STACKED and other._kind == _STACKED and (
+                self._length == other._length and self._indices == other._indices):
+            return ChoiceMap.stacked(self._inner._merge(other._inner, prefix + (slice(None),)),
+                                     self._length, self._indices)
+        a, b = self.unstacked(), other.unstacked()
+        subs = dict(a._submaps)
+        for k, sub in b._submaps.items():
+            subs[k] = subs[k]._merge(sub, prefix + (k,)) if k in subs else sub
+        return ChoiceMap.node(subs)
+
+    def filter(self, selection: Selection) -> ChoiceMap:
+        """The sub-map of values whose addresses are in ``selection``."""
+        from gfcomb.core.selection import selection_flags_for_vector
+
+        if selection.is_all_static():
+            return self
+        if selection.is_empty_static() or self._kind == _EMPTY:
+            return _EMPTY_MAP
+        kind = self._kind
+        if kind == _VALUE:
+            flag = selection.leaf_flag()
+            if isinstance(flag, bool):
+                return self if flag else _EMPTY_MAP
+            mask = flag if self._mask is None else (self._mask & flag)
+            return ChoiceMap.value(self._value, mask)
+        if kind == _NODE:
+            return ChoiceMap.node({k: sub.filter(selection.get_subselection(k))
+                                   for k, sub in self._submaps.items()})
+        inner_sel = selection_flags_for_vector(selection, self.stacked_indices, self._inner)
+        return ChoiceMap.stacked(self._inner.filter(inner_sel), self._length, self._indices)
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        if self._kind == _EMPTY:
+            return "ChoiceMap.empty()"
+        lines = ["ChoiceMap("]
+        for addr, val in self.items(stacked=True):
+            shown = ", ".join(":" if k == slice(None) else repr(k) for k in addr)
+            lines.append(f"  ({shown}): {_short(val)},")
+        lines.append(")")
+        return "\n".join(lines)
+
+def _short(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        if val.numel() <= 6:
+            return repr(val.detach().cpu()).replace("\n", " ")
+        return f"tensor(shape={tuple(val.shape)}, dtype={val.dtype})"
+    return repr(val)
+
+
+_EMPTY_MAP = ChoiceMap._raw(_EMPTY)
+
+
+# ------------------------------------------------------------------------------- pytree
+def _cm_flatten(cm: ChoiceMap) -> tuple[list[Any], Any]:
+    kind = cm._kind
+    if kind == _EMPTY:
+        return [], (kind,)
+    if kind == _VALUE:
+        if cm._mask is None:
+            return [cm._value], (kind, False)
+        return [cm._value, cm._mask], (kind, True)
+    if kind == _NODE:
+        keys = tuple(cm._submaps.keys())
+        return [cm._submaps[k] for k in keys], (kind, keys)
+    return [cm._inner], (kind, cm._length, cm._indices, cm._ref_ndim)
+
+
+def _cm_unflatten(children: Any, ctx: Any) -> ChoiceMap:
+    kind = ctx[0]
+    children = list(children)
+    if kind == _EMPTY:
+        return _EMPTY_MAP
+    if kind == _VALUE:
+        return ChoiceMap._raw(_VALUE, value=children[0], mask=children[1] if ctx[1] else None)
+    if kind == _NODE:
+        return ChoiceMap._raw(_NODE, submaps=dict(zip(ctx[1], children)))
+    return ChoiceMap._raw(_STACKED, inner=children[0], length=ctx[1], indices=ctx[2],
+                          ref_ndim=ctx[3])
+
+
+pytree.register_pytree_node(ChoiceMap, _cm_flatten, _cm_unflatten)

@@ -1,0 +1,68 @@
+"""Argument and return-value diffs: what changed since the previous trace.
+
+``update``/``regenerate`` take one diff per argument; combinators use them to skip work.
+``NoChange()`` promises the value is the same as in the old trace; ``UnknownChange()`` says
+nothing is known; ``VectorDiff(new_length, prev_length, updated)`` says, for a vector-valued
+argument (or return value), which elements changed (``updated`` is a collection of indices;
+elements at or beyond ``prev_length`` are new).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+from torch.utils import _pytree as pytree
+
+
+class Diff:
+    """Base class of diffs."""
+
+    __slots__ = ()
+
+
+@attrs.frozen
+class NoChange(Diff):
+    """The value is unchanged."""
+
+
+@attrs.frozen
+class UnknownChange(Diff):
+    """The value may have changed in any way."""
+
+
+@attrs.frozen
+class VectorDiff(Diff):
+    """A vector whose length went from ``prev_length`` to ``new_length`` and whose elements
+    ``updated`` (indices below ``min(new_length, prev_length)``) may have changed."""
+
+    new_length: int
+    prev_length: int
+    updated: frozenset[int] = attrs.field(converter=lambda x: frozenset(int(i) for i in x),
+                                          factory=frozenset)
+
+
+def no_change(diff: Any) -> bool:
+    """True if ``diff`` promises no change."""
+    return isinstance(diff, NoChange)
+
+
+def all_no_change(diffs: Iterable[Any]) -> bool:
+    """True if every diff is NoChange."""
+    return all(isinstance(d, NoChange) for d in diffs)
+
+
+def unknown_diffs(n: int) -> tuple[Diff, ...]:
+    """``n`` UnknownChange diffs."""
+    return (UnknownChange(),) * n
+
+
+def no_change_diffs(n: int) -> tuple[Diff, ...]:
+    """``n`` NoChange diffs."""
+    return (NoChange(),) * n
+
+
+for _cls in (NoChange, UnknownChange, VectorDiff):
+    # diffs are static: invisible to vmap (no tensor leaves)
+    pytree.register_pytree_node(_cls, lambda d: ([], d), lambda _, d: d)

@@ -1,0 +1,68 @@
+"""Exceptions raised by gfcomb.  Each names the address or argument at fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GFIError(Exception):
+    """Base class of every error gfcomb raises for bad input."""
+
+
+class AddressError(GFIError, KeyError):
+    """An address is missing, duplicated, or never visited by the model.
+
+    ``what`` is a message in which ``{addr}`` stands for the address; ``address`` is the
+    address as a tuple.  A generative function that calls another one re-raises its callee's
+    error with its own address in front (:meth:`prefixed`), so the message names the full
+    address from the top.
+    """
+
+    def __init__(self, what: str, address: tuple[Any, ...] = ()) -> None:
+        super().__init__(what, address)
+        self.what = what
+        self.address = address
+
+    def prefixed(self, prefix: tuple[Any, ...]) -> AddressError:
+        """The same error at ``prefix + self.address``."""
+        err = type(self)(self.what, tuple(prefix) + tuple(self.address))
+        return err
+
+    def __str__(self) -> str:
+        from gfcomb.core.address import format_address
+
+        if "{addr}" in self.what:
+            return self.what.replace("{addr}", format_address(self.address))
+        return self.what
+
+
+class DuplicateAddressError(AddressError):
+    """The same address was traced twice in one execution."""
+
+
+class UnvisitedConstraintError(AddressError):
+    """A constraint was given at an address that the model never visits."""
+
+
+class MissingChoiceError(AddressError):
+    """assess (or update) needed a choice that the choice map does not hold."""
+
+
+class ChoiceMapMergeError(AddressError):
+    """Two choice maps given to merge both hold a value at the same address."""
+
+
+class DistributionArgumentError(GFIError, ValueError):
+    """A distribution got a non-finite, out-of-support or wrong-shaped parameter."""
+
+
+class ArgumentError(GFIError, ValueError):
+    """A generative function got arguments it cannot use (wrong count, unequal lengths, ...)."""
+
+
+class VmapError(GFIError, RuntimeError):
+    """A kernel could not be run under torch.func.vmap (see the message for the cause)."""
+
+
+class DegenerateWeightsError(GFIError, FloatingPointError):
+    """All importance weights are -inf or NaN."""

@@ -1,0 +1,418 @@
+"""Selections: sets of addresses, with an algebra (``~s``, ``s | t``, ``s & t``).
+
+``select("x", ("ys", 0, "y"))`` selects the two addresses and everything under them
+(``select("ys")`` selects every choice under ``"ys"``).  ``selectall()`` selects everything;
+``Selection.none()`` nothing.
+
+A selection is walked one key at a time: ``s.get_subselection(key)`` is the selection of the
+sub-tree under ``key``, and ``s.leaf_flag()`` says whether the value at the empty address is
+selected.  Inside a vmapped kernel the flag may be a boolean tensor (one flag per element):
+that is how Map selects element 3 but not element 4 in one batched call.  Such selections
+(:class:`MaskSelection`) are built by the combinators, not by users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.core.address import check_key, normalize
+from gfcomb.core.choicemap import ChoiceMap
+
+Flag = Union[bool, torch.Tensor]
+
+
+def _not(f: Flag) -> Flag:
+    return (not f) if isinstance(f, bool) else ~f
+
+
+def _or(a: Flag, b: Flag) -> Flag:
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a or b
+    if a is True or b is True:
+        return True
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return a | b  # type: ignore[operator]
+
+
+def _and(a: Flag, b: Flag) -> Flag:
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if a is False or b is False:
+        return False
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return a & b  # type: ignore[operator]
+
+
+class Selection:
+    """Base class of selections.  Subclasses implement the three primitive queries."""
+
+    __slots__ = ()
+
+    # -- primitives
+    def get_subselection(self, key: Any) -> Selection:
+        """The selection of the sub-tree under ``key``."""
+        raise NotImplementedError
+
+    def leaf_flag(self) -> Flag:
+        """Whether the value at the empty address is selected (bool, or a bool tensor)."""
+        raise NotImplementedError
+
+    def explicit_keys(self) -> frozenset[Any]:
+        """Keys this selection treats specially at the first level (others share one answer)."""
+        return frozenset()
+
+    # -- static shortcuts (conservative: False means "don't know")
+    def is_all_static(self) -> bool:
+        """True if this selection certainly selects everything."""
+        return False
+
+    def is_empty_static(self) -> bool:
+        """True if this selection certainly selects nothing."""
+        return False
+
+    # -- derived
+    def get_subselection_at(self, addr: Any) -> Selection:
+        """The selection of the sub-tree at address ``addr``."""
+        s = self
+        for key in normalize(addr):
+            s = s.get_subselection(key)
+        return s
+
+    def __contains__(self, addr: Any) -> bool:
+        flag = self.get_subselection_at(addr).leaf_flag()
+        return bool(flag) if isinstance(flag, bool) else bool(flag.all())
+
+    def __invert__(self) -> Selection:
+        return Complement(self)
+
+    def __or__(self, other: Selection) -> Selection:
+        return Union_(self, other)
+
+    def __and__(self, other: Selection) -> Selection:
+        return Intersection(self, other)
+
+    @staticmethod
+    def none() -> Selection:
+        """The empty selection."""
+        return _NONE
+
+    @staticmethod
+    def all() -> Selection:
+        """The selection of every address."""
+        return _ALL
+
+
+class AllSelection(Selection):
+    """Selects every address."""
+
+    __slots__ = ()
+
+    def get_subselection(self, key: Any) -> Selection:
+        return self
+
+    def leaf_flag(self) -> Flag:
+        return True
+
+    def is_all_static(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "selectall()"
+
+
+class NoneSelection(Selection):
+    """Selects nothing."""
+
+    __slots__ = ()
+
+    def get_subselection(self, key: Any) -> Selection:
+        return self
+
+    def leaf_flag(self) -> Flag:
+        return False
+
+    def is_empty_static(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Selection.none()"
+
+
+_ALL = AllSelection()
+_NONE = NoneSelection()
+
+
+class AddressSelection(Selection):
+    """A trie of selected addresses; a selected address selects everything beneath it."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, children: Mapping[Any, Selection]) -> None:
+        self._children = dict(children)
+
+    def get_subselection(self, key: Any) -> Selection:
+        return self._children.get(key, _NONE)
+
+    def leaf_flag(self) -> Flag:
+        return False
+
+    def explicit_keys(self) -> frozenset[Any]:
+        return frozenset(self._children)
+
+    def is_empty_static(self) -> bool:
+        return not self._children
+
+    def __repr__(self) -> str:
+        return f"AddressSelection({self._children!r})"
+
+
+class Complement(Selection):
+    """Every address that ``inner`` does not select."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Selection) -> None:
+        self.inner = inner
+
+    def get_subselection(self, key: Any) -> Selection:
+        sub = self.inner.get_subselection(key)
+        if sub.is_empty_static():
+            return _ALL
+        if sub.is_all_static():
+            return _NONE
+        return Complement(sub)
+
+    def leaf_flag(self) -> Flag:
+        return _not(self.inner.leaf_flag())
+
+    def explicit_keys(self) -> frozenset[Any]:
+        return self.inner.explicit_keys()
+
+    def is_all_static(self) -> bool:
+        return self.inner.is_empty_static()
+
+    def is_empty_static(self) -> bool:
+        return self.inner.is_all_static()
+
+    def __invert__(self) -> Selection:
+        return self.inner
+
+    def __repr__(self) -> str:
+        return f"~{self.inner!r}"
+
+
+class Union_(Selection):
+    """Addresses selected by either selection."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Selection, b: Selection) -> None:
+        self.a, self.b = a, b
+
+    def get_subselection(self, key: Any) -> Selection:
+        sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
+        if sa.is_empty_static():
+            return sb
+        if sb.is_empty_static():
+            return sa
+        if sa.is_all_static() or sb.is_all_static():
+            return _ALL
+        return Union_(sa, sb)
+
+    def leaf_flag(self) -> Flag:
+        return _or(self.a.leaf_flag(), self.b.leaf_flag())
+
+    def explicit_keys(self) -> frozenset[Any]:
+        return self.a.explicit_keys() | self.b.explicit_keys()
+
+    def is_all_static(self) -> bool:
+        return self.a.is_all_static() or self.b.is_all_static()
+
+    def is_empty_static(self) -> bool:
+        return self.a.is_empty_static() and self.b.is_empty_static()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} | {self.b!r})"
+
+
+class Intersection(Selection):
+    """Addresses selected by both selections."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Selection, b: Selection) -> None:
+        self.a, self.b = a, b
+
+    def get_subselection(self, key: Any) -> Selection:
+        sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
+        if sa.is_empty_static() or sb.is_empty_static():
+            return _NONE
+        if sa.is_all_static():
+            return sb
+        if sb.is_all_static():
+            return sa
+        return Intersection(sa, sb)
+
+    def leaf_flag(self) -> Flag:
+        return _and(self.a.leaf_flag(), self.b.leaf_flag())
+
+    def explicit_keys(self) -> frozenset[Any]:
+        return self.a.explicit_keys() | self.b.explicit_keys()
+
+    def is_all_static(self) -> bool:
+        return self.a.is_all_static() and self.b.is_all_static()
+
+    def is_empty_static(self) -> bool:
+        return self.a.is_empty_static() or self.b.is_empty_static()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} & {self.b!r})"
+
+
+class MaskSelection(Selection):
+    """A selection given by a choice map of boolean flags (tensor-valued under vmap).
+
+    A flag at an address selects that address and everything beneath it.  Built by the
+    combinators to pass element-dependent selections into a vmapped kernel; it is a pytree.
+    """
+
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: ChoiceMap) -> None:
+        self.flags = flags
+
+    def get_subselection(self, key: Any) -> Selection:
+        if self.flags.is_value():
+            return self
+        sub = self.flags.get_submap(key)
+        if sub.is_empty():
+            return _NONE
+        return MaskSelection(sub)
+
+    def leaf_flag(self) -> Flag:
+        if self.flags.is_value():
+            return self.flags.get_value()
+        return False
+
+    def is_empty_static(self) -> bool:
+        return self.flags.is_empty()
+
+    def __repr__(self) -> str:
+        return f"MaskSelection({self.flags!r})"
+
+
+pytree.register_pytree_node(
+    MaskSelection, lambda s: ([s.flags], None), lambda ch, _: MaskSelection(list(ch)[0])
+)
+
+
+def select(*addrs: Any) -> Selection:
+    """The selection of the given addresses (and everything under each of them)."""
+    root: dict[Any, Any] = {}
+    for addr in addrs:
+        path = normalize(addr)
+        if not path:
+            return _ALL
+        node = root
+        for k in path[:-1]:
+            check_key(k, "selection address")
+            nxt = node.get(k)
+            if nxt is True:
+                break
+            node = node.setdefault(k, {})
+        else:
+            check_key(path[-1], "selection address")
+            node[path[-1]] = True
+    return _build(root)
+
+
+def _build(tree: dict[Any, Any]) -> Selection:
+    return AddressSelection({k: (_ALL if v is True else _build(v)) for k, v in tree.items()})
+
+
+def selectall() -> Selection:
+    """The selection of every address."""
+    return _ALL
+
+
+# ------------------------------------------------------------------ per-element selections
+_OTHER = object()  # a key no selection mentions explicitly
+
+
+def element_selections(selection: Selection, keys: Sequence[int]) -> tuple[Selection, dict[int, Selection]]:
+    """Split a selection over vector elements: (the selection shared by most elements,
+    {key: its own selection} for the elements the selection names explicitly)."""
+    default = selection.get_subselection(_OTHER)
+    special = {}
+    explicit = selection.explicit_keys()
+    if explicit:
+        keyset = set(keys)
+        for k in explicit:
+            if isinstance(k, int) and not isinstance(k, bool) and k in keyset:
+                special[k] = selection.get_subselection(k)
+    return default, special
+
+
+def _flag_at(sel: Selection, path: Iterable[Any]) -> Flag:
+    """Whether the value at ``path`` is selected: true if any prefix (or the path) is."""
+    flag: Flag = sel.leaf_flag()
+    s = sel
+    for k in path:
+        if flag is True:
+            return True
+        s = s.get_subselection(k)
+        if s.is_empty_static():
+            return flag
+        flag = _or(flag, s.leaf_flag())
+    return flag
+
+
+def selection_flags_for_vector(selection: Selection, keys: Sequence[int],
+                               inner: ChoiceMap) -> Selection:
+    """The selection to apply to a *stacked* sub-map ``inner`` whose elements have ``keys``.
+
+    If every element is selected the same way, that shared selection is returned (no
+    tensors).  Otherwise a :class:`MaskSelection` mirrors ``inner``: for each inner address a
+    boolean tensor with one flag per element (broadcast over nested element axes).
+    """
+    n = len(keys)
+    if isinstance(selection, MaskSelection):
+        flags = selection.flags
+        if flags.is_stacked():
+            return MaskSelection(flags.stacked_inner)
+        if flags.is_value():
+            f = flags.get_value()
+            return MaskSelection(ChoiceMap.value(f.unsqueeze(0).expand((n,) + f.shape)))
+    default, special = element_selections(selection, keys)
+    if not special:
+        return default
+    pos = {k: j for j, k in enumerate(keys)}
+
+    def flags_like(cm: ChoiceMap, path: tuple[Any, ...], depth: int) -> ChoiceMap:
+        if cm.is_value():
+            flags = [_flag_at(default, path)] * n
+            for k, sub in special.items():
+                flags[pos[k]] = _flag_at(sub, path)
+            value = cm.get_value()
+            t = torch.tensor([f if isinstance(f, bool) else bool(f.all()) for f in flags],
+                             device=value.device)
+            lead = value.shape[: 1 + depth]
+            t = t.reshape((n,) + (1,) * depth).expand(lead)
+            return ChoiceMap.value(t)
+        if cm.is_stacked():
+            return ChoiceMap.stacked(flags_like(cm.stacked_inner, path, depth + 1),
+                                     cm.stacked_length, cm.stacked_indices)
+        return ChoiceMap.node({k: flags_like(cm.get_submap(k), path + (k,), depth)
+                               for k in cm.keys()})
+
+    return MaskSelection(flags_like(inner, (), 0))

@@ -1,0 +1,327 @@
+"""Discrete distributions, written for ``torch.func.vmap``.
+
+Value dtypes (torch's conventions where torch has the distribution):
+
+==================  ===============================  ============================
+distribution        value dtype                      support
+==================  ===============================  ============================
+bernoulli           floating (params' dtype), 0./1.  {0, 1}
+categorical         ``torch.int64`` index            {0, ..., K-1}
+uniform_discrete    ``torch.int64``                  {low, ..., high} (inclusive)
+poisson             floating (params' dtype)         {0, 1, 2, ...}
+binomial            floating (params' dtype)         {0, ..., total_count}
+geometric           floating (params' dtype)         {0, 1, 2, ...} (failures)
+==================  ===============================  ============================
+
+``logpdf`` accepts values of any real or integer dtype (a float ``2.0`` is the same value as
+the integer ``2``), returns the log mass in the parameters' floating dtype, ``-inf`` for
+values outside the support (negative, too large, or not integer-valued), and is
+differentiable in the parameters.  None of these samplers is reparameterized; they run under
+``torch.no_grad``-like ``detach`` so that ``torch.func.grad`` through them is simply zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gfcomb.core.errors import DistributionArgumentError
+from gfcomb.distributions.base import Distribution, as_tensor
+from gfcomb.distributions.continuous import (
+    ArrayLike,
+    _broadcast,
+    _neg_inf_outside,
+    _safe,
+    _tensors,
+    _xlog1py,
+    _xlogy,
+)
+
+
+def _is_integer(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise: is ``x`` integer-valued (always true for integer dtypes)."""
+    if x.is_floating_point():
+        return x == torch.floor(x)
+    return torch.ones_like(x, dtype=torch.bool)
+
+
+def _check_nonnegative(dist: Distribution, pname: str, p: Any) -> None:
+    t = as_tensor(p)
+    if not bool((t >= 0).all()):
+        raise DistributionArgumentError(
+            f"{dist.name}: argument {pname!r} must be >= 0, got {t.detach().cpu()}"
+        )
+
+
+def _check_integer(dist: Distribution, pname: str, p: Any) -> None:
+    t = as_tensor(p)
+    if not bool(_is_integer(t).all()):
+        raise DistributionArgumentError(
+            f"{dist.name}: argument {pname!r} must be integer-valued, got {t.detach().cpu()}"
+        )
+
+
+class Bernoulli(Distribution):
+    r"""Bernoulli distribution ``bernoulli(probs)``; values are floating ``0.``/``1.``.
+
+    .. math:: \log p(x) = x\log p + (1-x)\log(1-p), \quad x \in \{0, 1\}
+
+    Sampler: ``(rand_like(p) < p)`` cast to ``p``'s dtype.
+    """
+
+    name = "bernoulli"
+    param_names = ("probs",)
+    discrete = True
+    reparameterized = False
+
+    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Draw 1. with probability ``probs``, else 0."""
+        (p,) = _tensors(probs)
+        p = p.detach()
+        return (torch.rand_like(p) < p).to(p.dtype)
+
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Elementwise log mass (``-inf`` for values other than 0 and 1)."""
+        x, p = _tensors(value, probs)
+        is1 = x == 1
+        is0 = x == 0
+        # log p and log(1-p) only where selected, so p in {0, 1} gives no NaN gradient
+        lp1 = torch.log(torch.where(is1, p, torch.ones_like(p)))
+        lp0 = torch.log1p(-torch.where(is0, p, torch.zeros_like(p)))
+        return _neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
+
+    def check_args(self, *params: Any) -> None:
+        """Finite ``probs`` in ``[0, 1]``."""
+        self._check_arity(params)
+        self._check_finite("probs", params[0])
+        self._check_probs("probs", params[0])
+
+
+class Categorical(Distribution):
+    r"""Categorical distribution ``categorical(probs)`` over ``{0, ..., K-1}``.
+
+    ``probs`` has shape ``(..., K)``; as in torch it need not be normalized (it is divided by
+    its sum along the last dim).  Values are ``torch.int64`` indices of shape ``probs.shape[:-1]``.
+
+    .. math:: \log p(k) = \log \pi_k - \log \textstyle\sum_j \pi_j
+
+    Sampler: inverse CDF -- ``#{k < K-1 : cdf_k <= U * cdf_{K-1}}`` with ``cdf = cumsum(probs)``
+    (a sum of booleans; exact: zero-probability categories are never drawn).
+    """
+
+    name = "categorical"
+    param_names = ("probs",)
+    discrete = True
+    reparameterized = False
+
+    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Draw one category index (int64)."""
+        (p,) = _tensors(probs)
+        cdf = torch.cumsum(p.detach(), dim=-1)
+        u = torch.rand_like(cdf[..., -1:]) * cdf[..., -1:]  # u < total (round to nearest)
+        return (cdf[..., :-1] <= u).sum(dim=-1)
+
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Log mass of the index ``value`` (``-inf`` outside ``{0, ..., K-1}``)."""
+        (p,) = _tensors(probs)
+        k = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=p.device)
+        n_cat = p.shape[-1]
+        support = _is_integer(k) & (k >= 0) & (k < n_cat)
+        idx = torch.where(support, k, torch.zeros_like(k)).to(torch.int64)
+        shape = torch.broadcast_shapes(p.shape[:-1], idx.shape)
+        pk = torch.gather(p.expand(*shape, n_cat), -1, idx.expand(shape).unsqueeze(-1))
+        lp = torch.log(pk.squeeze(-1)) - torch.log(p.sum(dim=-1))
+        return _neg_inf_outside(support, lp)
+
+    def check_args(self, *params: Any) -> None:
+        """``probs`` at least 1-d, finite, non-negative, with a positive sum."""
+        self._check_arity(params)
+        (probs,) = params
+        self._check_finite("probs", probs)
+        t = as_tensor(probs)
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise DistributionArgumentError(
+                f"{self.name}: argument 'probs' must have shape (..., K) with K >= 1, "
+                f"got shape {tuple(t.shape)}"
+            )
+        _check_nonnegative(self, "probs", t)
+        if not bool((t.sum(dim=-1) > 0).all()):
+            raise DistributionArgumentError(
+                f"{self.name}: argument 'probs' must have a positive sum along the last dim"
+            )
+
+
+class UniformDiscrete(Distribution):
+    r"""Discrete uniform distribution ``uniform_discrete(low, high)`` on the integers
+    ``low, ..., high`` -- *both ends included*, as Gen.jl's ``uniform_discrete``.
+    Values are ``torch.int64``.
+
+    .. math:: \log p(k) = -\log(\mathrm{high} - \mathrm{low} + 1), \quad
+              k \in \{\mathrm{low}, \ldots, \mathrm{high}\}
+
+    Sampler: ``floor(low + U * (high - low + 1))`` (computed in the floating dtype, so exact
+    for ranges below ``2**24`` in float32 / ``2**53`` in float64).
+    """
+
+    name = "uniform_discrete"
+    param_names = ("low", "high")
+    discrete = True
+    reparameterized = False
+
+    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Draw one integer in ``[low, high]`` (int64)."""
+        lo, hi = _broadcast(low, high)
+        lo, hi = lo.detach(), hi.detach()
+        x = torch.floor(lo + torch.rand_like(lo) * (hi - lo + 1))
+        return torch.minimum(x, hi).to(torch.int64)
+
+    def logpdf(  # type: ignore[override]
+        self, value: ArrayLike, low: ArrayLike, high: ArrayLike
+    ) -> torch.Tensor:
+        """Elementwise log mass (``-inf`` outside the integers of ``[low, high]``)."""
+        k, lo, hi = _tensors(value, low, high)
+        support = _is_integer(k) & (k >= lo) & (k <= hi)
+        return _neg_inf_outside(support, -torch.log(hi - lo + 1))
+
+    def check_args(self, *params: Any) -> None:
+        """Finite, integer-valued, broadcastable bounds with ``low <= high``."""
+        self._check_arity(params)
+        low, high = params
+        self._check_finite("low", low)
+        self._check_finite("high", high)
+        self._check_broadcast(low=low, high=high)
+        _check_integer(self, "low", low)
+        _check_integer(self, "high", high)
+        lo, hi = _tensors(low, high)
+        if not bool((hi >= lo).all()):
+            raise DistributionArgumentError(
+                f"{self.name}: argument 'high' must be >= 'low', got low={lo.cpu()}, "
+                f"high={hi.cpu()}"
+            )
+
+
+class Poisson(Distribution):
+    r"""Poisson distribution ``poisson(rate)``; values are floating (torch's convention).
+
+    .. math:: \log p(k) = k\log\lambda - \lambda - \log k!, \quad k \in \{0, 1, \ldots\}
+
+    Sampler: ``torch.poisson`` (has a vmap batching rule).  ``rate = 0`` is allowed (point
+    mass at 0), as in torch.
+    """
+
+    name = "poisson"
+    param_names = ("rate",)
+    discrete = True
+    reparameterized = False
+
+    def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Draw one count."""
+        (rate,) = _tensors(rate)
+        return torch.poisson(rate.detach())
+
+    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Elementwise log mass (``-inf`` off the non-negative integers)."""
+        k, rate = _tensors(value, rate)
+        support = _is_integer(k) & (k >= 0)
+        ks = _safe(support, k, 0.0)
+        lp = _xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
+        return _neg_inf_outside(support, lp)
+
+    def check_args(self, *params: Any) -> None:
+        """Finite ``rate >= 0``."""
+        self._check_arity(params)
+        self._check_finite("rate", params[0])
+        _check_nonnegative(self, "rate", params[0])
+
+
+class Binomial(Distribution):
+    r"""Binomial distribution ``binomial(total_count, probs)``; values are floating.
+
+    .. math:: \log p(k) = \log\binom{n}{k} + k\log p + (n-k)\log(1-p), \quad
+              k \in \{0, \ldots, n\}
+
+    Sampler: ``torch.binomial`` (vmap-safe; both arguments are made batched first, since
+    torch's batching rule does not broadcast an unbatched ``total_count``).
+    """
+
+    name = "binomial"
+    param_names = ("total_count", "probs")
+    discrete = True
+    reparameterized = False
+
+    def sample(  # type: ignore[override]
+        self, total_count: ArrayLike, probs: ArrayLike
+    ) -> torch.Tensor:
+        """Draw one count in ``[0, total_count]``."""
+        n, p = _broadcast(total_count, probs)
+        n, p = n.detach(), p.detach()
+        # `x + zeros_like(y)` makes both operands batched if either is (a no-op outside vmap)
+        n, p = n + torch.zeros_like(p), p + torch.zeros_like(n)
+        return torch.binomial(n, p)
+
+    def logpdf(  # type: ignore[override]
+        self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike
+    ) -> torch.Tensor:
+        """Elementwise log mass (``-inf`` off ``{0, ..., total_count}``)."""
+        k, n, p = _tensors(value, total_count, probs)
+        support = _is_integer(k) & (k >= 0) & (k <= n)
+        ks = _safe(support, k, 0.0)
+        lp = (
+            torch.lgamma(n + 1)
+            - torch.lgamma(ks + 1)
+            - torch.lgamma(n - ks + 1)
+            + _xlogy(ks, p)
+            + _xlog1py(n - ks, -p)
+        )
+        return _neg_inf_outside(support, lp)
+
+    def check_args(self, *params: Any) -> None:
+        """Finite, non-negative integer ``total_count``; ``probs`` in ``[0, 1]``."""
+        self._check_arity(params)
+        n, p = params
+        self._check_finite("total_count", n)
+        self._check_finite("probs", p)
+        self._check_broadcast(total_count=n, probs=p)
+        _check_integer(self, "total_count", n)
+        _check_nonnegative(self, "total_count", n)
+        self._check_probs("probs", p)
+
+
+class Geometric(Distribution):
+    r"""Geometric distribution ``geometric(probs)``: the number of *failures* before the first
+    success (torch's convention, support ``0, 1, 2, ...``); values are floating.
+
+    .. math:: \log p(k) = k\log(1-p) + \log p, \quad k \in \{0, 1, \ldots\}
+
+    Sampler: inverse CDF ``floor(log(U) / log1p(-p))`` with ``U`` in ``(0, 1]``.
+    """
+
+    name = "geometric"
+    param_names = ("probs",)
+    discrete = True
+    reparameterized = False
+
+    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Draw one count of failures."""
+        (p,) = _tensors(probs)
+        p = p.detach()
+        u = 1.0 - torch.rand_like(p)  # (0, 1]
+        return torch.floor(torch.log(u) / torch.log1p(-p)) + 0.0  # + 0.0 turns -0. into 0.
+
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+        """Elementwise log mass (``-inf`` off the non-negative integers)."""
+        k, p = _tensors(value, probs)
+        support = _is_integer(k) & (k >= 0)
+        ks = _safe(support, k, 0.0)
+        return _neg_inf_outside(support, _xlog1py(ks, -p) + torch.log(p))
+
+    def check_args(self, *params: Any) -> None:
+        """Finite ``probs`` in ``(0, 1]``."""
+        self._check_arity(params)
+        self._check_finite("probs", params[0])
+        self._check_probs("probs", params[0])
+        self._check_positive("probs", params[0])
+
+
+__all__ = ["Bernoulli", "Binomial", "Categorical", "Geometric", "Poisson", "UniformDiscrete"]

@@ -1,0 +1,172 @@
+"""Wrap any ``torch.distributions.Distribution`` class as a gfcomb distribution.
+
+Example::
+
+    import torch
+    from gfcomb.distributions.wrapper import TorchDistribution
+
+    gumbel = TorchDistribution(torch.distributions.Gumbel)      # gumbel(loc, scale)
+    x = gumbel.sample(0.0, 1.0)
+    lp = gumbel.logpdf(x, 0.0, 1.0)
+
+Caveats -- prefer the built-in distributions where one exists:
+
+- Some torch samplers do **not** work under ``torch.func.vmap`` (measured on torch 2.13,
+  DESIGN §3): ``Normal.rsample`` and ``MultivariateNormal.rsample`` (in-place randomness into
+  an unbatched tensor), ``Beta`` and ``Dirichlet`` sampling (an ``autograd.Function``
+  without ``setup_context``), and anything else that samples in place (``.exponential_()``,
+  ``.uniform_()``, ``.cauchy_()``, ...: Exponential, Uniform, Cauchy, Laplace, Gumbel, ...).
+  The wrapper then works outside vmap only, so such a wrapped distribution cannot be used
+  inside a Map/Unfold kernel.  ``sample`` (no ``rsample``) often *is* vmap-safe: pass
+  ``reparameterized=False`` to use it (e.g. ``Normal.sample`` works under vmap).
+- ``log_prob`` is called with ``validate_args=False`` (torch's validation calls ``.item()``,
+  which fails under vmap), so out-of-support values are not turned into errors; whether they
+  give ``-inf`` or garbage depends on the torch class.  Use :meth:`check_args` outside vmap.
+- ``logpdf`` is whatever ``log_prob`` returns: per event for multivariate classes.
+- Values keep torch's dtypes (e.g. Poisson and Binomial give floating counts).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import torch
+
+from gfcomb.core.errors import DistributionArgumentError
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.continuous import _tensors
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _constructor_params(dist_cls: type) -> tuple[tuple[str, ...], int]:
+    """Positional constructor parameters (minus ``validate_args``) and how many are required."""
+    sig = inspect.signature(dist_cls.__init__)  # type: ignore[misc]
+    names: list[str] = []
+    required = 0
+    for p in list(sig.parameters.values())[1:]:
+        if p.name == "validate_args" or p.kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            continue
+        names.append(p.name)
+        if p.default is inspect.Parameter.empty:
+            required += 1
+    return tuple(names), required
+
+
+def _is_discrete(dist_cls: type) -> bool:
+    support = getattr(dist_cls, "support", None)
+    try:
+        return bool(support.is_discrete)  # type: ignore[union-attr]
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+class TorchDistribution(Distribution):
+    r"""A gfcomb distribution backed by a ``torch.distributions.Distribution`` class.
+
+    The density is the torch class's: :math:`\log p(x) = \texttt{dist\_cls(*params).log\_prob}(x)`.
+
+    Args:
+        dist_cls: the torch distribution class, e.g. ``torch.distributions.Gumbel``.
+        name: the distribution's name (default: the class name in snake case, ``"gumbel"``).
+        discrete: whether values are discrete (default: ``dist_cls.support.is_discrete``
+            where torch knows it, else ``False``).
+        reparameterized: sample with ``rsample`` (pathwise gradients) if ``True``, with
+            ``sample`` under ``torch.no_grad`` if ``False`` (default: ``dist_cls.has_rsample``).
+            ``Normal.rsample`` fails under vmap but ``Normal.sample`` does not.
+        param_names: the parameter names, in positional order (default: the constructor's
+            positional parameters minus ``validate_args``; trailing parameters with defaults
+            -- e.g. ``StudentT``'s ``loc, scale``, ``Bernoulli``'s ``logits`` -- may be left
+            out when calling).
+
+    Parameters are passed positionally in the constructor's order: ``Bernoulli`` gets
+    ``probs`` first, so ``TorchDistribution(torch.distributions.Bernoulli).sample(0.3)``
+    works; for a logits parametrization pass ``None`` first (not under vmap).  See the module
+    docstring for which torch samplers fail under vmap.
+    """
+
+    def __init__(
+        self,
+        dist_cls: type[torch.distributions.Distribution],
+        name: str | None = None,
+        discrete: bool | None = None,
+        reparameterized: bool | None = None,
+        param_names: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if not (
+            isinstance(dist_cls, type) and issubclass(dist_cls, torch.distributions.Distribution)
+        ):
+            raise TypeError(
+                f"TorchDistribution needs a torch.distributions.Distribution subclass, "
+                f"got {dist_cls!r}"
+            )
+        self.dist_cls = dist_cls
+        self.name = name if name is not None else _snake_case(dist_cls.__name__)
+        names, required = _constructor_params(dist_cls)
+        if param_names is not None:
+            names, required = tuple(param_names), len(param_names)
+        self.param_names = names
+        self._n_required = required
+        self.discrete = _is_discrete(dist_cls) if discrete is None else bool(discrete)
+        self.reparameterized = (
+            bool(getattr(dist_cls, "has_rsample", False))
+            if reparameterized is None
+            else bool(reparameterized)
+        )
+
+    def __repr__(self) -> str:
+        return f"TorchDistribution({self.dist_cls.__module__}.{self.dist_cls.__qualname__})"
+
+    def _make(self, params: tuple[Any, ...]) -> torch.distributions.Distribution:
+        given = [p for p in params if p is not None]
+        tensors = iter(_tensors(*given))
+        converted = [None if p is None else next(tensors) for p in params]
+        return self.dist_cls(*converted, validate_args=False)
+
+    def sample(self, *params: Any) -> torch.Tensor:
+        """Draw one value: ``rsample()`` if reparameterized, else ``sample()`` without grad."""
+        d = self._make(params)
+        if self.reparameterized:
+            return d.rsample()
+        with torch.no_grad():
+            return d.sample()
+
+    def logpdf(self, value: Any, *params: Any) -> torch.Tensor:
+        """``dist_cls(*params, validate_args=False).log_prob(value)``."""
+        if not isinstance(value, torch.Tensor):
+            ref = _tensors(*[p for p in params if p is not None])
+            device = ref[0].device if ref else None
+            value = torch.as_tensor(value, device=device)
+            if value.is_floating_point() and ref:
+                value = value.to(ref[0].dtype)
+        return self._make(params).log_prob(value)
+
+    def check_args(self, *params: Any) -> None:
+        """Arity, finiteness, and torch's own argument validation (outside vmap only)."""
+        n = len(params)
+        if not self._n_required <= n <= len(self.param_names):
+            raise DistributionArgumentError(
+                f"{self.name} takes {self._n_required} to {len(self.param_names)} argument(s) "
+                f"({', '.join(self.param_names)}), got {n}"
+            )
+        for pname, p in zip(self.param_names, params):
+            if p is not None:
+                self._check_finite(pname, p)
+        given = [p for p in params if p is not None]
+        tensors = iter(_tensors(*given))
+        converted = [None if p is None else next(tensors) for p in params]
+        try:
+            self.dist_cls(*converted, validate_args=True)
+        except ValueError as e:
+            raise DistributionArgumentError(f"{self.name}: {e}") from None
+
+
+__all__ = ["TorchDistribution"]

@@ -1,0 +1,84 @@
+"""Computing callee argdiffs inside ``update``/``regenerate`` of a @gen function.
+
+When a @gen body runs again during ``update``, every traced call needs argdiffs for its
+callee.  We know the diff of two kinds of *sources*: the function's own arguments (the
+argdiffs we were given) and the return values of earlier callees (their retdiffs).  While
+recording a trace we note, for each callee argument, which source object it *is* (identity);
+during update, if the new argument is the same source again, it inherits that source's diff.
+
+So ``Unfold(k)(T, init) @ "xs"`` in a body whose argument ``init`` has argdiff NoChange gets
+argdiffs ``(UnknownChange, NoChange)``: extending the Unfold costs one step.  Plain Python
+values (ints, floats, strings, None) are compared by value; anything else we cannot vouch for
+is UnknownChange, which is always correct, only slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gfcomb.core.diff import Diff, NoChange, UnknownChange
+
+Source = tuple[Any, ...]  # ("arg", i) or ("ret", address)
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+class SourceTracker:
+    """Remembers which live objects are arguments or callee return values, and their diffs."""
+
+    __slots__ = ("_by_id", "_diffs")
+
+    def __init__(self, args: Sequence[Any], argdiffs: Sequence[Diff] | None) -> None:
+        self._by_id: dict[int, tuple[Any, Source]] = {}
+        self._diffs: dict[Source, Diff] = {}
+        for i, a in enumerate(args):
+            if not isinstance(a, _PLAIN):
+                self._by_id.setdefault(id(a), (a, ("arg", i)))
+            self._diffs[("arg", i)] = argdiffs[i] if argdiffs is not None else UnknownChange()
+
+    def add_return(self, addr: tuple[Any, ...], retval: Any, retdiff: Diff | None) -> None:
+        """Register a callee's return value (retdiff None while recording)."""
+        if isinstance(retval, _PLAIN):
+            return
+        src: Source = ("ret", addr)
+        self._by_id[id(retval)] = (retval, src)
+        self._diffs[src] = retdiff if retdiff is not None else UnknownChange()
+
+    def sources_of(self, args: Sequence[Any]) -> tuple[Source | None, ...]:
+        """For each callee argument: the source it is, or None."""
+        out: list[Source | None] = []
+        for a in args:
+            hit = self._by_id.get(id(a))
+            out.append(hit[1] if hit is not None and hit[0] is a else None)
+        return tuple(out)
+
+    def source_of(self, value: Any) -> Source | None:
+        """The source ``value`` is, or None."""
+        hit = self._by_id.get(id(value))
+        return hit[1] if hit is not None and hit[0] is value else None
+
+    def callee_argdiffs(self, new_args: Sequence[Any], old_args: Sequence[Any],
+                        old_sources: Sequence[Source | None] | None) -> tuple[Diff, ...]:
+        """The argdiffs of a callee called with ``new_args`` now and ``old_args`` before."""
+        if len(new_args) != len(old_args):
+            return (UnknownChange(),) * len(new_args)
+        diffs: list[Diff] = []
+        for j, (new, old) in enumerate(zip(new_args, old_args)):
+            if new is old:
+                diffs.append(NoChange())
+                continue
+            if isinstance(new, _PLAIN) and isinstance(old, _PLAIN):
+                diffs.append(NoChange() if type(new) is type(old) and new == old
+                             else UnknownChange())
+                continue
+            src = self.source_of(new)
+            if src is not None and old_sources is not None and old_sources[j] == src:
+                diffs.append(self._diffs.get(src, UnknownChange()))
+            else:
+                diffs.append(UnknownChange())
+        return tuple(diffs)
+
+    def diff_of_value(self, value: Any, old_value: Any, old_source: Source | None) -> Diff:
+        """The diff of a return value (same rules as a callee argument)."""
+        return self.callee_argdiffs((value,), (old_value,), (old_source,))[0]

@@ -1,0 +1,299 @@
+"""``@gen`` functions: generative functions written as ordinary Python.
+
+.. code-block:: python
+
+    @gf.gen
+    def model(xs):
+        slope = gf.normal(0.0, 1.0) @ "slope"
+        for i, x in enumerate(xs):
+            gf.normal(slope * x, 1.0) @ ("y", i)
+        return slope
+
+Inside the body, ``callee(*args) @ addr`` traces a call of any generative function at
+``addr`` (a key or a tuple of keys: a hierarchical address) and returns its value;
+``gf.splice(sub(*args))`` runs a @gen callee with its choices in the caller's namespace.
+Ordinary Python control flow is allowed (outside vmap), so the set of addresses may depend on
+earlier choices.  Torch modules may be called anywhere; their parameters are found by
+:meth:`GenFunction.parameters`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+
+from gfcomb.core.address import normalize
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.errors import AddressError, ArgumentError
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.pytree import register_record
+from gfcomb.core.selection import Selection
+from gfcomb.core.trace import Trace
+from gfcomb.dsl.argdiffs import Source
+from gfcomb.dsl.handlers import (
+    AssessHandler,
+    GenerateHandler,
+    Handler,
+    RegenerateHandler,
+    SimulateHandler,
+    UpdateHandler,
+)
+from gfcomb.dsl.parameters import recording_modules, referenced_objects, unique_parameters
+from gfcomb.dsl.runtime import running
+
+Address = tuple[Any, ...]
+
+
+def _choices_of(subtraces: dict[Address, Trace]) -> ChoiceMap:
+    tree: dict[Any, Any] = {}
+    for addr, tr in subtraces.items():
+        cm = tr.choices
+        if cm.is_empty():
+            continue
+        node = tree
+        for k in addr[:-1]:
+            node = node.setdefault(k, {})
+        node[addr[-1]] = cm
+
+    def build(node: dict[Any, Any]) -> ChoiceMap:
+        return ChoiceMap.node({k: v if isinstance(v, ChoiceMap) else build(v)
+                               for k, v in node.items()})
+
+    return build(tree)
+
+
+@attrs.frozen(repr=False)
+class GenTrace(Trace):
+    """The trace of a @gen function: one sub-trace per traced call, keyed by address."""
+
+    gen_fn: GenFunction
+    args: tuple[Any, ...]
+    retval: Any
+    score: torch.Tensor
+    subtraces: dict[Address, Trace]
+    sources: dict[Address, tuple[Source | None, ...]] = attrs.field(eq=False, repr=False)
+    ret_source: Source | None = attrs.field(eq=False, repr=False)
+    _layout: Any = attrs.field(default=None, eq=False, repr=False)
+    _choices: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def choices(self) -> ChoiceMap:
+        cached = self._choices
+        if cached is None:
+            cached = _choices_of(self.subtraces)
+            object.__setattr__(self, "_choices", cached)
+        return cached
+
+    def _after_unflatten(self) -> None:
+        object.__setattr__(self, "_choices", None)
+
+    def subtrace(self, addr: Any) -> Trace:
+        """The trace of the call at ``addr``."""
+        path = normalize(addr)
+        if path not in self.subtraces:
+            raise AddressError("no traced call at address {addr}", path)
+        return self.subtraces[path]
+
+    def __getitem__(self, addr: Any) -> Any:
+        path = normalize(addr)
+        for i in range(len(path), 0, -1):
+            sub = self.subtraces.get(path[:i])
+            if sub is not None:
+                return sub[path[i:]]
+        return self.choices[path]
+
+
+register_record(GenTrace, dynamic=("args", "retval", "score", "subtraces"),
+                static=("gen_fn", "sources", "ret_source"))
+
+
+class GenFunction(GenerativeFunction):
+    """A generative function defined by a Python function body (see the module docstring)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+        self._modules: dict[int, torch.nn.Module] = {}
+        self._callees: dict[int, GenerativeFunction] = {}
+
+    def __repr__(self) -> str:
+        return f"<@gen {getattr(self.fn, '__qualname__', self.fn)!r}>"
+
+    # ------------------------------------------------------------------ running the body
+    def _run_body(self, handler: Handler, args: tuple[Any, ...]) -> Any:
+        with recording_modules(self):
+            return self.fn(*args)
+
+    def _execute(self, handler: Handler, args: tuple[Any, ...]) -> Any:
+        with running(handler):
+            return self._run_body(handler, args)
+
+    def _trace(self, handler: Handler, args: tuple[Any, ...], retval: Any) -> GenTrace:
+        return GenTrace(self, args, retval, handler.total(handler.score), handler.subtraces,
+                        handler.sources, handler.tracker.source_of(retval))
+
+    def _note_callee(self, gen_fn: GenerativeFunction) -> None:
+        self._callees.setdefault(id(gen_fn), gen_fn)
+
+    def _note_module(self, module: torch.nn.Module) -> None:
+        self._modules.setdefault(id(module), module)
+
+    # ------------------------------------------------------------------ the GFI
+    def simulate(self, args: tuple[Any, ...]) -> GenTrace:
+        """Run the body, sampling every traced call.
+
+        Math: t ~ p(·; x); score = Σ over calls of the callee scores = log p(t; x).
+        """
+        args = check_args_tuple(args)
+        h = SimulateHandler(self, args)
+        retval = self._execute(h, args)
+        return self._trace(h, args, retval)
+
+    def generate(self, args: tuple[Any, ...],
+                 constraints: ChoiceMap | dict[Any, Any] | None = None,
+                 ) -> tuple[GenTrace, torch.Tensor]:
+        """Run the body with the constrained choices fixed.
+
+        Math: weight = Σ over calls of the callee generate weights; with prior proposals this
+        is Σ log p of the constrained choices.  Full constraints: weight == score.
+        """
+        args = check_args_tuple(args)
+        cm = as_choicemap(constraints)
+        if cm.is_empty():
+            tr = self.simulate(args)
+            return tr, torch.zeros_like(tr.score)
+        h = GenerateHandler(self, args, cm)
+        retval = self._execute(h, args)
+        h._check_all_visited(cm, "generate")
+        tr = self._trace(h, args, retval)
+        return tr, h.total(h.weight) + torch.zeros_like(tr.score)
+
+    def assess(self, args: tuple[Any, ...], choices: ChoiceMap | dict[Any, Any],
+               ) -> tuple[torch.Tensor, Any]:
+        """Score the given choices.
+
+        Math: weight = log p(t; x) = Σ over calls of the callee assess weights; every choice
+        the body visits must be given (MissingChoiceError otherwise) and every given choice
+        must be visited.
+        """
+        args = check_args_tuple(args)
+        cm = as_choicemap(choices)
+        h = AssessHandler(self, args, cm)
+        retval = self._execute(h, args)
+        h.check_all_visited()
+        return h.total(h.weight), retval
+
+    def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+               constraints: ChoiceMap | dict[Any, Any] | None = None,
+               ) -> tuple[GenTrace, torch.Tensor, Diff, ChoiceMap]:
+        """Re-run the body against the old trace with new arguments and constraints.
+
+        Math: weight = Σ callee update weights + Σ generate weights of new calls − Σ scores
+        of removed calls = log p(t'; x') − log p(t; x) − log q(fresh choices).  Callee argdiffs
+        are computed (argdiffs.py): unchanged callees do no work.  discard = overwritten
+        values and the choices of removed calls.
+        """
+        assert isinstance(trace, GenTrace) and trace.gen_fn is self, "trace of another function"
+        args = check_args_tuple(args)
+        argdiffs = _check_argdiffs(args, argdiffs)
+        cm = as_choicemap(constraints)
+        if cm.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
+            return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
+        h = UpdateHandler(self, trace, args, argdiffs, cm)
+        retval = self._execute(h, args)
+        h._check_all_visited(cm, "update")
+        removed = h.removed()
+        weight = h.total(h.weight)
+        for _, old in removed:
+            weight = weight - old.score
+        new = self._trace(h, args, retval)
+        retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
+        return new, weight + torch.zeros_like(new.score), retdiff, h.discard(removed)
+
+    def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                   selection: Selection) -> tuple[GenTrace, torch.Tensor, Diff]:
+        """Re-run the body resampling the selected choices from the prior.
+
+        Math: weight = Σ callee regenerate weights = Σ over retained unselected choices of
+        (log p' − log p); selected, new and removed choices contribute 0, so the weight is
+        the MH log acceptance ratio for the prior proposal.
+        """
+        assert isinstance(trace, GenTrace) and trace.gen_fn is self, "trace of another function"
+        args = check_args_tuple(args)
+        argdiffs = _check_argdiffs(args, argdiffs)
+        if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
+            return trace, torch.zeros_like(trace.score), NoChange()
+        h = RegenerateHandler(self, trace, args, argdiffs, selection)
+        retval = self._execute(h, args)
+        new = self._trace(h, args, retval)
+        retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
+        return new, h.total(h.weight) + torch.zeros_like(new.score), retdiff
+
+    def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
+        """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
+        assert isinstance(trace, GenTrace)
+        if selection.is_all_static():
+            return trace.score
+        total = torch.zeros_like(trace.score)
+        if selection.is_empty_static():
+            return total
+        for addr, sub in trace.subtraces.items():
+            subsel = selection.get_subselection_at(addr)
+            if subsel.is_empty_static():
+                continue
+            total = total + sub.gen_fn.project(sub, subsel)
+        return total
+
+    # ------------------------------------------------------------------ parameters
+    def modules(self) -> list[torch.nn.Module]:
+        """Torch modules this function references or has called (each once, by identity)."""
+        found: dict[int, torch.nn.Module] = {}
+        for obj in referenced_objects(self.fn):
+            if isinstance(obj, torch.nn.Module):
+                found.setdefault(id(obj), obj)
+        for m in self._modules.values():
+            found.setdefault(id(m), m)
+        return list(found.values())
+
+    def callees(self) -> list[GenerativeFunction]:
+        """Generative functions this function references or has called."""
+        found: dict[int, GenerativeFunction] = {}
+        for obj in referenced_objects(self.fn):
+            if isinstance(obj, GenerativeFunction) and obj is not self:
+                found.setdefault(id(obj), obj)
+        for c in self._callees.values():
+            if c is not self:
+                found.setdefault(id(c), c)
+        return list(found.values())
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Trainable parameters of the modules this function (or a callee) uses, each once."""
+        if id(self) in _IN_PROGRESS:  # recursion through callees
+            return iter(())
+        _IN_PROGRESS.add(id(self))
+        try:
+            return iter(list(unique_parameters(self.modules(), self.callees())))
+        finally:
+            _IN_PROGRESS.discard(id(self))
+
+
+_IN_PROGRESS: set[int] = set()
+
+
+def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
+    if argdiffs is None:
+        return (UnknownChange(),) * len(args)
+    argdiffs = tuple(argdiffs)
+    if len(argdiffs) != len(args):
+        raise ArgumentError(f"argdiffs has {len(argdiffs)} entries for {len(args)} arguments")
+    return argdiffs
+
+
+def gen(fn: Callable[..., Any]) -> GenFunction:
+    """Decorator: turn a Python function into a generative function (see module docstring)."""
+    return GenFunction(fn)

@@ -1,0 +1,231 @@
+"""One small interpreter per GFI method for @gen bodies.
+
+A handler receives every ``gen_fn(*args) @ addr`` of the body being run (see runtime.py),
+calls the matching GFI method of the callee, and keeps the books: sub-traces, score, weight,
+discards, and the sources of callee arguments (argdiffs.py).  The shared bookkeeping lives in
+:class:`Handler`; each subclass only says what one traced call does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.errors import AddressError, DuplicateAddressError, UnvisitedConstraintError
+from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.selection import Selection
+from gfcomb.core.trace import Trace
+from gfcomb.dsl.argdiffs import Source, SourceTracker
+
+if TYPE_CHECKING:
+    from gfcomb.dsl.gen_function import GenFunction, GenTrace
+
+Address = tuple[Any, ...]
+
+
+class Handler:
+    """Shared bookkeeping: address claims, sub-traces, score, weight, argument sources."""
+
+    def __init__(self, owner: GenFunction, args: tuple[Any, ...],
+                 argdiffs: tuple[Diff, ...] | None = None) -> None:
+        self.owner = owner
+        self.tracker = SourceTracker(args, argdiffs)
+        self.subtraces: dict[Address, Trace] = {}
+        self.sources: dict[Address, tuple[Source | None, ...]] = {}
+        self.score: Any = 0.0
+        self.weight: Any = 0.0
+        self._prefixes: set[Address] = set()
+
+    # -- the entry points called by runtime.py
+    def visit(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        """Trace one call of ``gen_fn(*args)`` at ``addr``; return its return value."""
+        if not isinstance(gen_fn, GenerativeFunction):
+            raise TypeError(f"only generative functions can be traced at an address; "
+                            f"got {gen_fn!r} at {addr!r}")
+        self._claim(addr)
+        self.owner._note_callee(gen_fn)
+        try:
+            retval = self.call(addr, gen_fn, args)
+        except AddressError as err:
+            raise err.prefixed(addr) from None
+        return retval
+
+    def splice(self, gen_fn: GenFunction, args: tuple[Any, ...]) -> Any:
+        """Run a @gen callee's body with this handler: its addresses become the caller's."""
+        self.owner._note_callee(gen_fn)
+        return gen_fn._run_body(self, args)
+
+    # -- what one call does (subclasses)
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        raise NotImplementedError
+
+    # -- shared helpers
+    def _claim(self, addr: Address) -> None:
+        if addr in self.subtraces or addr in self._prefixes:
+            raise DuplicateAddressError("address {addr} is traced twice in one execution", addr)
+        if len(addr) > 1:
+            for i in range(1, len(addr)):
+                prefix = addr[:i]
+                if prefix in self.subtraces:
+                    raise DuplicateAddressError(
+                        f"address {{addr}} lies under {prefix!r}, which is already a choice "
+                        "or call", addr)
+                self._prefixes.add(prefix)
+
+    def _record(self, addr: Address, args: tuple[Any, ...], tr: Trace,
+                retdiff: Diff | None) -> Any:
+        self.sources[addr] = self.tracker.sources_of(args)
+        self.subtraces[addr] = tr
+        self.score = self.score + tr.score
+        self.tracker.add_return(addr, tr.retval, retdiff)
+        return tr.retval
+
+    def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
+        """Raise if a constraint sits at an address the body never visited."""
+        _check_visited(constraints, (), self.subtraces, self._prefixes, method)
+
+    def total(self, x: Any) -> torch.Tensor:
+        """A score/weight accumulator as a tensor."""
+        if isinstance(x, torch.Tensor):
+            return x
+        return torch.tensor(float(x), dtype=torch.get_default_dtype())
+
+
+def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
+                   prefixes: set[Address], method: str) -> None:
+    if cm.is_empty() or path in visited:
+        return
+    if path in prefixes or path == ():
+        if cm.is_value():
+            raise UnvisitedConstraintError(
+                f"{method}: constraint at address {{addr}} is never visited by the model", path)
+        for k in cm.keys():
+            _check_visited(cm.get_submap(k), path + (k,), visited, prefixes, method)
+        return
+    first = next(iter(cm.items(stacked=True)))[0]
+    full = path + tuple(":" if isinstance(k, slice) else k for k in first)
+    raise UnvisitedConstraintError(
+        f"{method}: constraint at address {{addr}} is never visited by the model", full)
+
+
+class SimulateHandler(Handler):
+    """simulate: every call is simulated."""
+
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        return self._record(addr, args, gen_fn.simulate(args), None)
+
+
+class GenerateHandler(Handler):
+    """generate: calls get the constraints under their address."""
+
+    def __init__(self, owner: GenFunction, args: tuple[Any, ...], constraints: ChoiceMap) -> None:
+        super().__init__(owner, args)
+        self.constraints = constraints
+
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        sub = self.constraints.get_submap(addr)
+        if sub.is_empty():
+            return self._record(addr, args, gen_fn.simulate(args), None)
+        tr, w = gen_fn.generate(args, sub)
+        self.weight = self.weight + w
+        return self._record(addr, args, tr, None)
+
+
+class AssessHandler(Handler):
+    """assess: calls are scored against the given choices; no traces are kept."""
+
+    def __init__(self, owner: GenFunction, args: tuple[Any, ...], choices: ChoiceMap) -> None:
+        super().__init__(owner, args)
+        self.choices = choices
+        self.visited: dict[Address, Any] = {}
+
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        w, retval = gen_fn.assess(args, self.choices.get_submap(addr))
+        self.visited[addr] = True
+        self.weight = self.weight + w
+        return retval
+
+    def _claim(self, addr: Address) -> None:
+        if addr in self.visited:
+            raise DuplicateAddressError("address {addr} is traced twice in one execution", addr)
+        for i in range(1, len(addr)):
+            self._prefixes.add(addr[:i])
+
+    def check_all_visited(self) -> None:
+        _check_visited(self.choices, (), self.visited, self._prefixes, "assess")
+
+
+class _IncrementalHandler(Handler):
+    """Shared by update and regenerate: old sub-traces, callee argdiffs, removed calls."""
+
+    def __init__(self, owner: GenFunction, trace: GenTrace, args: tuple[Any, ...],
+                 argdiffs: tuple[Diff, ...]) -> None:
+        super().__init__(owner, args, argdiffs)
+        self.old = trace
+
+    def _callee_argdiffs(self, addr: Address, old: Trace, args: tuple[Any, ...]) -> tuple[Diff, ...]:
+        return self.tracker.callee_argdiffs(args, old.args, self.old.sources.get(addr))
+
+    def removed(self) -> list[tuple[Address, Trace]]:
+        """Old calls that the new execution did not make."""
+        return [(a, t) for a, t in self.old.subtraces.items() if a not in self.subtraces]
+
+
+class UpdateHandler(_IncrementalHandler):
+    """update: old calls are updated with their constraints, new calls generated."""
+
+    def __init__(self, owner: GenFunction, trace: GenTrace, args: tuple[Any, ...],
+                 argdiffs: tuple[Diff, ...], constraints: ChoiceMap) -> None:
+        super().__init__(owner, trace, args, argdiffs)
+        self.constraints = constraints
+        self.discards: dict[Address, ChoiceMap] = {}
+
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        sub = self.constraints.get_submap(addr)
+        old = self.old.subtraces.get(addr)
+        if old is None or old.gen_fn is not gen_fn:
+            if old is not None:  # a different function at the same address: a new call
+                self.discards[addr] = old.choices
+                self.weight = self.weight - old.score
+            tr, w = gen_fn.generate(args, sub) if not sub.is_empty() else (gen_fn.simulate(args), 0.0)
+            self.weight = self.weight + w
+            return self._record(addr, args, tr, None)
+        argdiffs = self._callee_argdiffs(addr, old, args)
+        tr, w, retdiff, discard = gen_fn.update(old, args, argdiffs, sub)
+        self.weight = self.weight + w
+        if not discard.is_empty():
+            self.discards[addr] = discard
+        return self._record(addr, args, tr, retdiff)
+
+    def discard(self, removed: list[tuple[Address, Trace]]) -> ChoiceMap:
+        """Overwritten choices and those of ``removed`` calls, as one choice map."""
+        result = ChoiceMap.empty()
+        for addr, d in self.discards.items():
+            result = result.merge(d.prefixed(addr))
+        for addr, old in removed:
+            result = result.merge(old.choices.prefixed(addr))
+        return result
+
+
+class RegenerateHandler(_IncrementalHandler):
+    """regenerate: old calls are regenerated with their sub-selection, new calls simulated."""
+
+    def __init__(self, owner: GenFunction, trace: GenTrace, args: tuple[Any, ...],
+                 argdiffs: tuple[Diff, ...], selection: Selection) -> None:
+        super().__init__(owner, trace, args, argdiffs)
+        self.selection = selection
+
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+        old = self.old.subtraces.get(addr)
+        if old is None or old.gen_fn is not gen_fn:
+            return self._record(addr, args, gen_fn.simulate(args), None)
+        sub = self.selection.get_subselection_at(addr)
+        argdiffs = self._callee_argdiffs(addr, old, args)
+        if sub.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
+            return self._record(addr, args, old, NoChange())
+        tr, w, retdiff = gen_fn.regenerate(old, args, argdiffs, sub)
+        self.weight = self.weight + w
+        return self._record(addr, args, tr, retdiff)
