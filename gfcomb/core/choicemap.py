@@ -115,16 +115,18 @@ class ChoiceMap:
         return ChoiceMap._raw(_NODE, submaps=subs)
 
     @staticmethod
-    def stacked(inner: ChoiceMap, length: int,
-                indices: tuple[int, ...] | None = None) -> ChoiceMap:
+    def stacked(inner: ChoiceMap, length: int, indices: tuple[int, ...] | None = None,
+                batch_ndim: int = 0) -> ChoiceMap:
         """The choices of ``length`` vector elements whose leaves in ``inner`` are stacked.
 
         Element ``j`` of the stack has key ``indices[j]`` (``j`` when ``indices`` is None).
+        ``batch_ndim`` counts batch dimensions *in front of* the element axis (when a
+        batched trace builds its choice map outside vmap).
         """
         if inner.is_empty() or length == 0:
             return _EMPTY_MAP
         leaves = [x for x in pytree.tree_leaves(inner) if isinstance(x, torch.Tensor)]
-        ref_ndim = leaves[0].dim() if leaves else -1
+        ref_ndim = leaves[0].dim() - batch_ndim if leaves else -1
         if indices is not None:
             indices = tuple(int(i) for i in indices)
             if len(indices) != length:

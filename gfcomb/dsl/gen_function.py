@@ -102,7 +102,10 @@ class GenTrace(Trace):
     def __getitem__(self, addr: Any) -> Any:
         path = normalize(addr)
         for i in range(len(path), 0, -1):
-            sub = self.subtraces.get(path[:i])
+            prefix = path[:i]
+            if any(isinstance(k, slice) for k in prefix):
+                continue
+            sub = self.subtraces.get(prefix)
             if sub is not None:
                 return sub[path[i:]]
         return self.choices[path]

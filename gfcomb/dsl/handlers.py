@@ -111,6 +111,12 @@ def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
         f"{method}: constraint at address {{addr}} is never visited by the model", full)
 
 
+def _same_function(a: GenerativeFunction, b: GenerativeFunction) -> bool:
+    """Same generative function?  Combinators built afresh in each run of a body compare
+    equal when built from the same parts (they define ``__eq__``)."""
+    return a is b or a == b
+
+
 class SimulateHandler(Handler):
     """simulate: every call is simulated."""
 
@@ -186,7 +192,7 @@ class UpdateHandler(_IncrementalHandler):
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
         sub = self.constraints.get_submap(addr)
         old = self.old.subtraces.get(addr)
-        if old is None or old.gen_fn is not gen_fn:
+        if old is None or not _same_function(old.gen_fn, gen_fn):
             if old is not None:  # a different function at the same address: a new call
                 self.discards[addr] = old.choices
                 self.weight = self.weight - old.score
@@ -220,7 +226,7 @@ class RegenerateHandler(_IncrementalHandler):
 
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
         old = self.old.subtraces.get(addr)
-        if old is None or old.gen_fn is not gen_fn:
+        if old is None or not _same_function(old.gen_fn, gen_fn):
             return self._record(addr, args, gen_fn.simulate(args), None)
         sub = self.selection.get_subselection_at(addr)
         argdiffs = self._callee_argdiffs(addr, old, args)

@@ -1,0 +1,266 @@
+"""Machinery shared by the vector combinators (Map, Unfold): running a kernel over many
+elements in one batched call, lengths of mapped arguments, constraints and selections per
+element, which elements an update must revisit, and the vector trace record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange, VectorDiff
+from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError, VmapError
+from gfcomb.core.pytree import register_record, tree_stack
+from gfcomb.core.trace import Trace
+
+InDims = tuple[Any, ...]
+
+_VMAP_CAUSES = (
+    ("data-dependent control flow", "data-dependent Python control flow (an `if` on a tensor)"),
+    ("item()", "a call of .item() (or float()/int() of a tensor)"),
+    ("Boolean value of Tensor", "data-dependent Python control flow (an `if` on a tensor)"),
+    ("in-place", "an in-place write into a tensor that is not batched"),
+    ("does not have a batching rule", "a torch operation without a vmap batching rule"),
+)
+
+
+def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, length: int,
+                 who: str) -> Callable[..., Any]:
+    """``fn`` run over ``length`` elements: one ``torch.func.vmap`` call, or, with
+    ``vectorize=False``, a Python loop whose results are stacked (same layout).
+
+    A kernel that cannot be vmapped gets a :class:`VmapError` naming the cause.
+    """
+    if vectorize:
+        vfn = torch.func.vmap(fn, in_dims=in_dims, randomness="different")
+
+        def run(*args: Any) -> Any:
+            try:
+                return vfn(*args)
+            except VmapError:
+                raise
+            except (RuntimeError, ValueError) as err:
+                msg = str(err)
+                for needle, cause in _VMAP_CAUSES:
+                    if needle in msg:
+                        raise VmapError(
+                            f"{who}: the kernel cannot run under torch.func.vmap because of "
+                            f"{cause}. Rewrite it with torch.where / masking, or pass "
+                            f"vectorize=False to run it element by element. (torch said: "
+                            f"{msg.splitlines()[0]})") from err
+                raise
+
+        return run
+
+    def loop(*args: Any) -> Any:
+        outs = []
+        for i in range(length):
+            el = tuple(_index_arg(a, d, i) for a, d in zip(args, in_dims))
+            outs.append(fn(*el))
+        if not outs:
+            raise ArgumentError(f"{who}: cannot run a kernel over zero elements")
+        return tree_stack(outs)
+
+    return loop
+
+
+def _index_arg(a: Any, dim: Any, i: int) -> Any:
+    if dim is None:
+        return a
+    return pytree.tree_map(
+        lambda x: x.select(dim, i) if isinstance(x, torch.Tensor) else x, a)
+
+
+def normalize_in_dims(in_dims: Any, nargs: int, who: str) -> InDims:
+    """``in_dims`` as a tuple with one entry per argument."""
+    if isinstance(in_dims, int) or in_dims is None:
+        return (in_dims,) * nargs
+    in_dims = tuple(in_dims)
+    if len(in_dims) != nargs:
+        raise ArgumentError(f"{who}: in_dims has {len(in_dims)} entries for {nargs} arguments")
+    return in_dims
+
+
+def mapped_length(args: Sequence[Any], in_dims: InDims, who: str) -> int:
+    """The common length of the mapped arguments (ArgumentError naming the odd one out)."""
+    n: int | None = None
+    first = -1
+    for i, (a, d) in enumerate(zip(args, in_dims)):
+        if d is None:
+            continue
+        leaves = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+        if not leaves:
+            raise ArgumentError(f"{who}: argument {i} is mapped (in_dims={d}) but holds no tensor")
+        for x in leaves:
+            if x.dim() <= d:
+                raise ArgumentError(f"{who}: argument {i} has no dimension {d} to map over "
+                                    f"(shape {tuple(x.shape)})")
+            m = x.shape[d]
+            if n is None:
+                n, first = m, i
+            elif m != n:
+                raise ArgumentError(f"{who}: mapped arguments have unequal lengths: argument "
+                                    f"{first} has {n} elements, argument {i} has {m}")
+    if n is None:
+        raise ArgumentError(f"{who}: no argument is mapped (all in_dims are None)")
+    return n
+
+
+def select_elements(args: Sequence[Any], in_dims: InDims, idx: torch.Tensor) -> tuple[Any, ...]:
+    """The mapped arguments restricted to elements ``idx`` (shared ones unchanged)."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if d is None:
+            out.append(a)
+        else:
+            out.append(pytree.tree_map(
+                lambda x, d=d: x.index_select(d, idx.to(x.device))
+                if isinstance(x, torch.Tensor) else x, a))
+    return tuple(out)
+
+
+def index_tensor(keys: Iterable[int], like: Any = None) -> torch.Tensor:
+    """A long tensor of element indices (on the device of ``like`` if given)."""
+    device = like.device if isinstance(like, torch.Tensor) else None
+    return torch.tensor(sorted(keys), dtype=torch.long, device=device)
+
+
+# ------------------------------------------------------------------ constraints per element
+def constrained_elements(cm: ChoiceMap, length: int, who: str) -> list[int]:
+    """The element keys ``cm`` constrains; errors for keys that are not element indices."""
+    if cm.is_empty():
+        return []
+    if cm.is_value():
+        raise UnvisitedConstraintError(
+            f"{who}: constraint at address {{addr}} is never visited (a vector combinator has "
+            "choices only under integer element keys)", ())
+    keys = list(cm.keys())
+    for k in keys:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < length:
+            first = next(iter(cm.get_submap(k).items(stacked=True)), ((), None))[0]
+            raise UnvisitedConstraintError(
+                f"{who}: constraint at address {{addr}} is never visited (elements are keyed "
+                f"0..{length - 1})", (k,) + tuple(":" if isinstance(x, slice) else x
+                                                   for x in first))
+    return sorted(keys)
+
+
+def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
+    """The constraints of elements ``keys`` as one stacked map (leading axis = ``keys``).
+
+    Addresses constrained for some elements but not others get a presence mask.
+    """
+    n = len(keys)
+    if cm.is_stacked():
+        src = cm.stacked_indices
+        if tuple(src) == tuple(keys):
+            return cm.stacked_inner
+        pos = {k: j for j, k in enumerate(src)}
+        rows = [pos.get(k, -1) for k in keys]
+        present = torch.tensor([r >= 0 for r in rows])
+        gather = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)
+        return _gather_with_mask(cm.stacked_inner, gather, present)
+    per_path: dict[tuple[Any, ...], dict[int, Any]] = {}
+    for j, k in enumerate(keys):
+        for path, value in cm.get_submap(k).items():
+            per_path.setdefault(path, {})[j] = value
+    result = ChoiceMap.empty()
+    for path, vals in per_path.items():
+        ref = next(iter(vals.values()))
+        ref = ref if isinstance(ref, torch.Tensor) else torch.as_tensor(ref)
+        filler = torch.zeros_like(ref)
+        stacked = torch.stack([torch.as_tensor(vals.get(j, filler)).to(ref.dtype)
+                               for j in range(n)])
+        mask = None
+        if len(vals) < n:
+            mask = torch.tensor([j in vals for j in range(n)], device=ref.device)
+        result = result.merge(ChoiceMap.value(stacked, mask).prefixed(path))
+    return result
+
+
+def _gather_with_mask(inner: ChoiceMap, rows: torch.Tensor, present: torch.Tensor) -> ChoiceMap:
+    leaves, spec = pytree.tree_flatten(inner)
+    out = [x.index_select(0, rows.to(x.device)) if isinstance(x, torch.Tensor) else x
+           for x in leaves]
+    gathered = pytree.tree_unflatten(out, spec)
+    return _and_masks(gathered, present)
+
+
+def _and_masks(cm: ChoiceMap, present: torch.Tensor) -> ChoiceMap:
+    if cm.is_value():
+        m = present.to(cm.get_value().device)
+        return ChoiceMap.value(cm.get_value(), m if cm.mask is None else (cm.mask & m))
+    if cm.is_stacked():
+        return ChoiceMap.stacked(_and_masks(cm.stacked_inner, present.unsqueeze(-1)),
+                                 cm.stacked_length, cm.stacked_indices)
+    return ChoiceMap.node({k: _and_masks(cm.get_submap(k), present) for k in cm.keys()})
+
+
+def require_dense(stacked: ChoiceMap, keys: Sequence[int], who: str) -> None:
+    """assess needs every element's choices: error naming the first missing one."""
+    _check_masks(stacked, (), keys, who)
+
+
+def _check_masks(cm: ChoiceMap, path: tuple[Any, ...], keys: Sequence[int], who: str) -> None:
+    if cm.is_value():
+        if cm.mask is not None and not bool(cm.mask.all()):
+            missing = int((~cm.mask.reshape(cm.mask.shape[0], -1).all(-1)).nonzero()[0, 0])
+            raise MissingChoiceError(f"{who}: no choice given at address {{addr}}",
+                                     (keys[missing],) + path)
+        return
+    if cm.is_stacked():
+        _check_masks(cm.stacked_inner, path, keys, who)
+        return
+    for k in cm.keys():
+        _check_masks(cm.get_submap(k), path + (k,), keys, who)
+
+
+# ------------------------------------------------------------------ what an update revisits
+def changed_elements(argdiffs: Sequence[Diff], in_dims: InDims,
+                     old_length: int) -> tuple[bool, set[int]]:
+    """From the argdiffs: (every element changed?, the set of changed element indices)."""
+    updated: set[int] = set()
+    for diff, d in zip(argdiffs, in_dims):
+        if isinstance(diff, NoChange):
+            continue
+        if d is not None and isinstance(diff, VectorDiff):
+            updated |= {i for i in diff.updated if i < old_length}
+            continue
+        return True, set(range(old_length))
+    return False, updated
+
+
+# ------------------------------------------------------------------ the vector trace record
+@attrs.frozen(repr=False)
+class VectorTrace(Trace):
+    """The trace of a vector combinator: the kernel traces of all elements as ONE batched
+    kernel trace (struct of arrays, element axis first); element ``i`` lives at key ``i``."""
+
+    gen_fn: Any
+    args: tuple[Any, ...]
+    retval: Any
+    score: torch.Tensor
+    inner: Trace
+    length: int
+    _layout: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def choices(self) -> ChoiceMap:
+        if self.length == 0:
+            return ChoiceMap.empty()
+        batch_ndim = self.inner.score.dim() - 1
+        return ChoiceMap.stacked(self.inner.choices, self.length, batch_ndim=batch_ndim)
+
+    @property
+    def element_scores(self) -> torch.Tensor:
+        """The kernel score of each element (a tensor with the element axis last-but-batch)."""
+        return self.inner.score
+
+
+register_record(VectorTrace, dynamic=("args", "retval", "score", "inner"),
+                static=("gen_fn", "length"))
