@@ -14,10 +14,11 @@ Caveats -- prefer the built-in distributions where one exists:
 - Some torch samplers do **not** work under ``torch.func.vmap`` (measured on torch 2.13,
   DESIGN §3): ``Normal.rsample`` and ``MultivariateNormal.rsample`` (in-place randomness into
   an unbatched tensor), ``Beta`` and ``Dirichlet`` sampling (an ``autograd.Function``
-  without ``setup_context``), and anything else that samples in place (``.exponential_()``,
-  ``.uniform_()``, ``.cauchy_()``, ...: Exponential, Uniform, Cauchy, Laplace, Gumbel, ...).
-  The wrapper then works outside vmap only, so such a wrapped distribution cannot be used
-  inside a Map/Unfold kernel.  ``sample`` (no ``rsample``) often *is* vmap-safe: pass
+  without ``setup_context``), and other samplers that draw in place into a fresh tensor
+  (measured: ``Exponential``, ``Cauchy``, ``Laplace`` rsample).  ``Gamma.rsample`` works but
+  falls back to a slow per-element loop (warning) for its in-place clamp and its gradient.
+  Such a wrapped distribution works outside vmap only, so it cannot be used inside a
+  Map/Unfold kernel.  ``sample`` (no ``rsample``) often *is* vmap-safe: pass
   ``reparameterized=False`` to use it (e.g. ``Normal.sample`` works under vmap).
 - ``log_prob`` is called with ``validate_args=False`` (torch's validation calls ``.item()``,
   which fails under vmap), so out-of-support values are not turned into errors; whether they
@@ -125,11 +126,15 @@ class TorchDistribution(Distribution):
     def __repr__(self) -> str:
         return f"TorchDistribution({self.dist_cls.__module__}.{self.dist_cls.__qualname__})"
 
-    def _make(self, params: tuple[Any, ...]) -> torch.distributions.Distribution:
+    def _make(
+        self, params: tuple[Any, ...], validate_args: bool = False
+    ) -> torch.distributions.Distribution:
+        """Instantiate the torch class; parameters become tensors of one dtype/device."""
         given = [p for p in params if p is not None]
         tensors = iter(_tensors(*given))
         converted = [None if p is None else next(tensors) for p in params]
-        return self.dist_cls(*converted, validate_args=False)
+        ctor: Any = self.dist_cls
+        return ctor(*converted, validate_args=validate_args)
 
     def sample(self, *params: Any) -> torch.Tensor:
         """Draw one value: ``rsample()`` if reparameterized, else ``sample()`` without grad."""
@@ -160,11 +165,8 @@ class TorchDistribution(Distribution):
         for pname, p in zip(self.param_names, params):
             if p is not None:
                 self._check_finite(pname, p)
-        given = [p for p in params if p is not None]
-        tensors = iter(_tensors(*given))
-        converted = [None if p is None else next(tensors) for p in params]
         try:
-            self.dist_cls(*converted, validate_args=True)
+            self._make(params, validate_args=True)
         except ValueError as e:
             raise DistributionArgumentError(f"{self.name}: {e}") from None
 
