@@ -50,7 +50,7 @@ def choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Select
     sel_leaves, sel_spec = pytree.tree_flatten(selected)
     # masks (bool tensors) ride along in the flattened selection; only values are differentiated
     sel_diff = [i for i, a in enumerate(sel_leaves) if _differentiable(a)]
-    for i, v in enumerate(sel_leaves):
+    for v in sel_leaves:
         if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool:
             raise TypeError("choice_gradients: the selection includes a discrete choice "
                             f"(dtype {v.dtype}); select continuous choices only")
@@ -92,7 +92,10 @@ def accumulate_param_gradients(gen_fn: GenerativeFunction, trace: Trace, retgrad
     args = tuple(pytree.tree_unflatten(leaves, arg_spec))
     params = [p for p in gen_fn.parameters() if p.requires_grad]
     with torch.enable_grad():
-        weight, retval = gen_fn.assess(args, trace.choices)
+        # the choices are data here: a reparameterized sample's autograd graph must not leak in
+        choices = pytree.tree_map(
+            lambda x: x.detach() if isinstance(x, torch.Tensor) else x, trace.choices)
+        weight, retval = gen_fn.assess(args, choices)
         objective = weight + _retval_term(retgrad, retval)
         inputs = [leaves[i] for i in arg_diff] + params
         if not isinstance(objective, torch.Tensor) or not objective.requires_grad or not inputs:
