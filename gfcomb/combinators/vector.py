@@ -5,7 +5,7 @@ element, which elements an update must revisit, and the vector trace record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError, VmapError
-from gfcomb.core.pytree import register_record, tree_stack
+from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.trace import Trace
 
 InDims = tuple[Any, ...]
@@ -34,14 +34,24 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
     """``fn`` run over ``length`` elements: one ``torch.func.vmap`` call, or, with
     ``vectorize=False``, a Python loop whose results are stacked (same layout).
 
-    A kernel that cannot be vmapped gets a :class:`VmapError` naming the cause.
+    A kernel that cannot be vmapped gets a :class:`VmapError` naming the cause.  Over zero
+    elements the kernel runs on one all-zero element (so that the output has its structure)
+    and every output leaf is then cut to zero elements.
     """
-    if vectorize:
-        vfn = torch.func.vmap(fn, in_dims=in_dims, randomness="different")
+    if length == 0:
+        one = batched_call(fn, in_dims, vectorize=vectorize, length=1, who=who)
 
+        def none(*args: Any) -> Any:
+            padded = tuple(a if d is None else pytree.tree_map(
+                lambda x, d=d: x.new_zeros(x.shape[:d] + (1,) + x.shape[d + 1:])
+                if isinstance(x, torch.Tensor) else x, a) for a, d in zip(args, in_dims))
+            return tree_index(one(*padded), slice(0, 0))
+
+        return none
+    if vectorize:
         def run(*args: Any) -> Any:
             try:
-                return vfn(*args)
+                return _flat_vmap(fn, in_dims, args)
             except VmapError:
                 raise
             except (RuntimeError, ValueError) as err:
@@ -67,6 +77,52 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
         return tree_stack(outs)
 
     return loop
+
+
+def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...]) -> Any:
+    """``torch.func.vmap(fn, in_dims, randomness="different")(*args)``, with the argument and
+    output pytrees flattened here, once, so that vmap sees flat tuples of tensors.
+
+    (torch broadcasts ``in_dims``/``out_dims`` over the pytrees by unflattening and
+    re-flattening them: for trace records that costs more than the kernel's own Python.)
+    Non-tensor leaves are passed around vmap, unbatched.
+    """
+    flat: list[torch.Tensor] = []
+    dims: list[Any] = []
+    arg_parts: list[Any] = []
+    for a, d in zip(args, in_dims):
+        if isinstance(a, torch.Tensor):  # the common case: no pytree work
+            flat.append(a)
+            dims.append(d)
+            arg_parts.append(None)
+            continue
+        leaves, spec = pytree.tree_flatten(a)
+        is_t = [isinstance(x, torch.Tensor) for x in leaves]
+        for x, t in zip(leaves, is_t):
+            if t:
+                flat.append(x)
+                dims.append(d)
+        arg_parts.append((spec, is_t, [None if t else x for x, t in zip(leaves, is_t)]))
+    out_parts: list[Any] = []
+
+    def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(xs)
+        el = tuple(next(it) if part is None else _rebuild(part, it) for part in arg_parts)
+        leaves, spec = pytree.tree_flatten(fn(*el))
+        is_t = [isinstance(x, torch.Tensor) for x in leaves]
+        out_parts.append((spec, is_t, [None if t else x for x, t in zip(leaves, is_t)]))
+        return tuple(x for x, t in zip(leaves, is_t) if t)
+
+    outs = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness="different")(*flat)
+    return _rebuild(out_parts[-1], iter(outs))
+
+
+def _rebuild(part: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """Unflatten a pytree from its (spec, which leaves are tensors, static leaves) and the
+    tensor leaves, taken in order from ``tensors``."""
+    spec, is_t, static = part
+    return pytree.tree_unflatten([next(tensors) if t else x for x, t in zip(static, is_t)],
+                                 spec)
 
 
 def _index_arg(a: Any, dim: Any, i: int) -> Any:
@@ -131,32 +187,54 @@ def index_tensor(keys: Iterable[int], like: Any = None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ constraints per element
-def constrained_elements(cm: ChoiceMap, length: int, who: str) -> list[int]:
-    """The element keys ``cm`` constrains; errors for keys that are not element indices."""
+def constrained_elements(cm: ChoiceMap, length: int, who: str) -> Sequence[int]:
+    """The element keys ``cm`` constrains, sorted; errors for keys that are not element
+    indices.  A dense stacked map costs O(1) Python work (``range`` returned)."""
     if cm.is_empty():
         return []
     if cm.is_value():
         raise UnvisitedConstraintError(
             f"{who}: constraint at address {{addr}} is never visited (a vector combinator has "
             "choices only under integer element keys)", ())
+    if cm.is_stacked():
+        if cm.stacked_is_dense:
+            if cm.stacked_length <= length:
+                return range(cm.stacked_length)
+            _unvisited_element(cm, length, length, who)
+        idx = cm.stacked_indices
+        if min(idx) >= 0 and max(idx) < length:
+            return sorted(idx)
     keys = list(cm.keys())
     for k in keys:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < length:
-            first = next(iter(cm.get_submap(k).items(stacked=True)), ((), None))[0]
-            raise UnvisitedConstraintError(
-                f"{who}: constraint at address {{addr}} is never visited (elements are keyed "
-                f"0..{length - 1})", (k,) + tuple(":" if isinstance(x, slice) else x
-                                                   for x in first))
+            _unvisited_element(cm, k, length, who)
     return sorted(keys)
+
+
+def _unvisited_element(cm: ChoiceMap, k: Any, length: int, who: str) -> None:
+    first = next(iter(cm.get_submap(k).items(stacked=True)), ((), None))[0]
+    raise UnvisitedConstraintError(
+        f"{who}: constraint at address {{addr}} is never visited (elements are keyed "
+        f"0..{length - 1})", (k,) + tuple(":" if isinstance(x, slice) else x for x in first))
+
+
+def _is_identity(keys: Sequence[int], n: int) -> bool:
+    """True if ``keys`` is 0..n-1 in order (O(1) for a ``range``)."""
+    if isinstance(keys, range):
+        return keys == range(n)
+    return len(keys) == n and tuple(keys) == tuple(range(n))
 
 
 def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
     """The constraints of elements ``keys`` as one stacked map (leading axis = ``keys``).
 
-    Addresses constrained for some elements but not others get a presence mask.
+    Addresses constrained for some elements but not others get a presence mask.  Python
+    work is per constrained element (none for a stacked map holding exactly ``keys``).
     """
     n = len(keys)
     if cm.is_stacked():
+        if cm.stacked_is_dense and _is_identity(keys, cm.stacked_length):
+            return cm.stacked_inner
         src = cm.stacked_indices
         if tuple(src) == tuple(keys):
             return cm.stacked_inner
@@ -165,20 +243,26 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
         present = torch.tensor([r >= 0 for r in rows])
         gather = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)
         return _gather_with_mask(cm.stacked_inner, gather, present)
+    if _is_identity(keys, n):
+        where = {k: k for k in cm.keys() if isinstance(k, int) and 0 <= k < n}
+    else:
+        pos = {k: j for j, k in enumerate(keys)}
+        where = {k: pos[k] for k in cm.keys() if k in pos}
     per_path: dict[tuple[Any, ...], dict[int, Any]] = {}
-    for j, k in enumerate(keys):
+    for k, j in where.items():
         for path, value in cm.get_submap(k).items():
             per_path.setdefault(path, {})[j] = value
     result = ChoiceMap.empty()
     for path, vals in per_path.items():
         ref = next(iter(vals.values()))
         ref = ref if isinstance(ref, torch.Tensor) else torch.as_tensor(ref)
-        filler = torch.zeros_like(ref)
-        stacked = torch.stack([torch.as_tensor(vals.get(j, filler)).to(ref.dtype)
-                               for j in range(n)])
+        rows = torch.tensor(list(vals), dtype=torch.long, device=ref.device)
+        given = torch.stack([torch.as_tensor(v, device=ref.device).to(ref.dtype)
+                             for v in vals.values()])
+        stacked = given.new_zeros((n,) + ref.shape).index_copy(0, rows, given)
         mask = None
         if len(vals) < n:
-            mask = torch.tensor([j in vals for j in range(n)], device=ref.device)
+            mask = torch.zeros(n, dtype=torch.bool, device=ref.device).index_fill(0, rows, True)
         result = result.merge(ChoiceMap.value(stacked, mask).prefixed(path))
     return result
 
@@ -233,6 +317,15 @@ def changed_elements(argdiffs: Sequence[Diff], in_dims: InDims,
             continue
         return True, set(range(old_length))
     return False, updated
+
+
+def concat_elements(a: Any, b: Any) -> Any:
+    """Two stacked trees (e.g. batched kernel traces) of the same structure, concatenated
+    leafwise along the element axis: ``a``'s elements, then ``b``'s (non-tensor leaves from
+    ``a``)."""
+    from gfcomb.core.pytree import tree_map2_tensors
+
+    return tree_map2_tensors(lambda x, y: torch.cat([x, y.to(x.dtype)], 0), a, b)
 
 
 # ------------------------------------------------------------------ the vector trace record

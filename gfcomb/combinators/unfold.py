@@ -1,0 +1,448 @@
+"""Unfold: iterate a kernel generative function over time steps, threading a state.
+
+``Unfold(kernel)(n, init_state, *params)`` runs ``state_t = kernel(t, state_{t-1}, *params)``
+for t = 0..n-1 (``state_{-1} = init_state``; ``t`` is a Python int, ``n`` a Python int).
+Step t's choices live under key ``t``; the return value is the stacked states (leading axis =
+step).  The steps depend on each other, so they run one after the other: each step is an
+ordinary GFI call of the kernel (inside an outer ``torch.func.vmap`` over particles every step
+is batched automatically).  The trace keeps the kernel traces of all steps as ONE stacked
+kernel trace (struct of arrays over steps, a :class:`VectorTrace`), so ``tr[t, "x"]`` reads
+one step's choice and ``tr[:, "x"]`` all of them.
+
+Incremental update (Gen.jl's semantics): extending ``n`` with unchanged ``init_state`` and
+parameters runs only the new steps; a parameter change revisits every step; an
+``init_state`` change or a constraint at step t revisits from there and keeps going only while
+the state changes (the retdiff of step t is the state argdiff of step t + 1).
+
+Kernels must return tensors (or pytrees of tensors) as state, and keep the same address
+structure at every step (the steps are stacked).  Python numbers inside a kernel trace (the
+step index ``t`` among them) are kept from step 0 when steps are stacked; they are never used
+for scores, only to compute callee argdiffs, where a stale value gives a (correct)
+``UnknownChange``.
+
+Math: log p(t; n, s_init, θ) = Σ_{t<n} log p_kernel(t_t; t, s_{t-1}, θ).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.combinators.vector import (
+    VectorTrace,
+    concat_elements,
+    constrained_elements,
+    index_tensor,
+    require_dense,
+)
+from gfcomb.core.batching import is_batched
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange, VectorDiff
+from gfcomb.core.errors import AddressError, ArgumentError
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.pytree import (
+    tree_index,
+    tree_map_tensors,
+    tree_scatter,
+    tree_stack,
+    tree_tensors,
+)
+from gfcomb.core.selection import MaskSelection, Selection, element_selections
+from gfcomb.core.trace import Trace
+
+_EMPTY = ChoiceMap.empty()
+_NO_CHANGE = NoChange()
+
+# (new step trace, weight, retdiff) for one revisited step
+StepResult = tuple[Trace, torch.Tensor, Diff]
+
+
+def _state_at(states: Any, t: int) -> Any:
+    """Step ``t``'s state out of the stacked states."""
+    return tree_map_tensors(lambda x: x[t], states)
+
+
+def _no_states(init: Any) -> Any:
+    """The stacked states of zero steps: shaped like ``init`` with a leading axis of 0."""
+    def empty(x: Any) -> torch.Tensor:
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(
+            x, dtype=torch.get_default_dtype() if isinstance(x, float) else None)
+        return x.unsqueeze(0)[:0]
+
+    return pytree.tree_map(empty, init)
+
+
+def _zero_like(x: Any) -> torch.Tensor:
+    """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
+    for leaf in tree_tensors(x):
+        if leaf.is_floating_point():
+            return torch.zeros((), dtype=leaf.dtype, device=leaf.device)
+    return torch.zeros((), dtype=torch.get_default_dtype())
+
+
+def _stack_steps(steps: Sequence[Trace]) -> Trace:
+    """Stack step traces along a new leading (step) axis."""
+    if len(steps) == 1:
+        return tree_map_tensors(lambda x: x.unsqueeze(0), steps[0])
+    return tree_stack(steps)
+
+
+class Unfold(GenerativeFunction):
+    """Iterate a kernel over ``n`` steps, threading a state (see the module docstring).
+
+    Arguments of the combinator: ``(n, init_state, *params)``; the kernel is called as
+    ``kernel(t, state, *params)`` and returns the next state.
+    """
+
+    def __init__(self, kernel: GenerativeFunction) -> None:
+        if not isinstance(kernel, GenerativeFunction):
+            raise TypeError(f"Unfold needs a generative function kernel, got {kernel!r}")
+        self.kernel = kernel
+
+    def __repr__(self) -> str:
+        return f"Unfold({self.kernel!r})"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (Unfold, self.kernel)
+
+    def __eq__(self, other: object) -> bool:
+        # Unfold(kernel) is often built inside a @gen body: equal parts, same function
+        return isinstance(other, Unfold) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _unpack(args: Any) -> tuple[int, Any, tuple[Any, ...]]:
+        args = check_args_tuple(args)
+        if len(args) < 2:
+            raise ArgumentError(f"Unfold: args must be (n, init_state, *params), got "
+                                f"{len(args)} argument(s)")
+        n = args[0]
+        if isinstance(n, bool) or not isinstance(n, int):
+            hint = " (pass int(n))" if isinstance(n, torch.Tensor) else ""
+            raise ArgumentError(f"Unfold: argument 'n' (the number of steps) must be a Python "
+                                f"int, got {type(n).__name__} {n!r}{hint}")
+        if n < 0:
+            raise ArgumentError(f"Unfold: argument 'n' (the number of steps) must be >= 0, "
+                                f"got {n}")
+        return n, args[1], tuple(args[2:])
+
+    def _check_trace(self, trace: Trace) -> VectorTrace:
+        if not isinstance(trace, VectorTrace) or not (trace.gen_fn is self
+                                                      or trace.gen_fn == self):
+            raise ArgumentError(f"{self!r}: the trace was not made by this Unfold "
+                                f"(got a trace of {getattr(trace, 'gen_fn', trace)!r})")
+        if trace.score.dim() != 0:
+            raise ArgumentError(f"{self!r}: this trace is batched (score shape "
+                                f"{tuple(trace.score.shape)}); call the method under "
+                                "torch.func.vmap over the batch, as the trace was made")
+        return trace
+
+    @staticmethod
+    def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
+        argdiffs = tuple(argdiffs)
+        if len(argdiffs) != len(args):
+            raise ArgumentError(f"Unfold: argdiffs has {len(argdiffs)} entries for "
+                                f"{len(args)} arguments")
+        return argdiffs
+
+    def _trace(self, args: tuple[Any, ...], inner: Trace | None, n: int,
+               score: torch.Tensor | None = None) -> VectorTrace:
+        """The Unfold trace of stacked steps ``inner`` (``score``: their total, if known)."""
+        if inner is None or n == 0:
+            return VectorTrace(self, args, _no_states(args[1]), _zero_like(args[1:]), None, 0)
+        if score is None:
+            score = inner.score.sum(0)
+        return VectorTrace(self, args, inner.retval, score, inner, n)
+
+    def _run_steps(self, start: int, stop: int, state: Any, params: tuple[Any, ...],
+                   cm: ChoiceMap, ckeys: Sequence[int]) -> tuple[Trace | None, Any]:
+        """Steps ``start..stop-1`` from ``state``: simulated, or generated where ``cm``
+        constrains them (``ckeys``).  Returns (the stacked step traces, Σ generate weights)."""
+        if stop <= start:
+            return None, 0.0
+        kernel = self.kernel
+        constrained = set(ckeys)
+        steps = []
+        weight: Any = 0.0
+        t = start
+        try:
+            for t in range(start, stop):
+                if t in constrained:
+                    tr, w = kernel.generate((t, state) + params, cm.get_submap(t))
+                    weight = weight + w
+                else:
+                    tr = kernel.simulate((t, state) + params)
+                steps.append(tr)
+                state = tr.retval
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+        return _stack_steps(steps), weight
+
+    def _sweep(self, inner: Trace, keep: int, init: Any, params: tuple[Any, ...],
+               init_diff: Diff, param_diffs: tuple[Diff, ...], touched: Sequence[int],
+               step: Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult],
+               ) -> tuple[Trace, Any, Any, list[int]]:
+        """Revisit steps 0..keep-1 of the stacked ``inner`` where needed.
+
+        A step is revisited if the parameters changed, if it is in ``touched`` (sorted:
+        constrained / selected steps) or if its incoming state changed (step 0: ``init_diff``;
+        step t: the retdiff of step t-1).  Between revisited steps the loop jumps straight to
+        the next touched step, so untouched unchanged steps cost nothing.  ``step(t, old,
+        args, argdiffs)`` revisits one step.  Returns (new inner, Σ weights, Σ score changes,
+        steps whose state changed).
+        """
+        params_changed = not all(isinstance(d, NoChange) for d in param_diffs)
+        if params_changed or not isinstance(init_diff, NoChange):
+            t: int | None = 0
+        else:
+            t = touched[0] if touched else None
+        if t is None or keep == 0:
+            return inner, 0.0, 0.0, []
+        old_states = inner.retval
+        state_diff = init_diff if t == 0 else _NO_CHANGE
+        state = init if t == 0 else _state_at(old_states, t - 1)
+        weight: Any = 0.0
+        dscore: Any = 0.0
+        visited: list[int] = []
+        new_steps: list[Trace] = []
+        changed: list[int] = []
+        try:
+            while t is not None:
+                old = tree_index(inner, t)
+                new, w, rd = step(t, old, (t, state) + params,
+                                  (_NO_CHANGE, state_diff) + param_diffs)
+                weight = weight + w
+                dscore = dscore + (new.score - old.score)
+                visited.append(t)
+                new_steps.append(new)
+                if params_changed or not isinstance(rd, NoChange):
+                    if not isinstance(rd, NoChange):
+                        changed.append(t)
+                    nxt: int | None = t + 1 if t + 1 < keep else None
+                    state_diff, state = rd, new.retval
+                else:
+                    j = bisect.bisect_right(touched, t)
+                    nxt = touched[j] if j < len(touched) and touched[j] < keep else None
+                    state_diff = _NO_CHANGE
+                    if nxt is not None:
+                        state = new.retval if nxt == t + 1 else _state_at(old_states, nxt - 1)
+                t = nxt
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+        stacked = _stack_steps(new_steps)
+        if len(visited) == keep:
+            return stacked, weight, dscore, changed  # every step revisited, in order
+        idx = index_tensor(visited, inner.score)
+        return tree_scatter(inner, idx, stacked), weight, dscore, changed
+
+    def _grow(self, inner: Trace | None, n_old: int, n_new: int, init: Any,
+              params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],
+              ) -> tuple[Trace | None, Any, Any]:
+        """Append steps n_old..n_new-1 (generated against ``cm``) to ``inner``.  Returns
+        (new inner, Σ generate weights, Σ scores of the new steps)."""
+        if n_new <= n_old:
+            return inner, 0.0, 0.0
+        state = init if inner is None or n_old == 0 else _state_at(inner.retval, n_old - 1)
+        grown, w = self._run_steps(n_old, n_new, state, params, cm,
+                                   [k for k in ckeys if k >= n_old])
+        assert grown is not None
+        dscore = grown.score.sum(0)
+        if inner is None or n_old == 0:
+            return grown, w, dscore
+        return concat_elements(inner, grown), w, dscore
+
+    @staticmethod
+    def _retdiff(n_new: int, n_old: int, changed: list[int]) -> Diff:
+        if n_new == n_old and not changed:
+            return _NO_CHANGE
+        return VectorDiff(n_new, n_old, changed)
+
+    # ------------------------------------------------------------------ the GFI
+    def simulate(self, args: tuple[Any, ...]) -> VectorTrace:
+        """Run every step, sampling its choices from the prior.
+
+        Math: t_t ~ p_kernel(·; t, s_{t-1}, θ) for t = 0..n-1 in order (s_{-1} = init_state,
+        s_t = the step's return value); score = Σ_t score_t.
+        """
+        n, init, params = self._unpack(args)
+        inner, _ = self._run_steps(0, n, init, params, _EMPTY, ())
+        return self._trace(args, inner, n)
+
+    def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
+                 ) -> tuple[VectorTrace, torch.Tensor]:
+        """Run every step with the constraints under key t given to step t.
+
+        Math: weight = Σ_t generate weight of step t (0 for unconstrained steps), i.e. with
+        prior proposals the log density of the constrained choices given the sampled ones.
+        Full constraints: weight == score == assess weight.
+        """
+        n, init, params = self._unpack(args)
+        cm = as_choicemap(constraints)
+        ckeys = constrained_elements(cm, n, "generate")
+        inner, w = self._run_steps(0, n, init, params, cm, ckeys)
+        tr = self._trace(args, inner, n)
+        return tr, w + torch.zeros_like(tr.score)
+
+    def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
+        """Score given choices for every step; every step's choices must be given.
+
+        Math: weight = Σ_t log p_kernel(t_t; t, s_{t-1}, θ) = log p(t; n, s_init, θ).
+        Differentiable in ``init_state``, the parameters and the choice values (the default
+        gradient methods are built on it).
+        """
+        n, init, params = self._unpack(args)
+        cm = as_choicemap(choices)
+        constrained_elements(cm, n, "assess")
+        if cm.is_stacked() and not any(is_batched(x) for x in tree_tensors(cm)
+                                       if x.dtype == torch.bool):
+            require_dense(cm.stacked_inner, cm.stacked_indices, "assess")
+        kernel = self.kernel
+        weight: Any = 0.0
+        states = []
+        state = init
+        t = 0
+        try:
+            for t in range(n):
+                w, state = kernel.assess((t, state) + params, cm.get_submap(t))
+                weight = weight + w
+                states.append(state)
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+        if n == 0:
+            return _zero_like(args[1:]), _no_states(init)
+        return weight, tree_stack(states)
+
+    def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+               constraints: ChoiceMap | None = None,
+               ) -> tuple[VectorTrace, torch.Tensor, Diff, ChoiceMap]:
+        """Revisit the steps that changed, generate new steps, drop removed ones.
+
+        Revisited: every step if a parameter's argdiff is not NoChange; step 0 if
+        ``init_state`` changed; every constrained step; and step t+1 whenever step t's state
+        (retdiff) changed.  Extending ``n`` with NoChange ``init_state``/parameters runs only
+        the new steps.
+
+        Math: weight = Σ_{revisited t} kernel update weight_t + Σ_{new t} generate weight_t
+        − Σ_{removed t} score_t = log p(t'; x') − log p(t; x) − log q(fresh choices).
+        discard = the revisited steps' discards (overwritten values) and the removed steps'
+        choices.  retdiff = VectorDiff(n', n, steps whose state changed), or NoChange.
+        """
+        trace = self._check_trace(trace)
+        n_new, init, params = self._unpack(args)
+        argdiffs = self._check_argdiffs(args, argdiffs)
+        cm = as_choicemap(constraints)
+        ckeys = constrained_elements(cm, n_new, "update")
+        n_old = trace.length
+        keep = min(n_old, n_new)
+        inner: Trace | None = trace.inner
+        weight: Any = 0.0
+        score: Any = trace.score  # kept up to date step by step: O(revisited + new steps)
+        removed = _EMPTY
+        if n_new < n_old:  # shrink: drop the tail, subtract its score
+            assert inner is not None
+            tail = tree_index(inner, slice(n_new, n_old))
+            weight = weight - tail.score.sum(0)
+            score = score - tail.score.sum(0)
+            removed = ChoiceMap.stacked(tail.choices, n_old - n_new, tuple(range(n_new, n_old)))
+            inner = tree_index(inner, slice(0, n_new)) if n_new > 0 else None
+        kernel = self.kernel
+        discards: dict[int, ChoiceMap] = {}
+
+        def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
+            new, w, rd, disc = kernel.update(old, a, d, cm.get_submap(t))
+            if not disc.is_empty():
+                discards[t] = disc
+            return new, w, rd
+
+        changed: list[int] = []
+        if inner is not None and keep > 0:
+            inner, w, ds, changed = self._sweep(inner, keep, init, params, argdiffs[1],
+                                                argdiffs[2:], [k for k in ckeys if k < keep],
+                                                step)
+            weight, score = weight + w, score + ds
+        inner, w, ds = self._grow(inner, keep, n_new, init, params, cm, ckeys)
+        weight, score = weight + w, score + ds
+        new_trace = self._trace(args, inner, n_new, score)
+        discard = ChoiceMap.node(discards).merge(removed) if discards else removed
+        return (new_trace, weight + torch.zeros_like(new_trace.score),
+                self._retdiff(n_new, n_old, changed), discard)
+
+    def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                   selection: Selection) -> tuple[VectorTrace, torch.Tensor, Diff]:
+        """Resample the selected choices of each step and propagate state changes onward.
+
+        Revisited: every step if a parameter changed; step 0 if ``init_state`` changed; every
+        step with a non-empty sub-selection ``selection.get_subselection(t)``; and step t+1
+        whenever step t's state changed.  New steps are simulated, removed steps dropped.
+
+        Math: weight = Σ_{revisited t} kernel regenerate weight_t = Σ over retained,
+        unselected choices of (log p' − log p); selected, new and removed choices contribute
+        0 (the MH log acceptance ratio for the prior proposal).
+        """
+        trace = self._check_trace(trace)
+        n_new, init, params = self._unpack(args)
+        argdiffs = self._check_argdiffs(args, argdiffs)
+        n_old = trace.length
+        keep = min(n_old, n_new)
+        inner: Trace | None = trace.inner
+        score: Any = trace.score
+        if n_new < n_old:
+            assert inner is not None
+            score = score - inner.score[n_new:n_old].sum(0)
+            inner = tree_index(inner, slice(0, n_new)) if n_new > 0 else None
+        kernel = self.kernel
+        changed: list[int] = []
+        weight: Any = 0.0
+        if inner is not None and keep > 0:
+            touched = self._selected_steps(selection, keep)
+
+            def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
+                return kernel.regenerate(old, a, d, selection.get_subselection(t))
+
+            inner, weight, ds, changed = self._sweep(inner, keep, init, params, argdiffs[1],
+                                                     argdiffs[2:], touched, step)
+            score = score + ds
+        inner, _, ds = self._grow(inner, keep, n_new, init, params, _EMPTY, ())
+        new_trace = self._trace(args, inner, n_new, score + ds)
+        return (new_trace, weight + torch.zeros_like(new_trace.score),
+                self._retdiff(n_new, n_old, changed))
+
+    @staticmethod
+    def _selected_steps(selection: Selection, n: int) -> list[int]:
+        """The steps below ``n`` whose sub-selection may select something (sorted)."""
+        if selection.is_empty_static():
+            return []
+        default, special = element_selections(selection, range(n))
+        if not default.is_empty_static() or isinstance(selection, MaskSelection):
+            return list(range(n))
+        return sorted(k for k, s in special.items() if not s.is_empty_static())
+
+    def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
+        """Log density of the selected choices, step by step.
+
+        Math: project(t, S) = Σ_t kernel project(t_t, S[t]); project(t, selectall) = score.
+        """
+        trace = self._check_trace(trace)
+        if selection.is_all_static():
+            return trace.score
+        total = torch.zeros_like(trace.score)
+        if trace.length == 0 or trace.inner is None:
+            return total
+        for t in self._selected_steps(selection, trace.length):
+            sub = selection.get_subselection(t)
+            if sub.is_empty_static():
+                continue
+            step_trace = tree_index(trace.inner, t)
+            total = total + self.kernel.project(step_trace, sub)
+        return total
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The kernel's parameters."""
+        return self.kernel.parameters()
