@@ -102,6 +102,7 @@ class TorchGenerativeFunction(GenerativeFunction):
         """Math: weight = 0; the module is re-run unless every argdiff is NoChange."""
         self._check_no_constraints(constraints, "update")
         assert isinstance(trace, DeterministicTrace)
+        args = check_args_tuple(args)
         if all(isinstance(d, NoChange) for d in argdiffs):
             return trace, trace.score, NoChange(), ChoiceMap.empty()
         return self.simulate(args), trace.score, UnknownChange(), ChoiceMap.empty()

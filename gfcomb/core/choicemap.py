@@ -184,7 +184,7 @@ class ChoiceMap:
     def get_value(self) -> Any:
         """The value at the empty address (error if this map is not a value)."""
         if self._kind != _VALUE:
-            raise AddressError("no value at address {addr}")
+            raise AddressError("no value at the empty address {addr} of this choice map")
         return self._value
 
     @property
@@ -206,11 +206,23 @@ class ChoiceMap:
             return tuple(range(self._length))
         return self._indices
 
+    @property
+    def stacked_is_dense(self) -> bool:
+        """For a stacked map built without ``indices``: its element keys are
+        ``0..length-1`` in order (known without building the key tuple)."""
+        return self._kind == _STACKED and self._indices is None
+
     def _element_axis(self) -> int:
         for x in pytree.tree_leaves(self._inner):
             if isinstance(x, torch.Tensor):
                 return x.dim() - self._ref_ndim
         return 0
+
+    def _restacked(self, inner: ChoiceMap) -> ChoiceMap:
+        """A stacked map like this one (same elements) holding ``inner``, whose element axis
+        is this map's: leaves that carry outer batch dimensions keep them in front."""
+        return ChoiceMap.stacked(inner, self._length, self._indices,
+                                 batch_ndim=self._element_axis())
 
     def _position(self, key: int) -> int | None:
         if self._indices is None:
@@ -233,6 +245,8 @@ class ChoiceMap:
     def _child(self, key: Any) -> ChoiceMap:
         kind = self._kind
         if kind == _NODE:
+            if isinstance(key, slice):  # ``:`` only reads stacked maps (slices are unhashable)
+                return _EMPTY_MAP
             return self._submaps.get(key, _EMPTY_MAP)
         if kind == _STACKED:
             if isinstance(key, slice) and key == slice(None):
@@ -289,7 +303,8 @@ class ChoiceMap:
         """
         yield from self._items((), stacked)
 
-    def _items(self, prefix: tuple[Any, ...], stacked: bool) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    def _items(self, prefix: tuple[Any, ...],
+               stacked: bool) -> Iterator[tuple[tuple[Any, ...], Any]]:
         kind = self._kind
         if kind == _VALUE:
             if self._mask is None or stacked or bool(self._mask.all()):
@@ -318,7 +333,16 @@ class ChoiceMap:
         """Nested plain dicts (stacked maps expanded); a value map gives its value."""
         if self._kind == _VALUE:
             return self._value
-        return {k: self._child(k).to_dict() for k in self.keys()}
+        out = {}
+        for k in self.keys():
+            child = self._child(k)
+            if child._kind == _VALUE and not child.has_value():
+                continue  # masked out: absent, as in items()
+            d = child.to_dict()
+            if isinstance(d, dict) and not d:
+                continue  # nothing present below
+            out[k] = d
+        return out
 
     # ------------------------------------------------------------------ building
     def prefixed(self, addr: Any) -> ChoiceMap:
@@ -365,14 +389,14 @@ class ChoiceMap:
                 if bool(overlap.any()):
                     raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}",
                                               prefix)
-                m = self._mask.reshape(self._mask.shape + (1,) * (self._value.dim() - self._mask.dim()))
+                extra = self._value.dim() - self._mask.dim()
+                m = self._mask.reshape(self._mask.shape + (1,) * extra)
                 return ChoiceMap.value(torch.where(m, self._value, other._value),
                                        self._mask | other._mask)
             raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
         if self._kind == _STACKED and other._kind == _STACKED and (
                 self._length == other._length and self._indices == other._indices):
-            return ChoiceMap.stacked(self._inner._merge(other._inner, prefix + (slice(None),)),
-                                     self._length, self._indices)
+            return self._restacked(self._inner._merge(other._inner, prefix + (slice(None),)))
         a, b = self.unstacked(), other.unstacked()
         subs = dict(a._submaps)
         for k, sub in b._submaps.items():
@@ -397,8 +421,9 @@ class ChoiceMap:
         if kind == _NODE:
             return ChoiceMap.node({k: sub.filter(selection.get_subselection(k))
                                    for k, sub in self._submaps.items()})
-        inner_sel = selection_flags_for_vector(selection, self.stacked_indices, self._inner)
-        return ChoiceMap.stacked(self._inner.filter(inner_sel), self._length, self._indices)
+        inner_sel = selection_flags_for_vector(selection, self.stacked_indices, self._inner,
+                                               axis=self._element_axis())
+        return self._restacked(self._inner.filter(inner_sel))
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:

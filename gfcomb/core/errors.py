@@ -53,7 +53,27 @@ class ChoiceMapMergeError(AddressError):
 
 
 class DistributionArgumentError(GFIError, ValueError):
-    """A distribution got a non-finite, out-of-support or wrong-shaped parameter."""
+    """A distribution got a non-finite, out-of-support or wrong-shaped parameter.
+
+    The message names the argument; a @gen function that traced the call adds its address
+    (:meth:`prefixed`), shown as "... (in the call at address ('s', 'x'))".
+    """
+
+    def __init__(self, message: str, address: tuple[Any, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.address = tuple(address)
+
+    def prefixed(self, prefix: tuple[Any, ...]) -> DistributionArgumentError:
+        """The same error, raised by the call at ``prefix + self.address``."""
+        return type(self)(self.message, tuple(prefix) + self.address)
+
+    def __str__(self) -> str:
+        if not self.address:
+            return self.message
+        from gfcomb.core.address import format_address
+
+        return f"{self.message} (in the call at address {format_address(self.address)})"
 
 
 class ArgumentError(GFIError, ValueError):

@@ -48,6 +48,23 @@ def check_args_tuple(args: Any, name: str = "args") -> tuple[Any, ...]:
     return args
 
 
+def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
+    """Raise MissingChoiceError unless ``given`` holds a value at every address of ``made``.
+
+    Stacked blocks are checked in one step when ``given`` is stacked the same way (``:`` reads
+    through both); otherwise element by element, so the error names the missing element.
+    """
+    for addr, _ in made.items(stacked=True):
+        if given.get_submap(addr).is_value():
+            continue
+        if not any(isinstance(k, slice) for k in addr):
+            raise MissingChoiceError("assess: no choice given at address {addr}", addr)
+        for elem, _ in made.items():
+            if not given.get_submap(elem).is_value():
+                raise MissingChoiceError("assess: no choice given at address {addr}", elem)
+        return  # every element is present
+
+
 class Invocation:
     """``gen_fn(*args)``: a call waiting for an address, used inside ``@gen`` bodies as
     ``gen_fn(*args) @ "addr"``."""
@@ -98,11 +115,9 @@ class GenerativeFunction:
 
         Math: weight = log p(t; x) where t are the given choices (all must be present).
         """
-        tr, weight = self.generate(args, choices)
-        for addr, _ in tr.choices.items(stacked=True):
-            if not as_choicemap(choices).get_submap(
-                    tuple(k for k in addr if not isinstance(k, slice))).is_value():
-                raise MissingChoiceError("assess: no choice given at address {addr}", addr)
+        given = as_choicemap(choices)
+        tr, weight = self.generate(args, given)
+        _check_all_given(tr.choices, given)
         return weight, tr.retval
 
     def generate(self, args: tuple[Any, ...],

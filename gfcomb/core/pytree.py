@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 import torch
 from torch.utils import _pytree as pytree
 
@@ -42,6 +43,78 @@ def _unflatten_fields(children: Sequence[Any], ctx: Any) -> list[Any]:
     return pytree.tree_unflatten(leaves, spec)
 
 
+class _Uncompared:
+    """A static record field kept in a pytree context but left out of TreeSpec equality
+    (an attrs field declared ``eq=False``, e.g. a @gen trace's argument-source bookkeeping):
+    two traces that differ only there have the same structure."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Uncompared)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "<uncompared>"
+
+
+#: The value of an uncompared field after records that disagree on it were combined into one
+#: (stacked, scattered, merged): unflatten gives the field ``None`` ("unknown") then.
+_CONFLICT = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # e.g. tensors inside: cannot vouch for equality
+        return False
+
+
+def _reconcile(spec: Any, others: Sequence[Any]) -> Any:
+    """``spec`` with every uncompared field on which the specs ``others`` (of equal structure)
+    disagree replaced by a conflict marker.
+
+    Bookkeeping such as a @gen trace's argument sources is exact for the record it was made
+    for; a record built from several (tree_stack / tree_scatter / tree_where) must not claim
+    the bookkeeping of one of them for all of them.
+    """
+    if not others:
+        return spec
+    ctx = spec.context
+    new_ctx = ctx
+    if (isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], tuple)
+            and any(isinstance(v, _Uncompared) for v in ctx[1])):
+        statics = list(ctx[1])
+        changed = False
+        for k, v in enumerate(statics):
+            if not isinstance(v, _Uncompared) or v.value is _CONFLICT:
+                continue
+            for o in others:
+                ov = o.context[1][k]
+                if not isinstance(ov, _Uncompared) or not _same(ov.value, v.value):
+                    statics[k] = _Uncompared(_CONFLICT)
+                    changed = True
+                    break
+        if changed:
+            new_ctx = (ctx[0], tuple(statics))
+    children = list(spec.children())
+    if not children and new_ctx is ctx:
+        return spec
+    other_children = [list(o.children()) for o in others]
+    new_children = [_reconcile(c, [oc[j] for oc in other_children])
+                    for j, c in enumerate(children)]
+    if new_ctx is ctx and all(n is c for n, c in zip(new_children, children)):
+        return spec
+    return pytree.TreeSpec(spec.type, new_ctx, new_children)
+
+
+
+
 def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str]) -> type[T]:
     """Register an attrs record class as a pytree node.
 
@@ -51,17 +124,22 @@ def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str])
     """
     dynamic = tuple(dynamic)
     static = tuple(static)
+    # static fields declared eq=False (bookkeeping) take no part in TreeSpec equality either
+    loose = {f.name for f in attrs.fields(cls) if not f.eq} if attrs.has(cls) else set()
+    boxed = tuple(f in loose for f in static)
 
     def flatten(rec: Any) -> tuple[list[Any], Any]:
         values = [getattr(rec, f) for f in dynamic]
         children, ctx = _flatten_fields(values, getattr(rec, _LAYOUT))
-        return children, (ctx, tuple(getattr(rec, f) for f in static))
+        return children, (ctx, tuple(_Uncompared(getattr(rec, f)) if b else getattr(rec, f)
+                                     for f, b in zip(static, boxed)))
 
     def unflatten(children: Any, context: Any) -> Any:
         ctx, static_values = context
         values = _unflatten_fields(list(children), ctx)
         kwargs = dict(zip(dynamic, values))
-        kwargs.update(zip(static, static_values))
+        kwargs.update((f, (None if v.value is _CONFLICT else v.value) if b else v)
+                      for f, v, b in zip(static, static_values, boxed))
         rec = cls.__new__(cls)
         for name, value in kwargs.items():
             object.__setattr__(rec, name, value)
@@ -82,13 +160,17 @@ def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
 
 
 def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b: Any) -> Any:
-    """Apply ``fn`` leafwise to two trees of the same structure (tensor leaves only)."""
+    """Apply ``fn`` leafwise to two trees of the same structure (tensor leaves only).
+
+    The result has ``a``'s structure; uncompared bookkeeping fields on which ``a`` and ``b``
+    disagree become unknown (``None``).
+    """
     la, spec = pytree.tree_flatten(a)
-    lb = pytree.tree_leaves(b)
+    lb, spec_b = pytree.tree_flatten(b)
     if len(la) != len(lb):
         raise ValueError("trees have different structures")
     out = [fn(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(la, lb)]
-    return pytree.tree_unflatten(out, spec)
+    return pytree.tree_unflatten(out, _reconcile(spec, [spec_b]))
 
 
 def tree_index(tree: Any, index: Any, dim: int = 0) -> Any:
@@ -117,16 +199,21 @@ def tree_where(mask: torch.Tensor, a: Any, b: Any) -> Any:
 
 
 def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
-    """Stack a list of trees of identical structure leafwise."""
+    """Stack a list of trees of identical structure leafwise.
+
+    Static parts come from ``trees[0]``; uncompared bookkeeping fields on which the trees
+    disagree become unknown (``None``).
+    """
     leaves0, spec = pytree.tree_flatten(trees[0])
-    columns = [pytree.tree_leaves(t) for t in trees]
+    flat = [pytree.tree_flatten(t) for t in trees[1:]]
+    columns = [leaves0] + [leaves for leaves, _ in flat]
     out = []
     for j, leaf in enumerate(leaves0):
         if isinstance(leaf, torch.Tensor):
             out.append(torch.stack([c[j] for c in columns], dim))
         else:
             out.append(leaf)
-    return pytree.tree_unflatten(out, spec)
+    return pytree.tree_unflatten(out, _reconcile(spec, [s for _, s in flat]))
 
 
 def tree_tensors(tree: Any) -> list[torch.Tensor]:

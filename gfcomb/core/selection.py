@@ -349,7 +349,8 @@ def selectall() -> Selection:
 _OTHER = object()  # a key no selection mentions explicitly
 
 
-def element_selections(selection: Selection, keys: Sequence[int]) -> tuple[Selection, dict[int, Selection]]:
+def element_selections(selection: Selection,
+                       keys: Sequence[int]) -> tuple[Selection, dict[int, Selection]]:
     """Split a selection over vector elements: (the selection shared by most elements,
     {key: its own selection} for the elements the selection names explicitly)."""
     default = selection.get_subselection(_OTHER)
@@ -364,26 +365,32 @@ def element_selections(selection: Selection, keys: Sequence[int]) -> tuple[Selec
 
 
 def _flag_at(sel: Selection, path: Iterable[Any]) -> Flag:
-    """Whether the value at ``path`` is selected: true if any prefix (or the path) is."""
-    flag: Flag = sel.leaf_flag()
+    """Whether the value at ``path`` is selected: the leaf flag of the sub-selection there.
+
+    (A selected prefix selects everything beneath it because its sub-selections are
+    ``selectall()``; a prefix's own leaf flag says nothing about the addresses beneath it:
+    ``~select(("y", "a"))`` has leaf flag True at ``("y",)`` yet does not select ``("y", "a")``.)
+    """
     s = sel
     for k in path:
-        if flag is True:
+        if s.is_all_static():
             return True
-        s = s.get_subselection(k)
         if s.is_empty_static():
-            return flag
-        flag = _or(flag, s.leaf_flag())
-    return flag
+            return False
+        s = s.get_subselection(k)
+    return s.leaf_flag()
 
 
 def selection_flags_for_vector(selection: Selection, keys: Sequence[int],
-                               inner: ChoiceMap) -> Selection:
+                               inner: ChoiceMap, axis: int = 0) -> Selection:
     """The selection to apply to a *stacked* sub-map ``inner`` whose elements have ``keys``.
 
     If every element is selected the same way, that shared selection is returned (no
     tensors).  Otherwise a :class:`MaskSelection` mirrors ``inner``: for each inner address a
     boolean tensor with one flag per element (broadcast over nested element axes).
+    ``axis`` is the element axis of ``inner``'s leaves (> 0 when the stacked map carries
+    outer batch dimensions in front, e.g. one returned by ``vmap``); the flags then get the
+    same leading dimensions.
     """
     n = len(keys)
     if isinstance(selection, MaskSelection):
@@ -392,27 +399,52 @@ def selection_flags_for_vector(selection: Selection, keys: Sequence[int],
             return MaskSelection(flags.stacked_inner)
         if flags.is_value():
             f = flags.get_value()
-            return MaskSelection(ChoiceMap.value(f.unsqueeze(0).expand((n,) + f.shape)))
+            ax = min(axis, f.dim())
+            return MaskSelection(ChoiceMap.value(
+                f.unsqueeze(ax).expand(f.shape[:ax] + (n,) + f.shape[ax:])))
     default, special = element_selections(selection, keys)
     if not special:
         return default
-    pos = {k: j for j, k in enumerate(keys)}
+    flags = _stacked_flags(default, special, keys, inner)
+    if axis > 0:  # outer batch dimensions in front of the element axis
+        first = next(x for x in pytree.tree_leaves(inner) if isinstance(x, torch.Tensor))
+        lead = first.shape[:axis]
+        flags = pytree.tree_map(
+            lambda t: t.reshape((1,) * axis + t.shape).expand(lead + t.shape), flags)
+    return MaskSelection(flags)
 
-    def flags_like(cm: ChoiceMap, path: tuple[Any, ...], depth: int) -> ChoiceMap:
-        if cm.is_value():
-            flags = [_flag_at(default, path)] * n
-            for k, sub in special.items():
-                flags[pos[k]] = _flag_at(sub, path)
-            value = cm.get_value()
-            t = torch.tensor([f if isinstance(f, bool) else bool(f.all()) for f in flags],
-                             device=value.device)
-            lead = value.shape[: 1 + depth]
-            t = t.reshape((n,) + (1,) * depth).expand(lead)
-            return ChoiceMap.value(t)
-        if cm.is_stacked():
-            return ChoiceMap.stacked(flags_like(cm.stacked_inner, path, depth + 1),
-                                     cm.stacked_length, cm.stacked_indices)
-        return ChoiceMap.node({k: flags_like(cm.get_submap(k), path + (k,), depth)
-                               for k in cm.keys()})
 
-    return MaskSelection(flags_like(inner, (), 0))
+def _element_flags(sel: Selection, cm: ChoiceMap) -> ChoiceMap:
+    """Flags for ONE element selected by ``sel``, mirroring its choices ``cm`` (leading
+    dimensions of ``cm``'s leaves are ignored).  A leaf's flag has one axis per stacked map
+    above it inside ``cm`` (nested vector elements), so ``select((2, "inner", 0, "y"))``
+    reaches inner element 0 of outer element 2."""
+    if cm.is_value():
+        f = sel.leaf_flag()
+        flag = f if isinstance(f, bool) else bool(f.all())
+        return ChoiceMap.value(torch.tensor(flag, device=cm.get_value().device))
+    if cm.is_stacked():
+        keys = cm.stacked_indices
+        default, special = element_selections(sel, keys)
+        return ChoiceMap.stacked(_stacked_flags(default, special, keys, cm.stacked_inner),
+                                 cm.stacked_length, cm.stacked_indices)
+    return ChoiceMap.node({k: _element_flags(sel.get_subselection(k), cm.get_submap(k))
+                           for k in cm.keys()})
+
+
+def _stacked_flags(default: Selection, special: Mapping[int, Selection], keys: Sequence[int],
+                   inner: ChoiceMap) -> ChoiceMap:
+    """Flags for every element of a stacked map (element keys ``keys``, stacked sub-map
+    ``inner``): each leaf gets a leading element axis; elements named in ``special`` get their
+    own flags, the others ``default``'s.  Python work is per special element, not per element."""
+    n = len(keys)
+    base = _element_flags(default, inner)
+    leaves, spec = pytree.tree_flatten(base)
+    out = [x.unsqueeze(0).expand((n,) + x.shape) for x in leaves]
+    if special:
+        out = [x.clone() for x in out]
+        pos = {k: j for j, k in enumerate(keys)}
+        for k, sub in special.items():
+            for x, row in zip(out, pytree.tree_leaves(_element_flags(sub, inner))):
+                x[pos[k]] = row
+    return pytree.tree_unflatten(out, spec)

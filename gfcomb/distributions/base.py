@@ -25,9 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 import attrs
+import torch
 
 from gfcomb.core.address import normalize
 from gfcomb.core.batching import inside_functorch_transform
@@ -197,6 +196,30 @@ class Distribution(DistributionMethods, GenerativeFunction):
         if _validation["enabled"] and not inside_functorch_transform():
             self.check_args(*args)
 
+    def _given(self, cm: ChoiceMap) -> torch.Tensor:
+        """The value held by a constraint map; integer/bool values given for a continuous
+        distribution (``{"x": 1}``) become floats, so the choice stays differentiable."""
+        v = cm.get_value()
+        if (not self.discrete and isinstance(v, torch.Tensor) and not v.is_floating_point()
+                and not v.is_complex()):
+            v = v.to(torch.get_default_dtype())
+        return v
+
+    def _score_given(self, value: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+        """The score of a *given* value: outside vmap, a value whose shape does not fit the
+        parameters is a DistributionArgumentError naming the shapes (not torch's bare
+        broadcasting error)."""
+        try:
+            return self._score(value, args)
+        except RuntimeError as err:
+            if inside_functorch_transform():
+                raise
+            shapes = ", ".join(f"{n}: {tuple(as_tensor(p).shape)}"
+                               for n, p in zip(self.param_names, args))
+            raise DistributionArgumentError(
+                f"{self.name}: the given value of shape {tuple(value.shape)} does not fit the "
+                f"parameters ({shapes}): {str(err).splitlines()[0]}") from None
+
     def _sample(self, args: tuple[Any, ...]) -> torch.Tensor:
         if self.reparameterized:
             return self.sample(*args)
@@ -226,15 +249,17 @@ class Distribution(DistributionMethods, GenerativeFunction):
             tr = self.simulate(args)
             return tr, torch.zeros_like(tr.score)
         self._validate(args)
-        cv = cm.get_value()
+        cv = self._given(cm)
         mask = cm.mask
         if mask is None:
-            score = self._score(cv, args)
+            score = self._score_given(cv, args)
             return ChoiceTrace(self, args, cv, score), score
         sampled = self._sample(args)
         value = torch.where(_expand_mask(mask, sampled), cv.to(sampled.dtype), sampled)
         score = self._score(value, args)
-        return ChoiceTrace(self, args, value, score), torch.where(mask, score, 0.0 * score)
+        # zeros_like, not 0 * score: a -inf score must give weight 0 where unconstrained
+        return ChoiceTrace(self, args, value, score), torch.where(mask, score,
+                                                                  torch.zeros_like(score))
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Score a given value.
@@ -248,8 +273,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
                 raise MissingChoiceError("assess: no choice given at address {addr}", ())
             _value_constraint(self, cm, "assess")
         self._validate(args)
-        value = cm.get_value()
-        return self._score(value, args), value
+        value = self._given(cm)
+        return self._score_given(value, args), value
 
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                constraints: ChoiceMap | None = None,
@@ -270,14 +295,14 @@ class Distribution(DistributionMethods, GenerativeFunction):
             return (ChoiceTrace(self, args, trace.value, score), score - trace.score,
                     NoChange(), ChoiceMap.empty())
         self._validate(args)
-        cv = cm.get_value()
+        cv = self._given(cm)
         mask = cm.mask
         old = trace.value
         if mask is None:
             value = cv
         else:
             value = torch.where(_expand_mask(mask, old), cv.to(old.dtype), old)
-        score = self._score(value, args)
+        score = self._score_given(value, args)
         discard = ChoiceMap.value(old, mask)
         return ChoiceTrace(self, args, value, score), score - trace.score, UnknownChange(), discard
 
@@ -302,7 +327,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         sampled = self._sample(args)
         value = torch.where(_expand_mask(flag, sampled), sampled, trace.value)
         score = self._score(value, args)
-        weight = torch.where(flag, 0.0 * score, score - trace.score)
+        weight = torch.where(flag, torch.zeros_like(score), score - trace.score)
         return ChoiceTrace(self, args, value, score), weight, UnknownChange()
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
@@ -312,7 +337,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
             return trace.score
         if flag is False:
             return torch.zeros_like(trace.score)
-        return torch.where(flag, trace.score, 0.0 * trace.score)
+        return torch.where(flag, trace.score, torch.zeros_like(trace.score))
 
     def logpdf_of(self, value: Any, *args: Any) -> torch.Tensor:
         """The summed log density of ``value`` (a convenience outside the GFI)."""

@@ -76,7 +76,8 @@ class GenTrace(Trace):
     retval: Any
     score: torch.Tensor
     subtraces: dict[Address, Trace]
-    sources: dict[Address, tuple[Source | None, ...]] = attrs.field(eq=False, repr=False)
+    # None when unknown (a trace combined from traces with different bookkeeping)
+    sources: dict[Address, tuple[Source | None, ...]] | None = attrs.field(eq=False, repr=False)
     ret_source: Source | None = attrs.field(eq=False, repr=False)
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _choices: Any = attrs.field(default=None, eq=False, repr=False)
@@ -107,7 +108,10 @@ class GenTrace(Trace):
                 continue
             sub = self.subtraces.get(prefix)
             if sub is not None:
-                return sub[path[i:]]
+                try:
+                    return sub[path[i:]]
+                except AddressError as err:  # name the full address, not the callee's part
+                    raise err.prefixed(prefix) from None
         return self.choices[path]
 
 
@@ -201,7 +205,7 @@ class GenFunction(GenerativeFunction):
         are computed (argdiffs.py): unchanged callees do no work.  discard = overwritten
         values and the choices of removed calls.
         """
-        assert isinstance(trace, GenTrace) and trace.gen_fn is self, "trace of another function"
+        _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
         cm = as_choicemap(constraints)
@@ -226,7 +230,7 @@ class GenFunction(GenerativeFunction):
         (log p' − log p); selected, new and removed choices contribute 0, so the weight is
         the MH log acceptance ratio for the prior proposal.
         """
-        assert isinstance(trace, GenTrace) and trace.gen_fn is self, "trace of another function"
+        _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
@@ -239,7 +243,7 @@ class GenFunction(GenerativeFunction):
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
-        assert isinstance(trace, GenTrace)
+        _check_own_trace(self, trace)
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
@@ -286,6 +290,13 @@ class GenFunction(GenerativeFunction):
 
 
 _IN_PROGRESS: set[int] = set()
+
+
+def _check_own_trace(gen_fn: GenFunction, trace: Any) -> None:
+    if not isinstance(trace, GenTrace) or not (trace.gen_fn is gen_fn
+                                                or trace.gen_fn == gen_fn):
+        raise ArgumentError(f"{gen_fn!r} was given a trace of another generative function: "
+                            f"{getattr(trace, 'gen_fn', trace)!r}")
 
 
 def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:

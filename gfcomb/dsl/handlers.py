@@ -14,7 +14,12 @@ import torch
 
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange
-from gfcomb.core.errors import AddressError, DuplicateAddressError, UnvisitedConstraintError
+from gfcomb.core.errors import (
+    AddressError,
+    DistributionArgumentError,
+    DuplicateAddressError,
+    UnvisitedConstraintError,
+)
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -45,11 +50,12 @@ class Handler:
         if not isinstance(gen_fn, GenerativeFunction):
             raise TypeError(f"only generative functions can be traced at an address; "
                             f"got {gen_fn!r} at {addr!r}")
+        _check_address(addr)
         self._claim(addr)
         self.owner._note_callee(gen_fn)
         try:
             retval = self.call(addr, gen_fn, args)
-        except AddressError as err:
+        except (AddressError, DistributionArgumentError) as err:
             raise err.prefixed(addr) from None
         return retval
 
@@ -117,6 +123,17 @@ def _same_function(a: GenerativeFunction, b: GenerativeFunction) -> bool:
     return a is b or a == b
 
 
+def _check_address(addr: Address) -> None:
+    """A traced call needs a non-empty address of str/int keys (checked when it is made,
+    so the error names the call rather than surfacing later when choices are read)."""
+    if not addr:
+        raise AddressError("a traced call needs a non-empty address, got {addr}", ())
+    for k in addr:
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+            raise TypeError(f"address {addr!r}: components must be str or int, got {k!r} "
+                            f"({type(k).__name__})")
+
+
 class SimulateHandler(Handler):
     """simulate: every call is simulated."""
 
@@ -172,8 +189,11 @@ class _IncrementalHandler(Handler):
         super().__init__(owner, args, argdiffs)
         self.old = trace
 
-    def _callee_argdiffs(self, addr: Address, old: Trace, args: tuple[Any, ...]) -> tuple[Diff, ...]:
-        return self.tracker.callee_argdiffs(args, old.args, self.old.sources.get(addr))
+    def _callee_argdiffs(self, addr: Address, old: Trace,
+                         args: tuple[Any, ...]) -> tuple[Diff, ...]:
+        sources = self.old.sources  # None: unknown (a trace combined from several)
+        return self.tracker.callee_argdiffs(args, old.args,
+                                            sources.get(addr) if sources is not None else None)
 
     def removed(self) -> list[tuple[Address, Trace]]:
         """Old calls that the new execution did not make."""
@@ -196,7 +216,10 @@ class UpdateHandler(_IncrementalHandler):
             if old is not None:  # a different function at the same address: a new call
                 self.discards[addr] = old.choices
                 self.weight = self.weight - old.score
-            tr, w = gen_fn.generate(args, sub) if not sub.is_empty() else (gen_fn.simulate(args), 0.0)
+            if sub.is_empty():
+                tr, w = gen_fn.simulate(args), 0.0
+            else:
+                tr, w = gen_fn.generate(args, sub)
             self.weight = self.weight + w
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
