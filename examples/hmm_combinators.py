@@ -23,7 +23,7 @@ import os
 import torch
 
 import gfcomb as gf
-from gfcomb.combinators.unfold import Unfold
+from gfcomb import Unfold
 
 
 @gf.gen

@@ -7,6 +7,16 @@
 ...     return gf.normal(slope * x, 1.0) @ "y"
 """
 
+from gfcomb.combinators import (
+    Map,
+    Production,
+    Recurse,
+    RecurseTrace,
+    Switch,
+    SwitchTrace,
+    Unfold,
+    VectorTrace,
+)
 from gfcomb.core import (
     AddressError,
     ArgumentError,
@@ -43,5 +53,6 @@ __all__ = [
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
-    "select", "selectall", "splice", *_dist_all,
+    "select", "selectall", "splice", "Map", "Unfold", "Switch", "Recurse", "Production",
+    "RecurseTrace", "SwitchTrace", "VectorTrace", *_dist_all,
 ]
