@@ -11,7 +11,7 @@ Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from gfcomb.combinators.vector import (
     VectorTrace,
     batched_call,
     changed_elements,
+    concat_elements,
     constrained_elements,
     index_tensor,
     mapped_length,
@@ -30,17 +31,12 @@ from gfcomb.combinators.vector import (
 )
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
+from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import tree_index, tree_scatter
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
-
-
-def _cat(a: Any, b: Any) -> Any:
-    from gfcomb.core.pytree import tree_map2_tensors
-
-    return tree_map2_tensors(lambda x, y: torch.cat([x, y.to(x.dtype)], 0), a, b)
 
 
 class Map(GenerativeFunction):
@@ -75,8 +71,20 @@ class Map(GenerativeFunction):
     def _dims(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return normalize_in_dims(self.in_dims, len(args), "Map")
 
-    def _run(self, fn: Any, in_dims: tuple[Any, ...], n: int) -> Any:
-        return batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=repr(self))
+    def _run(self, fn: Any, in_dims: tuple[Any, ...], n: int, keys: Sequence[int] | None = None,
+             cm: ChoiceMap | None = None) -> Any:
+        """``fn`` batched over ``n`` elements (keys ``keys``, default 0..n-1).  An address
+        error raised by the kernel gets the key of the element it concerns in front (the
+        first one whose constraints ``cm`` hold that address, else the first element)."""
+        call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=repr(self))
+
+        def run(*args: Any) -> Any:
+            try:
+                return call(*args)
+            except AddressError as err:
+                raise _at_element(err, range(n) if keys is None else keys, cm) from None
+
+        return run
 
     def _trace(self, args: tuple[Any, ...], inner: Trace, n: int) -> VectorTrace:
         return VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n)
@@ -85,10 +93,10 @@ class Map(GenerativeFunction):
         return self._run(lambda *a: self.kernel.simulate(a), dims, n)(*args)
 
     def _generate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int,
-                        cm: ChoiceMap, keys: list[int]) -> tuple[Trace, torch.Tensor]:
+                        cm: ChoiceMap, keys: Sequence[int]) -> tuple[Trace, torch.Tensor]:
         """Generate elements ``keys`` (0..n-1 of ``args``) with constraints ``cm``."""
         stacked = stack_constraints(cm, keys)
-        return self._run(lambda c, *a: self.kernel.generate(a, c), (0,) + dims, n)(
+        return self._run(lambda c, *a: self.kernel.generate(a, c), (0,) + dims, n, keys, cm)(
             stacked, *args)
 
     # ------------------------------------------------------------------ the GFI
@@ -110,7 +118,7 @@ class Map(GenerativeFunction):
         if cm.is_empty():
             tr = self.simulate(args)
             return tr, torch.zeros_like(tr.score)
-        inner, w = self._generate_inner(args, dims, n, cm, list(range(n)))
+        inner, w = self._generate_inner(args, dims, n, cm, range(n))
         return self._trace(args, inner, n), w.sum(0)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
@@ -120,11 +128,14 @@ class Map(GenerativeFunction):
         n = mapped_length(args, dims, repr(self))
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
-        keys = list(range(n))
+        if n == 0:  # no elements, no choices: log p = 0
+            tr = self.simulate(args)
+            return tr.score, tr.retval
+        keys = range(n)
         stacked = stack_constraints(cm, keys)
         require_dense(stacked, keys, "assess")
-        w, retval = self._run(lambda c, *a: self.kernel.assess(a, c), (0,) + dims, n)(
-            stacked, *args)
+        w, retval = self._run(lambda c, *a: self.kernel.assess(a, c), (0,) + dims, n, keys,
+                              cm)(stacked, *args)
         return w.sum(0), retval
 
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -145,33 +156,34 @@ class Map(GenerativeFunction):
         ckeys = constrained_elements(cm, n_new, "update")
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
-        revisit = sorted((changed | {k for k in ckeys if k < keep}) & set(range(keep)))
+        revisit = _revisit(all_changed, changed, ckeys, keep)
         if not revisit and n_new == n_old:
             return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
         inner = trace.inner
         weight = torch.zeros_like(trace.score)
         discard = ChoiceMap.empty()
         if n_new < n_old:  # shrink: drop the tail
-            tail = index_tensor(range(n_new, n_old), trace.score)
-            removed = tree_index(inner, tail)
+            removed = tree_index(inner, slice(n_new, n_old))
             weight = weight - removed.score.sum(0)
             discard = ChoiceMap.stacked(removed.choices, n_old - n_new,
                                         tuple(range(n_new, n_old)))
-            inner = tree_index(inner, torch.arange(n_new, device=tail.device))
+            inner = tree_index(inner, slice(0, n_new))
         if revisit:
+            whole = len(revisit) == keep  # every kept element: no gather / scatter
             idx = index_tensor(revisit, trace.score)
-            old_sub = tree_index(inner, idx)
-            sub_args = select_elements(args, dims, idx)
+            old_sub = inner if whole else tree_index(inner, idx)
+            sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
             sub_cm = stack_constraints(cm, revisit)
             new_sub, w, _, d = self._run(
                 lambda tr, c, *a: self.kernel.update(tr, a, el_diffs, c),
-                (0, 0) + dims, len(revisit))(old_sub, sub_cm, *sub_args)
+                (0, 0) + dims, len(revisit), revisit, cm)(old_sub, sub_cm, *sub_args)
             weight = weight + w.sum(0)
-            inner = tree_scatter(inner, idx, new_sub)
+            inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
-                discard = discard.merge(ChoiceMap.stacked(d, len(revisit), tuple(revisit)))
+                discard = discard.merge(ChoiceMap.stacked(
+                    d, len(revisit), None if whole else tuple(revisit)))
         if n_new > n_old:  # grow: generate the new elements
             new_keys = list(range(n_old, n_new))
             idx = index_tensor(new_keys, trace.score)
@@ -180,13 +192,16 @@ class Map(GenerativeFunction):
             if sub_cm.is_empty():
                 grown = self._simulate_inner(sub_args, dims, len(new_keys))
             else:
-                grown, w = self._generate_inner(sub_args, dims, len(new_keys), sub_cm,
-                                                list(range(len(new_keys))))
+                try:
+                    grown, w = self._generate_inner(sub_args, dims, len(new_keys), sub_cm,
+                                                    range(len(new_keys)))
+                except AddressError as err:  # named at the new element's own key
+                    k, rest = err.address[0], err.address[1:]
+                    raise type(err)(err.what, (new_keys[k],) + tuple(rest)) from None
                 weight = weight + w.sum(0)
-            inner = _cat(inner, grown) if n_old > 0 else grown
+            inner = concat_elements(inner, grown) if n_old > 0 else grown
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
-        retdiff = VectorDiff(n_new, n_old, revisit) if not all_changed else UnknownChange()
-        return new_trace, weight, retdiff, discard
+        return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old), discard
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[VectorTrace, torch.Tensor, Diff]:
@@ -204,38 +219,40 @@ class Map(GenerativeFunction):
         keep = min(n_old, n_new)
         default, special = element_selections(selection, range(keep))
         if not default.is_empty_static() or isinstance(selection, MaskSelection):
-            revisit = list(range(keep))
+            revisit: Sequence[int] = range(keep)
         else:
-            revisit = sorted((changed | {k for k, s in special.items()
-                                         if not s.is_empty_static()}) & set(range(keep)))
+            revisit = _revisit(all_changed, changed, [k for k, s in special.items()
+                                                      if not s.is_empty_static()], keep)
         if not revisit and n_new == n_old:
             return trace, torch.zeros_like(trace.score), NoChange()
         inner = trace.inner
         weight = torch.zeros_like(trace.score)
         if n_new < n_old:
-            inner = tree_index(inner, torch.arange(n_new, device=trace.score.device))
+            inner = tree_index(inner, slice(0, n_new))
         if revisit:
+            whole = len(revisit) == keep
             idx = index_tensor(revisit, trace.score)
-            old_sub = tree_index(inner, idx)
-            sub_args = select_elements(args, dims, idx)
+            old_sub = inner if whole else tree_index(inner, idx)
+            sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
             sel = element_flags(selection, revisit, old_sub.choices)
             if isinstance(sel, MaskSelection):
                 fn = lambda tr, s, *a: self.kernel.regenerate(tr, a, el_diffs, s)  # noqa: E731
-                new_sub, w, _ = self._run(fn, (0, 0) + dims, len(revisit))(old_sub, sel, *sub_args)
+                new_sub, w, _ = self._run(fn, (0, 0) + dims, len(revisit), revisit)(
+                    old_sub, sel, *sub_args)
             else:
                 fn = lambda tr, *a: self.kernel.regenerate(tr, a, el_diffs, sel)  # noqa: E731
-                new_sub, w, _ = self._run(fn, (0,) + dims, len(revisit))(old_sub, *sub_args)
+                new_sub, w, _ = self._run(fn, (0,) + dims, len(revisit), revisit)(
+                    old_sub, *sub_args)
             weight = weight + w.sum(0)
-            inner = tree_scatter(inner, idx, new_sub)
+            inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
         if n_new > n_old:
             idx = index_tensor(range(n_old, n_new), trace.score)
             grown = self._simulate_inner(select_elements(args, dims, idx), dims, n_new - n_old)
-            inner = _cat(inner, grown) if n_old > 0 else grown
+            inner = concat_elements(inner, grown) if n_old > 0 else grown
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
-        retdiff = VectorDiff(n_new, n_old, revisit) if not all_changed else UnknownChange()
-        return new_trace, weight, retdiff
+        return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old)
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ_i kernel project(t_i, S[i])."""
@@ -244,7 +261,7 @@ class Map(GenerativeFunction):
             return trace.score
         if selection.is_empty_static() or trace.length == 0:
             return torch.zeros_like(trace.score)
-        keys = list(range(trace.length))
+        keys = range(trace.length)
         sel = element_flags(selection, keys, trace.inner.choices)
         if isinstance(sel, MaskSelection):
             w = self._run(lambda tr, s: self.kernel.project(tr, s), (0, 0), trace.length)(
@@ -257,6 +274,39 @@ class Map(GenerativeFunction):
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
         return self.kernel.parameters()
+
+
+def _at_element(err: AddressError, keys: Sequence[int], cm: ChoiceMap | None) -> AddressError:
+    """``err`` (raised by the kernel of the batch of elements ``keys``) with the element's key
+    in front: the first element whose constraints hold the address, else the first element."""
+    key = keys[0] if len(keys) else 0
+    if cm is not None and not cm.is_empty():
+        batch = set(keys)
+        for k in sorted(k for k in cm.keys() if k in batch):
+            if not cm.get_submap((k,) + tuple(err.address)).is_empty():
+                key = k
+                break
+    return err.prefixed((key,))
+
+
+def _revisit(all_changed: bool, changed: set[int], extra: Sequence[int],
+             keep: int) -> Sequence[int]:
+    """The sorted element indices below ``keep`` that an update must revisit: the changed
+    ones and ``extra`` (constrained or selected).  ``range(keep)`` when that is all of them
+    (no per-element Python work for a dense stacked constraint or a shared-argument change)."""
+    if all_changed:
+        return range(keep)
+    if isinstance(extra, range) and extra.start == 0 and extra.step == 1 and (
+            not changed or max(changed) < extra.stop):
+        return range(min(extra.stop, keep))
+    return sorted(k for k in changed.union(extra) if k < keep)
+
+
+def _retdiff(all_changed: bool, revisit: Sequence[int], n_new: int, n_old: int) -> Diff:
+    """The return-value diff: which stacked return values may have changed."""
+    if all_changed or (n_old > 0 and len(revisit) == min(n_new, n_old)):
+        return UnknownChange()  # every element may have changed: no index set to build
+    return VectorDiff(n_new, n_old, revisit)
 
 
 def _shift_keys(cm: ChoiceMap, keys: list[int]) -> ChoiceMap:

@@ -14,7 +14,12 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
-from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError, VmapError
+from gfcomb.core.errors import (
+    ArgumentError,
+    MissingChoiceError,
+    UnvisitedConstraintError,
+    VmapError,
+)
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.trace import Trace
 
@@ -51,7 +56,7 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
     if vectorize:
         def run(*args: Any) -> Any:
             try:
-                return _flat_vmap(fn, in_dims, args)
+                return _flat_vmap(fn, in_dims, args, length)
             except VmapError:
                 raise
             except (RuntimeError, ValueError) as err:
@@ -74,17 +79,46 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
             outs.append(fn(*el))
         if not outs:
             raise ArgumentError(f"{who}: cannot run a kernel over zero elements")
+        spec0 = pytree.tree_structure(outs[0])
+        for i, out in enumerate(outs[1:], 1):
+            # tree_stack keeps element 0's static parts (addresses, Python numbers): elements
+            # of another structure would be stacked into a wrong record
+            if pytree.tree_structure(out) != spec0:
+                raise ArgumentError(
+                    f"{who} (vectorize=False): element {i} has a different structure from "
+                    "element 0 (other addresses, a Switch on another branch, or different "
+                    "non-tensor values such as Python-number arguments), so the elements "
+                    "cannot be stored stacked; pass tensors where values differ per element")
         return tree_stack(outs)
 
     return loop
 
 
-def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...]) -> Any:
-    """``torch.func.vmap(fn, in_dims, randomness="different")(*args)``, with the argument and
-    output pytrees flattened here, once, so that vmap sees flat tuples of tensors.
+def _functorch_primitives() -> tuple[Callable[..., Any], ...] | None:
+    """The primitives ``torch.func.vmap`` is made of (add/remove a batch dimension, enter/leave
+    a vmap level, load the batching decompositions), as torch's own vmap module imports them;
+    None if this torch version lays them out differently (then torch.func.vmap is used)."""
+    try:
+        from torch._functorch import vmap as fv
 
-    (torch broadcasts ``in_dims``/``out_dims`` over the pytrees by unflattening and
-    re-flattening them: for trace records that costs more than the kernel's own Python.)
+        return (fv._add_batch_dim, fv._remove_batch_dim, fv._vmap_increment_nesting,
+                fv._vmap_decrement_nesting, fv.lazy_load_decompositions)
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return None
+
+
+_PRIMITIVES = _functorch_primitives()
+
+
+def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
+               length: int) -> Any:
+    """``torch.func.vmap(fn, in_dims, randomness="different")(*args)`` over ``length``
+    elements, with the argument and output pytrees flattened here, once.
+
+    torch.func.vmap broadcasts ``in_dims``/``out_dims`` over the pytrees by unflattening and
+    re-flattening them, which for trace records costs more than the kernel's own Python; with
+    flat tensors in and out we enter the vmap level directly with the primitives vmap itself
+    is built from (same semantics: one level, ``randomness="different"``, out_dims 0).
     Non-tensor leaves are passed around vmap, unbatched.
     """
     flat: list[torch.Tensor] = []
@@ -113,7 +147,22 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...]) -
         out_parts.append((spec, is_t, [None if t else x for x, t in zip(leaves, is_t)]))
         return tuple(x for x, t in zip(leaves, is_t) if t)
 
-    outs = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness="different")(*flat)
+    if _PRIMITIVES is None:  # pragma: no cover - other torch versions
+        outs = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness="different")(*flat)
+        return _rebuild(out_parts[-1], iter(outs))
+    add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
+    for x, d in zip(flat, dims):
+        if d is not None and x.shape[d] != length:
+            raise ValueError(f"vmap: a mapped input has {x.shape[d]} elements along "
+                             f"dimension {d}, expected {length}")
+    load_decompositions()
+    level = enter(length, "different")
+    try:
+        batched = flat_fn(*[x if d is None else add_dim(x, d, level)
+                            for x, d in zip(flat, dims)])
+        outs = [remove_dim(y, level, length, 0) for y in batched]
+    finally:
+        leave()
     return _rebuild(out_parts[-1], iter(outs))
 
 
@@ -183,6 +232,8 @@ def select_elements(args: Sequence[Any], in_dims: InDims, idx: torch.Tensor) -> 
 def index_tensor(keys: Iterable[int], like: Any = None) -> torch.Tensor:
     """A long tensor of element indices (on the device of ``like`` if given)."""
     device = like.device if isinstance(like, torch.Tensor) else None
+    if isinstance(keys, range):
+        return torch.arange(keys.start, keys.stop, keys.step, dtype=torch.long, device=device)
     return torch.tensor(sorted(keys), dtype=torch.long, device=device)
 
 
@@ -212,6 +263,7 @@ def constrained_elements(cm: ChoiceMap, length: int, who: str) -> Sequence[int]:
 
 
 def _unvisited_element(cm: ChoiceMap, k: Any, length: int, who: str) -> None:
+    """Raise the UnvisitedConstraintError for element key ``k`` (naming its first address)."""
     first = next(iter(cm.get_submap(k).items(stacked=True)), ((), None))[0]
     raise UnvisitedConstraintError(
         f"{who}: constraint at address {{addr}} is never visited (elements are keyed "
