@@ -7,7 +7,8 @@ The model is a Gaussian AR(1) chain::
 Measured, in one process:
 
 1. Python overhead of one GFI call -- ``simulate``, ``generate`` (one observed choice) and
-   ``update`` (one changed choice, which rescores the nine others) -- in µs per call and per
+   ``update`` (x5 changed; x1..x9 are rescored since their means are recomputed in the body;
+   x0's constant arguments are NoChange) -- in µs per call and per
    choice, with distribution argument validation on and off (``gf.set_validation``), next to
    the same chain written as plain torch ops (no GFI) for scale.
 2. ``torch.func.vmap(lambda _: model.simulate(()), randomness="different")`` over N particles
@@ -37,8 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 
-import gfcomb as gf  # noqa: E402
 from _results import write_section  # noqa: E402
+
+import gfcomb as gf  # noqa: E402
 
 SECTION = "Core (issue 2)"
 N_CHOICES = 10
@@ -80,17 +82,21 @@ def chain_batched_torch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), lp
 
 
-def bench(fn: Callable[[], object], inner: int, repeats: int, warmup: int) -> float:
-    """Median over ``repeats`` of the mean seconds per call of ``fn`` over ``inner`` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
+def bench(*fns: Callable[[], object], inner: int, repeats: int, warmup: int) -> list[float]:
+    """For each of ``fns``: the median over ``repeats`` of the mean seconds per call over
+    ``inner`` calls.  The functions take turns within each repeat, so that a change in the
+    machine's load affects all of them alike (their ratio is what gets compared)."""
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            out.append((time.perf_counter() - t0) / inner)
+    return [statistics.median(out) for out in samples]
 
 
 def gfi_calls() -> dict[str, Callable[[], object]]:
@@ -106,24 +112,23 @@ def gfi_calls() -> dict[str, Callable[[], object]]:
     }
 
 
-def run(quick: bool) -> tuple[str, dict[str, float]]:
+def run(quick: bool) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     inner, repeats, warmup = (50, 3, 20) if quick else (1000, 7, 200)
     n_vmap = 10_000
     v_inner, v_repeats, v_warmup = (3, 3, 2) if quick else (20, 7, 5)
 
-    figures: dict[str, float] = {}
     rows = []
     for validation in (True, False):
         gf.set_validation(validation)
         try:
             for name, fn in gfi_calls().items():
-                t = bench(fn, inner, repeats, warmup) * 1e6
-                figures[f"{name} / validation {'on' if validation else 'off'}"] = t
-                rows.append((name, "on" if validation else "off", t, t / N_CHOICES))
+                (t,) = bench(fn, inner=inner, repeats=repeats, warmup=warmup)
+                rows.append((name, "on" if validation else "off", t * 1e6, t * 1e6 / N_CHOICES))
         finally:
             gf.set_validation(True)
-    t_plain = bench(chain_plain_torch, inner, repeats, warmup) * 1e6
-    figures["plain torch"] = t_plain
+    (t_plain,) = bench(chain_plain_torch, inner=inner, repeats=repeats, warmup=warmup)
+    t_plain *= 1e6
     rows.append(("plain torch ops, no GFI (reference)", "-", t_plain, t_plain / N_CHOICES))
 
     # vmap over simulate vs. hand-written batched torch, same process, same N.
@@ -131,22 +136,23 @@ def run(quick: bool) -> tuple[str, dict[str, float]]:
     vsim = torch.func.vmap(lambda _: chain.simulate(()), randomness="different")
     btr = vsim(batch)
     assert btr.score.shape == (n_vmap,) and btr["x3"].shape == (n_vmap,)
-    t_vmap = bench(lambda: vsim(batch), v_inner, v_repeats, v_warmup)
-    t_hand = bench(lambda: chain_batched_torch(n_vmap), v_inner, v_repeats, v_warmup)
+    t_vmap, t_hand = bench(lambda: vsim(batch), lambda: chain_batched_torch(n_vmap),
+                           inner=v_inner, repeats=v_repeats, warmup=v_warmup)
     ratio = t_vmap / t_hand
-    figures.update({"vmap simulate": t_vmap * 1e6, "hand batched": t_hand * 1e6,
-                    "vmap ratio": ratio})
 
+    flag = " --quick (smoke run, not real figures)" if quick else ""
+    dtype = str(torch.get_default_dtype()).replace("torch.", "")
     lines = [
-        f"Written by `benchmarks/bench_core.py`{' --quick (smoke run, not real figures)' if quick else ''}. "
+        f"Written by `benchmarks/bench_core.py`{flag}. "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}), dtype {str(torch.get_default_dtype()).replace('torch.', '')}.",
+        f"{torch.get_num_threads()}), dtype {dtype}.",
         "",
         f"Model: a {N_CHOICES}-choice Gaussian chain, x0 ~ N(0,1), x_i ~ N({RHO} x_(i-1), 1). "
-        "`generate` constrains the last choice; `update` changes x5 (all ten choices are "
-        "rescored). Median of "
-        f"{repeats} repeats of {inner} calls after {warmup} warm-up calls.",
+        "`generate` constrains the last choice; `update` changes x5 (x1..x9 are rescored, "
+        "their means being recomputed in the body). Median of "
+        f"{repeats} repeats of {inner} calls after {warmup} warm-up calls; "
+        f"1-min load average {load:.2f} at the start.",
         "",
         "| call | validation | µs / call | µs / choice |",
         "|---|---|---:|---:|",
@@ -155,7 +161,7 @@ def run(quick: bool) -> tuple[str, dict[str, float]]:
     lines += [
         "",
         f"Batched: N = {n_vmap:,} samples of the whole chain, median of {v_repeats} repeats "
-        f"of {v_inner} calls after {v_warmup} warm-up calls.",
+        f"of {v_inner} calls after {v_warmup} warm-up calls (the two take turns).",
         "",
         "| implementation | ms / call | ratio |",
         "|---|---:|---:|",
@@ -164,7 +170,7 @@ def run(quick: bool) -> tuple[str, dict[str, float]]:
         f"| hand-written batched torch (`torch.randn(N)`, log density accumulated) "
         f"| {t_hand * 1e3:.2f} | 1.00 |",
     ]
-    return "\n".join(lines), figures
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
-    table, _ = run(opts.quick)
+    table = run(opts.quick)
     print(f"## {SECTION}\n\n{table}")
     if not (opts.quick or opts.no_write):
         path = write_section(SECTION, table)
