@@ -9,8 +9,8 @@ is run under ``torch.func.vmap`` over P particles.  One filter step is
 1. ``vmap(unfold.update, in_dims=(0, None, None, None))(trace, (n + 1, init, a, b, s),
    (UnknownChange(), NoChange(), ...), {(n, "y"): y_n})`` -- extend by one step with the
    observation constrained, and
-2. ``tree_index(trace, ancestors)`` -- resampling: re-index the particle axis of the batched
-   trace with a random ancestor index.
+2. ``select_batch(compact_history(trace), ancestors)`` -- resampling: move the new step into
+   the shared history and re-index the particle axis with a random ancestor index.
 
 We time that step for traces of n = 10 and n = 1,000 steps and report both and their ratio
 (DESIGN §4 wants ≈ 1×: a step should cost the same at any n), with the time split into
@@ -40,7 +40,8 @@ from _results import write_section  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.combinators.unfold import Unfold  # noqa: E402
-from gfcomb.core.pytree import tree_index, tree_tensors  # noqa: E402
+from gfcomb.core.batched import compact_history, select_batch  # noqa: E402
+from gfcomb.core.pytree import tree_tensors  # noqa: E402
 
 SECTION = "Unfold extension (issue 3)"
 
@@ -61,8 +62,14 @@ def build(unfold: Unfold, n: int, P: int, params: tuple) -> gf.Trace:
 
 
 def trace_megabytes(tr: gf.Trace) -> float:
-    """Logical size of the trace's tensor leaves (expanded views counted in full)."""
-    return sum(x.numel() * x.element_size() for x in tree_tensors(tr)) / 2**20
+    """Logical size of the trace's tensor leaves plus its stored history blocks (expanded
+    views counted in full; blocks shared with other traces counted too)."""
+    tensors = list(tree_tensors(tr))
+    block = getattr(tr, "history", None)
+    while block is not None:
+        tensors += tree_tensors(block.steps) + [block.parent_rows]
+        block = block.parent
+    return sum(x.numel() * x.element_size() for x in tensors if x is not None) / 2**20
 
 
 def run_steps(unfold: Unfold, tr: gf.Trace, n: int, P: int, params: tuple, steps: int,
@@ -81,7 +88,7 @@ def run_steps(unfold: Unfold, tr: gf.Trace, n: int, P: int, params: tuple, steps
         t1 = time.perf_counter()
         anc = torch.multinomial(torch.softmax(w, 0), P, replacement=True)
         t2 = time.perf_counter()
-        tr = tree_index(tr, anc)
+        tr = select_batch(compact_history(tr), anc)
         t3 = time.perf_counter()
         if k >= warmup:
             upd.append((t1 - t0) * 1e3)
@@ -101,7 +108,7 @@ def profile_step(unfold: Unfold, tr: gf.Trace, n: int, P: int, params: tuple,
                               randomness="different")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         tr2, w, _, _ = vupdate(tr, (n + 1, init) + params, diffs, obs)
-        tree_index(tr2, torch.randint(0, P, (P,)))
+        select_batch(compact_history(tr2), torch.randint(0, P, (P,)))
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows)
     lines = ["| op | calls | self CPU ms | share |", "|---|---:|---:|---:|"]
@@ -137,8 +144,7 @@ def main() -> None:
         results[n] = dict(update=statistics.median(upd), resample=statistics.median(res),
                           total=statistics.median(tot), best=min(tot),
                           mb=trace_megabytes(tr_end),
-                          leaves=len(tree_tensors(tr_end)), build=build_s,
-                          per_step=sum(x.dim() >= 2 for x in tree_tensors(tr_end)))
+                          leaves=len(tree_tensors(tr_end)), build=build_s)
         print(f"n={n:5d}: update {results[n]['update']:9.2f} ms, resample "
               f"{results[n]['resample']:9.2f} ms, step {results[n]['total']:9.2f} ms, "
               f"trace {results[n]['mb']:8.1f} MiB in {results[n]['leaves']} leaves "
@@ -160,36 +166,33 @@ def main() -> None:
         r = results[n]
         table.append(f"| {n:,} | {r['update']:.2f} | {r['resample']:.2f} | {r['total']:.2f} "
                      f"| {r['best']:.2f} | {r['mb']:.0f} |")
-    body = f"""Written by `benchmarks/bench_unfold.py`. {env}. The machine was shared with other
-jobs, so single timings are noisy (medians and the fastest step shown).
+    body = f"""Written by `benchmarks/bench_unfold.py`. {env}. 1-min load average
+{os.getloadavg()[0]:.2f} at the end (other jobs on the machine make single timings noisy:
+medians and the fastest step shown).
 
 A particle-filter step on `Unfold(lg_kernel)` (x_t ~ N(a x_(t-1) + b, s), y_t ~ N(x_t, 1)),
 P = {P:,} particles under `torch.func.vmap`: extend the batched trace by one step with the
 observation y_n constrained (`vmap(unfold.update, in_dims=(0, None, None, None))`, argdiffs
-`(UnknownChange(), NoChange(), ...)`), then resample (`tree_index(trace, ancestors)` with a
-multinomial ancestor index).  Median of {steps} steps after {warmup} warm-up steps.
+`(UnknownChange(), NoChange(), ...)`), then resample
+(`select_batch(compact_history(trace), ancestors)` with a multinomial ancestor index).
+Median of {steps} steps after {warmup} warm-up steps.
 
 {chr(10).join(table)}
 
-**Ratio n = {large:,} / n = {small}: {ratio:.1f}x per step** (update alone {ratio_u:.1f}x);
-DESIGN §4's target is about 1x.
+**Ratio n = {large:,} / n = {small}: {ratio:.2f}x per step** (update alone {ratio_u:.2f}x);
+the target is at most 1.1x.
 
-The kernel work of the extension is O(1) in n (one kernel call per new step, checked by the
-tests), but both halves of the step copy the whole history: `update` appends the new step
-with `torch.cat` to each of the trace's {results[large]['per_step']} per-step tensor leaves
-(P x n each, out of {results[large]['leaves']} leaves), and resampling `index_select`s every leaf
-along the particle axis -- about {2 * results[large]['mb'] / 1024:.1f} GiB of fresh memory
-written per step at n = {large:,}, much of the wall time being page faults (system time)
-rather than the copies themselves.  (The per-step leaves are the stored kernel traces:
-choices, their scores and distribution arguments, the step's arguments -- the parameters
-a, b, s repeated for every step among them -- and its return value.)  One step at
-n = {large:,} (torch.profiler, self CPU time, top ops):
+How: the steps of a particle batch live in a shared chain of immutable history blocks
+(`gfcomb/combinators/history.py`).  `compact_history` closes the newly appended step into a
+block without copying it, and resampling re-indexes one row pointer per particle
+({results[large]['leaves']} small leaves in all: the score, the row pointers, the arguments)
+instead of the {results[large]['mb']:.0f} MiB of stored steps.  The extension reads the
+previous state with one gather through the row pointer.  Reading the whole history
+(`trace.choices`, the stacked states, an update that revisits old steps) gathers it along
+the ancestry, in O(steps), only when asked.  One step at n = {large:,} (torch.profiler,
+self CPU time, top ops):
 
 {prof_table}
-
-The cure is a history store that resampling does not copy (see the Unfold report / issue 3
-follow-up): blocks of steps held once, with per-particle row pointers that resampling
-re-indexes instead of the step data.
 """
     if opts.quick:
         print("(quick run: RESULTS.md not written)")

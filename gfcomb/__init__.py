@@ -15,6 +15,7 @@ from gfcomb.combinators import (
     Switch,
     SwitchTrace,
     Unfold,
+    UnfoldTrace,
     VectorTrace,
 )
 from gfcomb.core import (
@@ -40,6 +41,7 @@ from gfcomb.core import (
     select,
     selectall,
 )
+from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
@@ -53,6 +55,6 @@ __all__ = [
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
-    "select", "selectall", "splice", "Map", "Unfold", "Switch", "Recurse", "Production",
-    "RecurseTrace", "SwitchTrace", "VectorTrace", *_dist_all,
+    "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold", "Switch", "Recurse", "Production",
+    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
 ]

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.combinators.unfold import Unfold
-from gfcomb.combinators.vector import VectorTrace
+from gfcomb.combinators.unfold import Unfold, UnfoldTrace
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError
@@ -123,7 +122,7 @@ def reset():
 def test_simulate_score_retval_and_addresses():
     u = Unfold(lg)
     tr = u.simulate(lg_args(6))
-    assert isinstance(tr, VectorTrace) and tr.length == 6
+    assert isinstance(tr, UnfoldTrace) and tr.length == 6
     x, y = xs(tr), ys(tr)
     assert tr.score.shape == ()
     assert abs(float(tr.score) - lg_logp(x, y)) < TOL

@@ -5,9 +5,10 @@ for t = 0..n-1 (``state_{-1} = init_state``; ``t`` is a Python int, ``n`` a Pyth
 Step t's choices live under key ``t``; the return value is the stacked states (leading axis =
 step).  The steps depend on each other, so they run one after the other: each step is an
 ordinary GFI call of the kernel (inside an outer ``torch.func.vmap`` over particles every step
-is batched automatically).  The trace keeps the kernel traces of all steps as ONE stacked
-kernel trace (struct of arrays over steps, a :class:`VectorTrace`), so ``tr[t, "x"]`` reads
-one step's choice and ``tr[:, "x"]`` all of them.
+is batched automatically).  The trace (:class:`UnfoldTrace`) keeps the kernel traces of the
+steps stacked (struct of arrays over steps), so ``tr[t, "x"]`` reads one step's choice and
+``tr[:, "x"]`` all of them.  In a batch of particle traces the older steps live in a shared
+history (:mod:`gfcomb.combinators.history`) that appending and resampling never copy.
 
 Incremental update (Gen.jl's semantics): extending ``n`` with unchanged ``init_state`` and
 parameters runs only the new steps; a parameter change revisits every step; an
@@ -29,11 +30,12 @@ import bisect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.combinators.history import StepBlock, concat_steps
 from gfcomb.combinators.vector import (
-    VectorTrace,
     concat_elements,
     constrained_elements,
     index_tensor,
@@ -45,6 +47,7 @@ from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import (
+    register_record,
     tree_index,
     tree_map_tensors,
     tree_scatter,
@@ -66,12 +69,13 @@ def _state_at(states: Any, t: int) -> Any:
     return tree_map_tensors(lambda x: x[t], states)
 
 
-def _no_states(init: Any) -> Any:
-    """The stacked states of zero steps: shaped like ``init`` with a leading axis of 0."""
+def _no_states(init: Any, batch_ndim: int = 0) -> Any:
+    """The stacked states of zero steps: shaped like ``init`` with a step axis of length 0
+    (after ``batch_ndim`` batch axes)."""
     def empty(x: Any) -> torch.Tensor:
         x = x if isinstance(x, torch.Tensor) else torch.as_tensor(
             x, dtype=torch.get_default_dtype() if isinstance(x, float) else None)
-        return x.unsqueeze(0)[:0]
+        return x.unsqueeze(batch_ndim).narrow(batch_ndim, 0, 0)
 
     return pytree.tree_map(empty, init)
 
@@ -89,6 +93,95 @@ def _stack_steps(steps: Sequence[Trace]) -> Trace:
     if len(steps) == 1:
         return tree_map_tensors(lambda x: x.unsqueeze(0), steps[0])
     return tree_stack(steps)
+
+
+@attrs.frozen(repr=False)
+class UnfoldTrace(Trace):
+    """The trace of an :class:`Unfold`: the kernel traces of its ``length`` steps.
+
+    Steps ``0..h-1`` may sit in a shared :class:`~gfcomb.combinators.history.StepBlock`
+    chain (``history``, with ``rows``: this particle's row in the newest block) and steps
+    ``h..length-1`` in ``recent`` (one stacked kernel trace, step axis first).  Outside a
+    particle batch ``history`` is None and ``recent`` holds every step.  ``inner`` (all steps
+    stacked), ``retval`` (the stacked states) and ``choices`` gather the history when read.
+    """
+
+    gen_fn: Any
+    args: tuple[Any, ...]
+    score: torch.Tensor
+    length: int
+    recent: Trace | None
+    rows: torch.Tensor | None = None
+    history: StepBlock | None = None
+    _layout: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def history_length(self) -> int:
+        """How many of the steps sit in the shared history."""
+        return 0 if self.history is None else self.history.stop
+
+    @property
+    def inner(self) -> Trace | None:
+        """All steps' kernel traces, stacked (step axis after any batch axes); None if no
+        steps.  Gathers the shared history: O(steps)."""
+        if self.history is None:
+            return self.recent
+        assert self.rows is not None
+        parts = self.history.gather(self.rows)
+        if self.recent is not None:
+            parts.append(self.recent)
+        return concat_steps(parts, self.rows.dim())
+
+    @property
+    def retval(self) -> Any:  # type: ignore[override]
+        """The stacked states s_0..s_{n-1} (leading axis = step, after any batch axes)."""
+        inner = self.inner
+        if inner is None:
+            return _no_states(self.args[1], self.score.dim())
+        return inner.retval
+
+    @property
+    def choices(self) -> ChoiceMap:
+        inner = self.inner
+        if inner is None:
+            return ChoiceMap.empty()
+        batch_ndim = inner.score.dim() - 1
+        return ChoiceMap.stacked(inner.choices, self.length, batch_ndim=batch_ndim)
+
+    @property
+    def element_scores(self) -> torch.Tensor:
+        """The kernel score of each step (step axis after any batch axes)."""
+        inner = self.inner
+        assert inner is not None
+        return inner.score
+
+    def last_state(self) -> Any:
+        """The newest step's state (``init_state`` if there are no steps): O(1)."""
+        if self.recent is not None:
+            return _state_at(self.recent.retval, -1)
+        if self.history is not None:
+            assert self.rows is not None
+            return self.history.last_step(self.rows).retval
+        return self.args[1]
+
+    def _compact_history(self) -> UnfoldTrace:
+        """Close ``recent`` into a new shared history block (a batch with one leading
+        particle axis only; otherwise unchanged).  Copies no step data."""
+        if self.recent is None or self.score.dim() != 1:
+            return self
+        n = self.score.shape[0]
+        block = StepBlock(self.recent, self.rows, self.history, self.history_length,
+                          self.length)
+        rows = torch.arange(n, device=self.score.device)
+        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
+
+    def _select_batch(self, index: torch.Tensor) -> UnfoldTrace:
+        """Particles ``index`` of the batch: re-indexes the history pointers, not the steps."""
+        return tree_index(self._compact_history(), index)
+
+
+register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
+                static=("gen_fn", "length", "history"))
 
 
 class Unfold(GenerativeFunction):
@@ -133,8 +226,8 @@ class Unfold(GenerativeFunction):
                                 f"got {n}")
         return n, args[1], tuple(args[2:])
 
-    def _check_trace(self, trace: Trace) -> VectorTrace:
-        if not isinstance(trace, VectorTrace) or not (trace.gen_fn is self
+    def _check_trace(self, trace: Trace) -> UnfoldTrace:
+        if not isinstance(trace, UnfoldTrace) or not (trace.gen_fn is self
                                                       or trace.gen_fn == self):
             raise ArgumentError(f"{self!r}: the trace was not made by this Unfold "
                                 f"(got a trace of {getattr(trace, 'gen_fn', trace)!r})")
@@ -153,13 +246,13 @@ class Unfold(GenerativeFunction):
         return argdiffs
 
     def _trace(self, args: tuple[Any, ...], inner: Trace | None, n: int,
-               score: torch.Tensor | None = None) -> VectorTrace:
+               score: torch.Tensor | None = None) -> UnfoldTrace:
         """The Unfold trace of stacked steps ``inner`` (``score``: their total, if known)."""
         if inner is None or n == 0:
-            return VectorTrace(self, args, _no_states(args[1]), _zero_like(args[1:]), None, 0)
+            return UnfoldTrace(self, args, _zero_like(args[1:]), 0, None)
         if score is None:
             score = inner.score.sum(0)
-        return VectorTrace(self, args, inner.retval, score, inner, n)
+        return UnfoldTrace(self, args, score, n, inner)
 
     def _run_steps(self, start: int, stop: int, state: Any, params: tuple[Any, ...],
                    cm: ChoiceMap, ckeys: Sequence[int]) -> tuple[Trace | None, Any]:
@@ -242,21 +335,42 @@ class Unfold(GenerativeFunction):
         idx = index_tensor(visited, inner.score)
         return tree_scatter(inner, idx, stacked), weight, dscore, changed
 
-    def _grow(self, inner: Trace | None, n_old: int, n_new: int, init: Any,
+    def _grow(self, inner: Trace | None, n_old: int, n_new: int, state: Any,
               params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],
               ) -> tuple[Trace | None, Any, Any]:
-        """Append steps n_old..n_new-1 (generated against ``cm``) to ``inner``.  Returns
-        (new inner, Σ generate weights, Σ scores of the new steps)."""
+        """Append steps n_old..n_new-1 (generated against ``cm``, starting from ``state``,
+        the state after step n_old - 1) to the stacked steps ``inner``.  Returns (new inner,
+        Σ generate weights, Σ scores of the new steps)."""
         if n_new <= n_old:
             return inner, 0.0, 0.0
-        state = init if inner is None or n_old == 0 else _state_at(inner.retval, n_old - 1)
         grown, w = self._run_steps(n_old, n_new, state, params, cm,
                                    [k for k in ckeys if k >= n_old])
         assert grown is not None
         dscore = grown.score.sum(0)
-        if inner is None or n_old == 0:
+        if inner is None:
             return grown, w, dscore
         return concat_elements(inner, grown), w, dscore
+
+    def _extend(self, trace: UnfoldTrace, args: tuple[Any, ...], n_new: int,
+                params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],
+                ) -> tuple[UnfoldTrace, Any]:
+        """The fast path of update/regenerate: old steps untouched, steps
+        ``trace.length..n_new-1`` appended to ``recent`` (the shared history is kept as it
+        is, so the work does not depend on how many steps there are).  Returns (new trace,
+        Σ generate weights of the new steps)."""
+        n_old = trace.length
+        state = args[1] if n_old == 0 else trace.last_state()
+        recent, w, dscore = self._grow(trace.recent, n_old, n_new, state, params, cm, ckeys)
+        new = UnfoldTrace(self, args, trace.score + dscore, n_new, recent, trace.rows,
+                          trace.history)
+        return new, w
+
+    @staticmethod
+    def _old_steps_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],
+                           n_old: int, n_new: int) -> bool:
+        """Whether an update must look at stored steps (else it only appends)."""
+        return (n_new < n_old or any(t < n_old for t in touched)
+                or not all(isinstance(d, NoChange) for d in argdiffs[1:]))
 
     @staticmethod
     def _retdiff(n_new: int, n_old: int, changed: list[int]) -> Diff:
@@ -265,7 +379,7 @@ class Unfold(GenerativeFunction):
         return VectorDiff(n_new, n_old, changed)
 
     # ------------------------------------------------------------------ the GFI
-    def simulate(self, args: tuple[Any, ...]) -> VectorTrace:
+    def simulate(self, args: tuple[Any, ...]) -> UnfoldTrace:
         """Run every step, sampling its choices from the prior.
 
         Math: t_t ~ p_kernel(·; t, s_{t-1}, θ) for t = 0..n-1 in order (s_{-1} = init_state,
@@ -276,7 +390,7 @@ class Unfold(GenerativeFunction):
         return self._trace(args, inner, n)
 
     def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
-                 ) -> tuple[VectorTrace, torch.Tensor]:
+                 ) -> tuple[UnfoldTrace, torch.Tensor]:
         """Run every step with the constraints under key t given to step t.
 
         Math: weight = Σ_t generate weight of step t (0 for unconstrained steps), i.e. with
@@ -321,7 +435,7 @@ class Unfold(GenerativeFunction):
 
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                constraints: ChoiceMap | None = None,
-               ) -> tuple[VectorTrace, torch.Tensor, Diff, ChoiceMap]:
+               ) -> tuple[UnfoldTrace, torch.Tensor, Diff, ChoiceMap]:
         """Revisit the steps that changed, generate new steps, drop removed ones.
 
         Revisited: every step if a parameter's argdiff is not NoChange; step 0 if
@@ -340,6 +454,10 @@ class Unfold(GenerativeFunction):
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
         n_old = trace.length
+        if not self._old_steps_touched(argdiffs, ckeys, n_old, n_new):
+            new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
+            return (new_trace, w + torch.zeros_like(new_trace.score),
+                    self._retdiff(n_new, n_old, []), _EMPTY)
         keep = min(n_old, n_new)
         inner: Trace | None = trace.inner
         weight: Any = 0.0
@@ -367,7 +485,8 @@ class Unfold(GenerativeFunction):
                                                 argdiffs[2:], [k for k in ckeys if k < keep],
                                                 step)
             weight, score = weight + w, score + ds
-        inner, w, ds = self._grow(inner, keep, n_new, init, params, cm, ckeys)
+        last = init if keep == 0 or inner is None else _state_at(inner.retval, keep - 1)
+        inner, w, ds = self._grow(inner, keep, n_new, last, params, cm, ckeys)
         weight, score = weight + w, score + ds
         new_trace = self._trace(args, inner, n_new, score)
         discard = ChoiceMap.node(discards).merge(removed) if discards else removed
@@ -375,7 +494,7 @@ class Unfold(GenerativeFunction):
                 self._retdiff(n_new, n_old, changed), discard)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                   selection: Selection) -> tuple[VectorTrace, torch.Tensor, Diff]:
+                   selection: Selection) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
         """Resample the selected choices of each step and propagate state changes onward.
 
         Revisited: every step if a parameter changed; step 0 if ``init_state`` changed; every
@@ -391,6 +510,11 @@ class Unfold(GenerativeFunction):
         argdiffs = self._check_argdiffs(args, argdiffs)
         n_old = trace.length
         keep = min(n_old, n_new)
+        touched = self._selected_steps(selection, keep)
+        if not self._old_steps_touched(argdiffs, touched, n_old, n_new):
+            new_trace, _ = self._extend(trace, args, n_new, params, _EMPTY, ())
+            return (new_trace, torch.zeros_like(new_trace.score),
+                    self._retdiff(n_new, n_old, []))
         inner: Trace | None = trace.inner
         score: Any = trace.score
         if n_new < n_old:
@@ -401,7 +525,6 @@ class Unfold(GenerativeFunction):
         changed: list[int] = []
         weight: Any = 0.0
         if inner is not None and keep > 0:
-            touched = self._selected_steps(selection, keep)
 
             def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
                 return kernel.regenerate(old, a, d, selection.get_subselection(t))
@@ -409,7 +532,8 @@ class Unfold(GenerativeFunction):
             inner, weight, ds, changed = self._sweep(inner, keep, init, params, argdiffs[1],
                                                      argdiffs[2:], touched, step)
             score = score + ds
-        inner, _, ds = self._grow(inner, keep, n_new, init, params, _EMPTY, ())
+        last = init if keep == 0 or inner is None else _state_at(inner.retval, keep - 1)
+        inner, _, ds = self._grow(inner, keep, n_new, last, params, _EMPTY, ())
         new_trace = self._trace(args, inner, n_new, score + ds)
         return (new_trace, weight + torch.zeros_like(new_trace.score),
                 self._retdiff(n_new, n_old, changed))
@@ -433,13 +557,14 @@ class Unfold(GenerativeFunction):
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
-        if trace.length == 0 or trace.inner is None:
+        inner = trace.inner if trace.length else None
+        if inner is None:
             return total
         for t in self._selected_steps(selection, trace.length):
             sub = selection.get_subselection(t)
             if sub.is_empty_static():
                 continue
-            step_trace = tree_index(trace.inner, t)
+            step_trace = tree_index(inner, t)
             total = total + self.kernel.project(step_trace, sub)
         return total
 

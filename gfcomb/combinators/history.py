@@ -1,0 +1,91 @@
+"""The step history of batched Unfold traces: stored once, shared, never copied by resampling.
+
+A particle filter extends every particle's Unfold trace by one step and then resamples: it
+picks rows of the batched trace.  Stored as one stacked tensor per leaf, both operations
+would copy the whole history (``torch.cat`` to append, ``index_select`` to resample), so a
+step at T = 1,000 would cost 100 times one at T = 10.  Instead (DESIGN §4) the steps of a
+batched trace live in a persistent chain of immutable :class:`StepBlock` s:
+
+* a block holds the kernel traces of steps ``start..stop-1`` for R rows (leaves shaped
+  ``[R, stop - start, ...]``) and, for every row, the row of its parent block that the same
+  particle came from (``parent_rows``);
+* a trace points at the newest block with one row number per particle (``rows``, a batched
+  leaf); resampling re-indexes ``rows`` (N integers) and leaves the blocks alone;
+* steps appended since the last compaction stay in the trace's ``recent`` leaves, and
+  :func:`gfcomb.core.batched.compact_history` closes them into a new block (no copy: the
+  block keeps the tensors).
+
+The blocks are static pytree data, so ``torch.func.vmap`` passes them through untouched;
+inside vmap a particle reads its past by indexing the (unbatched) block tensors with its
+(batched) row number.  Reading the whole history (``trace.choices``, the stacked states,
+an update that revisits old steps) gathers it: O(steps), only when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.core.pytree import _reconcile, tree_map_tensors
+
+
+class StepBlock:
+    """Immutable stored steps ``start..stop-1`` of a batch of Unfold traces.
+
+    ``steps``: the stacked kernel traces, leaves shaped ``[R, stop - start, ...]``;
+    ``parent_rows``: a long tensor ``[R]`` giving each row's row in ``parent`` (None for the
+    first block).  Compared by identity (it sits in pytree contexts).
+    """
+
+    __slots__ = ("steps", "parent_rows", "parent", "start", "stop")
+
+    def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
+                 parent: StepBlock | None, start: int, stop: int) -> None:
+        self.steps = steps
+        self.parent_rows = parent_rows
+        self.parent = parent
+        self.start = start
+        self.stop = stop
+
+    def __repr__(self) -> str:
+        return f"<StepBlock steps {self.start}..{self.stop - 1}>"
+
+    def gather(self, rows: torch.Tensor) -> list[Any]:
+        """The stored steps of the particles at ``rows`` (row numbers into this block, any
+        shape B; a batched 0-d tensor under vmap): one stacked kernel trace per block, oldest
+        first, leaves shaped ``[*B, steps, ...]``."""
+        parts = []
+        block: StepBlock | None = self
+        r = rows
+        while block is not None:
+            parts.append(tree_map_tensors(lambda x, r=r: x[r], block.steps))
+            if block.parent is not None:
+                assert block.parent_rows is not None
+                r = block.parent_rows[r]
+            block = block.parent
+        parts.reverse()
+        return parts
+
+    def last_step(self, rows: torch.Tensor) -> Any:
+        """The newest stored step of the particles at ``rows`` (leaves ``[*B, ...]``)."""
+        return tree_map_tensors(lambda x: x[rows, -1], self.steps)
+
+
+def concat_steps(parts: Sequence[Any], dim: int) -> Any:
+    """Stacked step traces concatenated leafwise along the step axis ``dim`` (static parts
+    from the first; bookkeeping on which they disagree becomes unknown)."""
+    if len(parts) == 1:
+        return parts[0]
+    leaves0, spec = pytree.tree_flatten(parts[0])
+    rest = [pytree.tree_flatten(p) for p in parts[1:]]
+    out = []
+    for j, leaf in enumerate(leaves0):
+        if isinstance(leaf, torch.Tensor):
+            out.append(torch.cat([leaf] + [ls[j].to(leaf.dtype) for ls, _ in rest], dim))
+        else:
+            out.append(leaf)
+    return pytree.tree_unflatten(out, _reconcile(spec, [s for _, s in rest]))
+

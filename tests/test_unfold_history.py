@@ -1,0 +1,186 @@
+"""The shared step history of particle-batched Unfold traces (DESIGN §4).
+
+A batch of Unfold traces extended step by step, compacted and resampled with
+``gfcomb.core.batched`` must hold exactly what the same operations give on plainly stacked
+traces (every leaf re-indexed, nothing shared) -- under the same seed, so the sampled values
+agree too -- while resampling copies no stored step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import vmap
+
+import gfcomb as gf
+from gfcomb.combinators.unfold import Unfold, UnfoldTrace
+from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.pytree import tree_index, tree_tensors
+
+P = 6
+A, B, S = (torch.tensor(v, dtype=torch.float64) for v in (0.9, 0.1, 0.5))
+
+
+@gf.gen
+def kernel(t, x, a, b, s):
+    x = gf.normal(a * x + b, s) @ "x"
+    gf.normal(x, 1.0) @ "y"
+    return x
+
+
+UNFOLD = Unfold(kernel)
+EXTEND = (gf.UnknownChange(), gf.NoChange(), gf.NoChange(), gf.NoChange(), gf.NoChange())
+VUPDATE = vmap(UNFOLD.update, in_dims=(0, None, None, None), randomness="different")
+VREGEN = vmap(UNFOLD.regenerate, in_dims=(0, None, None, None), randomness="different")
+
+
+def args(n, init=0.0, a=A):
+    return (n, torch.tensor(init), a, B, S)
+
+
+def obs(t):
+    return gf.ChoiceMap({(t, "y"): torch.tensor(0.3 * t - 1.0)})
+
+
+def simulate(n):
+    return vmap(lambda _: UNFOLD.simulate(args(n)), randomness="different")(torch.zeros(P))
+
+
+def run(steps, *, shared, seed=1):
+    """Filter-like loop from a 2-step batch: extend, (compact,) resample."""
+    torch.manual_seed(seed)
+    tr = simulate(2)
+    weights = []
+    for n in range(2, 2 + steps):
+        tr, w, _, _ = VUPDATE(tr, args(n + 1), EXTEND, obs(n))
+        weights.append(w)
+        anc = torch.randint(0, P, (P,))
+        tr = select_batch(compact_history(tr), anc) if shared else tree_index(tr, anc)
+    return tr, torch.stack(weights)
+
+
+def same_trace(a, b):
+    assert a.length == b.length
+    torch.testing.assert_close(a.score, b.score, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.retval, b.retval, rtol=0, atol=0)
+    ca, cb = list(a.choices.items()), list(b.choices.items())
+    assert [k for k, _ in ca] == [k for k, _ in cb]
+    for (_, x), (_, y) in zip(ca, cb):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(a.inner.score, b.inner.score, rtol=0, atol=1e-12)
+
+
+def test_shared_history_equals_plain_stacking():
+    shared, w1 = run(6, shared=True)
+    plain, w2 = run(6, shared=False)
+    assert shared.history is not None and plain.history is None
+    assert shared.recent is None and shared.history_length == 8
+    torch.testing.assert_close(w1, w2, rtol=0, atol=0)
+    same_trace(shared, plain)
+    # the score is the sum of the stored step scores, per particle
+    torch.testing.assert_close(shared.score, shared.inner.score.sum(1), rtol=0, atol=1e-12)
+    # readable per step and per particle
+    for t in range(shared.length):
+        torch.testing.assert_close(shared[t, "x"], plain[t, "x"], rtol=0, atol=0)
+
+
+def test_resampling_copies_no_stored_step():
+    tr, _ = run(3, shared=True)
+    block = tr.history
+    data = [x.data_ptr() for x in tree_tensors(block.steps)]
+    anc = torch.tensor([5, 5, 0, 1, 2, 2])
+    new = select_batch(tr, anc)
+    assert new.history is block  # the same blocks, untouched
+    assert [x.data_ptr() for x in tree_tensors(new.history.steps)] == data
+    torch.testing.assert_close(new.rows, tr.rows[anc])
+    torch.testing.assert_close(new.retval, tr.retval[anc], rtol=0, atol=0)
+    torch.testing.assert_close(new.score, tr.score[anc])
+
+
+def test_extension_adds_one_block_of_one_step_per_filter_step():
+    tr, _ = run(5, shared=True)
+    sizes = []
+    block = tr.history
+    while block is not None:
+        sizes.append(block.stop - block.start)
+        block = block.parent
+    assert sizes == [1, 1, 1, 1, 3]  # newest first; the simulated 2 steps + the first extension
+
+
+def test_old_traces_are_not_mutated():
+    tr, _ = run(3, shared=True)
+    before = [x.clone() for x in tree_tensors(tr)] + [x.clone() for x in
+                                                      tree_tensors(tr.history.steps)]
+    new, _, _, _ = VUPDATE(tr, args(tr.length + 1), EXTEND, obs(tr.length))
+    select_batch(compact_history(new), torch.zeros(P, dtype=torch.long))
+    after = tree_tensors(tr) + tree_tensors(tr.history.steps)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+# ---------------------------------------------------------------- updates that read history
+def _both(fn, seed=7):
+    shared, _ = run(4, shared=True)
+    plain, _ = run(4, shared=False)
+    torch.manual_seed(seed)
+    out_shared = fn(shared)
+    torch.manual_seed(seed)
+    out_plain = fn(plain)
+    return out_shared, out_plain
+
+
+def test_constraint_at_an_old_step():
+    cm = gf.ChoiceMap({(1, "x"): torch.tensor(0.25)})
+    (a, wa, da, xa), (b, wb, db, xb) = _both(
+        lambda tr: VUPDATE(tr, args(tr.length), (gf.NoChange(),) * 5, cm))
+    same_trace(a, b)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(xa[1, "x"], xb[1, "x"])
+    assert isinstance(da, gf.VectorDiff) and da.updated == db.updated
+
+
+def test_parameter_change_shrink_and_init_change():
+    def fn(tr):
+        return VUPDATE(tr, (tr.length - 2, torch.tensor(0.5), torch.tensor(0.7), B, S),
+                       (gf.UnknownChange(), gf.UnknownChange(), gf.UnknownChange(),
+                        gf.NoChange(), gf.NoChange()), gf.ChoiceMap.empty())
+
+    (a, wa, _, xa), (b, wb, _, xb) = _both(fn)
+    same_trace(a, b)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
+    assert [k for k, _ in xa.items()] == [k for k, _ in xb.items()]
+
+
+def test_regenerate_an_old_step_and_extend():
+    sel = gf.select((2, "x"))
+    (a, wa, _), (b, wb, _) = _both(
+        lambda tr: VREGEN(tr, args(tr.length + 1), EXTEND, sel))
+    same_trace(a, b)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
+
+
+def test_regenerate_only_new_steps_keeps_the_history():
+    shared, _ = run(3, shared=True)
+    new, w, _ = VREGEN(shared, args(shared.length + 2), EXTEND, gf.select())
+    assert new.history is shared.history and new.recent.score.shape == (P, 2)
+    torch.testing.assert_close(w, torch.zeros(P))
+    torch.testing.assert_close(new.score, new.inner.score.sum(1), rtol=0, atol=1e-12)
+
+
+def test_project_and_assess_on_a_shared_history():
+    shared, _ = run(4, shared=True)
+    sel = gf.select((0, "x"), (3, "y"))
+    got = vmap(UNFOLD.project, in_dims=(0, None))(shared, sel)
+    inner = shared.inner
+    exp = (torch.distributions.Normal(0.9 * 0.0 + 0.1, 0.5).log_prob(inner.choices["x"][:, 0])
+           + torch.distributions.Normal(inner.choices["x"][:, 3], 1.0)
+           .log_prob(inner.choices["y"][:, 3]))
+    torch.testing.assert_close(got, exp, rtol=0, atol=1e-12)
+    w, ret = vmap(lambda c: UNFOLD.assess(args(shared.length), c))(shared.choices)
+    torch.testing.assert_close(w, shared.score, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, shared.retval)
+
+
+def test_unbatched_trace_is_unchanged_by_the_batch_operations():
+    tr = UNFOLD.simulate(args(3))
+    assert isinstance(tr, UnfoldTrace)
+    assert compact_history(tr) is tr  # no particle axis: nothing to share
+    assert tr.history is None and tr.inner.score.shape == (3,)
