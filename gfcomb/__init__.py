@@ -55,6 +55,7 @@ __all__ = [
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
-    "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold", "Switch", "Recurse", "Production",
+    "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold",
+    "Switch", "Recurse", "Production",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
 ]
