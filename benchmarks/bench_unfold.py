@@ -55,10 +55,11 @@ def lg_kernel(t, x, a, b, s):
 
 
 def build(unfold: Unfold, n: int, P: int, params: tuple) -> gf.Trace:
-    """A particle-batched trace of ``n`` steps (P particles)."""
+    """A particle-batched trace of ``n`` steps (P particles), its steps in the shared
+    history."""
     init = torch.tensor(0.0)
-    return torch.func.vmap(lambda _: unfold.simulate((n, init) + params),
-                           randomness="different")(torch.zeros(P))
+    return compact_history(torch.func.vmap(lambda _: unfold.simulate((n, init) + params),
+                                           randomness="different")(torch.zeros(P)))
 
 
 def trace_megabytes(tr: gf.Trace) -> float:

@@ -69,9 +69,10 @@ class StepBlock:
         parts.reverse()
         return parts
 
-    def last_step(self, rows: torch.Tensor) -> Any:
-        """The newest stored step of the particles at ``rows`` (leaves ``[*B, ...]``)."""
-        return tree_map_tensors(lambda x: x[rows, -1], self.steps)
+    def last_state(self, rows: torch.Tensor) -> Any:
+        """The state (kernel return value) of the newest stored step of the particles at
+        ``rows`` (leaves ``[*B, ...]``): one gather per state leaf."""
+        return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)
 
 
 def concat_steps(parts: Sequence[Any], dim: int) -> Any:

@@ -161,7 +161,7 @@ class UnfoldTrace(Trace):
             return _state_at(self.recent.retval, -1)
         if self.history is not None:
             assert self.rows is not None
-            return self.history.last_step(self.rows).retval
+            return self.history.last_state(self.rows)
         return self.args[1]
 
     def _compact_history(self) -> UnfoldTrace:
