@@ -184,3 +184,45 @@ def test_unbatched_trace_is_unchanged_by_the_batch_operations():
     assert isinstance(tr, UnfoldTrace)
     assert compact_history(tr) is tr  # no particle axis: nothing to share
     assert tr.history is None and tr.inner.score.shape == (3,)
+
+
+@gf.gen
+def wrapped(n, a):
+    """An Unfold called from a @gen body (the history sits in a sub-trace)."""
+    drift = gf.normal(0.0, 1.0) @ "drift"
+    xs = UNFOLD(n, 0.0, a, drift, S) @ "xs"
+    return xs[..., -1]
+
+
+def test_history_inside_a_gen_trace_equals_plain_stacking():
+    vsim = vmap(lambda _: wrapped.simulate((2, A)), randomness="different")
+    vupd = vmap(wrapped.update, in_dims=(0, None, None, None), randomness="different")
+    diffs = (gf.UnknownChange(), gf.NoChange())
+
+    def go(shared):
+        torch.manual_seed(3)
+        tr = vsim(torch.zeros(P))
+        for n in range(2, 6):
+            tr, w, _, _ = vupd(tr, (n + 1, A), diffs, {("xs", n, "y"): 0.5})
+            anc = torch.randint(0, P, (P,))
+            tr = select_batch(compact_history(tr), anc) if shared else tree_index(tr, anc)
+        return tr
+
+    a, b = go(True), go(False)
+    assert a.subtrace("xs").history is not None and b.subtrace("xs").history is None
+    torch.testing.assert_close(a.score, b.score, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.retval, b.retval, rtol=0, atol=0)
+    torch.testing.assert_close(a["xs", :, "x"], b["xs", :, "x"], rtol=0, atol=0)
+    torch.testing.assert_close(a["drift"], b["drift"], rtol=0, atol=0)
+
+
+def test_extension_inside_a_gen_body_keeps_the_history():
+    """The @gen body passes a global tensor (S) and a number (0.0) again: NoChange, so the
+    Unfold only appends (its shared history object is kept, not gathered and rebuilt)."""
+    vsim = vmap(lambda _: wrapped.simulate((3, A)), randomness="different")
+    vupd = vmap(wrapped.update, in_dims=(0, None, None, None), randomness="different")
+    tr = compact_history(vsim(torch.zeros(P)))
+    block = tr.subtrace("xs").history
+    new, _, _, _ = vupd(tr, (4, A), (gf.UnknownChange(), gf.NoChange()), {("xs", 3, "y"): 0.5})
+    assert new.subtrace("xs").history is block
+    assert new.subtrace("xs").recent.score.shape == (P, 1)

@@ -80,6 +80,19 @@ def _no_states(init: Any, batch_ndim: int = 0) -> Any:
     return pytree.tree_map(empty, init)
 
 
+def _state_tensors(init: Any) -> Any:
+    """``init_state`` with Python numbers made tensors, so that every step's kernel trace
+    has the same leaves (step 0 would otherwise keep a number where later steps hold the
+    tensor state, and the steps could not be stacked)."""
+    def as_tensor(x: Any) -> Any:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return x
+        return torch.as_tensor(x, dtype=torch.get_default_dtype() if isinstance(x, float)
+                               else None)
+
+    return pytree.tree_map(as_tensor, init)
+
+
 def _zero_like(x: Any) -> torch.Tensor:
     """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
     for leaf in tree_tensors(x):
@@ -114,6 +127,10 @@ class UnfoldTrace(Trace):
     rows: torch.Tensor | None = None
     history: StepBlock | None = None
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
+    _gathered: Any = attrs.field(default=None, eq=False, repr=False)  # cache of ``inner``
+
+    def _after_unflatten(self) -> None:
+        object.__setattr__(self, "_gathered", None)
 
     @property
     def history_length(self) -> int:
@@ -126,11 +143,13 @@ class UnfoldTrace(Trace):
         steps.  Gathers the shared history: O(steps)."""
         if self.history is None:
             return self.recent
-        assert self.rows is not None
-        parts = self.history.gather(self.rows)
-        if self.recent is not None:
-            parts.append(self.recent)
-        return concat_steps(parts, self.rows.dim())
+        if self._gathered is None:
+            assert self.rows is not None
+            parts = self.history.gather(self.rows)
+            if self.recent is not None:
+                parts.append(self.recent)
+            object.__setattr__(self, "_gathered", concat_steps(parts, self.rows.dim()))
+        return self._gathered
 
     @property
     def retval(self) -> Any:  # type: ignore[override]
@@ -174,10 +193,6 @@ class UnfoldTrace(Trace):
                           self.length)
         rows = torch.arange(n, device=self.score.device)
         return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
-
-    def _select_batch(self, index: torch.Tensor) -> UnfoldTrace:
-        """Particles ``index`` of the batch: re-indexes the history pointers, not the steps."""
-        return tree_index(self._compact_history(), index)
 
 
 register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
@@ -224,7 +239,7 @@ class Unfold(GenerativeFunction):
         if n < 0:
             raise ArgumentError(f"Unfold: argument 'n' (the number of steps) must be >= 0, "
                                 f"got {n}")
-        return n, args[1], tuple(args[2:])
+        return n, _state_tensors(args[1]), tuple(args[2:])
 
     def _check_trace(self, trace: Trace) -> UnfoldTrace:
         if not isinstance(trace, UnfoldTrace) or not (trace.gen_fn is self

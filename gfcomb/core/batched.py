@@ -5,24 +5,56 @@ A batched trace is what ``torch.func.vmap`` returns when it runs a GFI method ov
 Resampling picks rows of it: ``select_batch(traces, ancestors)``.  Done leafwise that would
 copy every stored step of an ``Unfold`` trace, so records may take part through two hooks:
 
-* ``_compact_history(self)`` -- return an equal record whose recently appended steps are
-  moved into shared, immutable history blocks (no tensor is copied);
-* ``_select_batch(self, index)`` -- return the record with batch rows ``index``.
-
-Records without hooks are handled leafwise (``index_select`` along dimension 0).  Both
-functions are called *outside* vmap, by the inference code, after each vmapped step.
+``_compact_history(self)``: return an equal record whose recently appended steps are moved
+into shared, immutable history blocks (no tensor is copied).  Records nested in other records
+(an Unfold trace inside a @gen trace, say) are found by walking the attrs fields.  The per-
+particle row pointers are ordinary leaves, so picking rows is then a plain leafwise
+``index_select`` along dimension 0.  Both functions are called *outside* vmap, by the
+inference code, after each vmapped step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
-from torch.utils import _pytree as pytree
+
+from gfcomb.core.pytree import tree_index
 
 
-def _has_hook(name: str) -> Any:
-    return lambda x: hasattr(type(x), name)
+def _walk(x: Any, hook: str) -> Any:
+    """``x`` with ``hook()`` applied to every record in it that defines it (records, dicts,
+    lists and tuples are searched; a container is rebuilt only if something in it changed)."""
+    cls = type(x)
+    if hasattr(cls, hook):
+        return getattr(x, hook)()
+    if isinstance(x, torch.Tensor):
+        return x
+    if attrs.has(cls):
+        changes = {}
+        for f in attrs.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            v = getattr(x, f.name)
+            nv = _walk(v, hook)
+            if nv is not v:
+                changes[f.name] = nv
+        if not changes:
+            return x
+        # caches (the pytree layout, derived choice maps) start afresh
+        caches = {f.name.lstrip("_"): None for f in attrs.fields(cls)
+                  if f.name.startswith("_") and f.init}
+        return attrs.evolve(x, **changes, **caches)
+    if isinstance(x, dict):
+        new = {k: _walk(v, hook) for k, v in x.items()}
+        return x if all(new[k] is v for k, v in x.items()) else new
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        items = [_walk(v, hook) for v in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        return type(x)(items)
+    return x
 
 
 def compact_history(tree: Any) -> Any:
@@ -32,10 +64,7 @@ def compact_history(tree: Any) -> Any:
     Particle filters call this after every vmapped ``update`` so that the next resampling
     re-indexes row pointers rather than step data.  Values and scores are unchanged.
     """
-    def visit(x: Any) -> Any:
-        return x._compact_history() if hasattr(type(x), "_compact_history") else x
-
-    return pytree.tree_map(visit, tree, is_leaf=_has_hook("_compact_history"))
+    return _walk(tree, "_compact_history")
 
 
 def select_batch(tree: Any, index: torch.Tensor) -> Any:
@@ -43,18 +72,11 @@ def select_batch(tree: Any, index: torch.Tensor) -> Any:
     resampling does to a batch of particle traces.
 
     Math: the result's row i is ``tree``'s row ``index[i]`` (every tensor leaf indexed along
-    dimension 0).  Unfold traces re-index their per-particle history pointers instead of
-    copying the stored steps, so the cost does not grow with the number of steps.
+    dimension 0).  The recent steps of Unfold traces are first compacted into their shared
+    history, whose blocks are not indexed: only the per-particle row pointers are, so the
+    cost does not grow with the number of steps.
     """
     if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.dim() != 1:
         raise TypeError("select_batch: index must be a 1-d long tensor of row numbers, got "
                         f"{type(index).__name__} {getattr(index, 'dtype', '')}")
-
-    def visit(x: Any) -> Any:
-        if hasattr(type(x), "_select_batch"):
-            return x._select_batch(index)
-        if isinstance(x, torch.Tensor):
-            return x.index_select(0, index.to(x.device))
-        return x
-
-    return pytree.tree_map(visit, tree, is_leaf=_has_hook("_select_batch"))
+    return tree_index(compact_history(tree), index)

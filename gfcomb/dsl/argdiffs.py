@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from gfcomb.core.batching import is_batched
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 
-Source = tuple[Any, ...]  # ("arg", i) or ("ret", address)
+Source = tuple[Any, ...]  # ("arg", i), ("ret", address) or ("same", object)
 
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -46,11 +49,21 @@ class SourceTracker:
         self._diffs[src] = retdiff if retdiff is not None else UnknownChange()
 
     def sources_of(self, args: Sequence[Any]) -> tuple[Source | None, ...]:
-        """For each callee argument: the source it is, or None."""
+        """For each callee argument: the source it is, or None.
+
+        A tensor that is neither an argument nor a return value (a constant of the body, a
+        global parameter) is remembered as ``("same", tensor)``: passing the very same object
+        again is NoChange (the value stored in the callee's trace is a copy after vmap).
+        """
         out: list[Source | None] = []
         for a in args:
             hit = self._by_id.get(id(a))
-            out.append(hit[1] if hit is not None and hit[0] is a else None)
+            if hit is not None and hit[0] is a:
+                out.append(hit[1])
+            elif isinstance(a, torch.Tensor) and not is_batched(a) and not a.requires_grad:
+                out.append(("same", a))
+            else:
+                out.append(None)
         return tuple(out)
 
     def source_of(self, value: Any) -> Source | None:
@@ -72,8 +85,12 @@ class SourceTracker:
                 diffs.append(NoChange() if type(new) is type(old) and new == old
                              else UnknownChange())
                 continue
+            old_src = old_sources[j] if old_sources is not None else None
+            if old_src is not None and old_src[0] == "same":
+                diffs.append(NoChange() if old_src[1] is new else UnknownChange())
+                continue
             src = self.source_of(new)
-            if src is not None and old_sources is not None and old_sources[j] == src:
+            if src is not None and old_src == src:
                 diffs.append(self._diffs.get(src, UnknownChange()))
             else:
                 diffs.append(UnknownChange())
