@@ -24,6 +24,7 @@ an update that revisits old steps) gathers it: O(steps), only when asked.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,8 +61,12 @@ class StepBlock:
         parts = []
         block: StepBlock | None = self
         r = rows
+
+        def take(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return x[r]
+
         while block is not None:
-            parts.append(tree_map_tensors(lambda x, r=r: x[r], block.steps))
+            parts.append(tree_map_tensors(partial(take, r=r), block.steps))
             if block.parent is not None:
                 assert block.parent_rows is not None
                 r = block.parent_rows[r]
