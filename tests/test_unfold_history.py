@@ -226,3 +226,32 @@ def test_extension_inside_a_gen_body_keeps_the_history():
     new, _, _, _ = vupd(tr, (4, A), (gf.UnknownChange(), gf.NoChange()), {("xs", 3, "y"): 0.5})
     assert new.subtrace("xs").history is block
     assert new.subtrace("xs").recent.score.shape == (P, 1)
+
+
+def test_revisiting_late_steps_keeps_the_earlier_history_shared():
+    """A move on the newest steps (rejuvenation) gathers only the blocks it needs."""
+    shared, _ = run(6, shared=True)            # blocks: 0..2, then one per step up to 7
+    n = shared.length
+    sel = gf.select((n - 1, "x"))
+    cm = gf.ChoiceMap({(n - 2, "x"): torch.tensor(0.1)})
+    for fn in (lambda tr: VREGEN(tr, args(n), (gf.NoChange(),) * 5, sel)[0],
+               lambda tr: VUPDATE(tr, args(n), (gf.NoChange(),) * 5, cm)[0]):
+        (a, b) = _both_from(shared, fn)
+        same_trace(a, b)
+    new = VREGEN(shared, args(n), (gf.NoChange(),) * 5, sel)[0]
+    assert new.history is shared.history.parent          # steps < n-1 still shared
+    assert new.recent.score.shape == (P, 1)
+    # the same split for an update touching the same step: layouts agree (MCMC merges them)
+    same = VUPDATE(shared, args(n), (gf.NoChange(),) * 5,
+                   gf.ChoiceMap({(n - 1, "x"): shared[n - 1, "x"][0]}))[0]
+    assert same.history is new.history and same.recent.score.shape == new.recent.score.shape
+
+
+def _both_from(shared, fn, seed=11):
+    plain = UnfoldTrace(shared.gen_fn, shared.args, shared.score, shared.length,
+                        shared.inner)       # the same particles, plainly stacked
+    torch.manual_seed(seed)
+    a = fn(shared)
+    torch.manual_seed(seed)
+    b = fn(plain)
+    return a, b

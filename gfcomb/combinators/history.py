@@ -54,25 +54,27 @@ class StepBlock:
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
 
-    def gather(self, rows: torch.Tensor) -> list[Any]:
-        """The stored steps of the particles at ``rows`` (row numbers into this block, any
-        shape B; a batched 0-d tensor under vmap): one stacked kernel trace per block, oldest
-        first, leaves shaped ``[*B, steps, ...]``."""
+    def gather(self, rows: torch.Tensor, after: int = 0,
+               ) -> tuple[list[Any], StepBlock | None, torch.Tensor | None]:
+        """The stored steps ``>= h`` of the particles at ``rows`` (row numbers into this block,
+        any shape B; a batched 0-d tensor under vmap), where h is the last block boundary
+        ``<= after``: one stacked kernel trace per block, oldest first, leaves shaped
+        ``[*B, steps, ...]``.  Also returns the block holding the steps before h and the
+        particles' rows in it (None, None when h = 0): the history that stays shared."""
         parts = []
         block: StepBlock | None = self
-        r = rows
+        r: torch.Tensor | None = rows
 
         def take(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             return x[r]
 
-        while block is not None:
+        while block is not None and block.stop > after:
+            assert r is not None
             parts.append(tree_map_tensors(partial(take, r=r), block.steps))
-            if block.parent is not None:
-                assert block.parent_rows is not None
-                r = block.parent_rows[r]
+            r = block.parent_rows[r] if block.parent is not None else None
             block = block.parent
         parts.reverse()
-        return parts
+        return parts, block, r
 
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at

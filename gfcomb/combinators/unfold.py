@@ -144,12 +144,23 @@ class UnfoldTrace(Trace):
         if self.history is None:
             return self.recent
         if self._gathered is None:
-            assert self.rows is not None
-            parts = self.history.gather(self.rows)
-            if self.recent is not None:
-                parts.append(self.recent)
-            object.__setattr__(self, "_gathered", concat_steps(parts, self.rows.dim()))
+            object.__setattr__(self, "_gathered", self.split(0)[2])
         return self._gathered
+
+    def split(self, step: int) -> tuple[StepBlock | None, torch.Tensor | None,
+                                         Trace | None, int]:
+        """Split the steps at the last history-block boundary h <= ``step``: returns (the
+        shared block chain holding steps < h, this particle's row in it, steps h..n-1
+        gathered and stacked, h).  An update that leaves steps < ``step`` alone works on the
+        gathered part only, in O(n - h)."""
+        if self.history is None or self.history.stop <= step:
+            return self.history, self.rows, self.recent, self.history_length
+        assert self.rows is not None
+        parts, block, rows = self.history.gather(self.rows, step)
+        if self.recent is not None:
+            parts.append(self.recent)
+        window = concat_steps(parts, self.rows.dim())
+        return block, rows, window, 0 if block is None else block.stop
 
     @property
     def retval(self) -> Any:  # type: ignore[override]
@@ -269,6 +280,13 @@ class Unfold(GenerativeFunction):
             score = inner.score.sum(0)
         return UnfoldTrace(self, args, score, n, inner)
 
+    def _window_trace(self, args: tuple[Any, ...], n: int, score: Any, window: Trace | None,
+                      rows: torch.Tensor | None, prefix: StepBlock | None) -> UnfoldTrace:
+        """The trace of steps < h in the shared ``prefix`` and steps h..n-1 in ``window``."""
+        if prefix is None:
+            return self._trace(args, window, n, score)
+        return UnfoldTrace(self, args, score, n, window, rows, prefix)
+
     def _run_steps(self, start: int, stop: int, state: Any, params: tuple[Any, ...],
                    cm: ChoiceMap, ckeys: Sequence[int]) -> tuple[Trace | None, Any]:
         """Steps ``start..stop-1`` from ``state``: simulated, or generated where ``cm``
@@ -296,8 +314,10 @@ class Unfold(GenerativeFunction):
     def _sweep(self, inner: Trace, keep: int, init: Any, params: tuple[Any, ...],
                init_diff: Diff, param_diffs: tuple[Diff, ...], touched: Sequence[int],
                step: Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult],
+               offset: int = 0, before: Any = None,
                ) -> tuple[Trace, Any, Any, list[int]]:
-        """Revisit steps 0..keep-1 of the stacked ``inner`` where needed.
+        """Revisit steps offset..keep-1 of the stacked ``inner`` (holding steps offset..,
+        ``before`` being the state after step offset - 1) where needed.
 
         A step is revisited if the parameters changed, if it is in ``touched`` (sorted:
         constrained / selected steps) or if its incoming state changed (step 0: ``init_diff``;
@@ -311,11 +331,18 @@ class Unfold(GenerativeFunction):
             t: int | None = 0
         else:
             t = touched[0] if touched else None
-        if t is None or keep == 0:
+        if t is None or keep <= offset:
             return inner, 0.0, 0.0, []
+        assert t >= offset
         old_states = inner.retval
+
+        def state_before(t: int) -> Any:
+            if t == 0:
+                return init
+            return before if t == offset else _state_at(old_states, t - 1 - offset)
+
         state_diff = init_diff if t == 0 else _NO_CHANGE
-        state = init if t == 0 else _state_at(old_states, t - 1)
+        state = state_before(t)
         weight: Any = 0.0
         dscore: Any = 0.0
         visited: list[int] = []
@@ -323,7 +350,7 @@ class Unfold(GenerativeFunction):
         changed: list[int] = []
         try:
             while t is not None:
-                old = tree_index(inner, t)
+                old = tree_index(inner, t - offset)
                 new, w, rd = step(t, old, (t, state) + params,
                                   (_NO_CHANGE, state_diff) + param_diffs)
                 weight = weight + w
@@ -340,14 +367,14 @@ class Unfold(GenerativeFunction):
                     nxt = touched[j] if j < len(touched) and touched[j] < keep else None
                     state_diff = _NO_CHANGE
                     if nxt is not None:
-                        state = new.retval if nxt == t + 1 else _state_at(old_states, nxt - 1)
+                        state = new.retval if nxt == t + 1 else state_before(nxt)
                 t = nxt
         except AddressError as err:
             raise err.prefixed((t,)) from None
         stacked = _stack_steps(new_steps)
-        if len(visited) == keep:
+        if len(visited) == keep - offset:
             return stacked, weight, dscore, changed  # every step revisited, in order
-        idx = index_tensor(visited, inner.score)
+        idx = index_tensor([v - offset for v in visited], inner.score)
         return tree_scatter(inner, idx, stacked), weight, dscore, changed
 
     def _grow(self, inner: Trace | None, n_old: int, n_new: int, state: Any,
@@ -381,11 +408,27 @@ class Unfold(GenerativeFunction):
         return new, w
 
     @staticmethod
-    def _old_steps_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],
-                           n_old: int, n_new: int) -> bool:
-        """Whether an update must look at stored steps (else it only appends)."""
-        return (n_new < n_old or any(t < n_old for t in touched)
-                or not all(isinstance(d, NoChange) for d in argdiffs[1:]))
+    def _first_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],
+                       n_old: int, n_new: int) -> int:
+        """The first stored step an update must look at (``n_old``: none, it only appends):
+        0 if ``init_state`` or a parameter changed, else the first constrained/selected
+        stored step or the new length when shrinking."""
+        if not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+            return 0
+        first = min(n_new, n_old)
+        return min([t for t in touched if t < first] + [first])
+
+    def _stored_state(self, window: Trace | None, h: int, upto: int, prefix: StepBlock | None,
+                      rows: torch.Tensor | None, init: Any) -> Any:
+        """The state after step ``upto - 1`` (``init`` if ``upto`` is 0), from the gathered
+        steps h.. (``window``) or the shared prefix."""
+        if upto == 0:
+            return init
+        if upto > h:
+            assert window is not None
+            return _state_at(window.retval, upto - 1 - h)
+        assert prefix is not None and rows is not None
+        return prefix.last_state(rows)
 
     @staticmethod
     def _retdiff(n_new: int, n_old: int, changed: list[int]) -> Diff:
@@ -469,22 +512,24 @@ class Unfold(GenerativeFunction):
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
         n_old = trace.length
-        if not self._old_steps_touched(argdiffs, ckeys, n_old, n_new):
+        first = self._first_touched(argdiffs, ckeys, n_old, n_new)
+        if first >= n_old:
             new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
             return (new_trace, w + torch.zeros_like(new_trace.score),
                     self._retdiff(n_new, n_old, []), _EMPTY)
+        # steps < h stay in the shared history; steps h.. are gathered into ``window``
+        prefix, rows, window, h = trace.split(first)
         keep = min(n_old, n_new)
-        inner: Trace | None = trace.inner
         weight: Any = 0.0
         score: Any = trace.score  # kept up to date step by step: O(revisited + new steps)
         removed = _EMPTY
         if n_new < n_old:  # shrink: drop the tail, subtract its score
-            assert inner is not None
-            tail = tree_index(inner, slice(n_new, n_old))
+            assert window is not None
+            tail = tree_index(window, slice(n_new - h, n_old - h))
             weight = weight - tail.score.sum(0)
             score = score - tail.score.sum(0)
             removed = ChoiceMap.stacked(tail.choices, n_old - n_new, tuple(range(n_new, n_old)))
-            inner = tree_index(inner, slice(0, n_new)) if n_new > 0 else None
+            window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
         kernel = self.kernel
         discards: dict[int, ChoiceMap] = {}
 
@@ -495,15 +540,16 @@ class Unfold(GenerativeFunction):
             return new, w, rd
 
         changed: list[int] = []
-        if inner is not None and keep > 0:
-            inner, w, ds, changed = self._sweep(inner, keep, init, params, argdiffs[1],
-                                                argdiffs[2:], [k for k in ckeys if k < keep],
-                                                step)
+        if window is not None and keep > h:
+            before = self._stored_state(None, h, h, prefix, rows, init)
+            window, w, ds, changed = self._sweep(window, keep, init, params, argdiffs[1],
+                                                 argdiffs[2:], [k for k in ckeys if k < keep],
+                                                 step, h, before)
             weight, score = weight + w, score + ds
-        last = init if keep == 0 or inner is None else _state_at(inner.retval, keep - 1)
-        inner, w, ds = self._grow(inner, keep, n_new, last, params, cm, ckeys)
+        last = self._stored_state(window, h, keep, prefix, rows, init)
+        window, w, ds = self._grow(window, keep, n_new, last, params, cm, ckeys)
         weight, score = weight + w, score + ds
-        new_trace = self._trace(args, inner, n_new, score)
+        new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
         discard = ChoiceMap.node(discards).merge(removed) if discards else removed
         return (new_trace, weight + torch.zeros_like(new_trace.score),
                 self._retdiff(n_new, n_old, changed), discard)
@@ -526,30 +572,32 @@ class Unfold(GenerativeFunction):
         n_old = trace.length
         keep = min(n_old, n_new)
         touched = self._selected_steps(selection, keep)
-        if not self._old_steps_touched(argdiffs, touched, n_old, n_new):
+        first = self._first_touched(argdiffs, touched, n_old, n_new)
+        if first >= n_old:
             new_trace, _ = self._extend(trace, args, n_new, params, _EMPTY, ())
             return (new_trace, torch.zeros_like(new_trace.score),
                     self._retdiff(n_new, n_old, []))
-        inner: Trace | None = trace.inner
+        prefix, rows, window, h = trace.split(first)
         score: Any = trace.score
         if n_new < n_old:
-            assert inner is not None
-            score = score - inner.score[n_new:n_old].sum(0)
-            inner = tree_index(inner, slice(0, n_new)) if n_new > 0 else None
+            assert window is not None
+            score = score - window.score[n_new - h:n_old - h].sum(0)
+            window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
         kernel = self.kernel
         changed: list[int] = []
         weight: Any = 0.0
-        if inner is not None and keep > 0:
+        if window is not None and keep > h:
 
             def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
                 return kernel.regenerate(old, a, d, selection.get_subselection(t))
 
-            inner, weight, ds, changed = self._sweep(inner, keep, init, params, argdiffs[1],
-                                                     argdiffs[2:], touched, step)
+            before = self._stored_state(None, h, h, prefix, rows, init)
+            window, weight, ds, changed = self._sweep(window, keep, init, params, argdiffs[1],
+                                                      argdiffs[2:], touched, step, h, before)
             score = score + ds
-        last = init if keep == 0 or inner is None else _state_at(inner.retval, keep - 1)
-        inner, _, ds = self._grow(inner, keep, n_new, last, params, _EMPTY, ())
-        new_trace = self._trace(args, inner, n_new, score + ds)
+        last = self._stored_state(window, h, keep, prefix, rows, init)
+        window, _, ds = self._grow(window, keep, n_new, last, params, _EMPTY, ())
+        new_trace = self._window_trace(args, n_new, score + ds, window, rows, prefix)
         return (new_trace, weight + torch.zeros_like(new_trace.score),
                 self._retdiff(n_new, n_old, changed))
 
