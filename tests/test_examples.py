@@ -29,3 +29,40 @@ def test_hmm_example_matches_forward_algorithm():
     err = float(re.search(r"marginal error\| of the IS estimate: ([\d.]+)", out).group(1))
     assert err < 0.1
     assert (ROOT / "examples" / "output" / "hmm.png").exists()
+
+
+def test_stochastic_volatility_example_runs_filter_rejuvenation_and_hmc():
+    out = run_example("stochastic_volatility.py", "--no-progress")
+    boot = float(re.search(r"bootstrap pf\s+: (-?[\d.]+)", out).group(1))
+    rejuv = float(re.search(r"pf \+ rejuvenation : (-?[\d.]+)", out).group(1))
+    # two unbiased estimates of the same log p(y) (400 particles, T=30): their sd is ~0.1;
+    # rejuvenation moves leave the weights alone, so the estimates must agree
+    assert abs(boot - rejuv) < 0.5
+    acc = re.search(r"rejuvenation acceptance: mh ([\d.]+), mala ([\d.]+)", out)
+    assert 0.2 < float(acc.group(1)) <= 1 and 0.2 < float(acc.group(2)) <= 1
+    assert float(re.search(r"HMC on the whole path.*acceptance ([\d.]+)", out).group(1)) > 0.2
+    assert (ROOT / "examples" / "output" / "stochastic_volatility.png").exists()
+
+
+def test_learn_mlp_example_fits_the_data():
+    out = run_example("learn_mlp.py", "--no-progress")
+    m = re.search(r"before (-?[\d.]+), after (-?[\d.]+), true function (-?[\d.]+)", out)
+    before, after, oracle = (float(m.group(i)) for i in (1, 2, 3))
+    assert after > before + 0.5
+    assert abs(after - oracle) < 0.4
+    sigma = float(re.search(r"learned noise sigma: ([\d.]+)", out).group(1))
+    assert abs(sigma - 0.2) < 0.1
+    assert (ROOT / "examples" / "output" / "learn_mlp.png").exists()
+
+
+def test_tracking_example_matches_kalman_filter():
+    out = run_example("tracking_2d.py", "--small")
+    pf = float(re.search(r"log marginal likelihood \(particle filter\): (-?[\d.]+)", out).group(1))
+    exact = float(re.search(r"log marginal likelihood \(Kalman, exact\)\s*: (-?[\d.]+)",
+                            out).group(1))
+    # 2,000 particles, T = 30: the estimate's standard deviation is ~0.3 (5 seeds), so 1.2 is
+    # a ~4-sigma tolerance (and the seed is fixed)
+    assert abs(pf - exact) < 1.2
+    gap = float(re.search(r"max \|PF mean - Kalman mean\| \(position\): ([\d.]+)", out).group(1))
+    assert gap < 0.5
+    assert (ROOT / "examples" / "output" / "tracking_2d.png").exists()

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import torch
 
-from gfcomb.core.pytree import tree_index
+from gfcomb.core.pytree import tree_map_tensors
 
 
 def _walk(x: Any, hook: str) -> Any:
@@ -79,4 +79,11 @@ def select_batch(tree: Any, index: torch.Tensor) -> Any:
     if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.dim() != 1:
         raise TypeError("select_batch: index must be a 1-d long tensor of row numbers, got "
                         f"{type(index).__name__} {getattr(index, 'dtype', '')}")
-    return tree_index(compact_history(tree), index)
+    n = index.shape[0]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() and x.stride(0) == 0 and x.shape[0] == n:
+            return x  # expanded (unbatched args after vmap): every row is the same row
+        return x.index_select(0, index.to(x.device))
+
+    return tree_map_tensors(rows, compact_history(tree))

@@ -1,0 +1,277 @@
+"""Particle filtering on top of the GFI, all particles advanced in one vmapped call per step.
+
+A :class:`ParticleFilterState` holds ONE batched trace (every leaf has a leading particle
+axis), the particles' log weights and the running log marginal-likelihood estimate.  The API
+is functional: every function returns a new state and never mutates its input.
+
+.. code-block:: python
+
+    state = pf_initialize(model, (0, x0, *params), None, 10_000)
+    for t in range(T):
+        state = pf_update(state, (t + 1, x0, *params),
+                          (UnknownChange(), NoChange(), *[NoChange()] * len(params)),
+                          {(t, "y"): ys[t]})
+        state = pf_resample(state, "systematic", ess_threshold=5_000)
+    log_ml_estimate(state)
+
+Math (Gen.jl's particle filter): at step s the particles are updated to the new arguments with
+the step's observations as constraints; the incremental weight is the ``update`` weight,
+log p(t'; x') − log p(t; x) − log q(fresh choices), i.e. log p(y_s | x_s) for a bootstrap
+filter.  Resampling banks logsumexp(lw) − log N into the running log-ML and resets the
+weights to 0; ``log_ml_estimate = banked + logsumexp(lw) − log N``, an unbiased estimate of
+p(observations) (in p, not in log p).
+
+After every vmapped GFI call the traces pass through
+:func:`gfcomb.core.batched.compact_history`, and resampling uses
+:func:`gfcomb.core.batched.select_batch`, so Unfold traces re-index history pointers instead of
+copying the steps: a step costs the same after 1,000 steps as after 10.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+
+from gfcomb.combinators.vector import _flat_vmap
+from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff
+from gfcomb.core.errors import ArgumentError
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.trace import Trace
+from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n
+from gfcomb.inference.resampling import (
+    Resampler,
+    _systematic,
+    check_finite_max,
+    exp_normalized,
+    get_resampler,
+    systematic_resample,
+)
+from gfcomb.inference.resampling import effective_sample_size as _ess
+
+Kernel = Callable[..., Any]
+
+
+@attrs.frozen
+class ParticleFilterState:
+    """The state of a particle filter (immutable; each pf_* function returns a new one).
+
+    * ``traces`` -- ONE batched trace of ``model``: every tensor leaf has a leading axis of
+      ``n_particles``; ``state.traces[addr]`` reads a choice of all particles at once;
+    * ``log_weights`` -- [n_particles] unnormalized log weights;
+    * ``log_ml_base`` -- the part of the log marginal-likelihood estimate banked at the
+      resampling steps so far (``log_ml`` / :func:`log_ml_estimate` add the current weights);
+    * ``step`` -- the number of :func:`pf_update` calls made (0 after :func:`pf_initialize`);
+    * ``model``, ``args`` -- the model and the (unbatched) arguments the traces were made with;
+    * ``accepted`` -- per-particle acceptance of the last :func:`pf_rejuvenate` move, if any.
+    """
+
+    traces: Trace
+    log_weights: torch.Tensor
+    log_ml_base: torch.Tensor
+    step: int
+    model: GenerativeFunction
+    args: tuple[Any, ...]
+    accepted: torch.Tensor | None = None
+    # True when every log weight is 0 (just resampled): pf_update then skips adding them
+    _uniform: bool = attrs.field(default=False, eq=False, repr=False)
+    # max of log_weights when pf_update has already computed it (and found it finite)
+    _max: torch.Tensor | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def n_particles(self) -> int:
+        """The number of particles."""
+        return int(self.log_weights.shape[0])
+
+    @property
+    def log_ml(self) -> torch.Tensor:
+        """The running log marginal-likelihood estimate (:func:`log_ml_estimate`)."""
+        return log_ml_estimate(self)
+
+    @property
+    def normalized_weights(self) -> torch.Tensor:
+        """w_i / Σ_j w_j."""
+        return torch.softmax(self.log_weights, 0)
+
+
+def _check_state(state: Any, who: str) -> ParticleFilterState:
+    if not isinstance(state, ParticleFilterState):
+        raise ArgumentError(f"{who}: state must be a ParticleFilterState (from pf_initialize), "
+                            f"got {type(state).__name__}")
+    return state
+
+
+def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
+                  observations: ChoiceMap | dict[Any, Any] | None, n_particles: int,
+                  proposal: GenerativeFunction | None = None,
+                  proposal_args: tuple[Any, ...] = ()) -> ParticleFilterState:
+    """Start a particle filter: ``n_particles`` traces of ``model(*args)`` with
+    ``observations`` as constraints, generated in one vmapped call.
+
+    ``proposal`` (optional): a generative function called as ``proposal(*proposal_args)``
+    whose choices constrain the model.
+
+    Math: log w_i = generate weight of particle i (prior proposal: log p(observations | t_i));
+    with a proposal, log w_i = log p(t_i; args) − log q(u_i).  Step 0; nothing banked.
+    Raises :class:`DegenerateWeightsError` naming step 0 if every weight is -inf or one NaN.
+    """
+    who = "pf_initialize"
+    check_gen_fn(model, "model", who)
+    args = check_args_tuple(args)
+    n = check_n(n_particles, "n_particles", who)
+    if proposal is not None:
+        check_gen_fn(proposal, "proposal", who)
+    proposal_args = check_args_tuple(proposal_args, "proposal_args")
+    traces, log_w = batched_generate(model, args, as_choicemap(observations), n, proposal,
+                                     proposal_args)
+    check_finite_max(log_w, who, 0)
+    return ParticleFilterState(compact_history(traces), log_w, log_w.new_zeros(()), 0, model,
+                               args)
+
+
+def _updater(model: GenerativeFunction, new_args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+             obs: ChoiceMap, proposal: GenerativeFunction | None,
+             proposal_args: tuple[Any, ...]) -> Callable[[Trace], tuple[Any, ...]]:
+    """The per-particle step: (trace) -> (new trace, incremental log weight)."""
+    update = model.update
+    if proposal is None:
+        def one(trace: Trace) -> tuple[Trace, torch.Tensor]:
+            new, w, _rd, _disc = update(trace, new_args, argdiffs, obs)
+            return new, w
+    else:
+        def one(trace: Trace) -> tuple[Trace, torch.Tensor]:
+            choices, q_weight, _r = proposal.propose((trace,) + proposal_args)
+            new, w, _rd, _disc = update(trace, new_args, argdiffs, obs.merge(choices))
+            return new, w - q_weight
+    return one
+
+
+def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
+              argdiffs: tuple[Diff, ...], observations: ChoiceMap | dict[Any, Any] | None,
+              proposal: GenerativeFunction | None = None,
+              proposal_args: tuple[Any, ...] = ()) -> ParticleFilterState:
+    """Advance every particle to ``new_args`` with ``observations`` (shared by all particles,
+    unbatched) as constraints: one vmapped ``model.update`` call.
+
+    ``proposal`` (optional): a generative function called per particle as
+    ``proposal(trace, *proposal_args)`` (the particle's current trace first, as in Gen.jl);
+    its choices are added to the constraints.
+
+    Math: log w_i' = log w_i + update weight_i, where update weight =
+    log p(t_i'; x') − log p(t_i; x) − log q(fresh choices) (prior proposal: the likelihood of
+    the new observations); with a proposal, − log q(u_i; t_i, ...) as well.  Raises
+    :class:`DegenerateWeightsError` naming the step when every new weight is -inf or one is
+    NaN (the input state is left as it was).
+    """
+    who = "pf_update"
+    state = _check_state(state, who)
+    new_args = check_args_tuple(new_args, "new_args")
+    argdiffs = tuple(argdiffs)
+    if len(argdiffs) != len(new_args):
+        raise ArgumentError(f"{who}: argdiffs has {len(argdiffs)} entries for "
+                            f"{len(new_args)} arguments")
+    if proposal is not None:
+        check_gen_fn(proposal, "proposal", who)
+    proposal_args = check_args_tuple(proposal_args, "proposal_args")
+    obs = as_choicemap(observations)
+    one = _updater(state.model, new_args, argdiffs, obs, proposal, proposal_args)
+    n = state.n_particles
+    traces, inc = _flat_vmap(one, (0,), (state.traces,), n)
+    log_w = inc if state._uniform else state.log_weights + inc
+    step = state.step + 1
+    m = torch.amax(log_w, 0)
+    if not math.isfinite(float(m)):
+        check_finite_max(log_w, who, step)
+    return ParticleFilterState(compact_history(traces), log_w, state.log_ml_base, step,
+                               state.model, new_args, None, False, m)
+
+
+def pf_resample(state: ParticleFilterState, method: str | Resampler = "systematic",
+                ess_threshold: float | None = None) -> ParticleFilterState:
+    """Resample the particles (``method``: "systematic", "multinomial", "stratified",
+    "residual", or a callable ``(weights, n) -> ancestors``).
+
+    With ``ess_threshold`` (a number of particles, as in Gen.jl's ``maybe_resample!``), resample
+    only when the effective sample size is below it; otherwise the same state is returned.
+
+    Math: ancestors a_k drawn with E[#{k : a_k = i}] = N w̄_i; the new particles are
+    t_{a_k} with log weight 0, and logsumexp(lw) − log N is banked into the running log-ML.
+    The traces are re-indexed with :func:`select_batch` (Unfold histories are not copied).
+    """
+    who = "pf_resample"
+    state = _check_state(state, who)
+    resampler = get_resampler(method)
+    log_w = state.log_weights
+    n = state.n_particles
+    if ess_threshold is not None:
+        if state._max is None:
+            check_finite_max(log_w, who, state.step)
+        if bool(_ess(log_w) >= ess_threshold):
+            return state
+    if resampler is systematic_resample:  # the default: reuse the cumulative sum for lse
+        m = state._max
+        if m is None:
+            m = torch.amax(log_w, 0)
+            if not math.isfinite(float(m)):
+                check_finite_max(log_w, who, state.step)
+        cdf = torch.cumsum(torch.exp(log_w - m), 0)
+        lse = m + torch.log(cdf[-1])
+        ancestors = _systematic(cdf, n)
+    else:
+        weights, lse = exp_normalized(log_w, who, state.step)
+        ancestors = resampler(weights, n)
+    return ParticleFilterState(select_batch(state.traces, ancestors), log_w.new_zeros(n),
+                               state.log_ml_base + (lse - math.log(n)), state.step,
+                               state.model, state.args, None, True)
+
+
+def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,
+                  *kernel_args: Any) -> ParticleFilterState:
+    """Apply an MCMC move to every particle: ``kernel(state.traces, *kernel_args)``.
+
+    ``kernel`` acts on the whole batched trace (e.g. gfcomb's ``mh``/``mala``/``hmc``, which
+    run all chains in one vmapped call) and returns the new batched traces, or
+    ``(traces, accepted)`` with a per-particle acceptance flag (kept in ``state.accepted``).
+
+    Math: a kernel that leaves the model's posterior given the observations invariant keeps
+    the weighted particle system properly weighted, so the weights and the log-ML estimate are
+    unchanged.
+    """
+    who = "pf_rejuvenate"
+    state = _check_state(state, who)
+    if not callable(kernel):
+        raise ArgumentError(f"{who}: kernel must be callable (traces, *kernel_args) -> traces, "
+                            f"got {kernel!r}")
+    out = kernel(state.traces, *kernel_args)
+    accepted = None
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ArgumentError(f"{who}: the kernel must return traces or (traces, accepted); "
+                                f"got a tuple of {len(out)} items")
+        out, accepted = out
+    if not isinstance(out, Trace):
+        raise ArgumentError(f"{who}: the kernel returned {type(out).__name__}, not a trace")
+    return ParticleFilterState(compact_history(out), state.log_weights, state.log_ml_base,
+                               state.step, state.model, state.args, accepted, state._uniform,
+                               state._max)
+
+
+def log_ml_estimate(state: ParticleFilterState) -> torch.Tensor:
+    """The particle filter's log marginal-likelihood estimate.
+
+    Math: log p̂(y_{0:s}) = banked + logsumexp_i(lw_i) − log N, where banked is the sum of
+    logsumexp(lw) − log N over the resampling steps so far.
+    """
+    state = _check_state(state, "log_ml_estimate")
+    n = state.n_particles
+    return state.log_ml_base + torch.logsumexp(state.log_weights, 0) - math.log(n)
+
+
+def effective_sample_size(state: ParticleFilterState) -> torch.Tensor:
+    """Kish's effective sample size of the particle weights, (Σ w)² / Σ w² ∈ [1, N]."""
+    return _ess(_check_state(state, "effective_sample_size").log_weights)
