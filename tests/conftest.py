@@ -21,6 +21,11 @@ settings.register_profile("slow", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
+# One torch thread per test process: the suite runs under pytest-xdist (one worker per core),
+# and torch's intra-op threads on top of that oversubscribe the cores (measured: the particle
+# filter tests take 10x longer with 2 threads per worker on a 2-core machine).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_seed():

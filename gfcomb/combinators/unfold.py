@@ -93,6 +93,14 @@ def _state_tensors(init: Any) -> Any:
     return pytree.tree_map(as_tensor, init)
 
 
+def _as_weight(w: Any, score: torch.Tensor) -> torch.Tensor:
+    """A weight as a tensor shaped and typed like ``score`` (no op when it already is)."""
+    if (isinstance(w, torch.Tensor) and w.shape == score.shape and w.dtype == score.dtype
+            and w.device == score.device):
+        return w
+    return w + torch.zeros_like(score)
+
+
 def _zero_like(x: Any) -> torch.Tensor:
     """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
     for leaf in tree_tensors(x):
@@ -296,20 +304,20 @@ class Unfold(GenerativeFunction):
         kernel = self.kernel
         constrained = set(ckeys)
         steps = []
-        weight: Any = 0.0
+        weight: Any = None
         t = start
         try:
             for t in range(start, stop):
                 if t in constrained:
                     tr, w = kernel.generate((t, state) + params, cm.get_submap(t))
-                    weight = weight + w
+                    weight = w if weight is None else weight + w
                 else:
                     tr = kernel.simulate((t, state) + params)
                 steps.append(tr)
                 state = tr.retval
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        return _stack_steps(steps), weight
+        return _stack_steps(steps), 0.0 if weight is None else weight
 
     def _sweep(self, inner: Trace, keep: int, init: Any, params: tuple[Any, ...],
                init_diff: Diff, param_diffs: tuple[Diff, ...], touched: Sequence[int],
@@ -388,7 +396,7 @@ class Unfold(GenerativeFunction):
         grown, w = self._run_steps(n_old, n_new, state, params, cm,
                                    [k for k in ckeys if k >= n_old])
         assert grown is not None
-        dscore = grown.score.sum(0)
+        dscore = grown.score[0] if n_new - n_old == 1 else grown.score.sum(0)
         if inner is None:
             return grown, w, dscore
         return concat_elements(inner, grown), w, dscore
@@ -460,7 +468,7 @@ class Unfold(GenerativeFunction):
         ckeys = constrained_elements(cm, n, "generate")
         inner, w = self._run_steps(0, n, init, params, cm, ckeys)
         tr = self._trace(args, inner, n)
-        return tr, w + torch.zeros_like(tr.score)
+        return tr, _as_weight(w, tr.score)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Score given choices for every step; every step's choices must be given.
@@ -515,7 +523,7 @@ class Unfold(GenerativeFunction):
         first = self._first_touched(argdiffs, ckeys, n_old, n_new)
         if first >= n_old:
             new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
-            return (new_trace, w + torch.zeros_like(new_trace.score),
+            return (new_trace, _as_weight(w, new_trace.score),
                     self._retdiff(n_new, n_old, []), _EMPTY)
         # steps < h stay in the shared history; steps h.. are gathered into ``window``
         prefix, rows, window, h = trace.split(first)
@@ -551,7 +559,7 @@ class Unfold(GenerativeFunction):
         weight, score = weight + w, score + ds
         new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
         discard = ChoiceMap.node(discards).merge(removed) if discards else removed
-        return (new_trace, weight + torch.zeros_like(new_trace.score),
+        return (new_trace, _as_weight(weight, new_trace.score),
                 self._retdiff(n_new, n_old, changed), discard)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -598,7 +606,7 @@ class Unfold(GenerativeFunction):
         last = self._stored_state(window, h, keep, prefix, rows, init)
         window, _, ds = self._grow(window, keep, n_new, last, params, _EMPTY, ())
         new_trace = self._window_trace(args, n_new, score + ds, window, rows, prefix)
-        return (new_trace, weight + torch.zeros_like(new_trace.score),
+        return (new_trace, _as_weight(weight, new_trace.score),
                 self._retdiff(n_new, n_old, changed))
 
     @staticmethod
