@@ -93,6 +93,20 @@ def _state_tensors(init: Any) -> Any:
     return pytree.tree_map(as_tensor, init)
 
 
+_ROWS: dict[tuple[int, Any], torch.Tensor] = {}
+
+
+def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, cached (row pointers are read, never written in place)."""
+    key = (n, device)
+    rows = _ROWS.get(key)
+    if rows is None:
+        if len(_ROWS) > 64:
+            _ROWS.clear()
+        rows = _ROWS[key] = torch.arange(n, device=device)
+    return rows
+
+
 def _as_weight(w: Any, score: torch.Tensor) -> torch.Tensor:
     """A weight as a tensor shaped and typed like ``score`` (no op when it already is)."""
     if (isinstance(w, torch.Tensor) and w.shape == score.shape and w.dtype == score.dtype
@@ -210,7 +224,7 @@ class UnfoldTrace(Trace):
         n = self.score.shape[0]
         block = StepBlock(self.recent, self.rows, self.history, self.history_length,
                           self.length)
-        rows = torch.arange(n, device=self.score.device)
+        rows = _identity_rows(n, self.score.device)
         return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
 
 
