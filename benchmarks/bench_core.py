@@ -15,7 +15,9 @@ Measured, in one process:
    against the same chain hand-written in batched torch (``torch.randn(N)`` etc., with the log
    density accumulated), and their ratio.
 
-Timing: ``time.perf_counter``, warm-up first, then the median of several repeats.  Runs in
+Timing (:func:`_results.time_calls`): ``time.perf_counter``, warm-up first, then the median
+(``--best``: the best) of several repeats; ``--cpu`` times the calling thread's CPU time
+with one torch thread instead (steady on a shared machine).  Runs in
 float64 (as the test suite does) on CPU with torch's default thread count.
 
     python benchmarks/bench_core.py            # full run; rewrites its section of RESULTS.md
@@ -38,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 
-from _results import write_section  # noqa: E402
+from _results import load_average, time_calls, write_section  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 
@@ -83,20 +85,10 @@ def chain_batched_torch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bench(*fns: Callable[[], object], inner: int, repeats: int, warmup: int) -> list[float]:
-    """For each of ``fns``: the median over ``repeats`` of the mean seconds per call over
-    ``inner`` calls.  The functions take turns within each repeat, so that a change in the
-    machine's load affects all of them alike (their ratio is what gets compared)."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            out.append((time.perf_counter() - t0) / inner)
-    return [statistics.median(out) for out in samples]
+    """For each of ``fns``: the median over ``repeats`` of the mean wall seconds per call over
+    ``inner`` calls, the functions taking turns (:func:`_results.time_calls`; kept under this
+    name for the benchmarks that import it from here)."""
+    return time_calls(*fns, inner=inner, repeats=repeats, warmup=warmup)
 
 
 def gfi_calls() -> dict[str, Callable[[], object]]:
@@ -112,22 +104,30 @@ def gfi_calls() -> dict[str, Callable[[], object]]:
     }
 
 
-def run(quick: bool) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+def run(quick: bool, best: bool = False, cpu: bool = False) -> str:
+    load = load_average()
     inner, repeats, warmup = (50, 3, 20) if quick else (1000, 7, 200)
     n_vmap = 10_000
     v_inner, v_repeats, v_warmup = (3, 3, 2) if quick else (20, 7, 5)
+
+    stat = "Best" if best else "Median"
+
+    def timed(*fns: Callable[[], object], inner: int, repeats: int,
+              warmup: int) -> list[float]:
+        return time_calls(*fns, inner=inner, repeats=repeats, warmup=warmup,
+                          reduce=min if best else statistics.median,
+                          clock=time.thread_time if cpu else time.perf_counter)
 
     rows = []
     for validation in (True, False):
         gf.set_validation(validation)
         try:
             for name, fn in gfi_calls().items():
-                (t,) = bench(fn, inner=inner, repeats=repeats, warmup=warmup)
+                (t,) = timed(fn, inner=inner, repeats=repeats, warmup=warmup)
                 rows.append((name, "on" if validation else "off", t * 1e6, t * 1e6 / N_CHOICES))
         finally:
             gf.set_validation(True)
-    (t_plain,) = bench(chain_plain_torch, inner=inner, repeats=repeats, warmup=warmup)
+    (t_plain,) = timed(chain_plain_torch, inner=inner, repeats=repeats, warmup=warmup)
     t_plain *= 1e6
     rows.append(("plain torch ops, no GFI (reference)", "-", t_plain, t_plain / N_CHOICES))
 
@@ -136,7 +136,7 @@ def run(quick: bool) -> str:
     vsim = torch.func.vmap(lambda _: chain.simulate(()), randomness="different")
     btr = vsim(batch)
     assert btr.score.shape == (n_vmap,) and btr["x3"].shape == (n_vmap,)
-    t_vmap, t_hand = bench(lambda: vsim(batch), lambda: chain_batched_torch(n_vmap),
+    t_vmap, t_hand = timed(lambda: vsim(batch), lambda: chain_batched_torch(n_vmap),
                            inner=v_inner, repeats=v_repeats, warmup=v_warmup)
     ratio = t_vmap / t_hand
 
@@ -150,9 +150,12 @@ def run(quick: bool) -> str:
         "",
         f"Model: a {N_CHOICES}-choice Gaussian chain, x0 ~ N(0,1), x_i ~ N({RHO} x_(i-1), 1). "
         "`generate` constrains the last choice; `update` changes x5 (x1..x9 are rescored, "
-        "their means being recomputed in the body). Median of "
+        f"their means being recomputed in the body). {stat} of "
         f"{repeats} repeats of {inner} calls after {warmup} warm-up calls; "
-        f"1-min load average {load:.2f} at the start.",
+        f"1-min load average {load:.2f} at the start; "
+        + ("CPU time of the calling thread (`--cpu`: one torch thread, so all the work is "
+           "timed, and time other processes hold the CPU is not)." if cpu else
+           "wall-clock time."),
         "",
         "| call | validation | µs / call | µs / choice |",
         "|---|---|---:|---:|",
@@ -160,8 +163,8 @@ def run(quick: bool) -> str:
     lines += [f"| {n} | {v} | {t:.1f} | {c:.1f} |" for n, v, t, c in rows]
     lines += [
         "",
-        f"Batched: N = {n_vmap:,} samples of the whole chain, median of {v_repeats} repeats "
-        f"of {v_inner} calls after {v_warmup} warm-up calls (the two take turns).",
+        f"Batched: N = {n_vmap:,} samples of the whole chain, {stat.lower()} of {v_repeats} "
+        f"repeats of {v_inner} calls after {v_warmup} warm-up calls (the two take turns).",
         "",
         "| implementation | ms / call | ratio |",
         "|---|---:|---:|",
@@ -178,11 +181,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="few repeats, for a smoke run; does not touch RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 is steadier on a "
+                        "shared machine)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the CPU time of the calling thread with one torch thread "
+                        "(steady on a shared machine) instead of wall time")
+    parser.add_argument("--best", action="store_true",
+                        help="report the best repeat (as timeit does) instead of the median: "
+                        "on a loaded machine noise only adds time")
     opts = parser.parse_args(argv)
+    if opts.threads is not None or opts.cpu:
+        torch.set_num_threads(1 if opts.cpu else opts.threads)
 
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
-    table = run(opts.quick)
+    table = run(opts.quick, opts.best, opts.cpu)
     print(f"## {SECTION}\n\n{table}")
     if not (opts.quick or opts.no_write):
         path = write_section(SECTION, table)

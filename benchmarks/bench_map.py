@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 
-from _results import write_section  # noqa: E402
+from _results import load_average, time_calls, write_section  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.combinators.map import Map  # noqa: E402
@@ -133,18 +133,9 @@ def check(problem: dict[str, object], dtype: torch.dtype) -> None:
 def bench(*fns: Callable[[], object], inner: int, repeats: int, warmup: int) -> list[float]:
     """For each of ``fns``: the best (as ``timeit`` does: on a shared machine noise only adds
     time) over ``repeats`` of the mean CPU seconds per call over ``inner`` calls; the
-    functions take turns within each repeat."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples):
-            t0 = CLOCK()
-            for _ in range(inner):
-                fn()
-            out.append((CLOCK() - t0) / inner)
-    return [min(out) for out in samples]
+    functions take turns within each repeat (:func:`_results.time_calls`)."""
+    return time_calls(*fns, inner=inner, repeats=repeats, warmup=warmup, clock=CLOCK,
+                      reduce=min)
 
 
 def profile_generate(problem: dict[str, object], calls: int = 200, top: int = 18) -> str:
@@ -161,7 +152,7 @@ def profile_generate(problem: dict[str, object], calls: int = 200, top: int = 18
 
 
 def run(quick: bool, profile: bool, malloc_tuned: bool) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     inner, repeats, warmup = (3, 3, 2) if quick else (10, 25, 30)
     rows = []
     cases = [(N_MAIN, torch.float32), (N_MAIN, torch.float64)]

@@ -16,7 +16,15 @@ What is checked, for every distribution:
   Beta, Student-t, Dirichlet and MvNormal; Gamma's against torch's ``rsample`` under the same
   seed.
 - ``vmap(logpdf)`` and ``vmap(grad(logpdf))`` equal a per-element loop to 1e-12.
-- ``check_args`` raises :class:`DistributionArgumentError` naming the argument.
+- ``check_args`` raises :class:`DistributionArgumentError` naming the argument, through the
+  one table-driven routine of base.py, alike for Python numbers, one-element tensors and
+  larger tensors; validation stays off under vmap/grad.
+- value shapes: ``value_shape`` equals a sample's shape; constraints whose shape merely
+  broadcasts are rejected by generate/assess/update (naming the address; per element under
+  vmap), size-1 dimensions being the one leeway.
+- cached constant parameters (Python numbers) give the tensor results and are never made
+  under inference mode or grad; ``choice_gradients`` returns detached tensors with module
+  parameters; trace pytrees re-flatten from their cache and survive placeholder leaves.
 
 Statistical tests use fixed seeds and a p-value threshold of 1e-4: with the ~100 KS and
 chi-square tests below, the chance that *some* test would fail for a correct sampler under a
@@ -1028,3 +1036,307 @@ def test_torch_wrapper_optional_params_and_check_args() -> None:
         TorchDistribution(Normal)  # type: ignore[arg-type]
     custom = TorchDistribution(torch.distributions.Gumbel, name="my_gumbel")
     assert custom.name == "my_gumbel" and repr(custom).startswith("TorchDistribution(")
+
+
+# ======================================================= table-driven validation (base.py)
+def test_every_builtin_declares_its_constraints_in_the_table() -> None:
+    from gfcomb.distributions.base import Constraint, DistributionMethods
+
+    for name, (dist, _) in ALL_DISTS.items():
+        assert len(dist.param_constraints) == len(dist.param_names), name
+        assert all(isinstance(c, Constraint) for c in dist.param_constraints), name
+        # one shared check routine: no distribution re-implements check_args
+        assert type(dist).check_args is DistributionMethods.check_args, name
+
+
+def _as_vector(p: Any, n: int = 2) -> torch.Tensor:
+    """A tensor of ``n`` copies of ``p`` (batch dim in front): takes the tensor check path,
+    not the one-element ``.item()`` path."""
+    t = _t(p)
+    return t.expand(n, *t.shape).clone()
+
+
+NUMBER_BAD_ARGS = [  # the cases that are about values, not shapes
+    c for c in BAD_ARGS
+    if c[0] != "mv_normal" and not any(isinstance(p, torch.Tensor) and p.dim() > 0 for p in c[1])
+]
+
+
+@pytest.mark.parametrize(("name", "params", "arg"), NUMBER_BAD_ARGS)
+def test_number_scalar_and_vector_paths_name_the_same_argument(
+        name: str, params: tuple[Any, ...], arg: str) -> None:
+    """Python numbers, one-element tensors (read with .item()) and larger tensors take three
+    paths through the shared check routine; all three name the same argument."""
+    dist = ALL_DISTS[name][0]
+    forms = [params, _tensor_params(params)]
+    if dist.param_constraints and all(c.event_dim == 0 for c in dist.param_constraints):
+        forms.append(tuple(_as_vector(p) for p in params))
+    for form in forms:
+        with pytest.raises(DistributionArgumentError) as info:
+            dist.check_args(*form)
+        msg = str(info.value)
+        assert f"'{arg}'" in msg and name in msg, (form, msg)
+
+
+def test_valid_mixed_number_and_tensor_parameters_pass() -> None:
+    Normal().check_args(torch.zeros(3), 2.0)
+    Normal().check_args(0.5, torch.full((3,), 2.0))
+    Uniform().check_args(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]))
+    Binomial().check_args(torch.tensor([3, 4]), 0.5)  # integer tensor
+    UniformDiscrete().check_args(torch.tensor(1), 3)
+    with pytest.raises(DistributionArgumentError, match="'high' must be > 'low'"):
+        Uniform().check_args(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0]))
+    with pytest.raises(DistributionArgumentError, match=r"loc: \(3,\), scale: \(2,\)"):
+        Normal().check_args(torch.zeros(3), torch.ones(2))
+
+
+def test_validation_is_off_under_vmap_and_grad() -> None:
+    """Validation would need .item() (fails under vmap): inside transforms it is skipped."""
+    scales = torch.tensor([1.0, -1.0, 2.0])
+    tr = vmap(lambda s: Normal().simulate((0.0, s)), randomness="different")(scales)
+    assert tr.value.shape == (3,) and bool(torch.isnan(tr.score[1]))
+    g = grad(lambda s: Normal().assess((0.0, s), _cm(torch.tensor(0.3)))[0])(torch.tensor(-1.0))
+    assert g.shape == ()
+    with pytest.raises(DistributionArgumentError, match="'scale'"):
+        Normal().simulate((0.0, -1.0))
+
+
+def _cm(v: Any) -> Any:
+    from gfcomb.core.choicemap import ChoiceMap
+
+    return ChoiceMap.value(v)
+
+
+def test_set_validation_off_skips_the_checks() -> None:
+    from gfcomb.distributions.base import set_validation
+
+    set_validation(False)
+    try:
+        tr = Normal().simulate((0.0, -1.0))
+        assert bool(torch.isnan(tr.score))
+    finally:
+        set_validation(True)
+    with pytest.raises(DistributionArgumentError):
+        Normal().simulate((0.0, -1.0))
+
+
+# ========================================== constant parameters: converted once, cached
+def test_python_number_parameters_give_the_tensor_results() -> None:
+    x = torch.linspace(-2, 2, 5)
+    for scale in (1.0, 2.5):
+        a = Normal().logpdf(x, 0.3, scale)
+        b = Normal().logpdf(x, _t(0.3), _t(scale))
+        assert torch.allclose(a, b, rtol=1e-14, atol=1e-14)
+        torch.manual_seed(3)
+        s1 = Normal().sample(torch.zeros(4), scale)
+        torch.manual_seed(3)
+        s2 = Normal().sample(torch.zeros(4), _t(scale))
+        assert torch.allclose(s1, s2, rtol=1e-15, atol=0)
+    ref = stats.norm(0.3, 2.5).logpdf(x.numpy())
+    _assert_all_close(Normal().logpdf(x, 0.3, 2.5), ref, rtol=1e-12, atol=0)
+
+
+def test_constant_cache_keeps_signed_zero_dtype_and_device_apart() -> None:
+    from gfcomb.distributions.base import _constant, constant_value
+
+    pz = _constant(0.0, torch.float64, None)
+    nz = _constant(-0.0, torch.float64, None)
+    assert pz is not nz and math.copysign(1.0, float(nz)) == -1.0
+    assert _constant(0.5, torch.float32, None).dtype == torch.float32
+    assert _constant(0.5, torch.float64, None).dtype == torch.float64
+    assert constant_value(_constant(2.5, torch.float64, None)) == 2.5
+    assert constant_value(torch.tensor(2.5)) is None  # not a cached constant
+
+
+def test_constants_made_under_inference_mode_or_grad_are_not_cached() -> None:
+    from gfcomb.distributions.base import _CONSTANTS, _constant
+
+    with torch.inference_mode():
+        _constant(0.123456, torch.float64, None)
+    assert not any(k[0] == 0.123456 for k in _CONSTANTS)
+
+    def f(loc: torch.Tensor) -> torch.Tensor:
+        return Normal().logpdf(torch.tensor(0.1), loc, 0.654321)
+
+    g = grad(f)(torch.tensor(0.2))
+    assert g.item() == pytest.approx((0.1 - 0.2) / 0.654321 ** 2, rel=1e-12)
+    # a constant first made under grad is not kept (it would be a wrapped tensor)
+    assert all(not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _CONSTANTS.values())
+    # and one made under inference mode does not break autograd afterwards
+    with torch.inference_mode():
+        Normal().simulate((0.0, 0.777))
+    loc = torch.tensor(0.0, requires_grad=True)
+    (lp,) = torch.autograd.grad(Normal().logpdf(torch.tensor(0.5), loc, 0.777), loc)
+    assert lp.item() == pytest.approx(0.5 / 0.777 ** 2, rel=1e-12)
+
+
+# ================================================== value shapes and constraint shapes
+def test_value_shape_is_the_shape_of_a_sample() -> None:
+    for name, (dist, params) in ALL_DISTS.items():
+        for form in (params, _expand(params, 3)):
+            sample = dist.sample(*form)
+            assert dist.value_shape(_tensor_params(form)) == tuple(sample.shape), name
+            assert dist.value_shape(form) == tuple(sample.shape), name
+    assert Normal().value_shape((torch.zeros(3, 1), torch.ones(4))) == (3, 4)
+
+
+WRONG_SHAPES = [  # (name, params, a constraint of a wrong shape)
+    ("normal", (0.0, 1.0), torch.zeros(3)),
+    ("normal", (torch.zeros(3), 1.0), torch.tensor(0.0)),
+    ("normal", (torch.zeros(3), 1.0), torch.zeros(2, 3)),
+    ("bernoulli", (0.3,), torch.ones(2)),
+    ("categorical", ([0.2, 0.8],), torch.tensor([0, 1])),
+    ("mv_normal", (torch.zeros(2), torch.eye(2)), torch.zeros(3)),
+    ("mv_normal", (torch.zeros(2), torch.eye(2)), torch.zeros(4, 2)),
+    ("dirichlet", ([1.0, 2.0, 3.0],), torch.full((2, 3), 1 / 3)),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "value"), WRONG_SHAPES)
+def test_wrong_shaped_constraints_are_rejected(name: str, params: Any, value: Any) -> None:
+    import gfcomb as gf
+
+    dist = ALL_DISTS[name][0]
+    with pytest.raises(DistributionArgumentError, match=r"does not fit the parameters") as info:
+        dist.generate(params, _cm(value))
+    assert name in str(info.value) and str(tuple(value.shape)) in str(info.value)
+    with pytest.raises(DistributionArgumentError):
+        dist.assess(params, _cm(value))
+    tr = dist.simulate(params)
+    with pytest.raises(DistributionArgumentError):
+        dist.update(tr, params, (gf.UnknownChange(),) * len(params), _cm(value))
+
+    @gf.gen
+    def model():
+        return dist(*params) @ ("a", "x")
+
+    mtr = model.simulate(())
+    snap = mtr.score.clone()
+    for call in (lambda: model.generate((), {("a", "x"): value}),
+                 lambda: model.assess((), {("a", "x"): value}),
+                 lambda: model.update(mtr, (), (), {("a", "x"): value})):
+        with pytest.raises(DistributionArgumentError) as info:
+            call()
+        assert info.value.address == ("a", "x") and "('a', 'x')" in str(info.value)
+    assert torch.equal(mtr.score, snap)
+
+
+def test_size_one_dimensions_are_the_one_leeway() -> None:
+    # () for a (1,)-valued normal and (1,) for a scalar one: same single value, scored once
+    _, w = Normal().generate((torch.zeros(1), 1.0), _cm(torch.tensor(0.5)))
+    assert w.item() == pytest.approx(stats.norm(0, 1).logpdf(0.5), rel=1e-12)
+    _, w = Normal().generate((0.0, 1.0), _cm(torch.tensor([0.5])))
+    assert w.item() == pytest.approx(stats.norm(0, 1).logpdf(0.5), rel=1e-12)
+    tr, w = Normal().generate((torch.zeros(3), 1.0), _cm(torch.tensor([0.1, 0.2, 0.3])))
+    assert w.item() == pytest.approx(stats.norm(0, 1).logpdf([0.1, 0.2, 0.3]).sum(), rel=1e-12)
+
+
+def test_rescoring_a_kept_value_under_arguments_of_another_shape_is_rejected() -> None:
+    import gfcomb as gf
+
+    tr = Normal().simulate((0.0, 1.0))
+    with pytest.raises(DistributionArgumentError, match="kept value"):
+        Normal().update(tr, (torch.zeros(3), 1.0), (gf.UnknownChange(), gf.NoChange()))
+    new, w, _, _ = Normal().update(tr, (0.5, 2.0), (gf.UnknownChange(),) * 2)
+    ref = stats.norm(0.5, 2.0).logpdf(tr.value.item()) - stats.norm(0, 1).logpdf(tr.value.item())
+    assert w.item() == pytest.approx(ref, rel=1e-12)
+
+
+def test_constraint_shapes_are_checked_per_element_under_vmap() -> None:
+    locs = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    good = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+
+    def gen_one(loc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return Normal().generate((loc, 1.0), _cm(v))[1]
+
+    w = vmap(gen_one)(locs, good)
+    loop = torch.stack([gen_one(locs[i], good[i]) for i in range(3)])
+    assert torch.allclose(w, loop, rtol=1e-14, atol=0)
+    ref = stats.norm(locs.numpy(), 1.0).logpdf(good.numpy()).sum(-1)
+    _assert_all_close(w, ref, rtol=1e-12, atol=0)
+    with pytest.raises(DistributionArgumentError, match=r"shape \(3,\)"):
+        vmap(gen_one)(locs, torch.zeros(3, 3))  # per element (3,) for a (2,)-valued normal
+
+
+# ================================================================== choice_gradients
+def test_choice_gradients_are_detached_with_module_parameters() -> None:
+    import gfcomb as gf
+
+    lin = torch.nn.Linear(1, 1)
+
+    @gf.gen
+    def model(x):
+        z = gf.normal(lin(x.reshape(1)).squeeze(-1), 1.0) @ "z"
+        return gf.normal(z, 0.5) @ "y"
+
+    x = torch.tensor(0.7)
+    tr = model.simulate((x,))
+    arg_grads, values, grads = model.choice_gradients(tr, gf.select("z", "y"))
+    for t in (arg_grads[0], values["z"], values["y"], grads["z"], grads["y"]):
+        assert t.grad_fn is None and not t.requires_grad
+    with torch.no_grad():
+        mu = lin(x.reshape(1)).squeeze(-1)
+    z, y = tr["z"].detach(), tr["y"].detach()
+    w, b = lin.weight.detach().item(), lin.bias.detach().item()
+    assert grads["z"].item() == pytest.approx((-(z - mu) + (y - z) / 0.25).item(), rel=1e-12)
+    assert grads["y"].item() == pytest.approx((-(y - z) / 0.25).item(), rel=1e-12)
+    assert arg_grads[0].item() == pytest.approx(((z - mu) * w).item(), rel=1e-12)
+    assert lin.weight.grad is None and b == lin.bias.item()
+
+
+# ===================================================================== trace pytrees
+def test_trace_flatten_is_cached_and_survives_placeholders() -> None:
+    from torch.utils import _pytree as pytree
+
+    import gfcomb as gf
+
+    @gf.gen
+    def model(s):
+        a = gf.normal(0.0, s) @ "a"
+        return gf.mv_normal(torch.stack([a, a]), torch.eye(2)) @ ("b", 0)
+
+    tr = model.simulate((torch.tensor(1.5),))
+    leaves, spec = pytree.tree_flatten(tr)
+    leaves2, spec2 = pytree.tree_flatten(tr)
+    assert spec == spec2 and all(x is y for x, y in zip(leaves, leaves2))
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert torch.equal(rebuilt["b", 0], tr["b", 0]) and rebuilt.gen_fn is model
+    assert pytree.tree_structure(rebuilt) == spec
+    # torch broadcasts out_dims by rebuilding with placeholder leaves and re-flattening
+    holder = pytree.tree_unflatten([0] * len(leaves), spec)
+    assert pytree.tree_structure(holder) == spec
+    # vmap returns a batched trace equal to a per-element loop under fixed values
+    ss = torch.tensor([0.5, 1.0, 2.0])
+    cm = gf.ChoiceMap({"a": 0.3, ("b", 0): torch.tensor([0.1, -0.2])})
+    btr, bw = vmap(lambda s: model.generate((s,), cm))(ss)
+    for i in range(3):
+        tri, wi = model.generate((ss[i],), cm)
+        assert torch.allclose(bw[i], wi, rtol=1e-14, atol=0)
+        assert torch.allclose(btr.score[i], tri.score, rtol=1e-14, atol=0)
+        assert torch.equal(btr["b", 0][i], tri["b", 0])
+
+
+def test_a_custom_distribution_without_a_constraint_table_keeps_working() -> None:
+    """Parameters default to REAL (finite); without declared event dims the value shape is
+    unknown, so no shape check rejects a (d,)-valued choice with a (d, d) parameter."""
+    from gfcomb.distributions.base import Distribution
+
+    class DiagFromMatrix(Distribution):
+        name = "diag_from_matrix"
+        param_names = ("mean", "cov")
+        reparameterized = True
+
+        def sample(self, mean: Any, cov: Any) -> torch.Tensor:
+            return mean + torch.diagonal(cov).sqrt() * torch.randn_like(mean)
+
+        def logpdf(self, value: Any, mean: Any, cov: Any) -> torch.Tensor:
+            return Normal().logpdf(value, mean, torch.diagonal(cov).sqrt())
+
+    d = DiagFromMatrix()
+    mean, cov = torch.zeros(3), torch.diag(torch.tensor([1.0, 4.0, 9.0]))
+    v = torch.tensor([0.5, -1.0, 2.0])
+    _, w = d.generate((mean, cov), _cm(v))
+    ref = stats.norm(0, [1.0, 2.0, 3.0]).logpdf(v.numpy()).sum()
+    assert w.item() == pytest.approx(ref, rel=1e-12)
+    with pytest.raises(DistributionArgumentError, match="'cov' must be finite"):
+        d.check_args(mean, cov * math.nan)

@@ -65,6 +65,9 @@ def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
         return  # every element is present
 
 
+_RUNTIME: dict[str, Any] = {}  # gfcomb.dsl.runtime's entry point, imported on first use
+
+
 class Invocation:
     """``gen_fn(*args)``: a call waiting for an address, used inside ``@gen`` bodies as
     ``gen_fn(*args) @ "addr"``."""
@@ -76,8 +79,11 @@ class Invocation:
         self.args = args
 
     def __matmul__(self, addr: Any) -> Any:
-        from gfcomb.dsl.runtime import trace_call
+        trace_call = _RUNTIME.get("trace_call")
+        if trace_call is None:  # imported once (a function-level import costs ~1 µs a call)
+            from gfcomb.dsl.runtime import trace_call
 
+            _RUNTIME["trace_call"] = trace_call
         return trace_call(self.gen_fn, self.args, addr)
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -30,8 +31,34 @@ def _retval_term(retgrad: Any, retval: Any) -> torch.Tensor | float:
     return total
 
 
+def _detached(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached: gradients and choice values are results,
+    not part of an autograd graph (module parameters require grad, so without this they
+    would carry ``grad_fn`` and keep the graph alive)."""
+    return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
 def _differentiable(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _present_discrete(cm: ChoiceMap) -> torch.dtype | None:
+    """The dtype of a discrete choice present in ``cm``, else None.  A masked-out value (a
+    filtered Map element or Switch branch that is not selected) does not count; under vmap a
+    masked value cannot be inspected and is let through."""
+    if cm.is_value():
+        v, m = cm.get_value(), cm.mask
+        if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool:
+            if m is None or (not inside_functorch_transform() and bool(m.any())):
+                return v.dtype
+        return None
+    if cm.is_stacked():
+        return _present_discrete(cm.stacked_inner)
+    for k in cm.keys():
+        found = _present_discrete(cm.get_submap(k))
+        if found is not None:
+            return found
+    return None
 
 
 def choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Selection | None,
@@ -50,10 +77,10 @@ def choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Select
     sel_leaves, sel_spec = pytree.tree_flatten(selected)
     # masks (bool tensors) ride along in the flattened selection; only values are differentiated
     sel_diff = [i for i, a in enumerate(sel_leaves) if _differentiable(a)]
-    for v in sel_leaves:
-        if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool:
-            raise TypeError("choice_gradients: the selection includes a discrete choice "
-                            f"(dtype {v.dtype}); select continuous choices only")
+    bad = _present_discrete(selected)
+    if bad is not None:
+        raise TypeError("choice_gradients: the selection includes a discrete choice "
+                        f"(dtype {bad}); select continuous choices only")
 
     def objective(arg_vals: list[torch.Tensor], sel_vals: list[torch.Tensor]) -> torch.Tensor:
         a_leaves = list(arg_leaves)
@@ -69,7 +96,8 @@ def choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Select
 
     arg_vals = [arg_leaves[i] for i in arg_diff]
     sel_vals = [sel_leaves[i] for i in sel_diff]
-    g_args, g_sel = torch.func.grad(objective, argnums=(0, 1))(arg_vals, sel_vals)
+    with torch.no_grad():  # torch.func.grad still differentiates; no outer graph is built
+        g_args, g_sel = torch.func.grad(objective, argnums=(0, 1))(arg_vals, sel_vals)
     out_arg_leaves: list[Any] = [None] * len(arg_leaves)
     for i, g in zip(arg_diff, g_args):
         out_arg_leaves[i] = g
@@ -78,7 +106,7 @@ def choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Select
     for i, g in zip(sel_diff, g_sel):
         grad_leaves[i] = g
     choice_grads = pytree.tree_unflatten(grad_leaves, sel_spec)
-    return arg_grads, selected, choice_grads
+    return _detached(arg_grads), _detached(selected), _detached(choice_grads)
 
 
 def accumulate_param_gradients(gen_fn: GenerativeFunction, trace: Trace, retgrad: Any,

@@ -9,6 +9,14 @@ kept static too.  Which leaves are tensors is decided once, when a record is fir
 and remembered in the record's ``_layout`` slot: torch re-flattens records whose tensor leaves
 have been replaced by placeholders (e.g. ``0`` when it broadcasts ``out_dims``), so the layout
 must not be re-derived from the leaf types then.
+
+Flattening is on the fixed cost of every ``torch.func.vmap`` call that takes or returns a trace
+(torch flattens the outputs, rebuilds them with placeholders to broadcast ``out_dims``,
+flattens that again and rebuilds the result), so it is made cheap: a record's dynamic fields
+are walked directly (tuples, lists, dicts, registered nodes; :func:`_walk`) instead of with a
+nested ``tree_flatten``, and the result ``(children, context)`` is what ``_layout`` holds: a
+record is immutable, so flattening it again (or a record built by unflatten) is a lookup.
+Code that copies a record with changed fields (``attrs.evolve``) must reset ``_layout``.
 """
 
 from __future__ import annotations
@@ -25,22 +33,62 @@ T = TypeVar("T")
 _LAYOUT = "_layout"
 
 
-def _flatten_fields(values: Sequence[Any], layout: Any) -> tuple[list[Any], Any]:
-    leaves, spec = pytree.tree_flatten(list(values))
-    if layout is not None and layout[0] == spec:
-        is_dyn = layout[1]
-    else:
-        is_dyn = tuple(isinstance(leaf, torch.Tensor) for leaf in leaves)
-    children = [leaf for leaf, d in zip(leaves, is_dyn) if d]
-    statics = tuple(None if d else leaf for leaf, d in zip(leaves, is_dyn))
-    return children, (spec, is_dyn, statics)
+_W_TENSOR, _W_TUPLE, _W_LIST, _W_DICT, _W_STATIC, _W_NODE, _W_OTHER = range(7)
+_TENSOR_SPEC = (_W_TENSOR,)
+_PLAIN_STATIC = (int, float, bool, str, type(None))
 
 
-def _unflatten_fields(children: Sequence[Any], ctx: Any) -> list[Any]:
-    spec, is_dyn, statics = ctx
-    it = iter(children)
-    leaves = [next(it) if d else s for d, s in zip(is_dyn, statics)]
-    return pytree.tree_unflatten(leaves, spec)
+def _walk(x: Any, leaves: list[Any]) -> Any:
+    """Append the tensor leaves of ``x`` to ``leaves`` and return a spec to rebuild it.
+
+    Equal specs mean equal structure: nested tuples of kinds, dict keys, the type and
+    context of registered pytree nodes (records, choice maps, diffs) and the values of
+    non-tensor leaves (which stay static).  A direct walk: much cheaper than
+    ``pytree.tree_flatten`` with its TreeSpec per node.
+    """
+    if isinstance(x, torch.Tensor):
+        leaves.append(x)
+        return _TENSOR_SPEC
+    t = type(x)
+    if t is tuple:
+        return (_W_TUPLE, tuple([_walk(v, leaves) for v in x]))
+    if t is list:
+        return (_W_LIST, tuple([_walk(v, leaves) for v in x]))
+    if t is dict:
+        return (_W_DICT, tuple(x), tuple([_walk(v, leaves) for v in x.values()]))
+    if t in _PLAIN_STATIC:
+        return (_W_STATIC, x)
+    node = pytree.SUPPORTED_NODES.get(t)
+    if node is not None:
+        children, ctx = node.flatten_fn(x)
+        return (_W_NODE, t, ctx, tuple([_walk(c, leaves) for c in children]))
+    if pytree.tree_is_leaf(x):
+        return (_W_STATIC, x)
+    # another pytree node (a namedtuple, a structseq): torch's own walk
+    all_leaves, spec = pytree.tree_flatten(x)
+    is_t = tuple(isinstance(v, torch.Tensor) for v in all_leaves)
+    leaves.extend(v for v, k in zip(all_leaves, is_t) if k)
+    return (_W_OTHER, spec, is_t, tuple(None if k else v for v, k in zip(all_leaves, is_t)))
+
+
+def _build(spec: Any, it: Any) -> Any:
+    """Rebuild what :func:`_walk` walked, taking its tensor leaves from the iterator ``it``."""
+    kind = spec[0]
+    if kind == _W_TENSOR:
+        return next(it)
+    if kind == _W_STATIC:
+        return spec[1]
+    if kind == _W_TUPLE:
+        return tuple([_build(s, it) for s in spec[1]])
+    if kind == _W_LIST:
+        return [_build(s, it) for s in spec[1]]
+    if kind == _W_DICT:
+        return dict(zip(spec[1], [_build(s, it) for s in spec[2]]))
+    if kind == _W_NODE:
+        return pytree.SUPPORTED_NODES[spec[1]].unflatten_fn(
+            [_build(s, it) for s in spec[3]], spec[2])
+    _, tspec, is_t, statics = spec
+    return pytree.tree_unflatten([next(it) if k else v for v, k in zip(statics, is_t)], tspec)
 
 
 class _Uncompared:
@@ -115,6 +163,11 @@ def _reconcile(spec: Any, others: Sequence[Any]) -> Any:
 
 
 
+#: Every record class registered with :func:`register_record`: (dynamic field names, static
+#: field names, its pytree flatten function); read by :mod:`gfcomb.core.flat`.
+RECORD_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {}
+
+
 def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str]) -> type[T]:
     """Register an attrs record class as a pytree node.
 
@@ -129,27 +182,33 @@ def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str])
     boxed = tuple(f in loose for f in static)
 
     def flatten(rec: Any) -> tuple[list[Any], Any]:
-        values = [getattr(rec, f) for f in dynamic]
-        children, ctx = _flatten_fields(values, getattr(rec, _LAYOUT))
-        return children, (ctx, tuple(_Uncompared(getattr(rec, f)) if b else getattr(rec, f)
-                                     for f, b in zip(static, boxed)))
+        cached = getattr(rec, _LAYOUT)
+        if cached is not None:  # flattened before, or built by unflatten: immutable
+            return list(cached[0]), cached[1]
+        children: list[Any] = []
+        specs = tuple([_walk(getattr(rec, f), children) for f in dynamic])
+        context = (specs, tuple(_Uncompared(getattr(rec, f)) if b else getattr(rec, f)
+                                for f, b in zip(static, boxed)))
+        object.__setattr__(rec, _LAYOUT, (tuple(children), context))
+        return children, context
 
     def unflatten(children: Any, context: Any) -> Any:
-        ctx, static_values = context
-        values = _unflatten_fields(list(children), ctx)
-        kwargs = dict(zip(dynamic, values))
-        kwargs.update((f, (None if v.value is _CONFLICT else v.value) if b else v)
-                      for f, v, b in zip(static, static_values, boxed))
+        specs, static_values = context
+        children = tuple(children)
+        it = iter(children)
         rec = cls.__new__(cls)
-        for name, value in kwargs.items():
-            object.__setattr__(rec, name, value)
-        object.__setattr__(rec, _LAYOUT, (ctx[0], ctx[1]))
+        for name, spec in zip(dynamic, specs):
+            object.__setattr__(rec, name, _build(spec, it))
+        for f, v, b in zip(static, static_values, boxed):
+            object.__setattr__(rec, f, (None if v.value is _CONFLICT else v.value) if b else v)
+        object.__setattr__(rec, _LAYOUT, (children, context))
         _post_unflatten = getattr(rec, "_after_unflatten", None)
         if _post_unflatten is not None:
             _post_unflatten()
         return rec
 
     pytree.register_pytree_node(cls, flatten, unflatten)
+    RECORD_FIELDS[cls] = (dynamic, static, flatten)
     return cls
 
 

@@ -25,53 +25,30 @@ This module also holds the small numerical helpers shared by :mod:`.discrete` an
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Union
 
 import torch
 
-from gfcomb.core.errors import DistributionArgumentError
-from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.base import (  # noqa: F401  (_float_dtype: re-exported helper)
+    POSITIVE,
+    REAL,
+    Distribution,
+    _broadcast,
+    _float_dtype,
+    _tensors,
+    constant_value,
+)
 
 #: What a distribution parameter may be: a tensor, a Python number, or a nested list.
 ArrayLike = Union[torch.Tensor, float, int, bool, list]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_HALF_LOG_2PI = 0.5 * _LOG_2PI
 _LOG_PI = math.log(math.pi)
 
 
 # ===================================================================================== helpers
-def _float_dtype(params: tuple[Any, ...]) -> torch.dtype:
-    """The promoted floating dtype of the floating tensor parameters (default dtype if none)."""
-    dtypes = [p.dtype for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
-    if not dtypes:
-        return torch.get_default_dtype()
-    return functools.reduce(torch.promote_types, dtypes)
-
-
-def _tensors(*params: Any) -> tuple[torch.Tensor, ...]:
-    """Convert parameters to tensors of one floating dtype on the device of the tensor ones.
-
-    Python numbers follow the tensors (as in ``torch.normal(t, 1.0)``), integer tensors are
-    promoted to the floating dtype.  Works on BatchedTensors (only ``.to``/``as_tensor``).
-    """
-    dtype = _float_dtype(params)
-    device = next((p.device for p in params if isinstance(p, torch.Tensor)), None)
-    out = []
-    for p in params:
-        if isinstance(p, torch.Tensor):
-            out.append(p if p.dtype == dtype else p.to(dtype))
-        else:
-            out.append(torch.as_tensor(p, dtype=dtype, device=device))
-    return tuple(out)
-
-
-def _broadcast(*params: Any) -> tuple[torch.Tensor, ...]:
-    """:func:`_tensors` followed by ``torch.broadcast_tensors``."""
-    return tuple(torch.broadcast_tensors(*_tensors(*params)))
-
-
 def _neg_inf_outside(support: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """``logp`` where ``support`` holds, ``-inf`` elsewhere (broadcast)."""
     return torch.where(support, logp, torch.full_like(logp, -math.inf))
@@ -208,11 +185,18 @@ class Normal(Distribution):
 
     name = "normal"
     param_names = ("loc", "scale")
+    param_constraints = (REAL, POSITIVE)
     discrete = False
     reparameterized = True
 
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``loc + scale * eps`` with ``eps ~ N(0, 1)``."""
+        loc, scale = _tensors(loc, scale)
+        s = constant_value(scale)  # a Python-number scale (the common ``normal(mu, 1.0)``)
+        if s is not None and scale.dim() == 0:
+            # in place into the fresh noise (same batching as loc): fewer allocations
+            eps = torch.randn_like(loc)
+            return eps.add_(loc) if s == 1.0 else eps.mul_(s).add_(loc)
         loc, scale = _broadcast(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
@@ -221,17 +205,16 @@ class Normal(Distribution):
     ) -> torch.Tensor:
         """Elementwise log density."""
         x, loc, scale = _tensors(value, loc, scale)
+        s = constant_value(scale)
+        if s is not None and s > 0 and scale.dim() == 0:  # log and division in Python
+            z = x - loc
+            if s != 1.0:
+                z = z.div_(s)
+            # in place on fresh intermediates (autograd saves z, not the product)
+            return (z * z).mul_(-0.5).sub_(math.log(s) + _HALF_LOG_2PI)
         z = (x - loc) / scale
-        return -0.5 * z * z - torch.log(scale) - 0.5 * _LOG_2PI
+        return -0.5 * z * z - torch.log(scale) - _HALF_LOG_2PI
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``loc``/``scale``, ``scale > 0``, broadcastable shapes."""
-        self._check_arity(params)
-        loc, scale = params
-        self._check_finite("loc", loc)
-        self._check_finite("scale", scale)
-        self._check_broadcast(loc=loc, scale=scale)
-        self._check_positive("scale", scale)
 
 
 class Uniform(Distribution):
@@ -246,6 +229,8 @@ class Uniform(Distribution):
 
     name = "uniform"
     param_names = ("low", "high")
+    param_constraints = (REAL, REAL)
+    relations = (("low", "<", "high"),)
     discrete = False
     reparameterized = True
 
@@ -262,19 +247,6 @@ class Uniform(Distribution):
         support = (x >= low) & (x <= high)
         return _neg_inf_outside(support, -torch.log(high - low))
 
-    def check_args(self, *params: Any) -> None:
-        """Finite bounds, broadcastable, ``low < high``."""
-        self._check_arity(params)
-        low, high = params
-        self._check_finite("low", low)
-        self._check_finite("high", high)
-        self._check_broadcast(low=low, high=high)
-        lo, hi = _tensors(low, high)
-        if not bool((hi > lo).all()):
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'high' must be > 'low', got low={lo.detach().cpu()}, "
-                f"high={hi.detach().cpu()}"
-            )
 
 
 class Beta(Distribution):
@@ -290,6 +262,7 @@ class Beta(Distribution):
 
     name = "beta"
     param_names = ("concentration1", "concentration0")
+    param_constraints = (POSITIVE, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -313,15 +286,6 @@ class Beta(Distribution):
         lp = _xlogy(a - 1, xs) + _xlog1py(b - 1, -xs) - lbeta
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive, broadcastable concentrations."""
-        self._check_arity(params)
-        a, b = params
-        self._check_finite("concentration1", a)
-        self._check_finite("concentration0", b)
-        self._check_broadcast(concentration1=a, concentration0=b)
-        self._check_positive("concentration1", a)
-        self._check_positive("concentration0", b)
 
 
 class Gamma(Distribution):
@@ -336,6 +300,7 @@ class Gamma(Distribution):
 
     name = "gamma"
     param_names = ("concentration", "rate")
+    param_constraints = (POSITIVE, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -357,15 +322,6 @@ class Gamma(Distribution):
         lp = k * torch.log(rate) + _xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive, broadcastable ``concentration`` and ``rate``."""
-        self._check_arity(params)
-        k, rate = params
-        self._check_finite("concentration", k)
-        self._check_finite("rate", rate)
-        self._check_broadcast(concentration=k, rate=rate)
-        self._check_positive("concentration", k)
-        self._check_positive("rate", rate)
 
 
 class InvGamma(Distribution):
@@ -380,6 +336,7 @@ class InvGamma(Distribution):
 
     name = "inv_gamma"
     param_names = ("concentration", "rate")
+    param_constraints = (POSITIVE, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -400,15 +357,6 @@ class InvGamma(Distribution):
         lp = k * torch.log(rate) - torch.lgamma(k) - (k + 1) * torch.log(ys) - rate / ys
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive, broadcastable ``concentration`` and ``rate``."""
-        self._check_arity(params)
-        k, rate = params
-        self._check_finite("concentration", k)
-        self._check_finite("rate", rate)
-        self._check_broadcast(concentration=k, rate=rate)
-        self._check_positive("concentration", k)
-        self._check_positive("rate", rate)
 
 
 class Exponential(Distribution):
@@ -421,6 +369,7 @@ class Exponential(Distribution):
 
     name = "exponential"
     param_names = ("rate",)
+    param_constraints = (POSITIVE,)
     discrete = False
     reparameterized = True
 
@@ -436,11 +385,6 @@ class Exponential(Distribution):
         xs = _safe(support, x, 1.0)
         return _neg_inf_outside(support, torch.log(rate) - rate * xs)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive ``rate``."""
-        self._check_arity(params)
-        self._check_finite("rate", params[0])
-        self._check_positive("rate", params[0])
 
 
 class Laplace(Distribution):
@@ -454,6 +398,7 @@ class Laplace(Distribution):
 
     name = "laplace"
     param_names = ("loc", "scale")
+    param_constraints = (REAL, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -471,14 +416,6 @@ class Laplace(Distribution):
         x, loc, scale = _tensors(value, loc, scale)
         return -math.log(2.0) - torch.log(scale) - torch.abs(x - loc) / scale
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``loc``/``scale``, ``scale > 0``, broadcastable shapes."""
-        self._check_arity(params)
-        loc, scale = params
-        self._check_finite("loc", loc)
-        self._check_finite("scale", scale)
-        self._check_broadcast(loc=loc, scale=scale)
-        self._check_positive("scale", scale)
 
 
 class Cauchy(Distribution):
@@ -492,6 +429,7 @@ class Cauchy(Distribution):
 
     name = "cauchy"
     param_names = ("loc", "scale")
+    param_constraints = (REAL, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -508,14 +446,6 @@ class Cauchy(Distribution):
         z = (x - loc) / scale
         return -_LOG_PI - torch.log(scale) - torch.log1p(z * z)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``loc``/``scale``, ``scale > 0``, broadcastable shapes."""
-        self._check_arity(params)
-        loc, scale = params
-        self._check_finite("loc", loc)
-        self._check_finite("scale", scale)
-        self._check_broadcast(loc=loc, scale=scale)
-        self._check_positive("scale", scale)
 
 
 class StudentT(Distribution):
@@ -533,6 +463,7 @@ class StudentT(Distribution):
 
     name = "student_t"
     param_names = ("df", "loc", "scale")
+    param_constraints = (POSITIVE, REAL, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -559,16 +490,6 @@ class StudentT(Distribution):
             - 0.5 * (df + 1) * torch.log1p(z * z / df)
         )
 
-    def check_args(self, *params: Any) -> None:
-        """Finite parameters, ``df > 0``, ``scale > 0``, broadcastable shapes."""
-        self._check_arity(params)
-        df, loc, scale = params
-        self._check_finite("df", df)
-        self._check_finite("loc", loc)
-        self._check_finite("scale", scale)
-        self._check_broadcast(df=df, loc=loc, scale=scale)
-        self._check_positive("df", df)
-        self._check_positive("scale", scale)
 
 
 class HalfNormal(Distribution):
@@ -581,6 +502,7 @@ class HalfNormal(Distribution):
 
     name = "half_normal"
     param_names = ("scale",)
+    param_constraints = (POSITIVE,)
     discrete = False
     reparameterized = True
 
@@ -597,11 +519,6 @@ class HalfNormal(Distribution):
         lp = 0.5 * (math.log(2.0) - _LOG_PI) - torch.log(scale) - 0.5 * z * z
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive ``scale``."""
-        self._check_arity(params)
-        self._check_finite("scale", params[0])
-        self._check_positive("scale", params[0])
 
 
 class LogNormal(Distribution):
@@ -615,6 +532,7 @@ class LogNormal(Distribution):
 
     name = "log_normal"
     param_names = ("loc", "scale")
+    param_constraints = (REAL, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -634,14 +552,6 @@ class LogNormal(Distribution):
         lp = -0.5 * z * z - torch.log(scale) - 0.5 * _LOG_2PI - logx
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``loc``/``scale``, ``scale > 0``, broadcastable shapes."""
-        self._check_arity(params)
-        loc, scale = params
-        self._check_finite("loc", loc)
-        self._check_finite("scale", scale)
-        self._check_broadcast(loc=loc, scale=scale)
-        self._check_positive("scale", scale)
 
 
 class HalfCauchy(Distribution):
@@ -655,6 +565,7 @@ class HalfCauchy(Distribution):
 
     name = "half_cauchy"
     param_names = ("scale",)
+    param_constraints = (POSITIVE,)
     discrete = False
     reparameterized = True
 
@@ -671,11 +582,6 @@ class HalfCauchy(Distribution):
         lp = math.log(2.0) - _LOG_PI - torch.log(scale) - torch.log1p(z * z)
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive ``scale``."""
-        self._check_arity(params)
-        self._check_finite("scale", params[0])
-        self._check_positive("scale", params[0])
 
 
 class Weibull(Distribution):
@@ -690,6 +596,7 @@ class Weibull(Distribution):
 
     name = "weibull"
     param_names = ("scale", "concentration")
+    param_constraints = (POSITIVE, POSITIVE)
     discrete = False
     reparameterized = True
 
@@ -711,15 +618,6 @@ class Weibull(Distribution):
         lp = torch.log(k) - torch.log(scale) + _xlogy(k - 1, z) - torch.pow(z, k)
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, positive, broadcastable ``scale`` and ``concentration``."""
-        self._check_arity(params)
-        scale, k = params
-        self._check_finite("scale", scale)
-        self._check_finite("concentration", k)
-        self._check_broadcast(scale=scale, concentration=k)
-        self._check_positive("scale", scale)
-        self._check_positive("concentration", k)
 
 
 __all__ = [

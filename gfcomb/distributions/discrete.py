@@ -22,18 +22,23 @@ differentiable in the parameters.  None of these samplers is reparameterized; th
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from gfcomb.core.errors import DistributionArgumentError
-from gfcomb.distributions.base import Distribution, as_tensor
+from gfcomb.distributions.base import (
+    INTEGER,
+    NONNEGATIVE,
+    NONNEGATIVE_INTEGER,
+    POSITIVE_PROBABILITY,
+    PROBABILITY,
+    WEIGHTS,
+    Distribution,
+    _broadcast,
+    _tensors,
+)
 from gfcomb.distributions.continuous import (
     ArrayLike,
-    _broadcast,
     _neg_inf_outside,
     _safe,
-    _tensors,
     _xlog1py,
     _xlogy,
 )
@@ -46,22 +51,6 @@ def _is_integer(x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x, dtype=torch.bool)
 
 
-def _check_nonnegative(dist: Distribution, pname: str, p: Any) -> None:
-    t = as_tensor(p)
-    if not bool((t >= 0).all()):
-        raise DistributionArgumentError(
-            f"{dist.name}: argument {pname!r} must be >= 0, got {t.detach().cpu()}"
-        )
-
-
-def _check_integer(dist: Distribution, pname: str, p: Any) -> None:
-    t = as_tensor(p)
-    if not bool(_is_integer(t).all()):
-        raise DistributionArgumentError(
-            f"{dist.name}: argument {pname!r} must be integer-valued, got {t.detach().cpu()}"
-        )
-
-
 class Bernoulli(Distribution):
     r"""Bernoulli distribution ``bernoulli(probs)``; values are floating ``0.``/``1.``.
 
@@ -72,6 +61,7 @@ class Bernoulli(Distribution):
 
     name = "bernoulli"
     param_names = ("probs",)
+    param_constraints = (PROBABILITY,)
     discrete = True
     reparameterized = False
 
@@ -91,11 +81,6 @@ class Bernoulli(Distribution):
         lp0 = torch.log1p(-torch.where(is0, p, torch.zeros_like(p)))
         return _neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``probs`` in ``[0, 1]``."""
-        self._check_arity(params)
-        self._check_finite("probs", params[0])
-        self._check_probs("probs", params[0])
 
 
 class Categorical(Distribution):
@@ -112,6 +97,7 @@ class Categorical(Distribution):
 
     name = "categorical"
     param_names = ("probs",)
+    param_constraints = (WEIGHTS,)
     discrete = True
     reparameterized = False
 
@@ -134,22 +120,6 @@ class Categorical(Distribution):
         lp = torch.log(pk.squeeze(-1)) - torch.log(p.sum(dim=-1))
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """``probs`` at least 1-d, finite, non-negative, with a positive sum."""
-        self._check_arity(params)
-        (probs,) = params
-        self._check_finite("probs", probs)
-        t = as_tensor(probs)
-        if t.dim() < 1 or t.shape[-1] < 1:
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'probs' must have shape (..., K) with K >= 1, "
-                f"got shape {tuple(t.shape)}"
-            )
-        _check_nonnegative(self, "probs", t)
-        if not bool((t.sum(dim=-1) > 0).all()):
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'probs' must have a positive sum along the last dim"
-            )
 
 
 class UniformDiscrete(Distribution):
@@ -166,6 +136,8 @@ class UniformDiscrete(Distribution):
 
     name = "uniform_discrete"
     param_names = ("low", "high")
+    param_constraints = (INTEGER, INTEGER)
+    relations = (("low", "<=", "high"),)
     discrete = True
     reparameterized = False
 
@@ -184,21 +156,6 @@ class UniformDiscrete(Distribution):
         support = _is_integer(k) & (k >= lo) & (k <= hi)
         return _neg_inf_outside(support, -torch.log(hi - lo + 1))
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, integer-valued, broadcastable bounds with ``low <= high``."""
-        self._check_arity(params)
-        low, high = params
-        self._check_finite("low", low)
-        self._check_finite("high", high)
-        self._check_broadcast(low=low, high=high)
-        _check_integer(self, "low", low)
-        _check_integer(self, "high", high)
-        lo, hi = _tensors(low, high)
-        if not bool((hi >= lo).all()):
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'high' must be >= 'low', got low={lo.cpu()}, "
-                f"high={hi.cpu()}"
-            )
 
 
 class Poisson(Distribution):
@@ -212,6 +169,7 @@ class Poisson(Distribution):
 
     name = "poisson"
     param_names = ("rate",)
+    param_constraints = (NONNEGATIVE,)
     discrete = True
     reparameterized = False
 
@@ -228,11 +186,6 @@ class Poisson(Distribution):
         lp = _xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``rate >= 0``."""
-        self._check_arity(params)
-        self._check_finite("rate", params[0])
-        _check_nonnegative(self, "rate", params[0])
 
 
 class Binomial(Distribution):
@@ -247,6 +200,7 @@ class Binomial(Distribution):
 
     name = "binomial"
     param_names = ("total_count", "probs")
+    param_constraints = (NONNEGATIVE_INTEGER, PROBABILITY)
     discrete = True
     reparameterized = False
 
@@ -276,16 +230,6 @@ class Binomial(Distribution):
         )
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """Finite, non-negative integer ``total_count``; ``probs`` in ``[0, 1]``."""
-        self._check_arity(params)
-        n, p = params
-        self._check_finite("total_count", n)
-        self._check_finite("probs", p)
-        self._check_broadcast(total_count=n, probs=p)
-        _check_integer(self, "total_count", n)
-        _check_nonnegative(self, "total_count", n)
-        self._check_probs("probs", p)
 
 
 class Geometric(Distribution):
@@ -299,6 +243,7 @@ class Geometric(Distribution):
 
     name = "geometric"
     param_names = ("probs",)
+    param_constraints = (POSITIVE_PROBABILITY,)
     discrete = True
     reparameterized = False
 
@@ -316,12 +261,6 @@ class Geometric(Distribution):
         ks = _safe(support, k, 0.0)
         return _neg_inf_outside(support, _xlog1py(ks, -p) + torch.log(p))
 
-    def check_args(self, *params: Any) -> None:
-        """Finite ``probs`` in ``(0, 1]``."""
-        self._check_arity(params)
-        self._check_finite("probs", params[0])
-        self._check_probs("probs", params[0])
-        self._check_positive("probs", params[0])
 
 
 __all__ = ["Bernoulli", "Binomial", "Categorical", "Geometric", "Poisson", "UniformDiscrete"]

@@ -9,18 +9,25 @@ has the broadcast batch shape ``...``.  torch's own ``MultivariateNormal.rsample
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gfcomb.core.errors import DistributionArgumentError
-from gfcomb.distributions.base import Distribution, as_tensor
+from gfcomb.distributions.base import (
+    POSITIVE_DEFINITE,
+    POSITIVE_VECTOR,
+    REAL_VECTOR,
+    Distribution,
+    _shape_of,
+    _tensors,
+)
 from gfcomb.distributions.continuous import (
     ArrayLike,
     _log_standard_gamma,
     _neg_inf_outside,
     _safe,
-    _tensors,
     _xlogy,
 )
 
@@ -42,6 +49,7 @@ class MvNormal(Distribution):
 
     name = "mv_normal"
     param_names = ("mean", "cov")
+    param_constraints = (REAL_VECTOR, POSITIVE_DEFINITE)
     discrete = False
     reparameterized = True
 
@@ -69,45 +77,18 @@ class MvNormal(Distribution):
         half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * (z * z).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI
 
-    def check_args(self, *params: Any) -> None:
-        """Shapes ``(..., d)`` and ``(..., d, d)`` with broadcastable batch dims; finite;
-        ``cov`` symmetric positive definite."""
-        self._check_arity(params)
-        mean, cov = params
-        self._check_finite("mean", mean)
-        self._check_finite("cov", cov)
-        m, c = as_tensor(mean), as_tensor(cov)
-        if m.dim() < 1:
+    def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
+        """``(d,)``: one value is a vector like ``mean``'s last dimension."""
+        return _shape_of(params[0])[-1:]
+
+    def _check_relations(self, values: dict[str, Any]) -> None:
+        """``cov`` is ``(..., d, d)`` with the ``d`` of ``mean`` (``(..., d)``)."""
+        m, c = _shape_of(values["mean"]), _shape_of(values["cov"])
+        if c[-1] != m[-1]:
             raise DistributionArgumentError(
-                f"{self.name}: argument 'mean' must have shape (..., d), got a scalar"
-            )
-        if c.dim() < 2 or c.shape[-1] != c.shape[-2]:
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'cov' must be square with shape (..., d, d), "
-                f"got shape {tuple(c.shape)}"
-            )
-        if c.shape[-1] != m.shape[-1]:
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'cov' has shape {tuple(c.shape)}, which does not match "
-                f"'mean' of shape {tuple(m.shape)} (need (..., d, d) with d = {m.shape[-1]})"
-            )
-        try:
-            torch.broadcast_shapes(m.shape[:-1], c.shape[:-2])
-        except RuntimeError:
-            raise DistributionArgumentError(
-                f"{self.name}: batch shapes of 'mean' {tuple(m.shape)} and 'cov' "
-                f"{tuple(c.shape)} do not broadcast"
-            ) from None
-        m, c = _tensors(m, c)
-        tol = 1e3 * torch.finfo(c.dtype).eps
-        scale = torch.clamp(c.abs().amax(dim=(-2, -1), keepdim=True), min=1.0)
-        if not bool(((c - c.mT).abs() <= tol * scale).all()):
-            raise DistributionArgumentError(f"{self.name}: argument 'cov' must be symmetric")
-        _, info = torch.linalg.cholesky_ex(c)
-        if not bool((info == 0).all()):
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'cov' must be positive definite"
-            )
+                f"{self.name}: argument 'cov' has shape {c}, which does not match "
+                f"'mean' of shape {m} (need (..., d, d) with d = {m[-1]})")
+
 
 
 class Dirichlet(Distribution):
@@ -127,6 +108,7 @@ class Dirichlet(Distribution):
 
     name = "dirichlet"
     param_names = ("concentration",)
+    param_constraints = (POSITIVE_VECTOR,)
     discrete = False
     reparameterized = True
 
@@ -152,18 +134,9 @@ class Dirichlet(Distribution):
         )
         return _neg_inf_outside(support, lp)
 
-    def check_args(self, *params: Any) -> None:
-        """``concentration`` of shape ``(..., K)``, finite and positive."""
-        self._check_arity(params)
-        (alpha,) = params
-        self._check_finite("concentration", alpha)
-        t = as_tensor(alpha)
-        if t.dim() < 1 or t.shape[-1] < 1:
-            raise DistributionArgumentError(
-                f"{self.name}: argument 'concentration' must have shape (..., K) with K >= 1, "
-                f"got shape {tuple(t.shape)}"
-            )
-        self._check_positive("concentration", alpha)
+    def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
+        """``(K,)``: one value is a point of the simplex like ``concentration``'s last dim."""
+        return _shape_of(params[0])[-1:]
 
 
 __all__ = ["Dirichlet", "MvNormal"]

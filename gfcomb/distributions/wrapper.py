@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,6 +136,16 @@ class TorchDistribution(Distribution):
         converted = [None if p is None else next(tensors) for p in params]
         ctor: Any = self.dist_cls
         return ctor(*converted, validate_args=validate_args)
+
+    def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Parameters as given (``None`` picks another parametrization; :meth:`_make`
+        converts the others)."""
+        return args
+
+    def value_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
+        """``batch_shape + event_shape`` of the torch distribution built from ``params``."""
+        d = self._make(tuple(params))
+        return tuple(d.batch_shape) + tuple(d.event_shape)
 
     def sample(self, *params: Any) -> torch.Tensor:
         """Draw one value: ``rsample()`` if reparameterized, else ``sample()`` without grad."""

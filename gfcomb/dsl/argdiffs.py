@@ -25,6 +25,7 @@ from gfcomb.core.diff import Diff, NoChange, UnknownChange
 Source = tuple[Any, ...]  # ("arg", i), ("ret", address) or ("same", object)
 
 _PLAIN = (int, float, str, bool, type(None))
+_UNKNOWN = UnknownChange()  # diffs are frozen: one instance serves every recorded return
 
 
 class SourceTracker:
@@ -46,7 +47,7 @@ class SourceTracker:
             return
         src: Source = ("ret", addr)
         self._by_id[id(retval)] = (retval, src)
-        self._diffs[src] = retdiff if retdiff is not None else UnknownChange()
+        self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
 
     def sources_of(self, args: Sequence[Any]) -> tuple[Source | None, ...]:
         """For each callee argument: the source it is, or None.
@@ -60,7 +61,7 @@ class SourceTracker:
             hit = self._by_id.get(id(a))
             if hit is not None and hit[0] is a:
                 out.append(hit[1])
-            elif isinstance(a, torch.Tensor) and not is_batched(a) and not a.requires_grad:
+            elif isinstance(a, torch.Tensor) and not a.requires_grad and not is_batched(a):
                 out.append(("same", a))
             else:
                 out.append(None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange
 from gfcomb.core.errors import (
@@ -40,9 +41,19 @@ class Handler:
         self.tracker = SourceTracker(args, argdiffs)
         self.subtraces: dict[Address, Trace] = {}
         self.sources: dict[Address, tuple[Source | None, ...]] = {}
-        self.score: Any = 0.0
-        self.weight: Any = 0.0
+        self._scores: list[Any] = []  # summed once, at the end (see _sum)
+        self._weights: list[Any] = []
         self._prefixes: set[Address] = set()
+
+    @property
+    def score(self) -> Any:
+        """The sum of the recorded sub-trace scores (0.0 if none)."""
+        return _sum(self._scores)
+
+    @property
+    def weight(self) -> Any:
+        """The sum of the weights collected so far (0.0 if none)."""
+        return _sum(self._weights)
 
     # -- the entry points called by runtime.py
     def visit(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
@@ -50,7 +61,8 @@ class Handler:
         if not isinstance(gen_fn, GenerativeFunction):
             raise TypeError(f"only generative functions can be traced at an address; "
                             f"got {gen_fn!r} at {addr!r}")
-        _check_address(addr)
+        if len(addr) != 1 or type(addr[0]) is not str:  # a plain "name" needs no check
+            _check_address(addr)
         self._claim(addr)
         self.owner._note_callee(gen_fn)
         try:
@@ -85,7 +97,7 @@ class Handler:
                 retdiff: Diff | None) -> Any:
         self.sources[addr] = self.tracker.sources_of(args)
         self.subtraces[addr] = tr
-        self.score = self.score + tr.score
+        self._scores.append(tr.score)
         self.tracker.add_return(addr, tr.retval, retdiff)
         return tr.retval
 
@@ -100,17 +112,49 @@ class Handler:
         return torch.tensor(float(x), dtype=torch.get_default_dtype())
 
 
+def _sum(xs: list[Any]) -> Any:
+    """The sum of scores/weights: one ``stack`` + ``sum`` for tensors of one shape (instead
+    of one addition per call), Python numbers added in; 0.0 for an empty list."""
+    ts = [x for x in xs if isinstance(x, torch.Tensor)]
+    rest = sum(x for x in xs if not isinstance(x, torch.Tensor))
+    if not ts:
+        return rest
+    total = ts[0]
+    if len(ts) > 1:
+        try:
+            total = torch.stack(ts).sum(0)
+        except RuntimeError:  # shapes differ (batched and unbatched records): broadcast
+            total = ts[0]
+            for t in ts[1:]:
+                total = total + t
+    return total + rest if rest != 0 else total
+
+
+def _all_masked_out(cm: ChoiceMap) -> bool:
+    """True if every value of ``cm`` carries a presence mask that is all False (known only
+    outside torch.func transforms; inside them, False)."""
+    if inside_functorch_transform():
+        return False
+    if cm.is_value():
+        return cm.mask is not None and not bool(cm.mask.any())
+    if cm.is_stacked():
+        return _all_masked_out(cm.stacked_inner)
+    return all(_all_masked_out(cm.get_submap(k)) for k in cm.keys())
+
+
 def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
                    prefixes: set[Address], method: str) -> None:
     if cm.is_empty() or path in visited:
         return
     if path in prefixes or path == ():
-        if cm.is_value():
+        if cm.is_value() and not _all_masked_out(cm):
             raise UnvisitedConstraintError(
                 f"{method}: constraint at address {{addr}} is never visited by the model", path)
         for k in cm.keys():
             _check_visited(cm.get_submap(k), path + (k,), visited, prefixes, method)
         return
+    if _all_masked_out(cm):
+        return  # masked-out values (e.g. a row of a batched Switch trace) are absent
     first = next(iter(cm.items(stacked=True)))[0]
     full = path + tuple(":" if isinstance(k, slice) else k for k in first)
     raise UnvisitedConstraintError(
@@ -153,7 +197,7 @@ class GenerateHandler(Handler):
         if sub.is_empty():
             return self._record(addr, args, gen_fn.simulate(args), None)
         tr, w = gen_fn.generate(args, sub)
-        self.weight = self.weight + w
+        self._weights.append(w)
         return self._record(addr, args, tr, None)
 
 
@@ -168,7 +212,7 @@ class AssessHandler(Handler):
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
         w, retval = gen_fn.assess(args, self.choices.get_submap(addr))
         self.visited[addr] = True
-        self.weight = self.weight + w
+        self._weights.append(w)
         return retval
 
     def _claim(self, addr: Address) -> None:
@@ -215,16 +259,16 @@ class UpdateHandler(_IncrementalHandler):
         if old is None or not _same_function(old.gen_fn, gen_fn):
             if old is not None:  # a different function at the same address: a new call
                 self.discards[addr] = old.choices
-                self.weight = self.weight - old.score
+                self._weights.append(-old.score)
             if sub.is_empty():
                 tr, w = gen_fn.simulate(args), 0.0
             else:
                 tr, w = gen_fn.generate(args, sub)
-            self.weight = self.weight + w
+            self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
         tr, w, retdiff, discard = gen_fn.update(old, args, argdiffs, sub)
-        self.weight = self.weight + w
+        self._weights.append(w)
         if not discard.is_empty():
             self.discards[addr] = discard
         return self._record(addr, args, tr, retdiff)
@@ -256,5 +300,5 @@ class RegenerateHandler(_IncrementalHandler):
         if sub.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return self._record(addr, args, old, NoChange())
         tr, w, retdiff = gen_fn.regenerate(old, args, argdiffs, sub)
-        self.weight = self.weight + w
+        self._weights.append(w)
         return self._record(addr, args, tr, retdiff)
