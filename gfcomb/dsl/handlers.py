@@ -113,20 +113,23 @@ class Handler:
 
 
 def _sum(xs: list[Any]) -> Any:
-    """The sum of scores/weights: one ``stack`` + ``sum`` for tensors of one shape (instead
-    of one addition per call), Python numbers added in; 0.0 for an empty list."""
+    """The sum of scores/weights: additions for a few terms, one ``stack`` + ``sum`` for
+    many, Python numbers added in; 0.0 for an empty list."""
     ts = [x for x in xs if isinstance(x, torch.Tensor)]
     rest = sum(x for x in xs if not isinstance(x, torch.Tensor))
     if not ts:
         return rest
     total = ts[0]
-    if len(ts) > 1:
+    if len(ts) > 8:
+        # (under vmap the stacked axis sits behind the batch axis, and a reduction over a
+        # short inner axis is slow: ~190 µs at 10,000 particles for 2 terms, against 4 µs
+        # for one addition; so only long lists are stacked)
         try:
-            total = torch.stack(ts).sum(0)
+            return torch.stack(ts).sum(0) + rest if rest != 0 else torch.stack(ts).sum(0)
         except RuntimeError:  # shapes differ (batched and unbatched records): broadcast
-            total = ts[0]
-            for t in ts[1:]:
-                total = total + t
+            pass
+    for t in ts[1:]:
+        total = total + t
     return total + rest if rest != 0 else total
 
 
