@@ -1448,12 +1448,11 @@ def test_batched_call_round_trips_records_statics_and_shared_tensors():
     xs = torch.arange(3.0)
     inner = Map(kern).simulate((xs,)).inner
     out = batched_call(fn, (0, 0), vectorize=True, length=3, who="test")(xs, inner)
-    ref = torch.func.vmap(fn, in_dims=(0, 0), randomness="different")(xs, inner)
     close(out["y"], 2.0 * xs)
     assert out["n"][:3] == (1, None, "s") and isinstance(out["n"][3][1], Pair)
     assert out["n"][3][1].b == 2.5
-    close(out["n"][3][0], ref["n"][3][0])
-    close(out["n"][3][1].a, ref["n"][3][1].a)
+    close(out["n"][3][0], 2.0 * xs)
+    close(out["n"][3][1].a, 2.0 * xs)
     assert type(out["t"]) is type(inner)
     close(out["t"].score, inner.score)
     close(out["t"].choices["y"], inner.choices["y"])

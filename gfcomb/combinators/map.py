@@ -11,6 +11,7 @@ Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,10 +23,11 @@ from gfcomb.combinators.vector import (
     changed_elements,
     concat_elements,
     constrained_elements,
+    has_masks,
     index_tensor,
     mapped_length,
     normalize_in_dims,
-    require_dense,
+    require_given,
     select_elements,
     stack_constraints,
 )
@@ -34,7 +36,7 @@ from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import tree_index, tree_scatter
-from gfcomb.core.selection import MaskSelection, Selection, element_selections
+from gfcomb.core.selection import Selection, element_selections, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
 
@@ -133,7 +135,16 @@ class Map(GenerativeFunction):
             return tr.score, tr.retval
         keys = range(n)
         stacked = stack_constraints(cm, keys)
-        require_dense(stacked, keys, "assess")
+        if has_masks(stacked):
+            # an address given for some elements only: missing, or not visited by those
+            # elements (a Switch branch without it)?  Generate with the choices, then require
+            # that every choice the trace holds was given (full constraints: weight = log p)
+            inner, w = self._run(lambda c, *a: self.kernel.generate(a, c), (0,) + dims, n,
+                                 keys, cm)(stacked, *args)
+            bad = require_given(inner.choices, stacked, keys, "assess")
+            if bad is not None:  # under an outer vmap: NaN for the elements missing a choice
+                w = torch.where(bad, torch.full_like(w, math.nan), w)
+            return w.sum(0), inner.retval
         w, retval = self._run(lambda c, *a: self.kernel.assess(a, c), (0,) + dims, n, keys,
                               cm)(stacked, *args)
         return w.sum(0), retval
@@ -170,7 +181,8 @@ class Map(GenerativeFunction):
             inner = tree_index(inner, slice(0, n_new))
         if revisit:
             whole = len(revisit) == keep  # every kept element: no gather / scatter
-            idx = index_tensor(revisit, trace.score)
+            # (all kept elements of an unchanged length: no index tensor, gather or scatter)
+            idx = None if whole and keep == n_new else index_tensor(revisit, trace.score)
             old_sub = inner if whole else tree_index(inner, idx)
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
@@ -218,7 +230,7 @@ class Map(GenerativeFunction):
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
         default, special = element_selections(selection, range(keep))
-        if not default.is_empty_static() or isinstance(selection, MaskSelection):
+        if not default.is_empty_static() or has_mask_flags(selection):
             revisit: Sequence[int] = range(keep)
         else:
             revisit = _revisit(all_changed, changed, [k for k, s in special.items()
@@ -231,13 +243,14 @@ class Map(GenerativeFunction):
             inner = tree_index(inner, slice(0, n_new))
         if revisit:
             whole = len(revisit) == keep
-            idx = index_tensor(revisit, trace.score)
+            # (all kept elements of an unchanged length: no index tensor, gather or scatter)
+            idx = None if whole and keep == n_new else index_tensor(revisit, trace.score)
             old_sub = inner if whole else tree_index(inner, idx)
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
             sel = element_flags(selection, revisit, old_sub.choices)
-            if isinstance(sel, MaskSelection):
+            if has_mask_flags(sel):
                 fn = lambda tr, s, *a: self.kernel.regenerate(tr, a, el_diffs, s)  # noqa: E731
                 new_sub, w, _ = self._run(fn, (0, 0) + dims, len(revisit), revisit)(
                     old_sub, sel, *sub_args)
@@ -263,7 +276,7 @@ class Map(GenerativeFunction):
             return torch.zeros_like(trace.score)
         keys = range(trace.length)
         sel = element_flags(selection, keys, trace.inner.choices)
-        if isinstance(sel, MaskSelection):
+        if has_mask_flags(sel):
             w = self._run(lambda tr, s: self.kernel.project(tr, s), (0, 0), trace.length)(
                 trace.inner, sel)
         else:

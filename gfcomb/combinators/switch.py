@@ -41,6 +41,14 @@ stacked trace refuses to be read (ArgumentError) rather than answer for the wron
 
 Changing branch (update, regenerate)
 ------------------------------------
+Under vmap with a changed batched index, ``update`` runs ONE ``generate`` per branch for all
+elements, whether they stay on the branch or move to it: the elements that stay reuse every
+old choice, which for branches with prior proposals (every @gen function, distribution and
+combinator of gfcomb) is exactly the branch's update: same weight (new score − old score −
+Σ log p of fresh choices), same discard (the overwritten values).  (Running the branch's
+update AND a generate and merging the two traces with ``torch.where`` cost twice as much.)
+With an unchanged index (``NoChange``) every element stays and the branch's own update runs.
+
 The new branch is *generated* with the old choices it can reuse as constraints: the old
 choices at addresses the new branch visits, minus those overwritten by new constraints
 (update) or selected (regenerate).  To know which addresses the new branch visits without
@@ -208,7 +216,7 @@ class Switch(GenerativeFunction):
                 raise ArgumentError(f"Switch: the index must be a single integer, got a tensor "
                                     f"of shape {tuple(index.shape)}")
             if is_batched(index):
-                return index.reshape(())
+                return index if index.dim() == 0 else index.reshape(())
             if index.is_floating_point() or index.is_complex():
                 value = float(index.reshape(()))
                 if value != math.floor(value):
@@ -229,14 +237,15 @@ class Switch(GenerativeFunction):
         return [_equals(index, k) for k in range(len(self.branches))]
 
     def _trace(self, args: tuple[Any, ...], index: int | torch.Tensor,
-               traces: Sequence[Trace | None]) -> SwitchTrace:
+               traces: Sequence[Trace | None], flags: list[Flag] | None = None) -> SwitchTrace:
         traces = tuple(traces)
         if isinstance(index, int):
             tr = traces[index]
             assert tr is not None
             given = args[0].reshape(()) if isinstance(args[0], torch.Tensor) else index
             return SwitchTrace(self, args, given, traces, tr.retval, tr.score, False)
-        flags = self._flags(index)
+        if flags is None:
+            flags = self._flags(index)
         score = _pick(flags, [t.score for t in traces], _nan_like, "scores")
         retval = _pick(flags, [t.retval for t in traces], lambda v: v, "return values")
         return SwitchTrace(self, args, index, traces, retval, score, True)
@@ -301,7 +310,7 @@ class Switch(GenerativeFunction):
         flags = self._flags(index)
         traces = [b.simulate(bargs) if f is not False else None
                   for b, f in zip(self.branches, flags)]
-        return self._trace(args, index, traces)
+        return self._trace(args, index, traces, flags)
 
     def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
                  ) -> tuple[SwitchTrace, torch.Tensor]:
@@ -326,8 +335,9 @@ class Switch(GenerativeFunction):
             weights.append(_nan_where(_any_present(drop), w))
             dropped.append(drop)
         _check_some_branch_visits(dropped, "generate")
-        weight = _pick(self._flags(index), weights, _nan_like, "weights")
-        return self._trace(args, index, traces), weight
+        flags = self._flags(index)
+        weight = _pick(flags, weights, _nan_like, "weights")
+        return self._trace(args, index, traces, flags), weight
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Score the choices under the chosen branch.
@@ -343,6 +353,13 @@ class Switch(GenerativeFunction):
             try:
                 w, r = branch.assess(bargs, cm)
                 used = cm
+                if _all_present(cm) is not True:
+                    # masked values: missing only where this element's branch visits them (a
+                    # nested Switch/Map element may not have the address at all)
+                    made = branch.generate(bargs, cm)[0].choices
+                    weights.append(_nan_where(_missing(made, cm), w))
+                    retvals.append(r)
+                    continue
             except (UnvisitedConstraintError, MissingChoiceError):
                 sim = branch.simulate(bargs)
                 used = _restrict(cm, sim.choices)[0]
@@ -379,13 +396,21 @@ class Switch(GenerativeFunction):
         bdiffs = tuple(argdiffs[1:])
         batched = isinstance(index, torch.Tensor) or trace.batched
         need = self._flags(index)
-        same = self._same_flags(trace, argdiffs[0])
+        if batched and trace.batched and not isinstance(argdiffs[0], NoChange):
+            # a changed index under vmap: one generate of each branch for the elements that
+            # stay on it and those that move to it alike (staying elements reuse every old
+            # choice: with prior proposals that is the branch's update, weight and discard
+            # included), instead of an update AND a generate merged by torch.where
+            same: list[Flag] = [False] * len(self.branches)
+        else:
+            same = self._same_flags(trace, argdiffs[0])
         traces: list[Trace | None] = []
         weights: list[Any] = []
         discards: list[tuple[ChoiceMap, Flag]] = []
         dropped: list[ChoiceMap] = []
         retdiff: Diff = UnknownChange()
-        old_choices = None
+        old_choices = provided = None
+        minus_old = all(s is False for s in same)  # every weight is generate weight − old score
         for k, branch in enumerate(self.branches):
             if need[k] is False:
                 traces.append(None)
@@ -406,19 +431,23 @@ class Switch(GenerativeFunction):
             if s is not True:  # elements moving to branch k: generate, reusing old choices
                 if old_choices is None:
                     old_choices = trace.choices
-                provided = _minus(old_choices, cm)
+                    provided = _minus(old_choices, cm)
+                assert provided is not None
                 hint = trace.traces[k].choices if trace.traces[k] is not None else None
                 tr_g, w_g, reused, drop = self._generate_reusing(k, bargs, cm, provided, hint,
                                                                  batched)
-                w_g = w_g - trace.score
+                if not minus_old:
+                    w_g = w_g - trace.score
                 discards.append((_minus(old_choices, reused), _and(need[k], _not(s))))
             traces.append(_where(s, tr_u, tr_g, "traces"))
             weights.append(_nan_where(_any_present(drop), _where(s, w_u, w_g, "weights")))
             dropped.append(drop)
         if batched:
             _check_some_branch_visits(dropped, "update")
-        new_trace = self._trace(args, index, traces)
+        new_trace = self._trace(args, index, traces, need)
         weight = _pick(need, weights, _nan_like, "weights")
+        if minus_old:
+            weight = weight - trace.score
         return new_trace, weight, retdiff, _union(discards, exhaustive=True)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -555,9 +584,10 @@ def _where(flag: Flag, a: Any, b: Any, what: str) -> Any:
             raise ArgumentError(
                 f"Switch with a batched index (every branch runs under vmap): the branches' "
                 f"{what} differ in shape ({tuple(x.shape)} vs {tuple(y.shape)})")
-        m = flag.reshape(flag.shape + (1,) * (x.dim() - flag.dim()))
-        return torch.where(m, x, y)
+        return torch.where(_flag_for(flag, x), x, y)
 
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):  # no pytree walk
+        return pick(a, b)
     try:
         return tree_map2_tensors(pick, a, b)
     except ValueError as err:
@@ -575,8 +605,17 @@ def _pick(flags: Sequence[Flag], values: Sequence[Any], fill: Callable[[Any], An
             continue
         if f is True:
             return v
+        if acc is None and fill is _nan_like and isinstance(v, torch.Tensor):
+            acc = torch.where(_flag_for(f, v), v, math.nan)  # (no NaN tensor to build)
+            continue
         acc = _where(f, v, fill(v) if acc is None else acc, what)
     return acc
+
+
+def _flag_for(flag: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-element flag with trailing singleton dimensions to broadcast against ``x``."""
+    extra = x.dim() - flag.dim()
+    return flag if extra <= 0 else flag.reshape(flag.shape + (1,) * extra)
 
 
 def _check_some_branch_visits(dropped: Sequence[ChoiceMap], method: str) -> None:
@@ -768,6 +807,27 @@ def _any_present(cm: ChoiceMap) -> Flag:
     acc: Flag = False
     for sub in _children(cm):
         acc = _or(acc, _any_present(sub))
+        if acc is True:
+            return True
+    return acc
+
+
+def _missing(made: ChoiceMap, given: ChoiceMap) -> Flag:
+    """Per element: does ``made`` hold a present value where ``given`` holds none."""
+    if made.is_empty():
+        return False
+    if made.is_value():
+        present: Flag = True if made.mask is None else made.mask
+        g: Flag = (True if given.mask is None else given.mask) if given.is_value() else False
+        miss = _and(present, _not(g))
+        return miss if isinstance(miss, bool) else miss.any()
+    if made.is_stacked() and given.is_stacked() and (
+            made.stacked_indices == given.stacked_indices):
+        return _missing(made.stacked_inner, given.stacked_inner)
+    made, given = made.unstacked(), given.unstacked()
+    acc: Flag = False
+    for k in made.keys():
+        acc = _or(acc, _missing(made.get_submap(k), given.get_submap(k)))
         if acc is True:
             return True
     return acc

@@ -5,7 +5,7 @@ element, which elements an update must revisit, and the vector trace record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -20,6 +20,8 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
     VmapError,
 )
+from gfcomb.core.flat import flatten as fast_flatten
+from gfcomb.core.flat import unflatten as fast_unflatten
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.trace import Trace
 
@@ -130,26 +132,37 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
             dims.append(d)
             arg_parts.append(None)
             continue
-        leaves, spec = pytree.tree_flatten(a)
-        is_t = [isinstance(x, torch.Tensor) for x in leaves]
-        for x, t in zip(leaves, is_t):
-            if t:
-                flat.append(x)
-                dims.append(d)
-        arg_parts.append((spec, is_t, [None if t else x for x, t in zip(leaves, is_t)]))
+        start = len(flat)
+        arg_parts.append(fast_flatten(a, flat))  # (a direct walk: see gfcomb.core.flat)
+        dims.extend([d] * (len(flat) - start))
     out_parts: list[Any] = []
 
     def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         it = iter(xs)
-        el = tuple(next(it) if part is None else _rebuild(part, it) for part in arg_parts)
-        leaves, spec = pytree.tree_flatten(fn(*el))
-        is_t = [isinstance(x, torch.Tensor) for x in leaves]
-        out_parts.append((spec, is_t, [None if t else x for x, t in zip(leaves, is_t)]))
-        return tuple(x for x, t in zip(leaves, is_t) if t)
+        el = tuple(next(it) if part is None else fast_unflatten(part, it) for part in arg_parts)
+        leaves: list[torch.Tensor] = []
+        spec = fast_flatten(fn(*el), leaves)
+        # a tensor held in several places (an argument kept by the trace and its sub-traces,
+        # a choice that is also the return value) leaves vmap once
+        seen: dict[int, int] = {}
+        unique: list[torch.Tensor] = []
+        pos: list[int] = []
+        for x in leaves:
+            j = seen.get(id(x))
+            if j is None:
+                j = seen[id(x)] = len(unique)
+                unique.append(x)
+            pos.append(j)
+        out_parts.append((spec, pos))
+        return tuple(unique)
+
+    def rebuild(outs: Sequence[torch.Tensor]) -> Any:
+        spec, pos = out_parts[-1]
+        return fast_unflatten(spec, iter([outs[j] for j in pos]))
 
     if _PRIMITIVES is None:  # pragma: no cover - other torch versions
         outs = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness="different")(*flat)
-        return _rebuild(out_parts[-1], iter(outs))
+        return rebuild(outs)
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
     for x, d in zip(flat, dims):
         if d is not None and x.shape[d] != length:
@@ -158,20 +171,21 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
     load_decompositions()
     level = enter(length, "different")
     try:
-        batched = flat_fn(*[x if d is None else add_dim(x, d, level)
-                            for x, d in zip(flat, dims)])
+        added: dict[tuple[int, Any], torch.Tensor] = {}  # a tensor given twice: batched once
+        ins = []
+        for x, d in zip(flat, dims):
+            if d is not None:
+                key = (id(x), d)
+                y = added.get(key)
+                if y is None:
+                    y = added[key] = add_dim(x, d, level)
+                x = y
+            ins.append(x)
+        batched = flat_fn(*ins)
         outs = [remove_dim(y, level, length, 0) for y in batched]
     finally:
         leave()
-    return _rebuild(out_parts[-1], iter(outs))
-
-
-def _rebuild(part: Any, tensors: Iterator[torch.Tensor]) -> Any:
-    """Unflatten a pytree from its (spec, which leaves are tensors, static leaves) and the
-    tensor leaves, taken in order from ``tensors``."""
-    spec, is_t, static = part
-    return pytree.tree_unflatten([next(tensors) if t else x for x, t in zip(static, is_t)],
-                                 spec)
+    return rebuild(outs)
 
 
 def _index_arg(a: Any, dim: Any, i: int) -> Any:
@@ -301,9 +315,14 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
         pos = {k: j for j, k in enumerate(keys)}
         where = {k: pos[k] for k in cm.keys() if k in pos}
     per_path: dict[tuple[Any, ...], dict[int, Any]] = {}
+    masks: dict[tuple[Any, ...], dict[int, Any]] = {}
     for k, j in where.items():
-        for path, value in cm.get_submap(k).items():
+        # masked values (an element of an outer Map's batch) keep their mask: reading it with
+        # items() would need bool(mask) (data-dependent under vmap)
+        for path, value, vmask in _values_with_masks(cm.get_submap(k), ()):
             per_path.setdefault(path, {})[j] = value
+            if vmask is not None:
+                masks.setdefault(path, {})[j] = vmask
     result = ChoiceMap.empty()
     for path, vals in per_path.items():
         ref = next(iter(vals.values()))
@@ -313,10 +332,25 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
                              for v in vals.values()])
         stacked = given.new_zeros((n,) + ref.shape).index_copy(0, rows, given)
         mask = None
-        if len(vals) < n:
+        if path in masks:
+            m0 = next(iter(masks[path].values()))
+            present = torch.stack([masks[path].get(j, torch.ones_like(m0)) for j in vals])
+            mask = present.new_zeros((n,) + m0.shape).index_copy(0, rows, present)
+        elif len(vals) < n:
             mask = torch.zeros(n, dtype=torch.bool, device=ref.device).index_fill(0, rows, True)
         result = result.merge(ChoiceMap.value(stacked, mask).prefixed(path))
     return result
+
+
+def _values_with_masks(cm: ChoiceMap, prefix: tuple[Any, ...]
+                       ) -> Iterable[tuple[tuple[Any, ...], Any, Any]]:
+    """``(address, value, mask or None)`` for every value of ``cm`` (stacked maps expanded),
+    masked values included."""
+    if cm.is_value():
+        yield prefix, cm.get_value(), cm.mask
+        return
+    for k in cm.keys():
+        yield from _values_with_masks(cm.get_submap(k), prefix + (k,))
 
 
 def _gather_with_mask(inner: ChoiceMap, rows: torch.Tensor, present: torch.Tensor) -> ChoiceMap:
@@ -356,10 +390,76 @@ def _check_masks(cm: ChoiceMap, path: tuple[Any, ...], keys: Sequence[int], who:
         _check_masks(cm.get_submap(k), path + (k,), keys, who)
 
 
+def has_masks(cm: ChoiceMap) -> bool:
+    """True if some value of ``cm`` carries a presence mask (constrained for some elements
+    only, or present only on some elements' Switch branch)."""
+    if cm.is_value():
+        return cm.mask is not None
+    if cm.is_stacked():
+        return has_masks(cm.stacked_inner)
+    return any(has_masks(cm.get_submap(k)) for k in cm.keys())
+
+
+def require_given(made: ChoiceMap, given: ChoiceMap, keys: Sequence[int],
+                  who: str) -> torch.Tensor | None:
+    """assess with per-element (masked) choices: every choice that the batched kernel trace's
+    choices ``made`` hold (where present) must be present in ``given`` (both with a leading
+    element axis, elements ``keys``).  Outside vmap: MissingChoiceError naming the first
+    missing element and address.  With batched masks (under an outer vmap) the check cannot
+    raise per element: returns a per-element bool tensor "some choice missing" (else None)."""
+    missing: list[tuple[tuple[Any, ...], torch.Tensor]] = []
+    _collect_missing(made, given, (), missing)
+    flag = None
+    for path, miss in missing:
+        per = miss.reshape(miss.shape[0], -1).any(-1) if miss.dim() > 1 else miss
+        if _is_batched(per):
+            flag = per if flag is None else flag | per
+        elif bool(per.any()):
+            raise MissingChoiceError(f"{who}: no choice given at address {{addr}}",
+                                     (keys[int(per.nonzero()[0, 0])],) + path)
+    return flag
+
+
+def _is_batched(x: torch.Tensor) -> bool:
+    from gfcomb.core.batching import is_batched
+
+    return is_batched(x)
+
+
+def _collect_missing(made: ChoiceMap, given: ChoiceMap, path: tuple[Any, ...],
+                     out: list[tuple[tuple[Any, ...], torch.Tensor]]) -> None:
+    if made.is_empty():
+        return
+    if made.is_value():
+        v = made.get_value()
+        present = made.mask
+        g = given.mask if given.is_value() else torch.zeros((), dtype=torch.bool,
+                                                             device=v.device)
+        if g is None:
+            return
+        if present is None:
+            miss = ~g
+            lead = v.shape[:g.dim()] if g.dim() else v.shape[:1]
+            miss = miss.expand(lead) if miss.shape != lead else miss
+        else:
+            miss = present & ~g
+        out.append((path, miss))
+        return
+    if made.is_stacked():
+        if given.is_stacked() and given.stacked_indices == made.stacked_indices:
+            _collect_missing(made.stacked_inner, given.stacked_inner, path, out)
+            return
+        made = made.unstacked()
+    for k in made.keys():
+        _collect_missing(made.get_submap(k), given.get_submap(k), path + (k,), out)
+
+
 # ------------------------------------------------------------------ what an update revisits
 def changed_elements(argdiffs: Sequence[Diff], in_dims: InDims,
                      old_length: int) -> tuple[bool, set[int]]:
-    """From the argdiffs: (every element changed?, the set of changed element indices)."""
+    """From the argdiffs: (every element changed?, the set of changed element indices).
+
+    When every element changed the set is left empty (not built: O(1) work at any length)."""
     updated: set[int] = set()
     for diff, d in zip(argdiffs, in_dims):
         if isinstance(diff, NoChange):
@@ -367,7 +467,7 @@ def changed_elements(argdiffs: Sequence[Diff], in_dims: InDims,
         if d is not None and isinstance(diff, VectorDiff):
             updated |= {i for i in diff.updated if i < old_length}
             continue
-        return True, set(range(old_length))
+        return True, set()
     return False, updated
 
 

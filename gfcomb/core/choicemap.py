@@ -125,8 +125,8 @@ class ChoiceMap:
         """
         if inner.is_empty() or length == 0:
             return _EMPTY_MAP
-        leaves = [x for x in pytree.tree_leaves(inner) if isinstance(x, torch.Tensor)]
-        ref_ndim = leaves[0].dim() - batch_ndim if leaves else -1
+        first = _first_tensor(inner)
+        ref_ndim = first.dim() - batch_ndim if first is not None else -1
         if indices is not None:
             indices = tuple(int(i) for i in indices)
             if len(indices) != length:
@@ -213,10 +213,8 @@ class ChoiceMap:
         return self._kind == _STACKED and self._indices is None
 
     def _element_axis(self) -> int:
-        for x in pytree.tree_leaves(self._inner):
-            if isinstance(x, torch.Tensor):
-                return x.dim() - self._ref_ndim
-        return 0
+        first = _first_tensor(self._inner)
+        return 0 if first is None else first.dim() - self._ref_ndim
 
     def _restacked(self, inner: ChoiceMap) -> ChoiceMap:
         """A stacked map like this one (same elements) holding ``inner``, whose element axis
@@ -383,16 +381,9 @@ class ChoiceMap:
         if self._kind == _EMPTY:
             return other
         if self._kind == _VALUE or other._kind == _VALUE:
-            if (self._kind == _VALUE and other._kind == _VALUE and self._mask is not None
-                    and other._mask is not None):
-                overlap = self._mask & other._mask
-                if bool(overlap.any()):
-                    raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}",
-                                              prefix)
-                extra = self._value.dim() - self._mask.dim()
-                m = self._mask.reshape(self._mask.shape + (1,) * extra)
-                return ChoiceMap.value(torch.where(m, self._value, other._value),
-                                       self._mask | other._mask)
+            if (self._kind == _VALUE and other._kind == _VALUE
+                    and (self._mask is not None or other._mask is not None)):
+                return _merge_masked(self, other, prefix)
             raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
         if self._kind == _STACKED and other._kind == _STACKED and (
                 self._length == other._length and self._indices == other._indices):
@@ -421,9 +412,38 @@ class ChoiceMap:
         if kind == _NODE:
             return ChoiceMap.node({k: sub.filter(selection.get_subselection(k))
                                    for k, sub in self._submaps.items()})
+        narrowed = self._only_named_elements(selection)
+        if narrowed is not self:
+            return narrowed.filter(selection)
         inner_sel = selection_flags_for_vector(selection, self.stacked_indices, self._inner,
                                                axis=self._element_axis())
         return self._restacked(self._inner.filter(inner_sel))
+
+    def _only_named_elements(self, selection: Selection) -> ChoiceMap:
+        """A stacked map cut down to the elements ``selection`` names explicitly, when it
+        selects nothing in the others (``select((7, "x"))`` keeps element 7 only, so that an
+        update given the filtered map revisits one element, not all of them)."""
+        from gfcomb.core.selection import element_selections, has_mask_flags
+
+        if has_mask_flags(selection):  # per-element flags (also inside ~, |, &): all elements
+            return self
+        keys = self.stacked_indices
+        default, special = element_selections(selection, keys)
+        if not default.is_empty_static():
+            return self
+        rows = [j for j, k in enumerate(keys)
+                if k in special and not special[k].is_empty_static()]
+        if len(rows) == len(keys):
+            return self
+        if not rows:
+            return _EMPTY_MAP
+        axis = self._element_axis()
+        index = torch.tensor(rows, dtype=torch.long, device=_first_tensor(self._inner).device)
+        inner = pytree.tree_map(
+            lambda x: x.index_select(axis, index) if isinstance(x, torch.Tensor) else x,
+            self._inner)
+        return ChoiceMap.stacked(inner, len(rows), tuple(keys[j] for j in rows),
+                                 batch_ndim=axis)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -435,6 +455,44 @@ class ChoiceMap:
             lines.append(f"  ({shown}): {_short(val)},")
         lines.append(")")
         return "\n".join(lines)
+
+def _first_tensor(cm: ChoiceMap) -> torch.Tensor | None:
+    """The first tensor leaf of ``cm`` in pytree order (a direct walk, no tree_leaves)."""
+    kind = cm._kind
+    if kind == _VALUE:
+        for x in (cm._value, cm._mask):
+            if isinstance(x, torch.Tensor):
+                return x
+        return None
+    if kind == _NODE:
+        for sub in cm._submaps.values():
+            t = _first_tensor(sub)
+            if t is not None:
+                return t
+        return None
+    if kind == _STACKED:
+        return _first_tensor(cm._inner) if isinstance(cm._inner, ChoiceMap) else None
+    return None
+
+
+def _merge_masked(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
+    """Merge two values of which at least one is masked, element by element: ``a``'s value
+    where ``a`` is present, else ``b``'s; present where either is.  An overlap (both present
+    for some element) is an error where the masks can be read; under vmap (batched masks)
+    it cannot be detected without data-dependent control flow, and ``a``'s value wins."""
+    from gfcomb.core.batching import is_batched
+
+    ma, mb = a._mask, b._mask
+    overlap = mb if ma is None else (ma if mb is None else ma & mb)
+    if not is_batched(overlap) and bool(overlap.any()):
+        raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
+    if ma is None:  # b is present nowhere: a as it is
+        return a
+    if mb is None:
+        return b
+    m = ma.reshape(ma.shape + (1,) * (a._value.dim() - ma.dim()))
+    return ChoiceMap.value(torch.where(m, a._value, b._value), ma | mb)
+
 
 def _short(val: Any) -> str:
     if isinstance(val, torch.Tensor):

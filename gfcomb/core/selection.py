@@ -314,6 +314,13 @@ class MaskSelection(Selection):
 pytree.register_pytree_node(
     MaskSelection, lambda s: ([s.flags], None), lambda ch, _: MaskSelection(list(ch)[0])
 )
+# the selection algebra around a MaskSelection travels into vmap too (its flags batched)
+pytree.register_pytree_node(
+    Complement, lambda s: ([s.inner], None), lambda ch, _: Complement(list(ch)[0]))
+pytree.register_pytree_node(
+    Union_, lambda s: ([s.a, s.b], None), lambda ch, _: Union_(*ch))
+pytree.register_pytree_node(
+    Intersection, lambda s: ([s.a, s.b], None), lambda ch, _: Intersection(*ch))
 
 
 def select(*addrs: Any) -> Selection:
@@ -393,6 +400,13 @@ def selection_flags_for_vector(selection: Selection, keys: Sequence[int],
     same leading dimensions.
     """
     n = len(keys)
+    if isinstance(selection, (Complement, Union_, Intersection)) and has_mask_flags(selection):
+        # per-element flags inside an algebra of selections: map each part over the elements
+        # (the default/special split below would read a MaskSelection as selecting nothing)
+        parts = [selection_flags_for_vector(p, keys, inner, axis) for p in _parts(selection)]
+        if isinstance(selection, Complement):
+            return ~parts[0]
+        return (parts[0] | parts[1]) if isinstance(selection, Union_) else parts[0] & parts[1]
     if isinstance(selection, MaskSelection):
         flags = selection.flags
         if flags.is_stacked():
@@ -412,6 +426,22 @@ def selection_flags_for_vector(selection: Selection, keys: Sequence[int],
         flags = pytree.tree_map(
             lambda t: t.reshape((1,) * axis + t.shape).expand(lead + t.shape), flags)
     return MaskSelection(flags)
+
+
+def _parts(selection: Selection) -> list[Selection]:
+    if isinstance(selection, Complement):
+        return [selection.inner]
+    if isinstance(selection, (Union_, Intersection)):
+        return [selection.a, selection.b]
+    return []
+
+
+def has_mask_flags(selection: Selection) -> bool:
+    """True if ``selection`` holds per-element flags (a MaskSelection, possibly inside
+    complements, unions and intersections): it must then travel into vmap as an argument."""
+    if isinstance(selection, MaskSelection):
+        return True
+    return any(has_mask_flags(p) for p in _parts(selection))
 
 
 def _element_flags(sel: Selection, cm: ChoiceMap) -> ChoiceMap:

@@ -1,0 +1,105 @@
+"""A one-shot walk of a pytree into its tensor leaves and back, for crossing a vmap boundary.
+
+:func:`gfcomb.combinators.vector.batched_call` flattens the arguments and the result of every
+vmapped kernel call (traces, choice maps, selections) and rebuilds them on the other side.
+``torch.utils._pytree`` does that with a TreeSpec per node, and a record's own flatten
+(:func:`gfcomb.core.pytree.register_record`) returns all the tensors of its sub-tree, so a
+walk through nested records (a Switch trace holding @gen traces holding choice traces) visits
+each tensor once per level.  :func:`flatten` / :func:`unflatten` visit each node once:
+tuples, lists and dicts directly, a registered record through its field lists (read from
+:data:`gfcomb.core.pytree.RECORD_FIELDS`), any other registered pytree node through its own
+flatten/unflatten functions; non-tensor leaves stay in the spec.  Measured on a Switch trace
+under Map (K = 2, 17 tensor leaves): about a third of the cost of going through the records'
+pytree flatten.  Rebuilt records start with an empty ``_layout`` cache (as if just built).
+The spec is only for :func:`unflatten` (it is not a ``TreeSpec``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gfcomb.core.pytree import RECORD_FIELDS
+
+_TENSOR, _STATIC, _TUPLE, _LIST, _DICT, _RECORD, _NODE, _OTHER = range(8)
+_TENSOR_SPEC = (_TENSOR,)
+_NODES = pytree.SUPPORTED_NODES
+
+
+def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
+    """Append the tensor leaves of ``tree`` to ``leaves``; return the spec to rebuild it."""
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return _TENSOR_SPEC
+    t = type(tree)
+    if t is tuple:
+        return (_TUPLE, _flatten_all(tree, leaves))
+    if t is list:
+        return (_LIST, _flatten_all(tree, leaves))
+    if t is dict:
+        return (_DICT, tuple(tree), _flatten_all(tree.values(), leaves))
+    node = _NODES.get(t)
+    fields = RECORD_FIELDS.get(t)
+    if fields is not None and node is not None and node.flatten_fn is fields[2]:
+        return (_RECORD, t, _flatten_all([getattr(tree, f) for f in fields[0]], leaves),
+                tuple([getattr(tree, f) for f in fields[1]]))
+    if node is not None:
+        children, ctx = node.flatten_fn(tree)
+        return (_NODE, node.unflatten_fn, ctx, _flatten_all(children, leaves))
+    if tree is None or t in (int, float, bool, str) or not pytree.is_namedtuple_instance(tree):
+        return (_STATIC, tree)
+    all_leaves, spec = pytree.tree_flatten(tree)  # a namedtuple: torch's own walk
+    is_t = tuple(isinstance(x, torch.Tensor) for x in all_leaves)
+    leaves.extend(x for x, k in zip(all_leaves, is_t) if k)
+    return (_OTHER, spec, is_t, tuple(None if k else x for x, k in zip(all_leaves, is_t)))
+
+
+def _flatten_all(items: Iterable[Any], leaves: list[torch.Tensor]) -> tuple[Any, ...]:
+    out = []
+    for x in items:
+        if isinstance(x, torch.Tensor):  # (inline: most children are tensors)
+            leaves.append(x)
+            out.append(_TENSOR_SPEC)
+        else:
+            out.append(flatten(x, leaves))
+    return tuple(out)
+
+
+def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    """Rebuild a tree from its :func:`flatten` spec, taking tensor leaves from ``leaves``."""
+    kind = spec[0]
+    if kind == _TENSOR:
+        return next(leaves)
+    if kind == _STATIC:
+        return spec[1]
+    if kind == _TUPLE:
+        return tuple(_unflatten_all(spec[1], leaves))
+    if kind == _LIST:
+        return _unflatten_all(spec[1], leaves)
+    if kind == _DICT:
+        return dict(zip(spec[1], _unflatten_all(spec[2], leaves)))
+    if kind == _RECORD:
+        cls = spec[1]
+        dynamic, static = RECORD_FIELDS[cls][:2]
+        rec = cls.__new__(cls)
+        for name, v in zip(dynamic, _unflatten_all(spec[2], leaves)):
+            object.__setattr__(rec, name, v)
+        for name, v in zip(static, spec[3]):
+            object.__setattr__(rec, name, v)
+        object.__setattr__(rec, "_layout", None)
+        post = getattr(rec, "_after_unflatten", None)
+        if post is not None:
+            post()
+        return rec
+    if kind == _NODE:
+        return spec[1](_unflatten_all(spec[3], leaves), spec[2])
+    _, tspec, is_t, statics = spec
+    return pytree.tree_unflatten([next(leaves) if k else x for x, k in zip(statics, is_t)],
+                                 tspec)
+
+
+def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> list[Any]:
+    return [next(leaves) if s is _TENSOR_SPEC else unflatten(s, leaves) for s in specs]
