@@ -87,6 +87,9 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
     from the first; bookkeeping on which they disagree becomes unknown)."""
     if len(parts) == 1:
         return parts[0]
+    from gfcomb.combinators.switch import harmonize  # steps on different Switch branches
+
+    parts = harmonize(list(parts))
     leaves0, spec = pytree.tree_flatten(parts[0])
     rest = [pytree.tree_flatten(p) for p in parts[1:]]
     out = []

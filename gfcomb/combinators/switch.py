@@ -70,6 +70,7 @@ from typing import Any, Union
 
 import attrs
 import torch
+from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
@@ -80,7 +81,13 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
 )
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
-from gfcomb.core.pytree import register_record, tree_map2_tensors
+from gfcomb.core.pytree import (
+    RECORD_FIELDS,
+    register_record,
+    same_structure,
+    tree_map2_tensors,
+    tree_map_tensors,
+)
 from gfcomb.core.selection import (
     MaskSelection,
     Selection,
@@ -141,6 +148,23 @@ class SwitchTrace(Trace):
                     "where every branch runs and the results are merged by the index")
         return k
 
+    def narrowed(self) -> SwitchTrace:
+        """The one-branch form of an every-branch trace whose index is one integer that no
+        vmap batches (e.g. a step of an Unfold read back after :func:`harmonize` widened
+        it, or one element of a batched trace indexed outside vmap): the chosen branch's
+        trace alone, as a one-branch run would have made it.  Other traces: unchanged."""
+        idx = self.index
+        if not self.batched or idx.dim() != 0 or is_batched(idx):
+            return self
+        try:
+            k = int(idx)
+        except RuntimeError:  # under another functorch transform: keep the masked form
+            return self
+        if not 0 <= k < len(self.traces) or self.traces[k] is None:
+            return self
+        only = tuple(_only(k, self.traces[k], len(self.traces)))
+        return SwitchTrace(self.gen_fn, self.args, idx, only, self.retval, self.score, False)
+
     @property
     def branch_trace(self) -> Trace:
         """The chosen branch's trace (one-branch traces only)."""
@@ -153,12 +177,13 @@ class SwitchTrace(Trace):
     def choices(self) -> ChoiceMap:
         cached = self._choices
         if cached is None:
-            if not self.batched:
-                cached = self.traces[self.selector].choices
+            narrow = self.narrowed()
+            if not narrow.batched:
+                cached = narrow.traces[narrow.selector].choices
             else:
                 flags = [self.index == k for k in range(len(self.traces))]
-                cached = _union([(t.choices, f) for t, f in zip(self.traces, flags)],
-                                bdim=self.index.dim(), exhaustive=True)
+                cached = _union([(t.choices, f) for t, f in zip(self.traces, flags)
+                                 if t is not None], bdim=self.index.dim(), exhaustive=True)
             object.__setattr__(self, "_choices", cached)
         return cached
 
@@ -168,6 +193,146 @@ class SwitchTrace(Trace):
 
 register_record(SwitchTrace, dynamic=("args", "index", "traces", "retval", "score"),
                 static=("gen_fn", "batched"))
+
+
+# ========================================================= traces of one common structure
+def harmonize(traces: Sequence[Any]) -> list[Any]:
+    """Equivalent traces of one common structure, so that they can be stacked or
+    concatenated (e.g. the steps of an Unfold whose kernel calls a Switch).
+
+    ``traces`` are traces (or pytrees of traces) of equal structure except for Switch traces
+    on different branches, anywhere inside (under @gen traces, Map traces, other Switch
+    branches...).  Each such position is widened to the every-branch form that Switch uses
+    under vmap: a trace for every branch that occurs there in any of the traces (a trace's
+    own branch keeps its trace; the other branches get a template, the trace of that branch
+    from another trace, never read: its choices, score and return value are masked out by
+    the index), ``batched`` True and the index as an integer tensor.  Branches that occur in
+    no trace stay None.  The traces may carry leading stacked axes (a stacked Unfold
+    window): templates are then broadcast to each trace's element axes.
+
+    The widened traces answer every GFI method as the originals: Switch narrows a widened
+    trace whose index is one unbatched integer back to the chosen branch's trace
+    (:meth:`SwitchTrace.narrowed`), and its every-branch code skips absent branches.
+    Traces that already share a structure are returned as they are.
+    """
+    traces = list(traces)
+    if len(traces) < 2:
+        return traces
+    specs = [pytree.tree_structure(t) for t in traces]
+    if all(same_structure(specs[0], s) for s in specs[1:]):
+        return traces
+    out = _harmonize(traces)
+    return traces if out is None else out
+
+
+def _harmonize(xs: list[Any]) -> list[Any] | None:
+    """:func:`harmonize` at one position (``xs``: the values there); None if unchanged."""
+    first = xs[0]
+    t = type(first)
+    if any(type(x) is not t for x in xs):
+        return None  # not reconcilable here: the caller's structure check will say so
+    if t is SwitchTrace:
+        return _harmonize_switch(xs)
+    if t is tuple or t is list:
+        if any(len(x) != len(first) for x in xs):
+            return None
+        cols = [_harmonize(list(c)) for c in zip(*xs)]
+        if all(c is None for c in cols):
+            return None
+        full = [c if c is not None else [x[j] for x in xs] for j, c in enumerate(cols)]
+        return [t(row) for row in zip(*full)]
+    if t is dict:
+        keys = list(first)
+        if any(list(x) != keys for x in xs):
+            return None
+        cols = [_harmonize([x[k] for x in xs]) for k in keys]
+        if all(c is None for c in cols):
+            return None
+        return [{k: (x[k] if c is None else c[i]) for k, c in zip(keys, cols)}
+                for i, x in enumerate(xs)]
+    fields = RECORD_FIELDS.get(t)
+    if fields is None:
+        return None
+    changed = {}
+    for f in fields[0]:
+        col = _harmonize([getattr(x, f) for x in xs])
+        if col is not None:
+            changed[f] = col
+    if not changed:
+        return None
+    return [_rebuild(x, {f: col[i] for f, col in changed.items()}) for i, x in enumerate(xs)]
+
+
+def _rebuild(rec: Any, changes: dict[str, Any]) -> Any:
+    """A copy of the registered record ``rec`` with some dynamic fields replaced (caches
+    reset, as pytree unflatten does)."""
+    cls = type(rec)
+    dynamic, static = RECORD_FIELDS[cls][:2]
+    new = cls.__new__(cls)
+    for f in dynamic + static:
+        object.__setattr__(new, f, changes[f] if f in changes else getattr(rec, f))
+    object.__setattr__(new, "_layout", None)
+    post = getattr(new, "_after_unflatten", None)
+    if post is not None:
+        post()
+    return new
+
+
+def _branch_of(tr: SwitchTrace) -> int:
+    return next(i for i, t in enumerate(tr.traces) if t is not None)
+
+
+def _harmonize_switch(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
+    fn = xs[0].gen_fn
+    n = len(xs[0].traces)
+    if any(x.gen_fn != fn or len(x.traces) != n for x in xs):
+        return None
+    occurs = [k for k in range(n) if any(x.traces[k] is not None for x in xs)]
+    if (len(occurs) == 1 and not any(x.batched for x in xs)
+            and len({isinstance(x.index, torch.Tensor) for x in xs}) == 1):
+        # every trace on the same branch: harmonize inside it
+        k = occurs[0]
+        col = _harmonize([x.traces[k] for x in xs])
+        if col is None:
+            return None
+        return [_rebuild(x, {"traces": tuple(_only(k, c, n))}) for x, c in zip(xs, col)]
+    # widen: every branch that occurs, the absent ones filled from a template
+    cols: dict[int, list[Any]] = {}
+    for k in occurs:
+        template = next(x.traces[k] for x in xs if x.traces[k] is not None)
+        col = [x.traces[k] if x.traces[k] is not None else _template(template, x.score.shape)
+               for x in xs]
+        inner = _harmonize(col)
+        cols[k] = col if inner is None else inner
+    out = []
+    for i, x in enumerate(xs):
+        if x.batched:
+            index = x.index if x.index.dtype == torch.long else x.index.long()
+        else:
+            index = torch.full(x.score.shape, _branch_of(x), dtype=torch.long,
+                               device=x.score.device)
+        args = x.args
+        if args and not isinstance(args[0], torch.Tensor):
+            args = (index,) + tuple(args[1:])
+        traces = tuple(cols[k][i] if k in cols else None for k in range(n))
+        out.append(SwitchTrace(fn, args, index, traces, x.retval, x.score, True))
+    return out
+
+
+def _template(tr: Trace, shape: torch.Size) -> Trace:
+    """The branch trace ``tr`` as a stand-in for a trace with element axes ``shape`` (its
+    first element broadcast; values never read: masked out by the index)."""
+    lead = tr.score.dim()
+    if tuple(tr.score.shape) == tuple(shape) or lead != len(shape):
+        return tr
+    first = (0,) * lead
+
+    def fit(v: torch.Tensor) -> torch.Tensor:
+        if v.dim() < lead:
+            return v
+        return v[first].expand(tuple(shape) + tuple(v.shape[lead:]))
+
+    return tree_map_tensors(fit, tr)
 
 
 # ====================================================================== the combinator
@@ -246,15 +411,17 @@ class Switch(GenerativeFunction):
             return SwitchTrace(self, args, given, traces, tr.retval, tr.score, False)
         if flags is None:
             flags = self._flags(index)
-        score = _pick(flags, [t.score for t in traces], _nan_like, "scores")
-        retval = _pick(flags, [t.retval for t in traces], lambda v: v, "return values")
+        score = _pick(flags, [None if t is None else t.score for t in traces], _nan_like,
+                      "scores")
+        retval = _pick(flags, [None if t is None else t.retval for t in traces], lambda v: v,
+                       "return values")
         return SwitchTrace(self, args, index, traces, retval, score, True)
 
     def _check_trace(self, trace: Any) -> SwitchTrace:
         if not isinstance(trace, SwitchTrace) or trace.gen_fn != self:
             raise ArgumentError(f"{self!r} was given a trace of another generative function: "
                                 f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
+        return trace.narrowed()
 
     def _generate_reusing(self, k: int, bargs: tuple[Any, ...], cm: ChoiceMap,
                           provided: ChoiceMap, structure: ChoiceMap | None, batched: bool,
@@ -505,7 +672,8 @@ class Switch(GenerativeFunction):
         k = trace.selector
         if isinstance(k, int):
             return self.branches[k].project(trace.traces[k], selection)
-        ws = [b.project(t, selection) for b, t in zip(self.branches, trace.traces)]
+        ws = [None if t is None else b.project(t, selection)
+              for b, t in zip(self.branches, trace.traces)]
         return _pick(self._flags(k), ws, _nan_like, "weights")
 
     # ------------------------------------------------------------------ update helpers
@@ -514,7 +682,9 @@ class Switch(GenerativeFunction):
         old = trace.selector
         out: list[Flag] = []
         for k in range(len(self.branches)):
-            if isinstance(index_diff, NoChange) and trace.traces[k] is not None:
+            if trace.traces[k] is None:
+                out.append(False)  # no element was on branch k (widened by harmonize)
+            elif isinstance(index_diff, NoChange):
                 out.append(True)  # the index did not change: every element stays
             else:
                 out.append(_equals(old, k))

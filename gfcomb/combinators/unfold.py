@@ -35,11 +35,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.combinators.history import StepBlock, concat_steps
+from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.vector import (
     concat_elements,
     constrained_elements,
     index_tensor,
-    require_dense,
 )
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
@@ -115,6 +115,22 @@ def _as_weight(w: Any, score: torch.Tensor) -> torch.Tensor:
     return w + torch.zeros_like(score)
 
 
+def _present(cm: ChoiceMap) -> ChoiceMap:
+    """``cm`` without the values its (unbatched) presence masks mark absent everywhere; a
+    value present everywhere loses its mask.  Stacked sub-maps are left to their owner."""
+    if cm.is_value():
+        mask = cm.mask
+        if mask is None or cm.is_stacked():
+            return cm
+        if bool(mask.all()):
+            return ChoiceMap.value(cm.get_value())
+        return cm if bool(mask.any()) else _EMPTY
+    if cm.is_stacked() or cm.is_empty():
+        return cm
+    subs = {k: _present(cm.get_submap(k)) for k in cm.keys()}
+    return ChoiceMap.node({k: v for k, v in subs.items() if not v.is_empty()})
+
+
 def _zero_like(x: Any) -> torch.Tensor:
     """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
     for leaf in tree_tensors(x):
@@ -127,7 +143,7 @@ def _stack_steps(steps: Sequence[Trace]) -> Trace:
     """Stack step traces along a new leading (step) axis."""
     if len(steps) == 1:
         return tree_map_tensors(lambda x: x.unsqueeze(0), steps[0])
-    return tree_stack(steps)
+    return tree_stack(harmonize(steps))  # (a Switch on different branches: widened)
 
 
 @attrs.frozen(repr=False)
@@ -397,6 +413,7 @@ class Unfold(GenerativeFunction):
         if len(visited) == keep - offset:
             return stacked, weight, dscore, changed  # every step revisited, in order
         idx = index_tensor([v - offset for v in visited], inner.score)
+        inner, stacked = harmonize([inner, stacked])
         return tree_scatter(inner, idx, stacked), weight, dscore, changed
 
     def _grow(self, inner: Trace | None, n_old: int, n_new: int, state: Any,
@@ -413,7 +430,7 @@ class Unfold(GenerativeFunction):
         dscore = grown.score[0] if n_new - n_old == 1 else grown.score.sum(0)
         if inner is None:
             return grown, w, dscore
-        return concat_elements(inner, grown), w, dscore
+        return concat_elements(*harmonize([inner, grown])), w, dscore
 
     def _extend(self, trace: UnfoldTrace, args: tuple[Any, ...], n_new: int,
                 params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],
@@ -494,9 +511,11 @@ class Unfold(GenerativeFunction):
         n, init, params = self._unpack(args)
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
-        if cm.is_stacked() and not any(is_batched(x) for x in tree_tensors(cm)
-                                       if x.dtype == torch.bool):
-            require_dense(cm.stacked_inner, cm.stacked_indices, "assess")
+        # outside vmap, values absent at a step (masked out: a Switch branch that step did
+        # not take) are dropped from that step's choices, so the kernel's assess reports a
+        # choice it visits and misses; under vmap the kernel reads the masks per element
+        strip = cm.is_stacked() and not any(is_batched(x) for x in tree_tensors(cm)
+                                            if x.dtype == torch.bool)
         kernel = self.kernel
         weight: Any = 0.0
         states = []
@@ -504,7 +523,8 @@ class Unfold(GenerativeFunction):
         t = 0
         try:
             for t in range(n):
-                w, state = kernel.assess((t, state) + params, cm.get_submap(t))
+                sub = cm.get_submap(t)
+                w, state = kernel.assess((t, state) + params, _present(sub) if strip else sub)
                 weight = weight + w
                 states.append(state)
         except AddressError as err:

@@ -257,14 +257,70 @@ def tree_where(mask: torch.Tensor, a: Any, b: Any) -> Any:
     return tree_map2_tensors(pick, a, b)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _same_walk(x: Any, y: Any) -> bool:
+    """Do two :func:`_walk` specs describe the same structure (Python-number leaves may
+    differ in value, not in type)?"""
+    if x is y or _same(x, y):
+        return True
+    kind = x[0]
+    if kind != y[0]:
+        return False
+    if kind == _W_STATIC:
+        return _is_number(x[1]) and type(x[1]) is type(y[1])
+    if kind in (_W_TUPLE, _W_LIST):
+        return len(x[1]) == len(y[1]) and all(map(_same_walk, x[1], y[1]))
+    if kind == _W_DICT:
+        return x[1] == y[1] and all(map(_same_walk, x[2], y[2]))
+    if kind == _W_NODE:
+        return (x[1] is y[1] and _same_context(x[1], x[2], y[2]) and len(x[3]) == len(y[3])
+                and all(map(_same_walk, x[3], y[3])))
+    if kind == _W_OTHER:
+        return (x[1] == y[1] and x[2] == y[2] and all(
+            _same(a, b) or (_is_number(a) and type(a) is type(b)) for a, b in zip(x[3], y[3])))
+    return False
+
+
+def _same_context(t: type, a: Any, b: Any) -> bool:
+    if t in RECORD_FIELDS:  # (walk specs of the dynamic fields, static field values)
+        return (len(a[0]) == len(b[0]) and all(map(_same_walk, a[0], b[0]))
+                and all(map(_same, a[1], b[1])))
+    return _same(a, b)
+
+
+def same_structure(a: pytree.TreeSpec, b: pytree.TreeSpec) -> bool:
+    """Do two pytree specs (of :func:`torch.utils._pytree.tree_flatten`) describe trees that
+    can be stacked into one: the same nodes, records with equal static fields, the same
+    tensor leaves?  Python numbers kept static (e.g. a step index among a kernel's
+    arguments) may differ in value."""
+    if a is b or _same(a, b):
+        return True
+    if a.type is not b.type or a.num_children != b.num_children:
+        return False
+    if a.type is not None and not _same_context(a.type, a.context, b.context):
+        return False
+    return all(map(same_structure, a.children(), b.children()))
+
+
 def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     """Stack a list of trees of identical structure leafwise.
 
     Static parts come from ``trees[0]``; uncompared bookkeeping fields on which the trees
-    disagree become unknown (``None``).
+    disagree become unknown (``None``); Python numbers kept static may differ (``trees[0]``'s
+    are kept).  Trees of other structures (other addresses, a Switch on another branch)
+    raise ValueError.
     """
     leaves0, spec = pytree.tree_flatten(trees[0])
     flat = [pytree.tree_flatten(t) for t in trees[1:]]
+    for i, (_, s) in enumerate(flat, 1):
+        if not same_structure(spec, s):
+            raise ValueError(
+                f"tree_stack: tree {i} has a different structure from tree 0 (other "
+                "addresses, other static values, or a Switch on another branch), so the trees "
+                "cannot be stacked into one record")
     columns = [leaves0] + [leaves for leaves, _ in flat]
     out = []
     for j, leaf in enumerate(leaves0):
