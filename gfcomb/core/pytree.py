@@ -214,8 +214,15 @@ def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str])
 
 # --------------------------------------------------------------------------- tensor tree ops
 def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor leaf of ``tree`` (non-tensor leaves are left as they are)."""
-    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
+    """Apply ``fn`` to every tensor leaf of ``tree`` (non-tensor leaves are left as they are).
+
+    One direct walk of the tree (:mod:`gfcomb.core.flat`), not torch's TreeSpec per node:
+    this runs several times per particle-filter step on whole traces."""
+    from gfcomb.core.flat import flatten, unflatten
+
+    leaves: list[torch.Tensor] = []
+    spec = flatten(tree, leaves)
+    return unflatten(spec, iter([fn(x) for x in leaves]))
 
 
 def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b: Any) -> Any:
