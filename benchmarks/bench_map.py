@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
 from _results import load_average, time_calls, write_section  # noqa: E402
 
