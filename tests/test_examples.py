@@ -66,3 +66,11 @@ def test_tracking_example_matches_kalman_filter():
     gap = float(re.search(r"max \|PF mean - Kalman mean\| \(position\): ([\d.]+)", out).group(1))
     assert gap < 0.5
     assert (ROOT / "examples" / "output" / "tracking_2d.png").exists()
+
+
+def test_custom_gf_testing_example_checks_and_catches():
+    out = run_example("custom_gf_testing.py")
+    assert "AR1 satisfies the GFI laws." in out
+    assert "ForgetfulAR1 is caught" in out
+    assert "GFI law 'update_weight' violated by ForgetfulAR1(T=3)" in out
+    assert "law: update_weight" in out

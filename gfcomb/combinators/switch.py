@@ -534,8 +534,11 @@ class Switch(GenerativeFunction):
                     w, r = branch.assess(bargs, used)
                 except MissingChoiceError:  # no element on this branch can be assessed
                     w, r, used = _nan_like(sim.score), sim.retval, _EMPTY
-            # every address of `used` is visited: a masked-out one is a missing choice
-            weights.append(_nan_where(_not(_all_present(used)), w))
+            # a masked-out value of `used` is missing where this element's branch visits it
+            if _all_present(used) is not True:
+                made = branch.generate(bargs, used)[0].choices
+                w = _nan_where(_missing(made, used), w)
+            weights.append(w)
             retvals.append(r)
         flags = self._flags(index)
         return (_pick(flags, weights, _nan_like, "weights"),

@@ -12,6 +12,7 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import (
@@ -300,10 +301,10 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
     n = len(keys)
     if cm.is_stacked():
         if cm.stacked_is_dense and _is_identity(keys, cm.stacked_length):
-            return cm.stacked_inner
+            return _drop_absent(cm.stacked_inner)
         src = cm.stacked_indices
         if tuple(src) == tuple(keys):
-            return cm.stacked_inner
+            return _drop_absent(cm.stacked_inner)
         pos = {k: j for j, k in enumerate(src)}
         rows = [pos.get(k, -1) for k in keys]
         present = torch.tensor([r >= 0 for r in rows])
@@ -340,6 +341,23 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
             mask = torch.zeros(n, dtype=torch.bool, device=ref.device).index_fill(0, rows, True)
         result = result.merge(ChoiceMap.value(stacked, mask).prefixed(path))
     return result
+
+
+def _drop_absent(cm: ChoiceMap) -> ChoiceMap:
+    """``cm`` without the values whose presence mask is all False (e.g. the other Switch
+    branch's choices in a row of a batched trace): absent, so a kernel that never visits
+    their address must not see them.  Masks with a vmap batch dimension cannot be read: kept."""
+    if cm.is_stacked():
+        return cm
+    if cm.is_value():
+        m = cm.mask
+        absent = m is not None and not is_batched(m) and not bool(m.any())
+        return ChoiceMap.empty() if absent else cm
+    subs = {k: cm.get_submap(k) for k in cm.keys()}
+    kept = {k: _drop_absent(v) for k, v in subs.items()}
+    if all(kept[k] is subs[k] for k in subs):
+        return cm
+    return ChoiceMap.node(kept)
 
 
 def _values_with_masks(cm: ChoiceMap, prefix: tuple[Any, ...]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange
 from gfcomb.core.errors import (
@@ -134,12 +134,11 @@ def _sum(xs: list[Any]) -> Any:
 
 
 def _all_masked_out(cm: ChoiceMap) -> bool:
-    """True if every value of ``cm`` carries a presence mask that is all False (known only
-    outside torch.func transforms; inside them, False)."""
-    if inside_functorch_transform():
-        return False
+    """True if every value of ``cm`` carries a presence mask that is all False (known where
+    the mask carries no vmap batch dimension; otherwise False)."""
     if cm.is_value():
-        return cm.mask is not None and not bool(cm.mask.any())
+        m = cm.mask
+        return m is not None and not is_batched(m) and not bool(m.any())
     if cm.is_stacked():
         return _all_masked_out(cm.stacked_inner)
     return all(_all_masked_out(cm.get_submap(k)) for k in cm.keys())
