@@ -457,6 +457,15 @@ class Switch(GenerativeFunction):
                     raise
                 reused = smaller
                 continue
+            if batched and _has_masked_value(tr.choices):
+                # the branch's addresses differ per element (a nested Switch): an old choice
+                # reused for an element whose new trace does not visit its address must not
+                # count as a constraint it ignores (NaN weight) -- pass only the old choices
+                # each element's new trace visits, and generate again
+                reused = _where_present(reused, tr.choices)
+                tr, w = branch.generate(bargs, _union([(cm_use, True), (reused, True)]))
+                best = (tr, w, reused)
+                break
             best = (tr, w, reused)
             visited = _restrict(provided, tr.choices)[0]
             if _addresses(visited) == _addresses(reused):
@@ -969,6 +978,35 @@ def _children(cm: ChoiceMap) -> list[ChoiceMap]:
     if cm.is_stacked():
         return [cm.stacked_inner]
     return [cm.get_submap(k) for k in cm.keys()]
+
+
+def _where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
+    """The values of ``a`` where ``b`` holds a present value (element by element)."""
+    if a.is_empty() or b.is_empty():
+        return _EMPTY
+    if a.is_value():
+        if not b.is_value():
+            return _EMPTY
+        if b.mask is None:
+            return a
+        return ChoiceMap.value(a.get_value(), b.mask if a.mask is None else a.mask & b.mask)
+    if b.is_value():
+        return _EMPTY
+    if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
+        return _stack_like(_where_present(a.stacked_inner, b.stacked_inner, depth + 1), a,
+                           depth)
+    node = a.unstacked()
+    return ChoiceMap.node({k: _where_present(node.get_submap(k), b.get_submap(k), depth)
+                           for k in node.keys()})
+
+
+def _has_masked_value(cm: ChoiceMap) -> bool:
+    """Does some value of ``cm`` carry a presence mask (a per-element structure)."""
+    if cm.is_empty():
+        return False
+    if cm.is_value():
+        return cm.mask is not None
+    return any(_has_masked_value(sub) for sub in _children(cm))
 
 
 def _any_present(cm: ChoiceMap) -> Flag:
