@@ -71,7 +71,11 @@ class StepBlock:
         while block is not None and block.stop > after:
             assert r is not None
             parts.append(tree_map_tensors(partial(take, r=r), block.steps))
-            r = block.parent_rows[r] if block.parent is not None else None
+            if block.parent is not None:
+                assert block.parent_rows is not None
+                r = block.parent_rows[r]
+            else:
+                r = None
             block = block.parent
         parts.reverse()
         return parts, block, r

@@ -182,7 +182,7 @@ class Map(GenerativeFunction):
         if revisit:
             whole = len(revisit) == keep  # every kept element: no gather / scatter
             # (all kept elements of an unchanged length: no index tensor, gather or scatter)
-            idx = None if whole and keep == n_new else index_tensor(revisit, trace.score)
+            idx: Any = None if whole and keep == n_new else index_tensor(revisit, trace.score)
             old_sub = inner if whole else tree_index(inner, idx)
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
@@ -244,7 +244,7 @@ class Map(GenerativeFunction):
         if revisit:
             whole = len(revisit) == keep
             # (all kept elements of an unchanged length: no index tensor, gather or scatter)
-            idx = None if whole and keep == n_new else index_tensor(revisit, trace.score)
+            idx: Any = None if whole and keep == n_new else index_tensor(revisit, trace.score)
             old_sub = inner if whole else tree_index(inner, idx)
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d

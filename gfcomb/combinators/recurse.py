@@ -680,6 +680,7 @@ class _Incremental:
             self.nch[idx] = n
             for k in range(min(n, n_old)):
                 c, c_old = prod.children[k], old_prod.children[k]
+                child: tuple[int, Any, Diff]
                 if isinstance(pdiff, NoChange) or _same_value(c, c_old):
                     child = (gf.child_index(idx, k), c_old, NoChange())
                 else:

@@ -266,7 +266,7 @@ def _harmonize(xs: list[Any]) -> list[Any] | None:
 def _rebuild(rec: Any, changes: dict[str, Any]) -> Any:
     """A copy of the registered record ``rec`` with some dynamic fields replaced (caches
     reset, as pytree unflatten does)."""
-    cls = type(rec)
+    cls: Any = type(rec)
     dynamic, static = RECORD_FIELDS[cls][:2]
     new = cls.__new__(cls)
     for f in dynamic + static:
@@ -883,7 +883,7 @@ def _union(sources: Sequence[tuple[ChoiceMap, Flag]], bdim: int = 0, depth: int 
             return _EMPTY
         if everywhere and all(cm.mask is None for cm, _ in srcs):
             mask = True
-        return ChoiceMap.value(value, None if mask is True else mask)
+        return ChoiceMap.value(value, None if mask is True or mask is False else mask)
     first = srcs[0][0]
     if all(cm.is_stacked() and cm.stacked_length == first.stacked_length
            and cm.stacked_indices == first.stacked_indices for cm, _ in srcs):

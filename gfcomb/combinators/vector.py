@@ -162,8 +162,8 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         return fast_unflatten(spec, iter([outs[j] for j in pos]))
 
     if _PRIMITIVES is None:  # pragma: no cover - other torch versions
-        outs = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness="different")(*flat)
-        return rebuild(outs)
+        return rebuild(torch.func.vmap(flat_fn, in_dims=tuple(dims),
+                                       randomness="different")(*flat))
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
     for x, d in zip(flat, dims):
         if d is not None and x.shape[d] != length:
@@ -306,9 +306,9 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
         if tuple(src) == tuple(keys):
             return _drop_absent(cm.stacked_inner)
         pos = {k: j for j, k in enumerate(src)}
-        rows = [pos.get(k, -1) for k in keys]
-        present = torch.tensor([r >= 0 for r in rows])
-        gather = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)
+        found = [pos.get(k, -1) for k in keys]
+        present = torch.tensor([r >= 0 for r in found])
+        gather = torch.tensor([max(r, 0) for r in found], dtype=torch.long)
         return _gather_with_mask(cm.stacked_inner, gather, present)
     if _is_identity(keys, n):
         where = {k: k for k in cm.keys() if isinstance(k, int) and 0 <= k < n}

@@ -438,7 +438,9 @@ class ChoiceMap:
         if not rows:
             return _EMPTY_MAP
         axis = self._element_axis()
-        index = torch.tensor(rows, dtype=torch.long, device=_first_tensor(self._inner).device)
+        first = _first_tensor(self._inner)
+        index = torch.tensor(rows, dtype=torch.long,
+                             device=None if first is None else first.device)
         inner = pytree.tree_map(
             lambda x: x.index_select(axis, index) if isinstance(x, torch.Tensor) else x,
             self._inner)

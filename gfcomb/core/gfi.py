@@ -81,9 +81,9 @@ class Invocation:
     def __matmul__(self, addr: Any) -> Any:
         trace_call = _RUNTIME.get("trace_call")
         if trace_call is None:  # imported once (a function-level import costs ~1 µs a call)
-            from gfcomb.dsl.runtime import trace_call
+            from gfcomb.dsl.runtime import trace_call as imported
 
-            _RUNTIME["trace_call"] = trace_call
+            trace_call = _RUNTIME["trace_call"] = imported
         return trace_call(self.gen_fn, self.args, addr)
 
     def __repr__(self) -> str:

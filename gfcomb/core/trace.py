@@ -70,8 +70,10 @@ class Trace:
 
     def update(self, constraints: ChoiceMap | dict[Any, Any] | None = None) -> tuple[Any, ...]:
         """``gen_fn.update(self, self.args, NoChange..., constraints)``."""
+        from gfcomb.core.gfi import as_choicemap
+
         diffs = (NoChange(),) * len(self.args)
-        return self.gen_fn.update(self, self.args, diffs, constraints)
+        return self.gen_fn.update(self, self.args, diffs, as_choicemap(constraints))
 
     def regenerate(self, selection: Selection) -> tuple[Any, ...]:
         """``gen_fn.regenerate(self, self.args, NoChange..., selection)``."""

@@ -205,7 +205,7 @@ class GenFunction(GenerativeFunction):
         are computed (argdiffs.py): unchanged callees do no work.  discard = overwritten
         values and the choices of removed calls.
         """
-        _check_own_trace(self, trace)
+        trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
         cm = as_choicemap(constraints)
@@ -230,7 +230,7 @@ class GenFunction(GenerativeFunction):
         (log p' − log p); selected, new and removed choices contribute 0, so the weight is
         the MH log acceptance ratio for the prior proposal.
         """
-        _check_own_trace(self, trace)
+        trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
@@ -243,7 +243,7 @@ class GenFunction(GenerativeFunction):
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
-        _check_own_trace(self, trace)
+        trace = _check_own_trace(self, trace)
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
@@ -292,11 +292,12 @@ class GenFunction(GenerativeFunction):
 _IN_PROGRESS: set[int] = set()
 
 
-def _check_own_trace(gen_fn: GenFunction, trace: Any) -> None:
+def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
     if not isinstance(trace, GenTrace) or not (trace.gen_fn is gen_fn
                                                 or trace.gen_fn == gen_fn):
         raise ArgumentError(f"{gen_fn!r} was given a trace of another generative function: "
                             f"{getattr(trace, 'gen_fn', trace)!r}")
+    return trace
 
 
 def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:

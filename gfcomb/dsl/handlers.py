@@ -262,6 +262,7 @@ class UpdateHandler(_IncrementalHandler):
             if old is not None:  # a different function at the same address: a new call
                 self.discards[addr] = old.choices
                 self._weights.append(-old.score)
+            w: Any
             if sub.is_empty():
                 tr, w = gen_fn.simulate(args), 0.0
             else:

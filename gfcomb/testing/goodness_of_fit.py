@@ -68,15 +68,15 @@ def _samples(gen_fn: GenerativeFunction, args: tuple[Any, ...], n: int) -> tuple
     except Exception:  # noqa: BLE001 - fall back to a loop
         pass
     vals = []
-    addr = None
+    found: Any = None
     for _ in range(n):
         items = list(gen_fn.simulate(args).choices.items())
         if len(items) != 1:
             raise ValueError("goodness_of_fit needs a generative function with one choice, "
                              f"got {len(items)}")
-        addr, v = items[0]
+        found, v = items[0]
         vals.append(v)
-    return addr, torch.stack(vals)
+    return found, torch.stack(vals)
 
 
 def _logp(gen_fn: GenerativeFunction, args: tuple[Any, ...], addr: Any,
@@ -128,7 +128,7 @@ def _grid(lo: float, hi: float, anchors: np.ndarray, points: int) -> np.ndarray:
     return np.concatenate(pieces + [[hi]])
 
 
-def _cdf_on(grid: np.ndarray, logp: np.ndarray) -> np.ndarray:
+def _cdf_on(grid: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, float]:
     """Unnormalized CDF by the trapezoid rule."""
     dens = np.exp(logp - np.max(logp[np.isfinite(logp)])) if np.any(np.isfinite(logp)) \
         else np.zeros_like(logp)

@@ -146,7 +146,7 @@ class GFIReport:
         """A readable table: law, examples run, skip reasons."""
         lines = [f"check_gfi({self.gen_fn!r}): {self.examples} examples"]
         for law in self.laws:
-            reasons = self.skipped.get(law, {})
+            reasons: dict[str, int] = self.skipped.get(law, {})
             why = "; ".join(f"{r} (x{n})" for r, n in reasons.items())
             lines.append(f"  {law:18s} ran {self.ran[law]:4d}" + (f"  skipped: {why}" if why
                                                                   else ""))
@@ -927,7 +927,7 @@ def check_gfi(gen_fn: GenerativeFunction, args_strategy: Any, *,
     strat = args_strategy if isinstance(args_strategy, st.SearchStrategy) \
         else st.just(args_strategy)
     report = GFIReport(gen_fn, names)
-    opts = dict(rtol=rtol, atol=atol, grad_rtol=grad_rtol, grad_atol=grad_atol,
+    opts: dict[str, Any] = dict(rtol=rtol, atol=atol, grad_rtol=grad_rtol, grad_atol=grad_atol,
                 fd_step=fd_step, require_vmap=require_vmap, batch_size=batch_size)
     if set(names) == {"no_mutation"}:
         names = LAW_NAMES  # mutation is checked on the calls of the other laws
