@@ -72,6 +72,7 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.combinators.vector import has_masks
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -457,7 +458,7 @@ class Switch(GenerativeFunction):
                     raise
                 reused = smaller
                 continue
-            if batched and _has_masked_value(tr.choices):
+            if batched and has_masks(tr.choices):
                 # the branch's addresses differ per element (a nested Switch): an old choice
                 # reused for an element whose new trace does not visit its address must not
                 # count as a constraint it ignores (NaN weight) -- pass only the old choices
@@ -998,15 +999,6 @@ def _where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
     node = a.unstacked()
     return ChoiceMap.node({k: _where_present(node.get_submap(k), b.get_submap(k), depth)
                            for k in node.keys()})
-
-
-def _has_masked_value(cm: ChoiceMap) -> bool:
-    """Does some value of ``cm`` carry a presence mask (a per-element structure)."""
-    if cm.is_empty():
-        return False
-    if cm.is_value():
-        return cm.mask is not None
-    return any(_has_masked_value(sub) for sub in _children(cm))
 
 
 def _any_present(cm: ChoiceMap) -> Flag:

@@ -37,11 +37,10 @@ from torch.utils import _pytree as pytree
 from gfcomb.combinators.history import StepBlock, concat_steps
 from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.vector import (
-    concat_elements,
     constrained_elements,
+    drop_absent,
     index_tensor,
 )
-from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
@@ -113,22 +112,6 @@ def _as_weight(w: Any, score: torch.Tensor) -> torch.Tensor:
             and w.device == score.device):
         return w
     return w + torch.zeros_like(score)
-
-
-def _present(cm: ChoiceMap) -> ChoiceMap:
-    """``cm`` without the values its (unbatched) presence masks mark absent everywhere; a
-    value present everywhere loses its mask.  Stacked sub-maps are left to their owner."""
-    if cm.is_value():
-        mask = cm.mask
-        if mask is None or cm.is_stacked():
-            return cm
-        if bool(mask.all()):
-            return ChoiceMap.value(cm.get_value())
-        return cm if bool(mask.any()) else _EMPTY
-    if cm.is_stacked() or cm.is_empty():
-        return cm
-    subs = {k: _present(cm.get_submap(k)) for k in cm.keys()}
-    return ChoiceMap.node({k: v for k, v in subs.items() if not v.is_empty()})
 
 
 def _zero_like(x: Any) -> torch.Tensor:
@@ -430,7 +413,7 @@ class Unfold(GenerativeFunction):
         dscore = grown.score[0] if n_new - n_old == 1 else grown.score.sum(0)
         if inner is None:
             return grown, w, dscore
-        return concat_elements(*harmonize([inner, grown])), w, dscore
+        return concat_steps([inner, grown], 0), w, dscore
 
     def _extend(self, trace: UnfoldTrace, args: tuple[Any, ...], n_new: int,
                 params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],
@@ -511,11 +494,10 @@ class Unfold(GenerativeFunction):
         n, init, params = self._unpack(args)
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
-        # outside vmap, values absent at a step (masked out: a Switch branch that step did
-        # not take) are dropped from that step's choices, so the kernel's assess reports a
-        # choice it visits and misses; under vmap the kernel reads the masks per element
-        strip = cm.is_stacked() and not any(is_batched(x) for x in tree_tensors(cm)
-                                            if x.dtype == torch.bool)
+        # values absent at a step (masked out: a Switch branch that step did not take) are
+        # dropped from that step's choices, so the kernel's assess reports a choice it visits
+        # and misses; masks batched by an outer vmap are left to the kernel, per element
+        strip = cm.is_stacked()
         kernel = self.kernel
         weight: Any = 0.0
         states = []
@@ -524,7 +506,7 @@ class Unfold(GenerativeFunction):
         try:
             for t in range(n):
                 sub = cm.get_submap(t)
-                w, state = kernel.assess((t, state) + params, _present(sub) if strip else sub)
+                w, state = kernel.assess((t, state) + params, drop_absent(sub) if strip else sub)
                 weight = weight + w
                 states.append(state)
         except AddressError as err:

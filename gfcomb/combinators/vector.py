@@ -301,10 +301,10 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
     n = len(keys)
     if cm.is_stacked():
         if cm.stacked_is_dense and _is_identity(keys, cm.stacked_length):
-            return _drop_absent(cm.stacked_inner)
+            return drop_absent(cm.stacked_inner)
         src = cm.stacked_indices
         if tuple(src) == tuple(keys):
-            return _drop_absent(cm.stacked_inner)
+            return drop_absent(cm.stacked_inner)
         pos = {k: j for j, k in enumerate(src)}
         found = [pos.get(k, -1) for k in keys]
         present = torch.tensor([r >= 0 for r in found])
@@ -343,7 +343,7 @@ def stack_constraints(cm: ChoiceMap, keys: Sequence[int]) -> ChoiceMap:
     return result
 
 
-def _drop_absent(cm: ChoiceMap) -> ChoiceMap:
+def drop_absent(cm: ChoiceMap) -> ChoiceMap:
     """``cm`` without the values whose presence mask is all False (e.g. the other Switch
     branch's choices in a row of a batched trace): absent, so a kernel that never visits
     their address must not see them.  Masks with a vmap batch dimension cannot be read: kept."""
@@ -354,7 +354,7 @@ def _drop_absent(cm: ChoiceMap) -> ChoiceMap:
         absent = m is not None and not is_batched(m) and not bool(m.any())
         return ChoiceMap.empty() if absent else cm
     subs = {k: cm.get_submap(k) for k in cm.keys()}
-    kept = {k: _drop_absent(v) for k, v in subs.items()}
+    kept = {k: drop_absent(v) for k, v in subs.items()}
     if all(kept[k] is subs[k] for k in subs):
         return cm
     return ChoiceMap.node(kept)
