@@ -8,6 +8,7 @@ agree too -- while resampling copies no stored step.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.func import vmap
 
@@ -255,3 +256,87 @@ def _both_from(shared, fn, seed=11):
     torch.manual_seed(seed)
     b = fn(plain)
     return a, b
+
+
+# ------------------------------------------------- the batched extension (particle-filter step)
+def run_rows(steps, *, seed=1, grow=1):
+    """``run`` with ``Unfold._update_rows`` (what ``pf_update`` calls) in place of the vmapped
+    update: ``grow`` steps per call, resampled after each."""
+    torch.manual_seed(seed)
+    tr = simulate(2)
+    weights = []
+    for n in range(2, 2 + steps * grow, grow):
+        cm = gf.ChoiceMap({})
+        for t in range(n, n + grow):
+            cm = cm.merge(obs(t))
+        out = UNFOLD._update_rows(tr, args(n + grow), EXTEND, cm)
+        assert out is not None
+        tr, w = out
+        weights.append(w)
+        tr = select_batch(tr, torch.randint(0, P, (P,)))
+    return tr, torch.stack(weights)
+
+
+def test_batched_extension_equals_the_vmapped_update():
+    rows, w1 = run_rows(6)
+    shared, w2 = run(6, shared=True)
+    plain, _ = run(6, shared=False)
+    torch.testing.assert_close(w1, w2, rtol=0, atol=0)  # same draws, same weights
+    same_trace(rows, shared)
+    same_trace(rows, plain)
+    assert rows.recent is None and rows.history_length == 8
+    assert rows.history.single and rows.history.stop - rows.history.start == 1
+    # the batched args look like vmap's output: one row per particle
+    assert all(x.shape[0] == P for x in tree_tensors(rows.args))
+
+
+def test_batched_extension_by_several_steps():
+    torch.manual_seed(3)
+    start = simulate(2)
+    cm = obs(2).merge(obs(4))
+    torch.manual_seed(4)
+    a, wa = UNFOLD._update_rows(start, args(5), EXTEND, cm)
+    torch.manual_seed(4)
+    b, wb, _, _ = VUPDATE(start, args(5), EXTEND, cm)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=0)
+    same_trace(a, b)
+    assert not a.history.single and a.history.stop - a.history.start == 3
+
+
+def test_batched_extension_reads_back_through_later_updates():
+    """Steps stored by the batched path (single-step blocks) are read correctly by updates
+    that revisit them and by regenerate."""
+    (a, wa, _, _), (b, wb, _, _) = (
+        VUPDATE(tr, args(tr.length), (gf.NoChange(),) * 5,
+                gf.ChoiceMap({(4, "x"): torch.tensor(0.5)}))
+        for tr in (run_rows(4)[0], run(4, shared=False)[0]))
+    same_trace(a, b)
+    torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
+
+
+def test_batched_extension_declines_what_is_not_an_extension():
+    tr, _ = run(2, shared=True)
+    n = tr.length
+    no = (gf.NoChange(),) * 5
+    assert UNFOLD._update_rows(tr, args(n + 1), EXTEND, obs(n - 1)) is None  # an old step
+    assert UNFOLD._update_rows(tr, args(n + 1, a=A + 1), (gf.UnknownChange(),) * 5,
+                               obs(n)) is None  # a parameter changed
+    assert UNFOLD._update_rows(tr, args(n), no, gf.ChoiceMap({})) is None  # nothing new
+    assert UNFOLD._update_rows(tr, args(n - 1), EXTEND, gf.ChoiceMap({})) is None  # shrink
+    single, _, _, _ = UNFOLD.update(tree_index(tr, 0), args(n + 1), EXTEND, obs(n))
+    assert UNFOLD._update_rows(single, args(n + 2), EXTEND, obs(n + 1)) is None  # unbatched
+    assert Unfold(kernel)._update_rows(tr, args(n + 1), EXTEND, obs(n)) is not None  # equal
+
+
+def test_batched_extension_does_not_mutate_and_rejects_bad_input():
+    tr, _ = run(3, shared=True)
+    before = [x.clone() for x in tree_tensors(tr)] + [x.clone() for x in
+                                                      tree_tensors(tr.history.steps)]
+    UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND, obs(tr.length))
+    after = tree_tensors(tr) + tree_tensors(tr.history.steps)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    with pytest.raises(gf.ArgumentError, match="argdiffs"):
+        UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND[:2], obs(tr.length))
+    with pytest.raises(gf.AddressError):
+        UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND,
+                            gf.ChoiceMap({(tr.length, "nope"): torch.tensor(0.0)}))

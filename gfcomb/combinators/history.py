@@ -36,20 +36,27 @@ from gfcomb.core.pytree import _reconcile, tree_map_tensors
 class StepBlock:
     """Immutable stored steps ``start..stop-1`` of a batch of Unfold traces.
 
-    ``steps``: the stacked kernel traces, leaves shaped ``[R, stop - start, ...]``;
-    ``parent_rows``: a long tensor ``[R]`` giving each row's row in ``parent`` (None for the
-    first block).  Compared by identity (it sits in pytree contexts).
+    ``steps``: the stacked kernel traces, leaves shaped ``[R, stop - start, ...]``, or, for a
+    block of one step made with ``single=True``, that step's kernel trace with leaves
+    ``[R, ...]`` (no step axis: a particle-filter step stores what the vmapped kernel call
+    returned, as it is); ``parent_rows``: a long tensor ``[R]`` giving each row's row in
+    ``parent`` (None for the first block).  Compared by identity (it sits in pytree
+    contexts).
     """
 
-    __slots__ = ("steps", "parent_rows", "parent", "start", "stop")
+    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
-                 parent: StepBlock | None, start: int, stop: int) -> None:
+                 parent: StepBlock | None, start: int, stop: int, single: bool = False,
+                 ) -> None:
+        if single and stop - start != 1:
+            raise ValueError(f"a single-step block holds one step, not {start}..{stop - 1}")
         self.steps = steps
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
         self.stop = stop
+        self.single = single
 
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
@@ -68,9 +75,13 @@ class StepBlock:
         def take(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             return x[r]
 
+        def take_single(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return x[r].unsqueeze(r.dim())  # (the step axis, after the batch axes)
+
         while block is not None and block.stop > after:
             assert r is not None
-            parts.append(tree_map_tensors(partial(take, r=r), block.steps))
+            pick = take_single if block.single else take
+            parts.append(tree_map_tensors(partial(pick, r=r), block.steps))
             if block.parent is not None:
                 assert block.parent_rows is not None
                 r = block.parent_rows[r]
@@ -83,6 +94,8 @@ class StepBlock:
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at
         ``rows`` (leaves ``[*B, ...]``): one gather per state leaf."""
+        if self.single:
+            return tree_map_tensors(lambda x: x[rows], self.steps.retval)
         return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)
 
 

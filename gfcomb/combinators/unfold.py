@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 from gfcomb.combinators.history import StepBlock, concat_steps
 from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.vector import (
+    _flat_vmap,
     constrained_elements,
     drop_absent,
     index_tensor,
@@ -44,7 +45,7 @@ from gfcomb.combinators.vector import (
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, weight_like
 from gfcomb.core.pytree import (
     register_record,
     tree_index,
@@ -83,6 +84,9 @@ def _state_tensors(init: Any) -> Any:
     """``init_state`` with Python numbers made tensors, so that every step's kernel trace
     has the same leaves (step 0 would otherwise keep a number where later steps hold the
     tensor state, and the steps could not be stacked)."""
+    if isinstance(init, torch.Tensor):
+        return init
+
     def as_tensor(x: Any) -> Any:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             return x
@@ -104,14 +108,6 @@ def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
             _ROWS.clear()
         rows = _ROWS[key] = torch.arange(n, device=device)
     return rows
-
-
-def _as_weight(w: Any, score: torch.Tensor) -> torch.Tensor:
-    """A weight as a tensor shaped and typed like ``score`` (no op when it already is)."""
-    if (isinstance(w, torch.Tensor) and w.shape == score.shape and w.dtype == score.dtype
-            and w.device == score.device):
-        return w
-    return w + torch.zeros_like(score)
 
 
 def _zero_like(x: Any) -> torch.Tensor:
@@ -225,6 +221,18 @@ class UnfoldTrace(Trace):
                           self.length)
         rows = _identity_rows(n, self.score.device)
         return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
+
+    def _select_rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> UnfoldTrace | None:
+        """:func:`gfcomb.core.batched.select_batch` of a batch of Unfold traces: compacted,
+        then only the per-particle fields (args, score, row pointers) are picked; the shared
+        history is kept as it is.  None if the steps cannot be compacted (several batch
+        axes): then every leaf is picked."""
+        tr = self._compact_history()
+        if tr.recent is not None:
+            return None
+        return UnfoldTrace(tr.gen_fn, tree_map_tensors(pick, tr.args), pick(tr.score),
+                           tr.length, None, None if tr.rows is None else pick(tr.rows),
+                           tr.history)
 
 
 register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
@@ -429,6 +437,60 @@ class Unfold(GenerativeFunction):
                           trace.history)
         return new, w
 
+    def _update_rows(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: ChoiceMap) -> tuple[UnfoldTrace, torch.Tensor] | None:
+        """``update`` of every row of a batch of traces (one leading particle axis) to the
+        same ``args``/``constraints`` when it only appends steps: the particle-filter step.
+
+        The new steps' kernel calls run in one vmapped call over the rows; the Unfold
+        bookkeeping (score, row pointers, the shared history) is done once, batched, outside
+        vmap, and the new steps go straight into a new history block (the result is
+        compacted, see :func:`gfcomb.core.batched.compact_history`).  Returns (new traces,
+        weights): the values ``vmap(update)`` gives, with the same random draws.  Returns None
+        when the update is not a pure extension of a batch (then vmap ``update`` instead).
+
+        Math: weight_i = Σ_{new t} kernel generate weight of row i at step t; score_i grows by
+        the new steps' scores (old steps are untouched: what they depend on is NoChange).
+        """
+        if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
+                or not (traces.gen_fn is self or traces.gen_fn == self)):
+            return None
+        n_new, _init, params = self._unpack(args)
+        argdiffs = self._check_argdiffs(args, argdiffs)
+        n_old = traces.length
+        if n_old == 0 or n_new <= n_old or not all(isinstance(d, NoChange)
+                                                   for d in argdiffs[1:]):
+            return None
+        cm = as_choicemap(constraints)
+        ckeys = constrained_elements(cm, n_new, "update")
+        if ckeys and ckeys[0] < n_old:
+            return None
+        traces = traces._compact_history()
+        assert traces.history is not None and traces.rows is not None
+        rows = traces.score.shape[0]
+        state = traces.history.last_state(traces.rows)
+        kernel = self.kernel
+        single = n_new - n_old == 1
+
+        def new_steps(state: Any) -> tuple[Trace | None, Any]:
+            if not single:
+                return self._run_steps(n_old, n_new, state, params, cm, ckeys)
+            try:
+                if ckeys:
+                    return kernel.generate((n_old, state) + params, cm.get_submap(n_old))
+                return kernel.simulate((n_old, state) + params), None
+            except AddressError as err:
+                raise err.prefixed((n_old,)) from None
+
+        steps, w = _flat_vmap(new_steps, (0,), (state,), rows)
+        assert steps is not None
+        dscore = steps.score if single else steps.score.sum(1)
+        block = StepBlock(steps, traces.rows, traces.history, n_old, n_new, single=single)
+        batched_args = tree_map_tensors(lambda x: x.expand(rows, *x.shape), args)
+        new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
+                          _identity_rows(rows, traces.score.device), block)
+        return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)
+
     @staticmethod
     def _first_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],
                        n_old: int, n_new: int) -> int:
@@ -482,7 +544,7 @@ class Unfold(GenerativeFunction):
         ckeys = constrained_elements(cm, n, "generate")
         inner, w = self._run_steps(0, n, init, params, cm, ckeys)
         tr = self._trace(args, inner, n)
-        return tr, _as_weight(w, tr.score)
+        return tr, weight_like(w, tr.score)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Score given choices for every step; every step's choices must be given.
@@ -539,7 +601,7 @@ class Unfold(GenerativeFunction):
         first = self._first_touched(argdiffs, ckeys, n_old, n_new)
         if first >= n_old:
             new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
-            return (new_trace, _as_weight(w, new_trace.score),
+            return (new_trace, weight_like(w, new_trace.score),
                     self._retdiff(n_new, n_old, []), _EMPTY)
         # steps < h stay in the shared history; steps h.. are gathered into ``window``
         prefix, rows, window, h = trace.split(first)
@@ -575,7 +637,7 @@ class Unfold(GenerativeFunction):
         weight, score = weight + w, score + ds
         new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
         discard = ChoiceMap.node(discards).merge(removed) if discards else removed
-        return (new_trace, _as_weight(weight, new_trace.score),
+        return (new_trace, weight_like(weight, new_trace.score),
                 self._retdiff(n_new, n_old, changed), discard)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -622,7 +684,7 @@ class Unfold(GenerativeFunction):
         last = self._stored_state(window, h, keep, prefix, rows, init)
         window, _, ds = self._grow(window, keep, n_new, last, params, _EMPTY, ())
         new_trace = self._window_trace(args, n_new, score + ds, window, rows, prefix)
-        return (new_trace, _as_weight(weight, new_trace.score),
+        return (new_trace, weight_like(weight, new_trace.score),
                 self._retdiff(n_new, n_old, changed))
 
     @staticmethod

@@ -110,7 +110,20 @@ def _functorch_primitives() -> tuple[Callable[..., Any], ...] | None:
         return None
 
 
+def _direct_batch_dims() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The C functions behind the add/remove-batch-dimension primitives.  torch wraps them in
+    Python only so that torch.export can trace them (about 1 µs per tensor); gfcomb calls
+    them directly unless a torch function mode (export, tracing) is active."""
+    try:
+        from torch._C._functorch import _add_batch_dim, _remove_batch_dim
+
+        return _add_batch_dim, _remove_batch_dim
+    except ImportError:  # pragma: no cover - other torch versions
+        return None
+
+
 _PRIMITIVES = _functorch_primitives()
+_DIRECT = _direct_batch_dims()
 
 
 def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
@@ -165,6 +178,8 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         return rebuild(torch.func.vmap(flat_fn, in_dims=tuple(dims),
                                        randomness="different")(*flat))
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
+    if _DIRECT is not None and not torch._C._is_torch_function_mode_enabled():
+        add_dim, remove_dim = _DIRECT
     for x, d in zip(flat, dims):
         if d is not None and x.shape[d] != length:
             raise ValueError(f"vmap: a mapped input has {x.shape[d]} elements along "

@@ -5,6 +5,10 @@ A batched trace is what ``torch.func.vmap`` returns when it runs a GFI method ov
 Resampling picks rows of it: ``select_batch(traces, ancestors)``.  Done leafwise that would
 copy every stored step of an ``Unfold`` trace, so records may take part through two hooks:
 
+``_select_rows(self, pick)`` (optional): return the record's rows picked by ``pick`` (a
+function applied to each per-row tensor), or None to let the leafwise walk do it; a record
+whose leaves are mostly shared (an Unfold trace's history) picks only its per-row fields.
+
 ``_compact_history(self)``: return an equal record whose recently appended steps are moved
 into shared, immutable history blocks (no tensor is copied).  Records nested in other records
 (an Unfold trace inside a @gen trace, say) are found by walking the attrs fields.  The per-
@@ -86,4 +90,9 @@ def select_batch(tree: Any, index: torch.Tensor) -> Any:
             return x  # expanded (unbatched args after vmap): every row is the same row
         return x.index_select(0, index.to(x.device))
 
+    select_rows = getattr(type(tree), "_select_rows", None)  # a record's own fast path
+    if select_rows is not None:
+        picked = select_rows(tree, rows)
+        if picked is not None:
+            return picked
     return tree_map_tensors(rows, compact_history(tree))

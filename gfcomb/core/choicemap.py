@@ -153,7 +153,10 @@ class ChoiceMap:
                 sub = ChoiceMap._from_mapping(val)
             else:
                 sub = ChoiceMap.value(val)
-            result = result.merge(sub.prefixed(path))
+            if not sub.is_empty():
+                for k in reversed(path):  # (the keys are checked: build the nodes directly)
+                    sub = ChoiceMap._raw(_NODE, submaps={k: sub})
+            result = sub if result is _EMPTY_MAP else result.merge(sub)
         return result
 
     # ------------------------------------------------------------------ immutability

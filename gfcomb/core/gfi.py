@@ -37,7 +37,16 @@ def as_choicemap(constraints: Any) -> ChoiceMap:
         return ChoiceMap.empty()
     if isinstance(constraints, ChoiceMap):
         return constraints
-    return ChoiceMap(constraints)
+    return ChoiceMap._from_mapping(constraints)
+
+
+def weight_like(w: Any, score: torch.Tensor) -> torch.Tensor:
+    """A weight (a tensor or a Python number) as a tensor shaped and typed like ``score``:
+    ``w`` itself when it already is one (no op), else ``w + zeros_like(score)``."""
+    if (isinstance(w, torch.Tensor) and w.shape == score.shape and w.dtype == score.dtype
+            and w.device == score.device):
+        return w
+    return w + torch.zeros_like(score)
 
 
 def check_args_tuple(args: Any, name: str = "args") -> tuple[Any, ...]:

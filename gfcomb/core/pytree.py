@@ -213,11 +213,18 @@ def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str])
 
 
 # --------------------------------------------------------------------------- tensor tree ops
+_PLAIN_LEAF = (torch.Tensor, int, float, bool, str, type(None))
+
+
 def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     """Apply ``fn`` to every tensor leaf of ``tree`` (non-tensor leaves are left as they are).
 
     One direct walk of the tree (:mod:`gfcomb.core.flat`), not torch's TreeSpec per node:
     this runs several times per particle-filter step on whole traces."""
+    if isinstance(tree, torch.Tensor):  # (the common small cases, without the walk)
+        return fn(tree)
+    if type(tree) is tuple and all(isinstance(x, _PLAIN_LEAF) for x in tree):
+        return tuple([fn(x) if isinstance(x, torch.Tensor) else x for x in tree])
     from gfcomb.core.flat import flatten, unflatten
 
     leaves: list[torch.Tensor] = []

@@ -197,7 +197,8 @@ class Normal(Distribution):
             # in place into the fresh noise (same batching as loc): fewer allocations
             eps = torch.randn_like(loc)
             return eps.add_(loc) if s == 1.0 else eps.mul_(s).add_(loc)
-        loc, scale = _broadcast(loc, scale)
+        if scale.dim() != 0:  # (a scalar scale already fits loc)
+            loc, scale = _broadcast(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
     def logpdf(  # type: ignore[override]

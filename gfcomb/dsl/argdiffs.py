@@ -34,12 +34,14 @@ class SourceTracker:
     __slots__ = ("_by_id", "_diffs")
 
     def __init__(self, args: Sequence[Any], argdiffs: Sequence[Diff] | None) -> None:
-        self._by_id: dict[int, tuple[Any, Source]] = {}
-        self._diffs: dict[Source, Diff] = {}
+        by_id: dict[int, tuple[Any, Source]] = {}
         for i, a in enumerate(args):
             if not isinstance(a, _PLAIN):
-                self._by_id.setdefault(id(a), (a, ("arg", i)))
-            self._diffs[("arg", i)] = argdiffs[i] if argdiffs is not None else UnknownChange()
+                by_id.setdefault(id(a), (a, ("arg", i)))
+        self._by_id = by_id
+        # (without argdiffs every source's diff is unknown: the default of a lookup)
+        self._diffs: dict[Source, Diff] = (
+            {} if argdiffs is None else {("arg", i): d for i, d in enumerate(argdiffs)})
 
     def add_return(self, addr: tuple[Any, ...], retval: Any, retdiff: Diff | None) -> None:
         """Register a callee's return value (retdiff None while recording)."""

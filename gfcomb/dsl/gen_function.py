@@ -30,7 +30,7 @@ from gfcomb.core.address import normalize
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, weight_like
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -178,7 +178,7 @@ class GenFunction(GenerativeFunction):
         retval = self._execute(h, args)
         h._check_all_visited(cm, "generate")
         tr = self._trace(h, args, retval)
-        return tr, h.total(h.weight) + torch.zeros_like(tr.score)
+        return tr, weight_like(h.weight, tr.score)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap | dict[Any, Any],
                ) -> tuple[torch.Tensor, Any]:
@@ -220,7 +220,7 @@ class GenFunction(GenerativeFunction):
             weight = weight - old.score
         new = self._trace(h, args, retval)
         retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
-        return new, weight + torch.zeros_like(new.score), retdiff, h.discard(removed)
+        return new, weight_like(weight, new.score), retdiff, h.discard(removed)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[GenTrace, torch.Tensor, Diff]:
@@ -239,7 +239,7 @@ class GenFunction(GenerativeFunction):
         retval = self._execute(h, args)
         new = self._trace(h, args, retval)
         retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
-        return new, h.total(h.weight) + torch.zeros_like(new.score), retdiff
+        return new, weight_like(h.weight, new.score), retdiff
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""

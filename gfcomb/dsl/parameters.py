@@ -10,7 +10,6 @@ modules of the same shape are two sets of parameters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from types import CodeType
 from typing import Any
 
@@ -25,15 +24,24 @@ def _forward_pre_hook(module: torch.nn.Module, inputs: Any) -> None:
         _OWNERS[-1]._note_module(module)
 
 
-@contextmanager
-def recording_modules(owner: Any) -> Iterator[None]:
-    """While the block runs, modules called are noted on ``owner`` (via ``_note_module``)."""
-    _OWNERS.append(owner)
-    if not _HOOK:
-        _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(_forward_pre_hook))
-    try:
-        yield
-    finally:
+class recording_modules:  # noqa: N801 - used like a function: ``with recording_modules(f):``
+    """While the block runs, modules called are noted on ``owner`` (via ``_note_module``).
+
+    (A class rather than a ``@contextmanager`` generator: entered on every GFI call of a
+    @gen function.)"""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        _OWNERS.append(self.owner)
+        if not _HOOK:
+            _HOOK.append(
+                torch.nn.modules.module.register_module_forward_pre_hook(_forward_pre_hook))
+
+    def __exit__(self, *exc: object) -> None:
         _OWNERS.pop()
         if not _OWNERS and _HOOK:
             _HOOK.pop().remove()

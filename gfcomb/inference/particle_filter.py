@@ -179,9 +179,16 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
     obs = as_choicemap(observations)
-    one = _updater(state.model, new_args, argdiffs, obs, proposal, proposal_args)
     n = state.n_particles
-    traces, inc = _flat_vmap(one, (0,), (state.traces,), n)
+    fast = None
+    if proposal is None:
+        fast = getattr(state.model, "_update_rows", None)
+        fast = fast and fast(state.traces, new_args, argdiffs, obs)
+    if fast is not None:
+        traces, inc = fast
+    else:
+        one = _updater(state.model, new_args, argdiffs, obs, proposal, proposal_args)
+        traces, inc = _flat_vmap(one, (0,), (state.traces,), n)
     log_w = inc if state._uniform else state.log_weights + inc
     step = state.step + 1
     m = torch.amax(log_w, 0)
