@@ -1340,3 +1340,33 @@ def test_a_custom_distribution_without_a_constraint_table_keeps_working() -> Non
     assert w.item() == pytest.approx(ref, rel=1e-12)
     with pytest.raises(DistributionArgumentError, match="'cov' must be finite"):
         d.check_args(mean, cov * math.nan)
+
+
+# ------------------------------------------------- Normal's fused sample-and-score path
+@pytest.mark.parametrize("scale", [1.0, 0.3, "tensor"])
+def test_normal_simulate_score_from_its_own_noise_equals_logpdf(scale):
+    """simulate scores a Normal draw from the standardized noise; it must equal the log
+    density of the value (float64, tight), and its reparameterized gradients must too."""
+    torch.manual_seed(0)
+    loc = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if scale == "tensor" \
+        else scale
+    tr = Normal().simulate((loc, s))
+    lp = Normal().logpdf(tr.value, loc, s).sum()
+    torch.testing.assert_close(tr.score, lp, rtol=1e-13, atol=1e-13)
+    params = [loc] + ([s] if scale == "tensor" else [])
+    g_fused = torch.autograd.grad(tr.score + tr.value.sum(), params, retain_graph=True)
+    g_plain = torch.autograd.grad(lp + tr.value.sum(), params)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_normal_subclass_with_its_own_sampler_is_not_fused():
+    class Shifted(Normal):
+        def sample(self, loc, scale):
+            return super().sample(loc, scale) + 100.0
+
+    assert Normal._fused and not Shifted._fused
+    tr = Shifted().simulate((torch.tensor(0.0), 1.0))
+    assert tr.value > 50
+    torch.testing.assert_close(tr.score, Normal().logpdf(tr.value, 0.0, 1.0))

@@ -618,6 +618,32 @@ class Distribution(DistributionMethods, GenerativeFunction):
         with torch.no_grad():
             return self.sample(*params)
 
+    def sample_with_logpdf(self, *params: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional: ``(value, logpdf(value, *params))`` from one draw, for a distribution
+        whose log density is cheaper from the sampler's own noise (a Normal's standardized
+        draw).  None (the default): sample, then score."""
+        return None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the fused sampler only stands in for the ``sample``/``logpdf`` written beside it (a
+        # subclass that overrides either one gets its own, unfused)
+        owner = next(c for c in cls.__mro__ if "sample_with_logpdf" in c.__dict__)
+        cls._fused = owner is not Distribution and all(
+            getattr(cls, m) is getattr(owner, m) for m in ("sample", "logpdf"))
+
+    _fused = False
+
+    def _sample_scored(self, params: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh value and its score (simulate's work)."""
+        both = self.sample_with_logpdf(*params) if self._fused and self.reparameterized \
+            else None
+        if both is None:
+            value = self._sample(params)
+            return value, self._score(value, params)
+        value, lp = both
+        return value, lp if lp.dim() == 0 else lp.sum()
+
     def simulate(self, args: tuple[Any, ...]) -> ChoiceTrace:
         """Sample a value from the distribution.
 
@@ -626,8 +652,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
         args = check_args_tuple(args)
         self._validate(args)
         params = self._prepare(args)
-        value = self._sample(params)
-        return ChoiceTrace(self, args, value, self._score(value, params))
+        value, score = self._sample_scored(params)
+        return ChoiceTrace(self, args, value, score)
 
     def generate(self, args: tuple[Any, ...],
                  constraints: ChoiceMap | None = None) -> tuple[ChoiceTrace, torch.Tensor]:
@@ -720,9 +746,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
         self._validate(args)
         params = self._prepare(args)
         if flag is True:
-            value = self._sample(params)
-            return ChoiceTrace(self, args, value, self._score(value, params)), \
-                torch.zeros_like(trace.score), _UNKNOWN_CHANGE
+            value, score = self._sample_scored(params)
+            return ChoiceTrace(self, args, value, score), torch.zeros_like(trace.score), \
+                _UNKNOWN_CHANGE
         self._check_value(trace.value, args, params, given=False)
         sampled = self._sample(params)
         value = torch.where(_expand_mask(flag, sampled), sampled, trace.value)

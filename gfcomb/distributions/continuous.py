@@ -201,6 +201,23 @@ class Normal(Distribution):
             loc, scale = _broadcast(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
+    def sample_with_logpdf(  # type: ignore[override]
+        self, loc: ArrayLike, scale: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``loc + scale * eps`` and its log density from ``eps`` itself,
+        −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it).  None when
+        ``scale`` is not a scalar (then sample, then score)."""
+        loc, scale = _tensors(loc, scale)
+        if scale.dim() != 0:
+            return None
+        eps = torch.randn_like(loc)
+        lp = (eps * eps).mul_(-0.5)
+        s = constant_value(scale)
+        if s is not None and s > 0:
+            lp = lp.sub_(math.log(s) + _HALF_LOG_2PI)
+            return (eps.add_(loc) if s == 1.0 else eps.mul_(s).add_(loc)), lp
+        return loc + scale * eps, lp.sub_(torch.log(scale)).sub_(_HALF_LOG_2PI)
+
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
