@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.flat import Packed
 from gfcomb.core.pytree import _reconcile, tree_map_tensors
 
 
@@ -44,19 +45,28 @@ class StepBlock:
     contexts).
     """
 
-    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single")
+    __slots__ = ("_steps", "parent_rows", "parent", "start", "stop", "single", "_state")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
-                 ) -> None:
+                 state: Any = None) -> None:
         if single and stop - start != 1:
             raise ValueError(f"a single-step block holds one step, not {start}..{stop - 1}")
-        self.steps = steps
+        self._steps = steps  # the kernel traces, or a Packed of them (rebuilt when read)
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
         self.stop = stop
         self.single = single
+        self._state = state  # the newest step's state, when given (else read from steps)
+
+    @property
+    def steps(self) -> Any:
+        """The stored kernel traces (see the class docstring)."""
+        steps = self._steps
+        if isinstance(steps, Packed):
+            steps = self._steps = steps.unpack()
+        return steps
 
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
@@ -94,6 +104,8 @@ class StepBlock:
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at
         ``rows`` (leaves ``[*B, ...]``): one gather per state leaf."""
+        if self._state is not None:
+            return tree_map_tensors(lambda x: x[rows], self._state)
         if self.single:
             return tree_map_tensors(lambda x: x[rows], self.steps.retval)
         return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -108,6 +109,25 @@ def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
             _ROWS.clear()
         rows = _ROWS[key] = torch.arange(n, device=device)
     return rows
+
+
+_EXPANDED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rows_of(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` as ``rows`` identical rows (an expanded view, as vmap returns an unbatched
+    output), cached per tensor: a particle filter passes the same parameters every step."""
+    if x.requires_grad:  # (a view made now: part of the current autograd graph)
+        return x.expand(rows, *x.shape)
+    key = (id(x), rows)
+    hit = _EXPANDED.get(key)
+    if hit is not None and hit[0] is x:
+        return hit[1]
+    if len(_EXPANDED) > 64:
+        _EXPANDED.clear()
+    out = x.expand(rows, *x.shape)
+    _EXPANDED[key] = (x, out)
+    return out
 
 
 def _zero_like(x: Any) -> torch.Tensor:
@@ -472,21 +492,26 @@ class Unfold(GenerativeFunction):
         kernel = self.kernel
         single = n_new - n_old == 1
 
-        def new_steps(state: Any) -> tuple[Trace | None, Any]:
+        def new_steps(state: Any) -> tuple[Trace | None, Any, Any, Any]:
             if not single:
-                return self._run_steps(n_old, n_new, state, params, cm, ckeys)
+                steps, w = self._run_steps(n_old, n_new, state, params, cm, ckeys)
+                assert steps is not None
+                return steps, w, steps.score.sum(0), None
             try:
                 if ckeys:
-                    return kernel.generate((n_old, state) + params, cm.get_submap(n_old))
-                return kernel.simulate((n_old, state) + params), None
+                    tr, w = kernel.generate((n_old, state) + params, cm.get_submap(n_old))
+                else:
+                    tr, w = kernel.simulate((n_old, state) + params), None
             except AddressError as err:
                 raise err.prefixed((n_old,)) from None
+            return tr, w, tr.score, tr.retval
 
-        steps, w = _flat_vmap(new_steps, (0,), (state,), rows)
-        assert steps is not None
-        dscore = steps.score if single else steps.score.sum(1)
-        block = StepBlock(steps, traces.rows, traces.history, n_old, n_new, single=single)
-        batched_args = tree_map_tensors(lambda x: x.expand(rows, *x.shape), args)
+        # the new step's trace is stored, not read: it stays packed (flat leaves) until the
+        # history is gathered; its score and state come out of vmap beside it
+        steps, w, dscore, last = _flat_vmap(new_steps, (0,), (state,), rows, pack_first=single)
+        block = StepBlock(steps, traces.rows, traces.history, n_old, n_new, single=single,
+                          state=last)
+        batched_args = tree_map_tensors(partial(_rows_of, rows=rows), args)
         new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
                           _identity_rows(rows, traces.score.device), block)
         return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)

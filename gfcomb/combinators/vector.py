@@ -21,6 +21,7 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
     VmapError,
 )
+from gfcomb.core.flat import Packed
 from gfcomb.core.flat import flatten as fast_flatten
 from gfcomb.core.flat import unflatten as fast_unflatten
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
@@ -127,7 +128,7 @@ _DIRECT = _direct_batch_dims()
 
 
 def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
-               length: int) -> Any:
+               length: int, *, pack_first: bool = False) -> Any:
     """``torch.func.vmap(fn, in_dims, randomness="different")(*args)`` over ``length``
     elements, with the argument and output pytrees flattened here, once.
 
@@ -136,6 +137,11 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
     flat tensors in and out we enter the vmap level directly with the primitives vmap itself
     is built from (same semantics: one level, ``randomness="different"``, out_dims 0).
     Non-tensor leaves are passed around vmap, unbatched.
+
+    ``pack_first``: ``fn`` returns a tuple whose first item comes back as a
+    :class:`~gfcomb.core.flat.Packed` (its batched leaves, rebuilt into records only when
+    read) -- for results that are stored rather than used, like a particle-filter step's
+    kernel trace.
     """
     flat: list[torch.Tensor] = []
     dims: list[Any] = []
@@ -155,7 +161,12 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         it = iter(xs)
         el = tuple(next(it) if part is None else fast_unflatten(part, it) for part in arg_parts)
         leaves: list[torch.Tensor] = []
-        spec = fast_flatten(fn(*el), leaves)
+        out = fn(*el)
+        if pack_first:
+            first = fast_flatten(out[0], leaves)
+            spec: Any = (first, len(leaves), fast_flatten(out[1:], leaves))
+        else:
+            spec = fast_flatten(out, leaves)
         # a tensor held in several places (an argument kept by the trace and its sub-traces,
         # a choice that is also the return value) leaves vmap once
         seen: dict[int, int] = {}
@@ -172,7 +183,11 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
 
     def rebuild(outs: Sequence[torch.Tensor]) -> Any:
         spec, pos = out_parts[-1]
-        return fast_unflatten(spec, iter([outs[j] for j in pos]))
+        leaves = [outs[j] for j in pos]
+        if pack_first:
+            first, n, rest = spec
+            return (Packed(first, leaves[:n]),) + fast_unflatten(rest, iter(leaves[n:]))
+        return fast_unflatten(spec, iter(leaves))
 
     if _PRIMITIVES is None:  # pragma: no cover - other torch versions
         return rebuild(torch.func.vmap(flat_fn, in_dims=tuple(dims),

@@ -103,3 +103,25 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
 
 def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> list[Any]:
     return [next(leaves) if s is _TENSOR_SPEC else unflatten(s, leaves) for s in specs]
+
+
+class Packed:
+    """A pytree held as its :func:`flatten` spec and tensor leaves, rebuilt on first
+    :meth:`unpack` (then kept).  For results that are mostly stored and rarely read: the
+    rebuild of trace records is most of the cost of a small vmapped call."""
+
+    __slots__ = ("_spec", "_leaves", "_tree", "_built")
+
+    def __init__(self, spec: Any, leaves: list[torch.Tensor]) -> None:
+        self._spec = spec
+        self._leaves = leaves
+        self._tree: Any = None
+        self._built = False
+
+    def unpack(self) -> Any:
+        """The pytree."""
+        if not self._built:
+            self._tree = unflatten(self._spec, iter(self._leaves))
+            self._built = True
+            self._spec = self._leaves = None
+        return self._tree

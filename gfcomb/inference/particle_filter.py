@@ -227,8 +227,9 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
             if not math.isfinite(float(m)):
                 check_finite_max(log_w, who, state.step)
         cdf = torch.cumsum(torch.exp(log_w - m), 0)
-        lse = m + torch.log(cdf[-1])
-        ancestors = _systematic(cdf, n)
+        total = cdf[-1]
+        lse = m + torch.log(total)
+        ancestors = _systematic(cdf, n, total=total)
     else:
         weights, lse = exp_normalized(log_w, who, state.step)
         ancestors = resampler(weights, n)
