@@ -43,6 +43,7 @@ from gfcomb.combinators.vector import (
     drop_absent,
     index_tensor,
 )
+from gfcomb.core.batching import expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
@@ -109,25 +110,6 @@ def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
             _ROWS.clear()
         rows = _ROWS[key] = torch.arange(n, device=device)
     return rows
-
-
-_EXPANDED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _rows_of(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` as ``rows`` identical rows (an expanded view, as vmap returns an unbatched
-    output), cached per tensor: a particle filter passes the same parameters every step."""
-    if x.requires_grad:  # (a view made now: part of the current autograd graph)
-        return x.expand(rows, *x.shape)
-    key = (id(x), rows)
-    hit = _EXPANDED.get(key)
-    if hit is not None and hit[0] is x:
-        return hit[1]
-    if len(_EXPANDED) > 64:
-        _EXPANDED.clear()
-    out = x.expand(rows, *x.shape)
-    _EXPANDED[key] = (x, out)
-    return out
 
 
 def _zero_like(x: Any) -> torch.Tensor:
@@ -511,7 +493,7 @@ class Unfold(GenerativeFunction):
         steps, w, dscore, last = _flat_vmap(new_steps, (0,), (state,), rows, pack_first=single)
         block = StepBlock(steps, traces.rows, traces.history, n_old, n_new, single=single,
                           state=last)
-        batched_args = tree_map_tensors(partial(_rows_of, rows=rows), args)
+        batched_args = tree_map_tensors(partial(expanded_rows, n=rows), args)
         new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
                           _identity_rows(rows, traces.score.device), block)
         return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)

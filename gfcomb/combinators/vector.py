@@ -10,9 +10,10 @@ from typing import Any
 
 import attrs
 import torch
+from torch._C import _functorch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.batching import is_batched
+from gfcomb.core.batching import expanded_rows, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import (
@@ -111,20 +112,28 @@ def _functorch_primitives() -> tuple[Callable[..., Any], ...] | None:
         return None
 
 
-def _direct_batch_dims() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """The C functions behind the add/remove-batch-dimension primitives.  torch wraps them in
-    Python only so that torch.export can trace them (about 1 µs per tensor); gfcomb calls
-    them directly unless a torch function mode (export, tracing) is active."""
+def _direct_primitives() -> tuple[Callable[..., Any], ...] | None:
+    """The C functions behind the add/remove-batch-dimension and enter/leave-level
+    primitives.  torch wraps them in Python only so that torch.export can trace them (about
+    1 µs per call); gfcomb calls them directly unless a torch function mode (export, tracing)
+    is active, once torch's batching decompositions are loaded."""
     try:
-        from torch._C._functorch import _add_batch_dim, _remove_batch_dim
+        from torch._C._functorch import (
+            _add_batch_dim,
+            _remove_batch_dim,
+            _vmap_decrement_nesting,
+            _vmap_increment_nesting,
+        )
 
-        return _add_batch_dim, _remove_batch_dim
+        return _add_batch_dim, _remove_batch_dim, _vmap_increment_nesting, \
+            _vmap_decrement_nesting
     except ImportError:  # pragma: no cover - other torch versions
         return None
 
 
 _PRIMITIVES = _functorch_primitives()
-_DIRECT = _direct_batch_dims()
+_DIRECT = _direct_primitives()
+_DECOMPOSITIONS_LOADED: list[bool] = []
 
 
 def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
@@ -193,13 +202,17 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         return rebuild(torch.func.vmap(flat_fn, in_dims=tuple(dims),
                                        randomness="different")(*flat))
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
-    if _DIRECT is not None and not torch._C._is_torch_function_mode_enabled():
-        add_dim, remove_dim = _DIRECT
+    if _DIRECT is not None and _DECOMPOSITIONS_LOADED and \
+            not torch._C._is_torch_function_mode_enabled():
+        add_dim, remove_dim, enter, leave = _DIRECT
+    else:
+        load_decompositions()
+        if not _DECOMPOSITIONS_LOADED:
+            _DECOMPOSITIONS_LOADED.append(True)
     for x, d in zip(flat, dims):
         if d is not None and x.shape[d] != length:
             raise ValueError(f"vmap: a mapped input has {x.shape[d]} elements along "
                              f"dimension {d}, expected {length}")
-    load_decompositions()
     level = enter(length, "different")
     try:
         added: dict[tuple[int, Any], torch.Tensor] = {}  # a tensor given twice: batched once
@@ -213,7 +226,18 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
                 x = y
             ins.append(x)
         batched = flat_fn(*ins)
-        outs = [remove_dim(y, level, length, 0) for y in batched]
+        # an output that is an input leaves as that input; a plain (unbatched) tensor as its
+        # cached expanded view (what removing the batch dimension would make afresh)
+        given = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
+        outs = []
+        for y in batched:
+            same = given.get(id(y))
+            if same is not None:
+                outs.append(same)
+            elif _functorch.maybe_get_level(y) == -1:
+                outs.append(expanded_rows(y, length))
+            else:
+                outs.append(remove_dim(y, level, length, 0))
     finally:
         leave()
     return rebuild(outs)

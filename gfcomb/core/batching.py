@@ -26,3 +26,23 @@ def is_batched(x: Any) -> bool:
 def is_data_dependent_safe(*xs: Any) -> bool:
     """True if Python may look at the *values* of ``xs`` (no vmap/grad wrapper involved)."""
     return not inside_functorch_transform()
+
+
+_EXPANDED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def expanded_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as ``n`` identical rows: the expanded view vmap returns for an unbatched output,
+    cached per tensor (a particle filter passes the same parameters every step; cached only
+    for tensors that do not require grad, whose view belongs to one autograd graph)."""
+    if x.requires_grad:
+        return x.expand(n, *x.shape)
+    key = (id(x), n)
+    hit = _EXPANDED.get(key)
+    if hit is not None and hit[0] is x:
+        return hit[1]
+    if len(_EXPANDED) > 256:
+        _EXPANDED.clear()
+    out = x.expand(n, *x.shape)
+    _EXPANDED[key] = (x, out)
+    return out

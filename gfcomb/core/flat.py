@@ -114,14 +114,15 @@ class Packed:
 
     def __init__(self, spec: Any, leaves: list[torch.Tensor]) -> None:
         self._spec = spec
-        self._leaves = leaves
+        self._leaves: list[torch.Tensor] | None = leaves
         self._tree: Any = None
         self._built = False
 
     def unpack(self) -> Any:
         """The pytree."""
         if not self._built:
+            assert self._leaves is not None
             self._tree = unflatten(self._spec, iter(self._leaves))
             self._built = True
-            self._spec = self._leaves = None
+            self._spec = self._leaves = None  # (the tree holds the leaves now)
         return self._tree
