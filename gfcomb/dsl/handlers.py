@@ -103,7 +103,11 @@ class Handler:
 
     def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
         """Raise if a constraint sits at an address the body never visited."""
-        _check_visited(constraints, (), self.subtraces, self._prefixes, method)
+        visited = self.subtraces
+        if (not constraints.is_value() and not constraints.is_stacked()
+                and all((k,) in visited for k in constraints.keys())):
+            return  # (the common case: every constrained key is a call of the body)
+        _check_visited(constraints, (), visited, self._prefixes, method)
 
     def total(self, x: Any) -> torch.Tensor:
         """A score/weight accumulator as a tensor."""
@@ -115,6 +119,17 @@ class Handler:
 def _sum(xs: list[Any]) -> Any:
     """The sum of scores/weights: additions for a few terms, one ``stack`` + ``sum`` for
     many, Python numbers added in; 0.0 for an empty list."""
+    if len(xs) <= 8:  # (the common case: one pass, no intermediate lists)
+        acc: Any = None
+        numbers: Any = 0.0
+        for x in xs:
+            if isinstance(x, torch.Tensor):
+                acc = x if acc is None else acc + x
+            else:
+                numbers = numbers + x
+        if acc is None:
+            return numbers
+        return acc + numbers if numbers != 0 else acc
     ts = [x for x in xs if isinstance(x, torch.Tensor)]
     rest = sum(x for x in xs if not isinstance(x, torch.Tensor))
     if not ts:
