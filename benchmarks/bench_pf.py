@@ -7,8 +7,9 @@ The model is the 1-D linear-Gaussian state-space model
 
 as ``Unfold(lg_step)`` with args ``(T, x_init, a, s)``.  A gfcomb filter step is
 ``pf_update`` (every particle extended by one step with y_t constrained: Unfold's batched
-extension, one vmapped kernel call) then ``pf_resample(state, "systematic")``.  The hand-written filter keeps only
-the current states ``x`` (a tensor of N) and does what a user would write: propagate, weight,
+extension, one vmapped kernel call) then ``pf_resample(state, "systematic")``.  The
+hand-written filter keeps only the current states ``x`` (a tensor of N) and does what a user
+would write: propagate, weight,
 logsumexp, systematic resampling with ``searchsorted``, ``x[ancestors]``.  A third column runs
 the hand-written filter with gfcomb's O(N) systematic resampler, to separate resampler speed
 from GFI overhead.  ``pyro.infer.SMCFilter`` is timed too when pyro is importable.

@@ -340,3 +340,40 @@ def test_batched_extension_does_not_mutate_and_rejects_bad_input():
     with pytest.raises(gf.AddressError):
         UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND,
                             gf.ChoiceMap({(tr.length, "nope"): torch.tensor(0.0)}))
+
+
+@gf.gen
+def pair_kernel(t, state, a):
+    x, v = state
+    v = gf.normal(a * v, 0.3) @ "v"
+    x = gf.normal(x + v, 0.5) @ "x"
+    return (x, v)
+
+
+def test_batched_extension_with_a_tuple_state():
+    u = Unfold(pair_kernel)
+    init = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    diffs = (gf.UnknownChange(), gf.NoChange(), gf.NoChange())
+    vup = vmap(u.update, in_dims=(0, None, None, None), randomness="different")
+    torch.manual_seed(2)
+    tr = compact_history(vmap(lambda _: u.simulate((2, init, A)), randomness="different")(
+        torch.zeros(P)))
+    fast, slow = tr, tr
+    for n in range(2, 5):
+        cm = gf.ChoiceMap({(n, "x"): torch.tensor(0.1 * n, dtype=torch.float64)})
+        torch.manual_seed(n)
+        fast, wf = rows_update(u, fast, (n + 1, init, A), diffs, cm)
+        torch.manual_seed(n)
+        slow, ws, _, _ = vup(slow, (n + 1, init, A), diffs, cm)
+        assert torch.equal(wf, ws)
+        anc = torch.tensor([1, 0, 0, 3, 5, 5])
+        fast, slow = select_batch(fast, anc), select_batch(compact_history(slow), anc)
+    same_trace(fast, slow)
+    assert isinstance(fast.retval, tuple) and fast.retval[0].shape == (P, 5)
+
+
+def rows_update(u, tr, args, diffs, cm):
+    """``u._update_rows``, which must take this update (a pure extension of a batch)."""
+    out = u._update_rows(tr, args, diffs, cm)
+    assert out is not None
+    return out

@@ -489,3 +489,29 @@ def _unbatched_index_run(revisit):
         vals2 = vals[:1] + [0.6] + vals[2:]
         close(w2[p], lp(q, 4, vals2) - lp(q, 4, vals))
         close(new2.score[p], lp(q, 4, vals2))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_batched_extension_equals_the_vmapped_update(model):
+    """pf_update's path (Unfold._update_rows: only the kernel call vmapped) gives what the
+    vmapped Unfold.update gives, draws included, for a kernel whose steps switch branches
+    per particle."""
+    from gfcomb.core.pytree import tree_tensors
+
+    u = U(model)
+    torch.manual_seed(5)
+    trs = compact_history(vmap(lambda _: u.simulate((2, X0)), randomness="different")(
+        torch.zeros(P)))
+    obs = gf.ChoiceMap({(2, "r"): torch.tensor(1.0)})
+    torch.manual_seed(6)
+    a, wa = u._update_rows(trs, (3, X0), (UC, NC), obs)
+    torch.manual_seed(6)
+    b, wb, _, _ = vmap(u.update, in_dims=(0, None, None, None), randomness="different")(
+        trs, (3, X0), (UC, NC), obs)
+    assert torch.equal(wa, wb) and torch.equal(a.score, b.score)
+    la, lb = tree_tensors(a.inner), tree_tensors(b.inner)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y)
+    for p in range(P):  # and the weights are the densities of the constrained regime
+        close(wa[p], lp_r(1))
