@@ -1370,3 +1370,19 @@ def test_normal_subclass_with_its_own_sampler_is_not_fused():
     tr = Shifted().simulate((torch.tensor(0.0), 1.0))
     assert tr.value > 50
     torch.testing.assert_close(tr.score, Normal().logpdf(tr.value, 0.0, 1.0))
+
+
+def test_normal_log_normalizer_cache_sees_in_place_changes_and_keeps_gradients():
+    """The Normal's −log σ − log(2π)/2 is cached per plain σ tensor; an in-place change of σ
+    must be seen, and a σ that requires grad must still get its gradient."""
+    x = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    sigma = torch.tensor(0.5, dtype=torch.float64)
+    expected = stats.norm(0.0, 0.5).logpdf(x.numpy())
+    np.testing.assert_allclose(Normal().logpdf(x, 0.0, sigma).numpy(), expected, rtol=1e-12)
+    sigma.mul_(4.0)  # now 2.0, same tensor object
+    np.testing.assert_allclose(Normal().logpdf(x, 0.0, sigma).numpy(),
+                               stats.norm(0.0, 2.0).logpdf(x.numpy()), rtol=1e-12)
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(Normal().logpdf(x, 0.0, s).sum(), s)
+    # d/ds Σ log N(x; 0, s) = Σ (x² / s³ − 1 / s)
+    torch.testing.assert_close(g, (x ** 2 / 0.7 ** 3 - 1 / 0.7).sum(), rtol=1e-12, atol=1e-12)

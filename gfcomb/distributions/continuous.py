@@ -29,12 +29,14 @@ import math
 from typing import Any, Union
 
 import torch
+from torch._C import _functorch
 
 from gfcomb.distributions.base import (  # noqa: F401  (_float_dtype: re-exported helper)
     POSITIVE,
     REAL,
     Distribution,
     _broadcast,
+    _constant,
     _float_dtype,
     _tensors,
     constant_value,
@@ -205,34 +207,54 @@ class Normal(Distribution):
         self, loc: ArrayLike, scale: ArrayLike
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``loc + scale * eps`` and its log density from ``eps`` itself,
-        −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it).  None when
-        ``scale`` is not a scalar (then sample, then score)."""
+        −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it): three tensor
+        operations in all.  None when ``scale`` is not a scalar (then sample, then score)."""
         loc, scale = _tensors(loc, scale)
         if scale.dim() != 0:
             return None
         eps = torch.randn_like(loc)
-        lp = (eps * eps).mul_(-0.5)
         s = constant_value(scale)
-        if s is not None and s > 0:
-            lp = lp.sub_(math.log(s) + _HALF_LOG_2PI)
-            return (eps.add_(loc) if s == 1.0 else eps.mul_(s).add_(loc)), lp
-        return loc + scale * eps, lp.sub_(torch.log(scale)).sub_(_HALF_LOG_2PI)
+        value = torch.add(loc, eps, alpha=s) if s is not None else torch.addcmul(loc, scale, eps)
+        return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
-        """Elementwise log density."""
+        """Elementwise log density (−z²/2 − log σ − log(2π)/2 as one ``addcmul``)."""
         x, loc, scale = _tensors(value, loc, scale)
         s = constant_value(scale)
-        if s is not None and s > 0 and scale.dim() == 0:  # log and division in Python
+        if s is not None and s > 0 and scale.dim() == 0:  # 1/σ² in Python
             z = x - loc
-            if s != 1.0:
-                z = z.div_(s)
-            # in place on fresh intermediates (autograd saves z, not the product)
-            return (z * z).mul_(-0.5).sub_(math.log(s) + _HALF_LOG_2PI)
+            return torch.addcmul(_neg_log_normalizer(scale), z, z, value=-0.5 / (s * s))
         z = (x - loc) / scale
-        return -0.5 * z * z - torch.log(scale) - _HALF_LOG_2PI
+        return torch.addcmul(_neg_log_normalizer(scale), z, z, value=-0.5)
 
+
+_NEG_LOG_NORMALIZERS: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+
+def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
+    """−(log σ + log(2π)/2), the Normal's log normalizer, as a tensor.
+
+    A cached constant for a Python-number σ; cached per plain tensor σ that needs no grad
+    (keyed by identity and version, so an in-place change of σ is seen: a particle filter
+    passes the same σ every step); otherwise computed (σ batched by vmap, or differentiated).
+    """
+    s = constant_value(scale)
+    if s is not None and s > 0:
+        return _constant(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
+    if (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
+            or torch.is_inference_mode_enabled()):
+        return torch.log(scale).add_(_HALF_LOG_2PI).neg_()
+    key = id(scale)
+    hit = _NEG_LOG_NORMALIZERS.get(key)
+    if hit is not None and hit[0] is scale and hit[1] == scale._version:
+        return hit[2]
+    out = torch.log(scale).add_(_HALF_LOG_2PI).neg_()
+    if len(_NEG_LOG_NORMALIZERS) > 256:
+        _NEG_LOG_NORMALIZERS.clear()
+    _NEG_LOG_NORMALIZERS[key] = (scale, scale._version, out)
+    return out
 
 
 class Uniform(Distribution):
