@@ -226,16 +226,16 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
             m = torch.amax(log_w, 0)
             if not math.isfinite(float(m)):
                 check_finite_max(log_w, who, state.step)
-        cdf = torch.cumsum(torch.exp(log_w - m), 0)
-        total = cdf[-1]
-        lse = m + torch.log(total)
-        ancestors = _systematic(cdf, n, total=total)
+        cdf = torch.cumsum((log_w - m).exp_(), 0)
+        mean_w = cdf[-1] / n  # (the mean weight, scaled by exp(-m): shared with the points)
+        banked = (m + torch.log(mean_w)).add_(state.log_ml_base)
+        ancestors = _systematic(cdf, n, mean=mean_w)
     else:
         weights, lse = exp_normalized(log_w, who, state.step)
         ancestors = resampler(weights, n)
+        banked = state.log_ml_base + (lse - math.log(n))
     return ParticleFilterState(select_batch(state.traces, ancestors), log_w.new_zeros(n),
-                               state.log_ml_base + (lse - math.log(n)), state.step,
-                               state.model, state.args, None, True)
+                               banked, state.step, state.model, state.args, None, True)
 
 
 def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,

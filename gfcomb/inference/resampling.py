@@ -174,16 +174,16 @@ def _arange(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _systematic(cdf: torch.Tensor, n: int, generator: torch.Generator | None = None,
-                total: torch.Tensor | None = None) -> torch.Tensor:
-    """Systematic ancestors from the unnormalized cumulative weights ``cdf`` (``total``:
-    ``cdf[-1]``, if the caller has it)."""
+                mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Systematic ancestors from the unnormalized cumulative weights ``cdf`` (``mean``:
+    ``cdf[-1] / n``, if the caller has it)."""
     u = torch.rand(1, dtype=cdf.dtype, device=cdf.device, generator=generator)
-    if total is None:
-        total = cdf[-1]
+    if mean is None:
+        mean = cdf[-1] / n
     if n < SMALL_N and cdf.shape[0] < SMALL_N:
-        points = (u + _arange(n, cdf.dtype, cdf.device)).mul_(total / n)
+        points = (u + _arange(n, cdf.dtype, cdf.device)).mul_(mean)
         return torch.searchsorted(cdf, points, right=True).clamp_(max=cdf.shape[0] - 1)
-    below = cdf.mul(n / total).sub_(u).ceil_().clamp_(min=0)
+    below = cdf.div(mean).sub_(u).ceil_().clamp_(min=0)
     return _ancestors_from_below(below.to(torch.long), n)
 
 
