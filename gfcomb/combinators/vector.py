@@ -176,31 +176,19 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
             spec: Any = (first, len(leaves), fast_flatten(out[1:], leaves))
         else:
             spec = fast_flatten(out, leaves)
-        # a tensor held in several places (an argument kept by the trace and its sub-traces,
-        # a choice that is also the return value) leaves vmap once
-        seen: dict[int, int] = {}
-        unique: list[torch.Tensor] = []
-        pos: list[int] = []
-        for x in leaves:
-            j = seen.get(id(x))
-            if j is None:
-                j = seen[id(x)] = len(unique)
-                unique.append(x)
-            pos.append(j)
-        out_parts.append((spec, pos))
-        return tuple(unique)
+        out_parts.append(spec)
+        return tuple(leaves)
 
-    def rebuild(outs: Sequence[torch.Tensor]) -> Any:
-        spec, pos = out_parts[-1]
-        leaves = [outs[j] for j in pos]
+    def rebuild(leaves: list[torch.Tensor]) -> Any:
+        spec = out_parts[-1]
         if pack_first:
             first, n, rest = spec
             return (Packed(first, leaves[:n]),) + fast_unflatten(rest, iter(leaves[n:]))
         return fast_unflatten(spec, iter(leaves))
 
     if _PRIMITIVES is None:  # pragma: no cover - other torch versions
-        return rebuild(torch.func.vmap(flat_fn, in_dims=tuple(dims),
-                                       randomness="different")(*flat))
+        return rebuild(list(torch.func.vmap(flat_fn, in_dims=tuple(dims),
+                                            randomness="different")(*flat)))
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
     if _DIRECT is not None and _DECOMPOSITIONS_LOADED and \
             not torch._C._is_torch_function_mode_enabled():
@@ -226,18 +214,19 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
                 x = y
             ins.append(x)
         batched = flat_fn(*ins)
-        # an output that is an input leaves as that input; a plain (unbatched) tensor as its
-        # cached expanded view (what removing the batch dimension would make afresh)
-        given = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
+        # a tensor held in several places (an argument kept by the trace and its sub-traces,
+        # a choice that is also the return value) leaves vmap once; an output that is a
+        # mapped input leaves as that input; a plain (unbatched) tensor as its cached expanded
+        # view (what removing the batch dimension would make afresh)
+        done = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
         outs = []
         for y in batched:
-            same = given.get(id(y))
-            if same is not None:
-                outs.append(same)
-            elif _functorch.maybe_get_level(y) == -1:
-                outs.append(expanded_rows(y, length))
-            else:
-                outs.append(remove_dim(y, level, length, 0))
+            out = done.get(id(y))
+            if out is None:
+                out = done[id(y)] = (expanded_rows(y, length)
+                                     if _functorch.maybe_get_level(y) == -1
+                                     else remove_dim(y, level, length, 0))
+            outs.append(out)
     finally:
         leave()
     return rebuild(outs)

@@ -16,7 +16,8 @@ The spec is only for :func:`unflatten` (it is not a ``TreeSpec``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,6 +28,32 @@ from gfcomb.core.pytree import RECORD_FIELDS
 _TENSOR, _STATIC, _TUPLE, _LIST, _DICT, _RECORD, _NODE, _OTHER = range(8)
 _TENSOR_SPEC = (_TENSOR,)
 _NODES = pytree.SUPPORTED_NODES
+
+
+_UNSEEN = object()
+#: per record class: (getter of its dynamic field values, getter of its static field values)
+#: as tuples; None for a type that is not a plain registered record
+_GETTERS: dict[type, tuple[Callable[[Any], tuple[Any, ...]],
+                           Callable[[Any], tuple[Any, ...]]] | None] = {}
+
+
+def _tuple_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    if len(names) > 1:
+        return operator.attrgetter(*names)  # (one C call for all the fields)
+    if names:
+        name = names[0]
+        return lambda rec: (getattr(rec, name),)
+    return lambda rec: ()
+
+
+def _record_getters(t: type) -> Any:
+    fields = RECORD_FIELDS.get(t)
+    node = _NODES.get(t)
+    getters = None
+    if fields is not None and node is not None and node.flatten_fn is fields[2]:
+        getters = (_tuple_getter(tuple(fields[0])), _tuple_getter(tuple(fields[1])))
+    _GETTERS[t] = getters
+    return getters
 
 
 def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
@@ -41,11 +68,13 @@ def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
         return (_LIST, _flatten_all(tree, leaves))
     if t is dict:
         return (_DICT, tuple(tree), _flatten_all(tree.values(), leaves))
+    getters = _GETTERS.get(t, _UNSEEN)
+    if getters is _UNSEEN:
+        getters = _record_getters(t)
+    if getters is not None:
+        dynamic, static = getters
+        return (_RECORD, t, _flatten_all(dynamic(tree), leaves), static(tree))
     node = _NODES.get(t)
-    fields = RECORD_FIELDS.get(t)
-    if fields is not None and node is not None and node.flatten_fn is fields[2]:
-        return (_RECORD, t, _flatten_all([getattr(tree, f) for f in fields[0]], leaves),
-                tuple([getattr(tree, f) for f in fields[1]]))
     if node is not None:
         children, ctx = node.flatten_fn(tree)
         return (_NODE, node.unflatten_fn, ctx, _flatten_all(children, leaves))
