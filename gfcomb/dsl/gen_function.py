@@ -137,8 +137,8 @@ class GenFunction(GenerativeFunction):
             return self.fn(*args)
 
     def _execute(self, handler: Handler, args: tuple[Any, ...]) -> Any:
-        with running(handler):
-            return self._run_body(handler, args)
+        with running(handler), recording_modules(self):  # (what _run_body does, inlined)
+            return self.fn(*args)
 
     def _trace(self, handler: Handler, args: tuple[Any, ...], retval: Any) -> GenTrace:
         return GenTrace(self, args, retval, handler.total(handler.score), handler.subtraces,
