@@ -544,7 +544,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
         return f"gfcomb.{self.name}"
 
     def _score(self, value: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
-        lp = self.logpdf(value, *params)
+        lp = self._logpdf_prepared(value, *params) if self._fused else \
+            self.logpdf(value, *params)
         return lp if lp.dim() == 0 else lp.sum()
 
     def _validate(self, args: tuple[Any, ...]) -> None:
@@ -624,10 +625,20 @@ class Distribution(DistributionMethods, GenerativeFunction):
         draw).  None (the default): sample, then score."""
         return None
 
+    def _draw_scored(self, *params: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`sample_with_logpdf` of parameters already converted by ``_prepare`` (a
+        distribution may skip the conversion)."""
+        return self.sample_with_logpdf(*params)
+
+    def _logpdf_prepared(self, value: torch.Tensor, *params: Any) -> torch.Tensor:
+        """:meth:`logpdf` of parameters already converted by ``_prepare``."""
+        return self.logpdf(value, *params)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # the fused sampler only stands in for the ``sample``/``logpdf`` written beside it (a
-        # subclass that overrides either one gets its own, unfused)
+        # the fused sampler and the prepared-parameter log density only stand in for the
+        # ``sample``/``logpdf`` written beside them (a subclass that overrides either one
+        # gets its own, unfused)
         owner = next(c for c in cls.__mro__ if "sample_with_logpdf" in c.__dict__)
         cls._fused = owner is not Distribution and all(
             getattr(cls, m) is getattr(owner, m) for m in ("sample", "logpdf"))
@@ -636,8 +647,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
     def _sample_scored(self, params: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh value and its score (simulate's work)."""
-        both = self.sample_with_logpdf(*params) if self._fused and self.reparameterized \
-            else None
+        both = self._draw_scored(*params) if self._fused and self.reparameterized else None
         if both is None:
             value = self._sample(params)
             return value, self._score(value, params)

@@ -209,7 +209,11 @@ class Normal(Distribution):
         """``loc + scale * eps`` and its log density from ``eps`` itself,
         −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it): three tensor
         operations in all.  None when ``scale`` is not a scalar (then sample, then score)."""
-        loc, scale = _tensors(loc, scale)
+        return self._draw_scored(*_tensors(loc, scale))
+
+    def _draw_scored(  # type: ignore[override]
+        self, loc: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if scale.dim() != 0:
             return None
         eps = torch.randn_like(loc)
@@ -221,7 +225,11 @@ class Normal(Distribution):
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (−z²/2 − log σ − log(2π)/2 as one ``addcmul``)."""
-        x, loc, scale = _tensors(value, loc, scale)
+        return self._logpdf_prepared(*_tensors(value, loc, scale))
+
+    def _logpdf_prepared(  # type: ignore[override]
+        self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         s = constant_value(scale)
         if s is not None and s > 0 and scale.dim() == 0:  # 1/σ² in Python
             z = x - loc
@@ -240,20 +248,19 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     (keyed by identity and version, so an in-place change of σ is seen: a particle filter
     passes the same σ every step); otherwise computed (σ batched by vmap, or differentiated).
     """
+    hit = _NEG_LOG_NORMALIZERS.get(id(scale))
+    if hit is not None and hit[0] is scale and hit[1] == scale._version:
+        return hit[2]
     s = constant_value(scale)
     if s is not None and s > 0:
         return _constant(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
     if (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
             or torch.is_inference_mode_enabled()):
         return torch.log(scale).add_(_HALF_LOG_2PI).neg_()
-    key = id(scale)
-    hit = _NEG_LOG_NORMALIZERS.get(key)
-    if hit is not None and hit[0] is scale and hit[1] == scale._version:
-        return hit[2]
     out = torch.log(scale).add_(_HALF_LOG_2PI).neg_()
     if len(_NEG_LOG_NORMALIZERS) > 256:
         _NEG_LOG_NORMALIZERS.clear()
-    _NEG_LOG_NORMALIZERS[key] = (scale, scale._version, out)
+    _NEG_LOG_NORMALIZERS[id(scale)] = (scale, scale._version, out)
     return out
 
 
