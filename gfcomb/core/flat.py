@@ -68,7 +68,7 @@ def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
         return (_LIST, _flatten_all(tree, leaves))
     if t is dict:
         return (_DICT, tuple(tree), _flatten_all(tree.values(), leaves))
-    getters = _GETTERS.get(t, _UNSEEN)
+    getters: Any = _GETTERS.get(t, _UNSEEN)
     if getters is _UNSEEN:
         getters = _record_getters(t)
     if getters is not None:

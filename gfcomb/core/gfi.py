@@ -197,6 +197,17 @@ class GenerativeFunction:
 
         return accumulate_param_gradients(self, trace, retgrad, scale)
 
+    # ------------------------------------------------------------------ batched fast paths
+    def _update_rows(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: ChoiceMap) -> tuple[Trace, torch.Tensor] | None:
+        """Optional batched fast path for inference code: ``update`` of every row of the
+        batched ``traces`` (one leading axis) to the same ``args``/``constraints``, done
+        outside vmap, returning ``(new traces, weights)`` exactly as ``vmap(update)`` would
+        (its trace and weight; same random draws), or None when there is no such path for
+        this call (the default), and the caller vmaps ``update``.  Unfold has one for updates
+        that only append steps (a particle-filter step)."""
+        return None
+
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Trainable parameters (of torch modules this function calls), each once."""

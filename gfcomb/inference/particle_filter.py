@@ -180,10 +180,9 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
     obs = as_choicemap(observations)
     n = state.n_particles
-    fast = None
-    if proposal is None:
-        fast = getattr(state.model, "_update_rows", None)
-        fast = fast and fast(state.traces, new_args, argdiffs, obs)
+    # (a model may extend the whole batch itself, e.g. an Unfold appending a step)
+    fast = None if proposal is not None else state.model._update_rows(
+        state.traces, new_args, argdiffs, obs)
     if fast is not None:
         traces, inc = fast
     else:
