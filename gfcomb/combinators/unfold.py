@@ -43,7 +43,7 @@ from gfcomb.combinators.vector import (
     drop_absent,
     index_tensor,
 )
-from gfcomb.core.batching import expanded_rows
+from gfcomb.core.batching import cached_arange, expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
@@ -96,20 +96,6 @@ def _state_tensors(init: Any) -> Any:
                                else None)
 
     return pytree.tree_map(as_tensor, init)
-
-
-_ROWS: dict[tuple[int, Any], torch.Tensor] = {}
-
-
-def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
-    """``arange(n)`` on ``device``, cached (row pointers are read, never written in place)."""
-    key = (n, device)
-    rows = _ROWS.get(key)
-    if rows is None:
-        if len(_ROWS) > 64:
-            _ROWS.clear()
-        rows = _ROWS[key] = torch.arange(n, device=device)
-    return rows
 
 
 def _zero_like(x: Any) -> torch.Tensor:
@@ -221,7 +207,7 @@ class UnfoldTrace(Trace):
         n = self.score.shape[0]
         block = StepBlock(self.recent, self.rows, self.history, self.history_length,
                           self.length)
-        rows = _identity_rows(n, self.score.device)
+        rows = cached_arange(n, torch.long, self.score.device)
         return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
 
     def _select_rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> UnfoldTrace | None:
@@ -495,7 +481,7 @@ class Unfold(GenerativeFunction):
                           state=last)
         batched_args = tree_map_tensors(partial(expanded_rows, n=rows), args)
         new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
-                          _identity_rows(rows, traces.score.device), block)
+                          cached_arange(rows, torch.long, traces.score.device), block)
         return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)
 
     @staticmethod

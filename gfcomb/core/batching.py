@@ -46,3 +46,18 @@ def expanded_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     out = x.expand(n, *x.shape)
     _EXPANDED[key] = (x, out)
     return out
+
+
+_ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def cached_arange(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)`` as ``dtype`` on ``device``, cached (identity row pointers, the
+    resampler's grid): read, never written in place."""
+    key = (n, dtype, device)
+    r = _ARANGES.get(key)
+    if r is None:
+        if len(_ARANGES) > 64:
+            _ARANGES.clear()
+        r = _ARANGES[key] = torch.arange(n, dtype=dtype, device=device)
+    return r

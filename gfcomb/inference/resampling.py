@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from gfcomb.core.batching import cached_arange
 from gfcomb.core.errors import ArgumentError, DegenerateWeightsError
 
 Resampler = Callable[..., torch.Tensor]
@@ -159,20 +160,6 @@ def systematic_resample(weights: torch.Tensor, n: int | None = None,
     return _systematic(torch.cumsum(weights, 0), n, generator)
 
 
-_ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _arange(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``arange(n)`` as ``dtype`` on ``device``, cached (small n only; read, never written)."""
-    key = (n, dtype, device)
-    r = _ARANGES.get(key)
-    if r is None:
-        if len(_ARANGES) > 64:
-            _ARANGES.clear()
-        r = _ARANGES[key] = torch.arange(n, dtype=dtype, device=device)
-    return r
-
-
 def _systematic(cdf: torch.Tensor, n: int, generator: torch.Generator | None = None,
                 mean: torch.Tensor | None = None) -> torch.Tensor:
     """Systematic ancestors from the unnormalized cumulative weights ``cdf`` (``mean``:
@@ -181,7 +168,7 @@ def _systematic(cdf: torch.Tensor, n: int, generator: torch.Generator | None = N
     if mean is None:
         mean = cdf[-1] / n
     if n < SMALL_N and cdf.shape[0] < SMALL_N:
-        points = (u + _arange(n, cdf.dtype, cdf.device)).mul_(mean)
+        points = (u + cached_arange(n, cdf.dtype, cdf.device)).mul_(mean)
         return torch.searchsorted(cdf, points, right=True).clamp_(max=cdf.shape[0] - 1)
     below = cdf.div(mean).sub_(u).ceil_().clamp_(min=0)
     return _ancestors_from_below(below.to(torch.long), n)
