@@ -104,8 +104,11 @@ class StepBlock:
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at
         ``rows`` (leaves ``[*B, ...]``): one gather per state leaf."""
-        if self._state is not None:
-            return tree_map_tensors(partial(_rows, r=rows), self._state)
+        state = self._state
+        if isinstance(state, torch.Tensor):
+            return _rows(state, rows)
+        if state is not None:
+            return tree_map_tensors(partial(_rows, r=rows), state)
         if self.single:
             return tree_map_tensors(partial(_rows, r=rows), self.steps.retval)
         return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)

@@ -223,8 +223,17 @@ def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     this runs several times per particle-filter step on whole traces."""
     if isinstance(tree, torch.Tensor):  # (the common small cases, without the walk)
         return fn(tree)
-    if type(tree) is tuple and all(isinstance(x, _PLAIN_LEAF) for x in tree):
-        return tuple([fn(x) if isinstance(x, torch.Tensor) else x for x in tree])
+    if type(tree) is tuple:
+        out = []
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                out.append(fn(x))
+            elif isinstance(x, _PLAIN_LEAF):
+                out.append(x)
+            else:
+                break  # a nested leaf: the general walk
+        else:
+            return tuple(out)
     from gfcomb.core.flat import flatten, unflatten
 
     leaves: list[torch.Tensor] = []
