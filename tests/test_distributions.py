@@ -1386,3 +1386,16 @@ def test_normal_log_normalizer_cache_sees_in_place_changes_and_keeps_gradients()
     (g,) = torch.autograd.grad(Normal().logpdf(x, 0.0, s).sum(), s)
     # d/ds Σ log N(x; 0, s) = Σ (x² / s³ − 1 / s)
     torch.testing.assert_close(g, (x ** 2 / 0.7 ** 3 - 1 / 0.7).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_normal_scale_made_in_inference_mode_is_used_outside_it():
+    """An inference-mode tensor has no version counter: the log-normalizer cache must not
+    ask it for one (it is recomputed)."""
+    with torch.inference_mode():
+        sigma = torch.tensor(0.5, dtype=torch.float64)
+    x = torch.tensor([0.1, 2.0], dtype=torch.float64)
+    for _ in range(2):
+        np.testing.assert_allclose(Normal().logpdf(x, 0.0, sigma).numpy(),
+                                   stats.norm(0.0, 0.5).logpdf(x.numpy()), rtol=1e-12)
+    tr = Normal().simulate((torch.zeros(2, dtype=torch.float64), sigma))
+    torch.testing.assert_close(tr.score, Normal().logpdf(tr.value, 0.0, sigma).sum())

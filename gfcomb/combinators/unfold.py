@@ -446,9 +446,11 @@ class Unfold(GenerativeFunction):
         n_new, _init, params = self._unpack(args)
         argdiffs = self._check_argdiffs(args, argdiffs)
         n_old = traces.length
-        if n_old == 0 or n_new <= n_old or not all(isinstance(d, NoChange)
-                                                   for d in argdiffs[1:]):
+        if n_old == 0 or n_new <= n_old:
             return None
+        for d in argdiffs[1:]:
+            if not isinstance(d, NoChange):
+                return None
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
         if ckeys and ckeys[0] < n_old:

@@ -165,10 +165,15 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         arg_parts.append(fast_flatten(a, flat))  # (a direct walk: see gfcomb.core.flat)
         dims.extend([d] * (len(flat) - start))
     out_parts: list[Any] = []
+    plain_args = all(part is None for part in arg_parts)  # (every argument a tensor)
 
     def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        it = iter(xs)
-        el = tuple(next(it) if part is None else fast_unflatten(part, it) for part in arg_parts)
+        if plain_args:
+            el = xs
+        else:
+            it = iter(xs)
+            el = tuple(next(it) if part is None else fast_unflatten(part, it)
+                       for part in arg_parts)
         leaves: list[torch.Tensor] = []
         out = fn(*el)
         if pack_first:

@@ -87,14 +87,21 @@ def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
 
 
 def _flatten_all(items: Iterable[Any], leaves: list[torch.Tensor]) -> tuple[Any, ...]:
-    out = []
+    out: list[Any] = []
     for x in items:
         if isinstance(x, torch.Tensor):  # (inline: most children are tensors)
             leaves.append(x)
             out.append(_TENSOR_SPEC)
+        elif type(x) is tuple and len(x) == 2 and isinstance(x[0], torch.Tensor) \
+                and isinstance(x[1], torch.Tensor):
+            leaves.extend(x)  # (inline: a pair of tensors, the arguments of most choices)
+            out.append(_PAIR_SPEC)
         else:
             out.append(flatten(x, leaves))
     return tuple(out)
+
+
+_PAIR_SPEC = (_TUPLE, (_TENSOR_SPEC, _TENSOR_SPEC))
 
 
 def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:

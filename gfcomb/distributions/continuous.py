@@ -245,8 +245,10 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     """−(log σ + log(2π)/2), the Normal's log normalizer, as a tensor.
 
     A cached constant for a Python-number σ; cached per plain tensor σ that needs no grad
-    (keyed by identity and version, so an in-place change of σ is seen: a particle filter
-    passes the same σ every step); otherwise computed (σ batched by vmap, or differentiated).
+    (keyed by identity and version counter, so an in-place change of σ is seen, as autograd
+    sees it -- writes through ``.data`` are not, for autograd either: a particle filter
+    passes the same σ every step); otherwise computed (σ batched by vmap, differentiated, or
+    an inference-mode tensor, which has no version counter).
     """
     hit = _NEG_LOG_NORMALIZERS.get(id(scale))
     if hit is not None and hit[0] is scale and hit[1] == scale._version:
@@ -255,7 +257,7 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     if s is not None and s > 0:
         return _constant(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
     if (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
-            or torch.is_inference_mode_enabled()):
+            or torch.is_inference_mode_enabled() or scale.is_inference()):
         return torch.log(scale).add_(_HALF_LOG_2PI).neg_()
     out = torch.log(scale).add_(_HALF_LOG_2PI).neg_()
     if len(_NEG_LOG_NORMALIZERS) > 256:
