@@ -790,6 +790,40 @@ def test_parameters_through_closures_attributes_containers_and_callees():
     assert len(names) == 6
 
 
+def test_module_hook_is_installed_only_while_a_body_runs():
+    """Modules called in a body are recorded by a global forward pre-hook that exists only
+    while an outermost @gen body runs (nested bodies included), and is gone afterwards, also
+    after an error."""
+    from torch.nn.modules.module import _global_forward_pre_hooks as table
+
+    lin = torch.nn.Linear(2, 2)
+    seen = []
+    plain = {"lin": lin}  # reached through a container: found only by the hook
+
+    @gf.gen
+    def inner(x):
+        seen.append(len(table))
+        return gf.normal(plain["lin"](x).sum(), 1.0) @ "z"
+
+    @gf.gen
+    def outer(x):
+        seen.append(len(table))
+        inner(x) @ "i"
+        seen.append(len(table))
+        if x.sum() > 100:
+            raise ValueError("boom")
+
+    before = len(table)
+    outer.simulate((torch.ones(2),))
+    assert seen == [before + 1] * 3 and len(table) == before
+    assert {id(p) for p in lin.parameters()} <= {id(p) for p in outer.parameters()}
+    with pytest.raises(ValueError, match="boom"):
+        outer.simulate((torch.full((2,), 100.0),))
+    assert len(table) == before
+    lin(torch.ones(2))  # outside gfcomb: nothing is recorded
+    assert len(table) == before
+
+
 def test_accumulate_param_gradients_against_autograd_by_hand():
     x = torch.tensor([0.5, -1.5])
     tr, _ = two_modules.generate((x,), {"ya": 0.3, "yb": -0.2})

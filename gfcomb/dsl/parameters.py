@@ -24,11 +24,27 @@ def _forward_pre_hook(module: torch.nn.Module, inputs: Any) -> None:
         _OWNERS[-1]._note_module(module)
 
 
+def _global_hook_table() -> dict[int, Any] | None:
+    """torch's table of global forward pre-hooks, where
+    ``register_module_forward_pre_hook`` puts them; None if this torch keeps it elsewhere
+    (then the public function is used)."""
+    table = getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None)
+    return table if isinstance(table, dict) else None
+
+
+_HOOK_TABLE = _global_hook_table()
+#: our entry's key in it: hook handles count up from 0, so a negative key never collides
+_HOOK_KEY = -0x6766
+
+
 class recording_modules:  # noqa: N801 - used like a function: ``with recording_modules(f):``
     """While the block runs, modules called are noted on ``owner`` (via ``_note_module``).
 
-    (A class rather than a ``@contextmanager`` generator: entered on every GFI call of a
-    @gen function.)"""
+    The global forward pre-hook is installed when the outermost @gen body starts and removed
+    when it ends, so modules called outside gfcomb never pay for it.  It is set in torch's
+    hook table directly: registering and removing a hook handle on every GFI call of a @gen
+    function costs several microseconds of a particle-filter step.  (A class rather than a
+    ``@contextmanager`` generator for the same reason.)"""
 
     __slots__ = ("owner",)
 
@@ -37,14 +53,20 @@ class recording_modules:  # noqa: N801 - used like a function: ``with recording_
 
     def __enter__(self) -> None:
         _OWNERS.append(self.owner)
-        if not _HOOK:
-            _HOOK.append(
-                torch.nn.modules.module.register_module_forward_pre_hook(_forward_pre_hook))
+        if len(_OWNERS) == 1:
+            if _HOOK_TABLE is not None:
+                _HOOK_TABLE[_HOOK_KEY] = _forward_pre_hook
+            elif not _HOOK:  # pragma: no cover - other torch versions
+                _HOOK.append(torch.nn.modules.module.register_module_forward_pre_hook(
+                    _forward_pre_hook))
 
     def __exit__(self, *exc: object) -> None:
         _OWNERS.pop()
-        if not _OWNERS and _HOOK:
-            _HOOK.pop().remove()
+        if not _OWNERS:
+            if _HOOK_TABLE is not None:
+                _HOOK_TABLE.pop(_HOOK_KEY, None)
+            elif _HOOK:  # pragma: no cover - other torch versions
+                _HOOK.pop().remove()
 
 
 def _code_names(code: CodeType) -> set[str]:
