@@ -28,6 +28,14 @@ _PLAIN = (int, float, str, bool, type(None))
 _UNKNOWN = UnknownChange()  # diffs are frozen: one instance serves every recorded return
 
 
+_ARG_SOURCES: tuple[Source, ...] = tuple(("arg", i) for i in range(32))
+
+
+def _arg_source(i: int) -> Source:
+    """The source ``("arg", i)`` (one shared tuple for the common argument positions)."""
+    return _ARG_SOURCES[i] if i < 32 else ("arg", i)
+
+
 class SourceTracker:
     """Remembers which live objects are arguments or callee return values, and their diffs."""
 
@@ -37,11 +45,12 @@ class SourceTracker:
         by_id: dict[int, tuple[Any, Source]] = {}
         for i, a in enumerate(args):
             if not isinstance(a, _PLAIN):
-                by_id.setdefault(id(a), (a, ("arg", i)))
+                by_id.setdefault(id(a), (a, _arg_source(i)))
         self._by_id = by_id
-        # (without argdiffs every source's diff is unknown: the default of a lookup)
-        self._diffs: dict[Source, Diff] = (
-            {} if argdiffs is None else {("arg", i): d for i, d in enumerate(argdiffs)})
+        # None while recording (simulate/generate: no diffs are asked for); else every
+        # source's diff, unknown by default
+        self._diffs: dict[Source, Diff] | None = (
+            None if argdiffs is None else {_arg_source(i): d for i, d in enumerate(argdiffs)})
 
     def add_return(self, addr: tuple[Any, ...], retval: Any, retdiff: Diff | None) -> None:
         """Register a callee's return value (retdiff None while recording)."""
@@ -49,7 +58,8 @@ class SourceTracker:
             return
         src: Source = ("ret", addr)
         self._by_id[id(retval)] = (retval, src)
-        self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
+        if self._diffs is not None:
+            self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
 
     def sources_of(self, args: Sequence[Any]) -> tuple[Source | None, ...]:
         """For each callee argument: the source it is, or None.
@@ -93,7 +103,7 @@ class SourceTracker:
                 diffs.append(NoChange() if old_src[1] is new else UnknownChange())
                 continue
             src = self.source_of(new)
-            if src is not None and old_src == src:
+            if src is not None and old_src == src and self._diffs is not None:
                 diffs.append(self._diffs.get(src, UnknownChange()))
             else:
                 diffs.append(UnknownChange())
