@@ -149,13 +149,14 @@ class ChoiceMap:
         for addr, val in mapping.items():
             path = normalize(addr)
             for k in path:
-                check_key(k)
+                if type(k) is not str and type(k) is not int:  # (the common keys: no call)
+                    check_key(k)
             if isinstance(val, ChoiceMap):
                 sub = val
-            elif isinstance(val, Mapping):
-                sub = ChoiceMap._from_mapping(val)
+            elif isinstance(val, torch.Tensor) or not isinstance(val, Mapping):
+                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val))  # (no ABC check: fast)
             else:
-                sub = ChoiceMap.value(val)
+                sub = ChoiceMap._from_mapping(val)
             if not sub.is_empty():
                 for k in reversed(path):  # (the keys are checked: build the nodes directly)
                     sub = ChoiceMap._raw(_NODE, submaps={k: sub})
