@@ -154,46 +154,45 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
     """
     flat: list[torch.Tensor] = []
     dims: list[Any] = []
-    arg_parts: list[Any] = []
-    for a, d in zip(args, in_dims):
-        if isinstance(a, torch.Tensor):  # the common case: no pytree work
+    arg_parts: list[Any] | None = None  # None: every argument is a tensor (no pytree work)
+    for i, (a, d) in enumerate(zip(args, in_dims)):
+        if isinstance(a, torch.Tensor):  # the common case
             flat.append(a)
             dims.append(d)
-            arg_parts.append(None)
+            if arg_parts is not None:
+                arg_parts.append(None)
             continue
+        if arg_parts is None:
+            arg_parts = [None] * i
         start = len(flat)
         arg_parts.append(fast_flatten(a, flat))  # (a direct walk: see gfcomb.core.flat)
         dims.extend([d] * (len(flat) - start))
-    out_parts: list[Any] = []
-    plain_args = all(part is None for part in arg_parts)  # (every argument a tensor)
 
-    def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if plain_args:
-            el = xs
+    def call(xs: Sequence[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        """Run ``fn`` on the (batched) flat arguments: (output spec, output leaves)."""
+        if arg_parts is None:
+            out = fn(*xs)
         else:
             it = iter(xs)
-            el = tuple(next(it) if part is None else fast_unflatten(part, it)
-                       for part in arg_parts)
+            out = fn(*[next(it) if part is None else fast_unflatten(part, it)
+                       for part in arg_parts])
         leaves: list[torch.Tensor] = []
-        out = fn(*el)
         if pack_first:
             first = fast_flatten(out[0], leaves)
-            spec: Any = (first, len(leaves), fast_flatten(out[1:], leaves))
-        else:
-            spec = fast_flatten(out, leaves)
-        out_parts.append(spec)
-        return tuple(leaves)
-
-    def rebuild(leaves: list[torch.Tensor]) -> Any:
-        spec = out_parts[-1]
-        if pack_first:
-            first, n, rest = spec
-            return (Packed(first, leaves[:n]),) + fast_unflatten(rest, iter(leaves[n:]))
-        return fast_unflatten(spec, iter(leaves))
+            return (first, len(leaves), fast_flatten(out[1:], leaves)), leaves
+        return fast_flatten(out, leaves), leaves
 
     if _PRIMITIVES is None:  # pragma: no cover - other torch versions
-        return rebuild(list(torch.func.vmap(flat_fn, in_dims=tuple(dims),
-                                            randomness="different")(*flat)))
+        specs: list[Any] = []
+
+        def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            spec, leaves = call(xs)
+            specs.append(spec)
+            return tuple(leaves)
+
+        outs = list(torch.func.vmap(flat_fn, in_dims=tuple(dims),
+                                    randomness="different")(*flat))
+        return _rebuild(specs[-1], outs, pack_first)
     add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
     if _DIRECT is not None and _DECOMPOSITIONS_LOADED and \
             not torch._C._is_torch_function_mode_enabled():
@@ -218,7 +217,7 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
                     y = added[key] = add_dim(x, d, level)
                 x = y
             ins.append(x)
-        batched = flat_fn(*ins)
+        spec, batched = call(ins)
         # a tensor held in several places (an argument kept by the trace and its sub-traces,
         # a choice that is also the return value) leaves vmap once; an output that is a
         # mapped input leaves as that input; a plain (unbatched) tensor as its cached expanded
@@ -234,7 +233,15 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
             outs.append(out)
     finally:
         leave()
-    return rebuild(outs)
+    return _rebuild(spec, outs, pack_first)
+
+
+def _rebuild(spec: Any, leaves: list[torch.Tensor], pack_first: bool) -> Any:
+    """The output of :func:`_flat_vmap` from its spec and unbatched leaves."""
+    if pack_first:
+        first, n, rest = spec
+        return (Packed(first, leaves[:n]),) + fast_unflatten(rest, iter(leaves[n:]))
+    return fast_unflatten(spec, iter(leaves))
 
 
 def _index_arg(a: Any, dim: Any, i: int) -> Any:
