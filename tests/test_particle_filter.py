@@ -467,3 +467,26 @@ def test_bad_input_is_named():
         pf_resample(state, "best")
     with pytest.raises(ArgumentError, match="state must be a ParticleFilterState"):
         log_ml_estimate(None)
+
+
+def test_resampled_log_weights_are_zeros_that_cannot_be_written_in_place():
+    """After resampling the log weights are a shared expanded zero: reading works as for any
+    tensor; an in-place write raises instead of changing other states' weights."""
+    import gfcomb as gf
+    from gfcomb.inference import pf_initialize, pf_resample
+
+    @gf.gen
+    def one(mu):
+        gf.normal(mu, 1.0) @ "x"
+
+    state = pf_resample(pf_initialize(one, (torch.tensor(0.0),), {"x": 0.5}, 8))
+    again = pf_resample(pf_initialize(one, (torch.tensor(0.0),), {"x": 0.5}, 8))
+    assert torch.equal(state.log_weights, torch.zeros(8, dtype=torch.float64))
+    torch.testing.assert_close(state.normalized_weights, torch.full((8,), 1 / 8,
+                                                                    dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        state.log_weights.add_(1.0)
+    assert torch.equal(again.log_weights, torch.zeros(8, dtype=torch.float64))
+    with torch.inference_mode():
+        inf_state = pf_resample(pf_initialize(one, (torch.tensor(0.0),), {"x": 0.5}, 8))
+    assert torch.equal(inf_state.log_weights, torch.zeros(8, dtype=torch.float64))

@@ -54,6 +54,8 @@ _ARANGES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 def cached_arange(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.arange(n)`` as ``dtype`` on ``device``, cached (identity row pointers, the
     resampler's grid): read, never written in place."""
+    if torch.is_inference_mode_enabled():  # (an inference tensor is not kept for later)
+        return torch.arange(n, dtype=dtype, device=device)
     key = (n, dtype, device)
     r = _ARANGES.get(key)
     if r is None:
@@ -61,3 +63,18 @@ def cached_arange(n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
             _ARANGES.clear()
         r = _ARANGES[key] = torch.arange(n, dtype=dtype, device=device)
     return r
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def zero_rows(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``n`` zeros as an expanded view of one cached zero (so an in-place write raises
+    instead of changing every holder): e.g. the log weights right after resampling."""
+    if torch.is_inference_mode_enabled():  # (an inference tensor is not kept for later)
+        return torch.zeros((), dtype=dtype, device=device).expand(n)
+    key = (dtype, device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+    return expanded_rows(zero, n)

@@ -38,6 +38,7 @@ import torch
 
 from gfcomb.combinators.vector import _flat_vmap
 from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.batching import zero_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError
@@ -233,7 +234,8 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
         weights, lse = exp_normalized(log_w, who, state.step)
         ancestors = resampler(weights, n)
         banked = state.log_ml_base + (lse - math.log(n))
-    return ParticleFilterState(select_batch(state.traces, ancestors), log_w.new_zeros(n),
+    return ParticleFilterState(select_batch(state.traces, ancestors),
+                               zero_rows(n, log_w.dtype, log_w.device),
                                banked, state.step, state.model, state.args, None, True)
 
 
