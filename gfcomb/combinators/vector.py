@@ -225,11 +225,12 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         done = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
         outs = []
         for y in batched:
-            out = done.get(id(y))
+            key = id(y)
+            out = done.get(key)
             if out is None:
-                out = done[id(y)] = (expanded_rows(y, length)
-                                     if _functorch.maybe_get_level(y) == -1
-                                     else remove_dim(y, level, length, 0))
+                out = done[key] = (expanded_rows(y, length)
+                                   if _functorch.maybe_get_level(y) == -1
+                                   else remove_dim(y, level, length, 0))
             outs.append(out)
     finally:
         leave()

@@ -44,7 +44,8 @@ def current_handler() -> Handler:
 
 def trace_call(gen_fn: GenerativeFunction, args: tuple[Any, ...], addr: Any) -> Any:
     """Hand a traced call to the active handler; returns the callee's return value."""
-    return current_handler().visit(normalize(addr), gen_fn, args)
+    handler = _STACK[-1] if _STACK else current_handler()  # (no extra call when inside)
+    return handler.visit(addr if type(addr) is tuple else normalize(addr), gen_fn, args)
 
 
 def splice(invocation: Any) -> Any:
