@@ -377,3 +377,23 @@ def rows_update(u, tr, args, diffs, cm):
     out = u._update_rows(tr, args, diffs, cm)
     assert out is not None
     return out
+
+
+def test_batched_extension_args_stay_shared_through_resampling():
+    """The args of a batch extended by _update_rows are expanded rows; resampling keeps them
+    (no index_select), a round trip through vmap forgets that they are (it re-picks), and a
+    bad row index still raises."""
+    tr, _ = run_rows(2)
+    assert tr._shared_args
+    for x in tree_tensors(tr.args):
+        assert x.shape[0] == P and x.stride(0) == 0
+    picked = select_batch(tr, torch.tensor([5, 4, 3, 2, 1, 0]))
+    assert picked._shared_args and picked.args is tr.args
+    torch.testing.assert_close(picked.score, tr.score.flip(0), rtol=0, atol=0)
+    through = vmap(lambda t: t, randomness="different")(tr)
+    assert not through._shared_args
+    again = select_batch(through, torch.tensor([5, 4, 3, 2, 1, 0]))
+    for x, y in zip(tree_tensors(again.args), tree_tensors(picked.args)):
+        assert torch.equal(x, y)
+    with pytest.raises(IndexError):
+        select_batch(tr, torch.tensor([0, 99, 0, 0, 0, 0]))

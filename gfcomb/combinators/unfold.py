@@ -133,9 +133,13 @@ class UnfoldTrace(Trace):
     history: StepBlock | None = None
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _gathered: Any = attrs.field(default=None, eq=False, repr=False)  # cache of ``inner``
+    # True when every tensor in ``args`` is one row expanded to all particles (the args of
+    # a batch extended by ``Unfold._update_rows``): picking rows leaves them as they are
+    _shared_args: bool = attrs.field(default=False, eq=False, repr=False)
 
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_gathered", None)
+        object.__setattr__(self, "_shared_args", False)
 
     @property
     def history_length(self) -> int:
@@ -208,7 +212,8 @@ class UnfoldTrace(Trace):
         block = StepBlock(self.recent, self.rows, self.history, self.history_length,
                           self.length)
         rows = cached_arange(n, torch.long, self.score.device)
-        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
+        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block,
+                           shared_args=self._shared_args)
 
     def _select_rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> UnfoldTrace | None:
         """:func:`gfcomb.core.batched.select_batch` of a batch of Unfold traces: compacted,
@@ -218,9 +223,10 @@ class UnfoldTrace(Trace):
         tr = self._compact_history()
         if tr.recent is not None:
             return None
-        return UnfoldTrace(tr.gen_fn, tree_map_tensors(pick, tr.args), pick(tr.score),
-                           tr.length, None, None if tr.rows is None else pick(tr.rows),
-                           tr.history)
+        args = tr.args if tr._shared_args else tree_map_tensors(pick, tr.args)
+        return UnfoldTrace(tr.gen_fn, args, pick(tr.score), tr.length, None,
+                           None if tr.rows is None else pick(tr.rows), tr.history,
+                           shared_args=tr._shared_args)
 
 
 register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
@@ -483,7 +489,8 @@ class Unfold(GenerativeFunction):
                           state=last)
         batched_args = tree_map_tensors(partial(expanded_rows, n=rows), args)
         new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
-                          cached_arange(rows, torch.long, traces.score.device), block)
+                          cached_arange(rows, torch.long, traces.score.device), block,
+                          shared_args=True)
         return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)
 
     @staticmethod

@@ -225,10 +225,10 @@ def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
         done = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
         outs = []
         for y in batched:
-            key = id(y)
-            out = done.get(key)
+            yid = id(y)
+            out = done.get(yid)
             if out is None:
-                out = done[key] = (expanded_rows(y, length)
+                out = done[yid] = (expanded_rows(y, length)
                                    if _functorch.maybe_get_level(y) == -1
                                    else remove_dim(y, level, length, 0))
             outs.append(out)

@@ -84,12 +84,16 @@ def select_batch(tree: Any, index: torch.Tensor) -> Any:
         raise TypeError("select_batch: index must be a 1-d long tensor of row numbers, got "
                         f"{type(index).__name__} {getattr(index, 'dtype', '')}")
     n = index.shape[0]
-    device = index.device
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         if x.dim() and x.stride(0) == 0 and x.shape[0] == n:
             return x  # expanded (unbatched args after vmap): every row is the same row
-        return x.index_select(0, index if x.device == device else index.to(x.device))
+        try:
+            return x.index_select(0, index)
+        except RuntimeError:
+            if x.device == index.device:
+                raise
+            return x.index_select(0, index.to(x.device))  # (a leaf on another device)
 
     select_rows = getattr(type(tree), "_select_rows", None)  # a record's own fast path
     if select_rows is not None:
