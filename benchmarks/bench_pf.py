@@ -332,7 +332,7 @@ def main() -> None:
     lo, hi = (10, 20), (long_T - 10, long_T)
     wlo, whi = (10, 10 + long_T // 10), (long_T - long_T // 10, long_T)
     early = late = wearly = wlate = math.inf
-    for _ in range(max(2, repeats - 1)):
+    for _ in range(max(2, repeats)):
         _, times = gfcomb_filter(ys_long, n_long, device)
         early = min(early, statistics.median(times[lo[0]:lo[1]]))
         late = min(late, statistics.median(times[hi[0]:hi[1]]))
@@ -410,7 +410,7 @@ same through `torch.func.vmap(..., randomness="different")`:
 {chr(10).join(vmap_rows)}
 
 Per-step time as the trace grows (N = {n_long:,}, {long_T} steps; median per window, best
-of {max(2, repeats - 1)} runs): steps {lo[0]}-{lo[1]} {early:.3f} ms/step, steps
+of {max(2, repeats)} runs): steps {lo[0]}-{lo[1]} {early:.3f} ms/step, steps
 {hi[0]}-{hi[1]} {late:.3f} ms/step: **{late / early:.2f}x**; over wider windows, steps
 {wlo[0]}-{wlo[1]} {wearly:.3f} ms/step, steps {whi[0]}-{whi[1]} {wlate:.3f} ms/step:
 **{wlate / wearly:.2f}x**.
