@@ -62,6 +62,25 @@ class MvNormal(Distribution):
         eps = torch.randn_like(mean)
         return mean + (chol @ eps.unsqueeze(-1)).squeeze(-1)
 
+    def sample_with_logpdf(  # type: ignore[override]
+        self, mean: ArrayLike, cov: ArrayLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean + L @ eps`` and its log density from ``eps`` itself (``z = eps``): one
+        Cholesky factorization, no triangular solve."""
+        return self._draw_scored(*_tensors(mean, cov))
+
+    def _draw_scored(  # type: ignore[override]
+        self, mean: torch.Tensor, cov: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        chol = torch.linalg.cholesky(cov)
+        batch = torch.broadcast_shapes(mean.shape[:-1], chol.shape[:-2])
+        d = mean.shape[-1]
+        mean = mean.expand(*batch, d)
+        eps = torch.randn_like(mean)  # (the draw ``sample`` makes)
+        value = mean + (chol @ eps.unsqueeze(-1)).squeeze(-1)
+        half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        return value, -0.5 * (eps * eps).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI
+
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, mean: ArrayLike, cov: ArrayLike
     ) -> torch.Tensor:
