@@ -104,14 +104,12 @@ class StepBlock:
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at
         ``rows`` (leaves ``[*B, ...]``): one gather per state leaf."""
-        state = self._state
-        if isinstance(state, torch.Tensor):
+        if self._state is None and not self.single:
+            return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)
+        state = self.steps.retval if self._state is None else self._state
+        if isinstance(state, torch.Tensor):  # (the common state: no tree walk)
             return _rows(state, rows)
-        if state is not None:
-            return tree_map_tensors(partial(_rows, r=rows), state)
-        if self.single:
-            return tree_map_tensors(partial(_rows, r=rows), self.steps.retval)
-        return tree_map_tensors(lambda x: x[rows, -1], self.steps.retval)
+        return tree_map_tensors(partial(_rows, r=rows), state)
 
 
 def _rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -316,23 +316,29 @@ class Unfold(GenerativeFunction):
         constrains them (``ckeys``).  Returns (the stacked step traces, Σ generate weights)."""
         if stop <= start:
             return None, 0.0
-        kernel = self.kernel
         constrained = set(ckeys)
         steps = []
         weight: Any = None
         t = start
         try:
             for t in range(start, stop):
-                if t in constrained:
-                    tr, w = kernel.generate((t, state) + params, cm.get_submap(t))
+                tr, w = self._run_step(t, state, params, cm, t in constrained)
+                if w is not None:
                     weight = w if weight is None else weight + w
-                else:
-                    tr = kernel.simulate((t, state) + params)
                 steps.append(tr)
                 state = tr.retval
         except AddressError as err:
             raise err.prefixed((t,)) from None
         return _stack_steps(steps), 0.0 if weight is None else weight
+
+    def _run_step(self, t: int, state: Any, params: tuple[Any, ...], cm: ChoiceMap,
+                  constrained: bool) -> tuple[Trace, torch.Tensor | None]:
+        """Step ``t`` from ``state``: generated against ``cm``'s constraints under key ``t``
+        if ``constrained``, else simulated.  Returns (its kernel trace, the generate weight,
+        None when simulated)."""
+        if constrained:
+            return self.kernel.generate((t, state) + params, cm.get_submap(t))
+        return self.kernel.simulate((t, state) + params), None
 
     def _sweep(self, inner: Trace, keep: int, init: Any, params: tuple[Any, ...],
                init_diff: Diff, param_diffs: tuple[Diff, ...], touched: Sequence[int],
@@ -465,7 +471,6 @@ class Unfold(GenerativeFunction):
         assert traces.history is not None and traces.rows is not None
         rows = traces.score.shape[0]
         state = traces.history.last_state(traces.rows)
-        kernel = self.kernel
         single = n_new - n_old == 1
 
         def new_steps(state: Any) -> tuple[Trace | None, Any, Any, Any]:
@@ -474,13 +479,10 @@ class Unfold(GenerativeFunction):
                 assert steps is not None
                 return steps, w, steps.score.sum(0), None
             try:
-                if ckeys:
-                    tr, w = kernel.generate((n_old, state) + params, cm.get_submap(n_old))
-                else:
-                    tr, w = kernel.simulate((n_old, state) + params), None
+                tr, w = self._run_step(n_old, state, params, cm, bool(ckeys))
             except AddressError as err:
                 raise err.prefixed((n_old,)) from None
-            return tr, w, tr.score, tr.retval
+            return tr, 0.0 if w is None else w, tr.score, tr.retval
 
         # the new step's trace is stored, not read: it stays packed (flat leaves) until the
         # history is gathered; its score and state come out of vmap beside it
@@ -491,7 +493,7 @@ class Unfold(GenerativeFunction):
         new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
                           cached_arange(rows, torch.long, traces.score.device), block,
                           shared_args=True)
-        return new, torch.zeros_like(new.score) if w is None else weight_like(w, new.score)
+        return new, weight_like(w, new.score)
 
     @staticmethod
     def _first_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],

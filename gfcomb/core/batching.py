@@ -1,4 +1,6 @@
-"""Small facts about torch.func transforms that the rest of gfcomb asks about."""
+"""Small facts about torch.func transforms that the rest of gfcomb asks about, and the
+cached tensors batched results are made of (expanded rows of an unbatched value, ``arange``,
+zeros)."""
 
 from __future__ import annotations
 

@@ -194,13 +194,9 @@ class Normal(Distribution):
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``loc + scale * eps`` with ``eps ~ N(0, 1)``."""
         loc, scale = _tensors(loc, scale)
-        s = constant_value(scale)  # a Python-number scale (the common ``normal(mu, 1.0)``)
-        if s is not None and scale.dim() == 0:
-            # in place into the fresh noise (same batching as loc): fewer allocations
-            eps = torch.randn_like(loc)
-            return eps.add_(loc) if s == 1.0 else eps.mul_(s).add_(loc)
-        if scale.dim() != 0:  # (a scalar scale already fits loc)
-            loc, scale = _broadcast(loc, scale)
+        if scale.dim() == 0:  # (a scalar scale already fits loc)
+            return _shifted_noise(loc, scale)[1]
+        loc, scale = _broadcast(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
     def sample_with_logpdf(  # type: ignore[override]
@@ -216,9 +212,7 @@ class Normal(Distribution):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if scale.dim() != 0:
             return None
-        eps = torch.randn_like(loc)
-        s = constant_value(scale)
-        value = torch.add(loc, eps, alpha=s) if s is not None else torch.addcmul(loc, scale, eps)
+        eps, value = _shifted_noise(loc, scale)
         return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
 
     def logpdf(  # type: ignore[override]
@@ -236,6 +230,16 @@ class Normal(Distribution):
             return torch.addcmul(_neg_log_normalizer(scale), z, z, value=-0.5 / (s * s))
         z = (x - loc) / scale
         return torch.addcmul(_neg_log_normalizer(scale), z, z, value=-0.5)
+
+
+def _shifted_noise(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eps, loc + scale * eps)`` with ``eps ~ N(0, 1)`` shaped like ``loc``, for a scalar
+    ``scale``: the one Normal draw of ``sample`` and the fused ``simulate`` (one operation
+    after the noise; ``alpha`` for a Python-number scale)."""
+    eps = torch.randn_like(loc)
+    s = constant_value(scale)
+    return eps, (torch.add(loc, eps, alpha=s) if s is not None
+                 else torch.addcmul(loc, scale, eps))
 
 
 _NEG_LOG_NORMALIZERS: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
