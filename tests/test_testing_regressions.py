@@ -13,7 +13,7 @@ import torch
 
 import gfcomb as gf
 from gfcomb.core.errors import GFIError
-from gfcomb.core.pytree import tree_index
+from gfcomb.core.pytree import tree_index, tree_stack
 
 
 def norm_lp(x: float, mu: float, sigma: float) -> float:
@@ -165,8 +165,6 @@ def test_vmapped_assess_of_switch_over_map_of_switch_with_absent_choice():
         tr = outer.simulate((x,))
         if int(tr["i"]) == 0 and int(tr["sw", "map", 0, "i"]) == 1:
             traces.append(tr)
-    from gfcomb.core.pytree import tree_stack
-
     batch = tree_stack([t.choices for t in traces])
     w, _ = torch.func.vmap(lambda c: outer.assess((x,), c), randomness="different")(batch)
     expected = 2 * math.log(0.5)  # both categorical choices; k_det has none
@@ -241,11 +239,9 @@ def test_choice_gradients_of_unfold_of_switch_with_absent_choice():
     assert abs(float(grads[1, "sw", "z"]) - (1.15 - z)) < 1e-9
 
 
-def test_vmapped_assess_of_nested_switch_with_absent_choices():
-    """Bug 7: Switch(k_normal, Switch(k_normal, k_normal, k_det)) under vmap: assess of the
-    batch's own choices gave NaN for an element on the inner k_det branch: the outer Switch's
-    fallback path (its branch rejects the other branch's masked 'z') took the inner masked-out
-    'z' for a missing choice (switch.py).  Found through Unfold[3] of this Switch."""
+def _bug7_switch():
+    """Bug 7's model: Switch(k_normal, inner_node), where inner_node picks one of
+    Switch(k_normal, k_normal, k_det) with a categorical at "i3" (the Switch at "switch3")."""
     inner = gf.Switch(k_normal, k_normal, k_det)
 
     @gf.gen
@@ -253,7 +249,15 @@ def test_vmapped_assess_of_nested_switch_with_absent_choices():
         i = gf.categorical(torch.full((3,), 1.0 / 3)) @ "i3"
         return inner(i, x) @ "switch3"
 
-    outer = gf.Switch(k_normal, inner_node)
+    return gf.Switch(k_normal, inner_node)
+
+
+def test_vmapped_assess_of_nested_switch_with_absent_choices():
+    """Bug 7: Switch(k_normal, Switch(k_normal, k_normal, k_det)) under vmap: assess of the
+    batch's own choices gave NaN for an element on the inner k_det branch: the outer Switch's
+    fallback path (its branch rejects the other branch's masked 'z') took the inner masked-out
+    'z' for a missing choice (switch.py).  Found through Unfold[3] of this Switch."""
+    outer = _bug7_switch()
 
     @gf.gen
     def step(x):
@@ -286,14 +290,7 @@ def test_vmapped_assess_of_nested_switch_with_absent_choices():
 def test_vmapped_assess_of_unfold_of_nested_switch():
     """Bug 7 as found: Unfold[3] of that Switch, vmap of assess over a batch of arguments
     with each element's own simulated choices gave NaN."""
-    inner = gf.Switch(k_normal, k_normal, k_det)
-
-    @gf.gen
-    def inner_node(x):
-        i = gf.categorical(torch.full((3,), 1.0 / 3)) @ "i3"
-        return inner(i, x) @ "switch3"
-
-    outer = gf.Switch(k_normal, inner_node)
+    outer = _bug7_switch()
 
     @gf.gen
     def step(t, s):
@@ -309,8 +306,6 @@ def test_vmapped_assess_of_unfold_of_nested_switch():
         specs = {str(torch.utils._pytree.tree_structure(t.choices)) for t in traces}
         if len(specs) != 1:
             continue
-        from gfcomb.core.pytree import tree_stack
-
         batch = tree_stack([t.choices for t in traces])
         w, _ = torch.func.vmap(lambda x, c: u.assess((3, x), c), randomness="different")(
             xs, batch)
