@@ -7,7 +7,8 @@ written by different people can share one results file::
     from _results import write_section
     write_section("Core (issue 2)", markdown_text)
 
-It also holds the one timing routine the benchmarks share (:func:`time_calls`: warm-up,
+(:func:`save_section` is the end of every script: write unless it was a quick run, and say
+so.)  It also holds the one timing routine the benchmarks share (:func:`time_calls`: warm-up,
 repeats, the functions taking turns, median or best) and :func:`load_average`.
 """
 
@@ -45,6 +46,15 @@ def write_section(heading: str, body: str, path: Path | str = RESULTS) -> Path:
     text = path.read_text(encoding="utf-8") if path.exists() else TITLE
     path.write_text(replace_section(text, heading, body), encoding="utf-8")
     return path
+
+
+def save_section(heading: str, body: str, write: bool) -> None:
+    """What every benchmark does at the end: write its section of RESULTS.md (when ``write``;
+    not for ``--quick``/``--no-write`` runs) and say so."""
+    if write:
+        print(f"wrote section {heading!r} of {write_section(heading, body)}")
+    else:
+        print("(RESULTS.md not written)")
 
 
 # --------------------------------------------------------------------------- timing

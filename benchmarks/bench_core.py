@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 
-from _results import load_average, time_calls, write_section  # noqa: E402
+from _results import load_average, save_section, time_calls  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     table = run(opts.quick, opts.best, opts.cpu)
     print(f"## {SECTION}\n\n{table}")
-    if not (opts.quick or opts.no_write):
-        path = write_section(SECTION, table)
-        print(f"\nwritten to {path}")
+    save_section(SECTION, table, write=not (opts.quick or opts.no_write))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
-from _results import load_average, time_calls, write_section  # noqa: E402
+from _results import load_average, save_section, time_calls  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.combinators.map import Map  # noqa: E402
@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     tuned = not opts.no_malloc_tuning and keep_freed_memory()
     table = run(opts.quick, opts.profile, tuned)
     print(f"## {SECTION}\n\n{table}")
-    if not (opts.quick or opts.no_write):
-        path = write_section(SECTION, table)
-        print(f"\nwrote {path}")
+    save_section(SECTION, table, write=not (opts.quick or opts.no_write))
 
 
 if __name__ == "__main__":

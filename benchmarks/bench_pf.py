@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
-from _results import write_section  # noqa: E402
+from _results import save_section  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.inference.particle_filter import (  # noqa: E402
@@ -424,11 +424,7 @@ time per step, profiler overhead included: about 1.9x):
 
 {py_table}
 """
-    if opts.quick or opts.no_write:
-        print("(RESULTS.md not written)")
-    else:
-        path = write_section(SECTION, body)
-        print(f"wrote section {SECTION!r} of {path}")
+    save_section(SECTION, body, write=not (opts.quick or opts.no_write))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
-from _results import write_section  # noqa: E402
+from _results import save_section  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.combinators.unfold import Unfold  # noqa: E402
@@ -195,11 +195,7 @@ self CPU time, top ops):
 
 {prof_table}
 """
-    if opts.quick:
-        print("(quick run: RESULTS.md not written)")
-    else:
-        path = write_section(SECTION, body)
-        print(f"wrote section {SECTION!r} of {path}")
+    save_section(SECTION, body, write=not opts.quick)
 
 
 if __name__ == "__main__":
