@@ -199,7 +199,7 @@ def compare_vmap_entries(n: int, device: str, reps: int = 40) -> tuple[float, fl
     path (``Unfold._update_rows``: only the kernel call vmapped, the Unfold bookkeeping done
     once outside), the whole ``Unfold.update`` vmapped through gfcomb's flat vmap entry, and
     the same through ``torch.func.vmap(..., randomness="different")``."""
-    from gfcomb.combinators.vector import _flat_vmap
+    from gfcomb.core.vmap import vmap_rows
     from gfcomb.inference.particle_filter import _updater
 
     ys = simulate_data(30, device)
@@ -218,7 +218,7 @@ def compare_vmap_entries(n: int, device: str, reps: int = 40) -> tuple[float, fl
         t0 = time.perf_counter()
         MODEL._update_rows(state.traces, args, diffs, obs)
         t1 = time.perf_counter()
-        _flat_vmap(one, (0,), (state.traces,), n)
+        vmap_rows(one, (0,), (state.traces,), n)
         t2 = time.perf_counter()
         torch_vmap(state.traces)
         t3 = time.perf_counter()

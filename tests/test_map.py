@@ -1431,11 +1431,11 @@ def normal_kernel_for_masks(x):
     return gf.normal(x, 2.0) @ "z"
 
 
-# ------------------------------------------ what crosses the vmap boundary (vector._flat_vmap)
+# ------------------------------------------ what crosses the vmap boundary (core.vmap)
 def test_batched_call_round_trips_records_statics_and_shared_tensors():
     import collections
 
-    from gfcomb.combinators.vector import batched_call
+    from gfcomb.core.vmap import batched_call
 
     Pair = collections.namedtuple("Pair", "a b")
     kern = normal_kernel_for_masks
@@ -1463,33 +1463,26 @@ def test_batched_call_round_trips_records_statics_and_shared_tensors():
     close(loop["t"].score, out["t"].score)
 
 
-def test_flat_vmap_outputs_inputs_unbatched_tensors_and_packed_results():
+def test_vmap_rows_outputs_inputs_and_unbatched_tensors():
     """Outputs that are mapped inputs come back as those inputs; plain (unbatched) tensors as
     expanded rows, like torch.func.vmap gives; nested levels and grad still work."""
-    from gfcomb.combinators.vector import _flat_vmap
-    from gfcomb.core.flat import Packed
+    from gfcomb.core.vmap import vmap_rows
 
     xs = torch.arange(4.0, dtype=torch.float64)
     c = torch.tensor(3.0, dtype=torch.float64)
-    out = _flat_vmap(lambda x: (x, c, x * c), (0,), (xs,), 4)
+    out = vmap_rows(lambda x: (x, c, x * c), (0,), (xs,), 4)
     assert out[0] is xs
     assert out[1].shape == (4,) and out[1].stride(0) == 0
     close(out[1], c.expand(4))
     close(out[2], xs * 3.0)
     # nested: the inner call's unbatched output is batched at the outer level
     grid = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
-    nested = torch.func.vmap(lambda row: _flat_vmap(lambda x: (row.sum(), x + 1.0), (0,),
+    nested = torch.func.vmap(lambda row: vmap_rows(lambda x: (row.sum(), x + 1.0), (0,),
                                                     (row,), 3))(grid)
     close(nested[0], grid.sum(1, keepdim=True).expand(2, 3))
     close(nested[1], grid + 1.0)
     # under grad: outputs that require grad are not cached views
     w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    y = _flat_vmap(lambda x: (w, x * w), (0,), (xs,), 4)
+    y = vmap_rows(lambda x: (w, x * w), (0,), (xs,), 4)
     torch.autograd.grad((y[0] * y[1]).sum(), w)
-    # pack_first: the first result stays flat until unpacked
-    packed, rest = _flat_vmap(lambda x: ({"a": x * 2.0}, x + c), (0,), (xs,), 4,
-                              pack_first=True)
-    assert isinstance(packed, Packed)
-    close(packed.unpack()["a"], xs * 2.0)
-    assert packed.unpack() is packed.unpack()
-    close(rest, xs + 3.0)
+

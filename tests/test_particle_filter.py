@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.combinators.vector import _flat_vmap
 from gfcomb.core.errors import ArgumentError, DegenerateWeightsError
 from gfcomb.core.pytree import tree_tensors, tree_where
+from gfcomb.core.vmap import vmap_rows
 from gfcomb.inference.particle_filter import (
     ParticleFilterState,
     effective_sample_size,
@@ -235,7 +235,7 @@ def gibbs_last_x(traces, t, y):
         new, _w, _rd, _disc = LG.update(tr, tr.args, (NC,) * 4, {(t, "x"): x_new})
         return new
 
-    return _flat_vmap(one, (0,), (traces,), n)
+    return vmap_rows(one, (0,), (traces,), n)
 
 
 def batched_mh(traces, selection):
@@ -253,7 +253,7 @@ def batched_mh(traces, selection):
         new, _w, _rd, _disc = LG.update(tr, tr.args, diffs, keep)
         return new, accept
 
-    return _flat_vmap(one, (0,), (traces,), n)
+    return vmap_rows(one, (0,), (traces,), n)
 
 
 def test_rejuvenation_keeps_the_posterior_and_the_log_ml():

@@ -260,7 +260,7 @@ def _both_from(shared, fn, seed=11):
 
 # ------------------------------------------------- the batched extension (particle-filter step)
 def run_rows(steps, *, seed=1, grow=1):
-    """``run`` with ``Unfold._update_rows`` (what ``pf_update`` calls) in place of the vmapped
+    """``run`` with ``Unfold.batch_update`` (what ``pf_update`` calls) in place of the vmapped
     update: ``grow`` steps per call, resampled after each."""
     torch.manual_seed(seed)
     tr = simulate(2)
@@ -269,9 +269,7 @@ def run_rows(steps, *, seed=1, grow=1):
         cm = gf.ChoiceMap({})
         for t in range(n, n + grow):
             cm = cm.merge(obs(t))
-        out = UNFOLD._update_rows(tr, args(n + grow), EXTEND, cm)
-        assert out is not None
-        tr, w = out
+        tr, w, _, _ = UNFOLD.batch_update(tr, args(n + grow), EXTEND, cm)
         weights.append(w)
         tr = select_batch(tr, torch.randint(0, P, (P,)))
     return tr, torch.stack(weights)
@@ -295,12 +293,13 @@ def test_batched_extension_by_several_steps():
     start = simulate(2)
     cm = obs(2).merge(obs(4))
     torch.manual_seed(4)
-    a, wa = UNFOLD._update_rows(start, args(5), EXTEND, cm)
+    a, wa, _, _ = UNFOLD.batch_update(start, args(5), EXTEND, cm)
     torch.manual_seed(4)
     b, wb, _, _ = VUPDATE(start, args(5), EXTEND, cm)
     torch.testing.assert_close(wa, wb, rtol=0, atol=0)
     same_trace(a, b)
-    assert not a.history.single and a.history.stop - a.history.start == 3
+    # one single-step history block per new step
+    assert a.history.single and a.history.start == 4 and a.history.parent.start == 3
 
 
 def test_batched_extension_reads_back_through_later_updates():
@@ -314,31 +313,40 @@ def test_batched_extension_reads_back_through_later_updates():
     torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)
 
 
-def test_batched_extension_declines_what_is_not_an_extension():
+def test_batch_update_that_is_not_an_extension_equals_the_vmapped_update():
+    """Edits other than appending steps (an old step constrained, a parameter changed,
+    nothing new, shrinking) take the per-row path: the same result as vmapping update."""
     tr, _ = run(2, shared=True)
     n = tr.length
     no = (gf.NoChange(),) * 5
-    assert UNFOLD._update_rows(tr, args(n + 1), EXTEND, obs(n - 1)) is None  # an old step
-    assert UNFOLD._update_rows(tr, args(n + 1, a=A + 1), (gf.UnknownChange(),) * 5,
-                               obs(n)) is None  # a parameter changed
-    assert UNFOLD._update_rows(tr, args(n), no, gf.ChoiceMap({})) is None  # nothing new
-    assert UNFOLD._update_rows(tr, args(n - 1), EXTEND, gf.ChoiceMap({})) is None  # shrink
-    single, _, _, _ = UNFOLD.update(tree_index(tr, 0), args(n + 1), EXTEND, obs(n))
-    assert UNFOLD._update_rows(single, args(n + 2), EXTEND, obs(n + 1)) is None  # unbatched
-    assert Unfold(kernel)._update_rows(tr, args(n + 1), EXTEND, obs(n)) is not None  # equal
+    cases = [(args(n + 1), EXTEND, obs(n - 1)),  # an old step
+             (args(n + 1, a=A + 1), (gf.UnknownChange(),) * 5, obs(n)),  # a parameter
+             (args(n), no, gf.ChoiceMap({})),  # nothing new
+             (args(n - 1), EXTEND, gf.ChoiceMap({}))]  # shrink
+    for a, d, cm in cases:
+        torch.manual_seed(9)
+        fast, wf, rdf, df = UNFOLD.batch_update(tr, a, d, cm)
+        torch.manual_seed(9)
+        slow, ws, rds, ds = VUPDATE(tr, a, d, cm)
+        torch.testing.assert_close(wf, ws, rtol=0, atol=0)
+        same_trace(fast, slow)
+        assert rdf == rds
+    # an Unfold built afresh from the same kernel is the same function
+    new, _, _, _ = Unfold(kernel).batch_update(tr, args(n + 1), EXTEND, obs(n))
+    assert new.length == n + 1 and new.history.single
 
 
 def test_batched_extension_does_not_mutate_and_rejects_bad_input():
     tr, _ = run(3, shared=True)
     before = [x.clone() for x in tree_tensors(tr)] + [x.clone() for x in
                                                       tree_tensors(tr.history.steps)]
-    UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND, obs(tr.length))
+    UNFOLD.batch_update(tr, args(tr.length + 1), EXTEND, obs(tr.length))
     after = tree_tensors(tr) + tree_tensors(tr.history.steps)
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     with pytest.raises(gf.ArgumentError, match="argdiffs"):
-        UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND[:2], obs(tr.length))
+        UNFOLD.batch_update(tr, args(tr.length + 1), EXTEND[:2], obs(tr.length))
     with pytest.raises(gf.AddressError):
-        UNFOLD._update_rows(tr, args(tr.length + 1), EXTEND,
+        UNFOLD.batch_update(tr, args(tr.length + 1), EXTEND,
                             gf.ChoiceMap({(tr.length, "nope"): torch.tensor(0.0)}))
 
 
@@ -373,25 +381,24 @@ def test_batched_extension_with_a_tuple_state():
 
 
 def rows_update(u, tr, args, diffs, cm):
-    """``u._update_rows``, which must take this update (a pure extension of a batch)."""
-    out = u._update_rows(tr, args, diffs, cm)
-    assert out is not None
-    return out
+    """``u.batch_update`` of a pure extension: it stores the new step as a history block."""
+    new, w, _, _ = u.batch_update(tr, args, diffs, cm)
+    assert new.recent is None and new.history.single and new.history.stop == new.length
+    return new, w
 
 
 def test_batched_extension_args_stay_shared_through_resampling():
-    """The args of a batch extended by _update_rows are expanded rows; resampling keeps them
-    (no index_select), a round trip through vmap forgets that they are (it re-picks), and a
-    bad row index still raises."""
+    """The args of a batch extended by batch_update are expanded rows; resampling keeps them
+    (no index_select), so does a round trip through vmap, and a bad row index still
+    raises."""
     tr, _ = run_rows(2)
-    assert tr._shared_args
     for x in tree_tensors(tr.args):
         assert x.shape[0] == P and x.stride(0) == 0
     picked = select_batch(tr, torch.tensor([5, 4, 3, 2, 1, 0]))
-    assert picked._shared_args and picked.args is tr.args
+    for x, y in zip(tree_tensors(picked.args), tree_tensors(tr.args)):
+        assert x.stride(0) == 0 and x.data_ptr() == y.data_ptr()
     torch.testing.assert_close(picked.score, tr.score.flip(0), rtol=0, atol=0)
     through = vmap(lambda t: t, randomness="different")(tr)
-    assert not through._shared_args
     again = select_batch(through, torch.tensor([5, 4, 3, 2, 1, 0]))
     for x, y in zip(tree_tensors(again.args), tree_tensors(picked.args)):
         assert torch.equal(x, y)

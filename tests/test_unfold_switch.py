@@ -493,7 +493,7 @@ def _unbatched_index_run(revisit):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_batched_extension_equals_the_vmapped_update(model):
-    """pf_update's path (Unfold._update_rows: only the kernel call vmapped) gives what the
+    """pf_update's path (Unfold.batch_update: one batch call of the kernel) gives what the
     vmapped Unfold.update gives, draws included, for a kernel whose steps switch branches
     per particle."""
     from gfcomb.core.pytree import tree_tensors
@@ -504,7 +504,7 @@ def test_batched_extension_equals_the_vmapped_update(model):
         torch.zeros(P)))
     obs = gf.ChoiceMap({(2, "r"): torch.tensor(1.0)})
     torch.manual_seed(6)
-    a, wa = u._update_rows(trs, (3, X0), (UC, NC), obs)
+    a, wa, _, _ = u.batch_update(trs, (3, X0), (UC, NC), obs)
     torch.manual_seed(6)
     b, wb, _, _ = vmap(u.update, in_dims=(0, None, None, None), randomness="different")(
         trs, (3, X0), (UC, NC), obs)

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.flat import Packed
 from gfcomb.core.pytree import _reconcile, tree_map_tensors
 
 
@@ -45,28 +44,20 @@ class StepBlock:
     contexts).
     """
 
-    __slots__ = ("_steps", "parent_rows", "parent", "start", "stop", "single", "_state")
+    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single", "_state")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
                  state: Any = None) -> None:
         if single and stop - start != 1:
             raise ValueError(f"a single-step block holds one step, not {start}..{stop - 1}")
-        self._steps = steps  # the kernel traces, or a Packed of them (rebuilt when read)
+        self.steps = steps
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
         self.stop = stop
         self.single = single
         self._state = state  # the newest step's state, when given (else read from steps)
-
-    @property
-    def steps(self) -> Any:
-        """The stored kernel traces (see the class docstring)."""
-        steps = self._steps
-        if isinstance(steps, Packed):
-            steps = self._steps = steps.unpack()
-        return steps
 
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
@@ -100,6 +91,22 @@ class StepBlock:
             block = block.parent
         parts.reverse()
         return parts, block, r
+
+    def step_at(self, rows: torch.Tensor, t: int) -> Any:
+        """The kernel trace of stored step ``t`` of the particles at ``rows`` (leaves
+        ``[*B, ...]``), found by walking back from this block: O(blocks after step t)."""
+        block: StepBlock | None = self
+        r: torch.Tensor | None = rows
+        while block is not None and block.start > t:
+            assert block.parent_rows is not None and r is not None
+            r = block.parent_rows[r]
+            block = block.parent
+        if block is None or not block.start <= t < block.stop or r is None:
+            raise IndexError(f"step {t} is not stored in this history")
+        if block.single:
+            return tree_map_tensors(partial(_rows, r=r), block.steps)
+        j = t - block.start
+        return tree_map_tensors(lambda x: _rows(x, r).select(r.dim(), j), block.steps)
 
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at

@@ -19,7 +19,6 @@ import torch
 
 from gfcomb.combinators.vector import (
     VectorTrace,
-    batched_call,
     changed_elements,
     concat_elements,
     constrained_elements,
@@ -39,6 +38,7 @@ from gfcomb.core.pytree import tree_index, tree_scatter
 from gfcomb.core.selection import Selection, element_selections, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import batched_call
 
 
 class Map(GenerativeFunction):

@@ -38,7 +38,6 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.combinators.vector import batched_call
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import (
@@ -51,6 +50,7 @@ from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import batched_call
 
 _PARTS = ("production", "aggregation")
 _EMPTY = ChoiceMap.empty()

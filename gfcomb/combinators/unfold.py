@@ -38,16 +38,24 @@ from torch.utils import _pytree as pytree
 from gfcomb.combinators.history import StepBlock, concat_steps
 from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.vector import (
-    _flat_vmap,
     constrained_elements,
     drop_absent,
     index_tensor,
 )
+from gfcomb.core.address import normalize
+from gfcomb.core.batched import batch_size
 from gfcomb.core.batching import cached_arange, expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.deferred import Deferred, resolve
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError, ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, weight_like
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_args_tuple,
+    rows_submap,
+    weight_like,
+)
 from gfcomb.core.pytree import (
     register_record,
     tree_index,
@@ -58,6 +66,7 @@ from gfcomb.core.pytree import (
 )
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, unwrap_rows
 
 _EMPTY = ChoiceMap.empty()
 _NO_CHANGE = NoChange()
@@ -98,6 +107,15 @@ def _state_tensors(init: Any) -> Any:
     return pytree.tree_map(as_tensor, init)
 
 
+def _rows_of_arg(a: Any, rows: int) -> Any:
+    """A batch-method argument as a batched trace stores it: a :class:`PerRow` value as it
+    is, a shared tensor as expanded rows, anything else unchanged."""
+    v, per_row = unwrap_rows(a)
+    if per_row:
+        return v
+    return tree_map_tensors(partial(expanded_rows, n=rows), v)
+
+
 def _zero_like(x: Any) -> torch.Tensor:
     """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
     for leaf in tree_tensors(x):
@@ -133,13 +151,9 @@ class UnfoldTrace(Trace):
     history: StepBlock | None = None
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _gathered: Any = attrs.field(default=None, eq=False, repr=False)  # cache of ``inner``
-    # True when every tensor in ``args`` is one row expanded to all particles (the args of
-    # a batch extended by ``Unfold._update_rows``): picking rows leaves them as they are
-    _shared_args: bool = attrs.field(default=False, eq=False, repr=False)
 
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_gathered", None)
-        object.__setattr__(self, "_shared_args", False)
 
     @property
     def history_length(self) -> int:
@@ -196,14 +210,44 @@ class UnfoldTrace(Trace):
 
     def last_state(self) -> Any:
         """The newest step's state (``init_state`` if there are no steps): O(1)."""
-        if self.recent is not None:
-            return _state_at(self.recent.retval, -1)
+        if self.recent is not None:  # (the step axis comes after any batch axes)
+            axis = self.score.dim()
+            return tree_map_tensors(lambda x: x.select(axis, -1), self.recent.retval)
         if self.history is not None:
             assert self.rows is not None
             return self.history.last_state(self.rows)
         return self.args[1]
 
-    def _compact_history(self) -> UnfoldTrace:
+    def step_trace(self, t: int) -> Trace:
+        """Step ``t``'s kernel trace (negative ``t`` counts from the end): read from the
+        newest steps backwards, so the newest steps cost O(1) at any length."""
+        if not -self.length <= t < self.length:
+            raise AddressError(f"an Unfold of {self.length} steps has no step {{addr}}", (t,))
+        t = t % self.length
+        h = self.history_length
+        if t >= h:
+            assert self.recent is not None
+            return tree_index(self.recent, t - h, dim=self.score.dim())
+        assert self.history is not None and self.rows is not None
+        return self.history.step_at(self.rows, t)
+
+    def __getitem__(self, addr: Any) -> Any:
+        path = normalize(addr)
+        if path and type(path[0]) is int:  # one step: no gather of the others
+            try:
+                return self.step_trace(path[0])[path[1:]]
+            except AddressError as err:
+                raise err.prefixed(path[:1]) from None
+        return self.choices[path]
+
+    def caller_retval(self) -> Any:
+        """The stacked states; deferred (built on first use) when they must be gathered
+        through the shared history."""
+        if self.history is None:
+            return self.retval
+        return Deferred(lambda: self.retval)
+
+    def compacted(self) -> UnfoldTrace:
         """Close ``recent`` into a new shared history block (a batch with one leading
         particle axis only; otherwise unchanged).  Copies no step data."""
         if self.recent is None or self.score.dim() != 1:
@@ -212,21 +256,22 @@ class UnfoldTrace(Trace):
         block = StepBlock(self.recent, self.rows, self.history, self.history_length,
                           self.length)
         rows = cached_arange(n, torch.long, self.score.device)
-        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block,
-                           shared_args=self._shared_args)
+        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
 
-    def _select_rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> UnfoldTrace | None:
-        """:func:`gfcomb.core.batched.select_batch` of a batch of Unfold traces: compacted,
-        then only the per-particle fields (args, score, row pointers) are picked; the shared
-        history is kept as it is.  None if the steps cannot be compacted (several batch
-        axes): then every leaf is picked."""
-        tr = self._compact_history()
-        if tr.recent is not None:
-            return None
-        args = tr.args if tr._shared_args else tree_map_tensors(pick, tr.args)
-        return UnfoldTrace(tr.gen_fn, args, pick(tr.score), tr.length, None,
-                           None if tr.rows is None else pick(tr.rows), tr.history,
-                           shared_args=tr._shared_args)
+    def with_layout_of(self, other: Trace) -> Trace:
+        """This trace with its steps split where ``other``'s shared history ends (an update
+        that revisited the newest steps of ``self`` made ``other``): the same shared block,
+        the later steps gathered into ``recent``.  O(steps after the split)."""
+        if not isinstance(other, UnfoldTrace) or other.length != self.length or \
+                other.history is self.history:
+            return self
+        if other.history is None:
+            inner = self.inner
+            return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, inner)
+        block, rows, window, h = self.split(other.history_length)
+        if block is not other.history:
+            return self
+        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, window, rows, block)
 
 
 register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
@@ -436,64 +481,6 @@ class Unfold(GenerativeFunction):
         new = UnfoldTrace(self, args, trace.score + dscore, n_new, recent, trace.rows,
                           trace.history)
         return new, w
-
-    def _update_rows(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                     constraints: ChoiceMap) -> tuple[UnfoldTrace, torch.Tensor] | None:
-        """``update`` of every row of a batch of traces (one leading particle axis) to the
-        same ``args``/``constraints`` when it only appends steps: the particle-filter step.
-
-        The new steps' kernel calls run in one vmapped call over the rows; the Unfold
-        bookkeeping (score, row pointers, the shared history) is done once, batched, outside
-        vmap, and the new steps go straight into a new history block (the result is
-        compacted, see :func:`gfcomb.core.batched.compact_history`).  Returns (new traces,
-        weights): the values ``vmap(update)`` gives, with the same random draws.  Returns None
-        when the update is not a pure extension of a batch (then vmap ``update`` instead).
-
-        Math: weight_i = Σ_{new t} kernel generate weight of row i at step t; score_i grows by
-        the new steps' scores (old steps are untouched: what they depend on is NoChange).
-        """
-        if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
-                or not (traces.gen_fn is self or traces.gen_fn == self)):
-            return None
-        n_new, _init, params = self._unpack(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
-        n_old = traces.length
-        if n_old == 0 or n_new <= n_old:
-            return None
-        for d in argdiffs[1:]:
-            if not isinstance(d, NoChange):
-                return None
-        cm = as_choicemap(constraints)
-        ckeys = constrained_elements(cm, n_new, "update")
-        if ckeys and ckeys[0] < n_old:
-            return None
-        traces = traces._compact_history()
-        assert traces.history is not None and traces.rows is not None
-        rows = traces.score.shape[0]
-        state = traces.history.last_state(traces.rows)
-        single = n_new - n_old == 1
-
-        def new_steps(state: Any) -> tuple[Trace | None, Any, Any, Any]:
-            if not single:
-                steps, w = self._run_steps(n_old, n_new, state, params, cm, ckeys)
-                assert steps is not None
-                return steps, w, steps.score.sum(0), None
-            try:
-                tr, w = self._run_step(n_old, state, params, cm, bool(ckeys))
-            except AddressError as err:
-                raise err.prefixed((n_old,)) from None
-            return tr, 0.0 if w is None else w, tr.score, tr.retval
-
-        # the new step's trace is stored, not read: it stays packed (flat leaves) until the
-        # history is gathered; its score and state come out of vmap beside it
-        steps, w, dscore, last = _flat_vmap(new_steps, (0,), (state,), rows, pack_first=single)
-        block = StepBlock(steps, traces.rows, traces.history, n_old, n_new, single=single,
-                          state=last)
-        batched_args = tree_map_tensors(partial(expanded_rows, n=rows), args)
-        new = UnfoldTrace(self, batched_args, traces.score + dscore, n_new, None,
-                          cached_arange(rows, torch.long, traces.score.device), block,
-                          shared_args=True)
-        return new, weight_like(w, new.score)
 
     @staticmethod
     def _first_touched(argdiffs: tuple[Diff, ...], touched: Sequence[int],
@@ -720,6 +707,92 @@ class Unfold(GenerativeFunction):
             step_trace = tree_index(inner, t)
             total = total + self.kernel.project(step_trace, sub)
         return total
+
+    # ------------------------------------------------------------------ the batch protocol
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+        """``update`` of every row of a batch.  An update that only appends steps (a
+        particle-filter step) runs the new steps' kernel calls as batch calls and stores them
+        as new shared history blocks: O(new steps) at any length.  Any other update runs
+        per row (the default), revisiting only the steps that changed.
+
+        Math: as :meth:`update`, row by row; for an extension weight_i = Σ_{new t} kernel
+        generate weight of row i at step t, and score_i grows by the new steps' scores.
+        """
+        cm, per_row = unwrap_rows(constraints)
+        if not self._appends_only(traces, args, argdiffs, as_choicemap(cm), "update"):
+            return super().batch_update(traces, args, argdiffs, constraints)
+        n_old = traces.length  # type: ignore[attr-defined]
+        new, w = self._append_rows(traces, args, constraints)
+        return new, w, self._retdiff(new.length, n_old, []), _EMPTY
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
+        """``regenerate`` of every row of a batch; appending steps with nothing selected
+        among the stored ones is O(new steps), as in :meth:`batch_update`.
+
+        Math: as :meth:`regenerate`, row by row (new steps contribute 0 to the weight).
+        """
+        if not (self._appends_only(traces, args, argdiffs, _EMPTY, "regenerate")
+                and not self._selected_steps(selection, traces.length)):  # type: ignore
+            return super().batch_regenerate(traces, args, argdiffs, selection)
+        n_old = traces.length  # type: ignore[attr-defined]
+        new, _ = self._append_rows(traces, args, None)
+        return new, torch.zeros_like(new.score), self._retdiff(new.length, n_old, [])
+
+    def _appends_only(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                      cm: ChoiceMap, who: str) -> bool:
+        """Whether this batch edit only appends steps: a one-axis batch of this Unfold's
+        traces, more steps, init_state and parameters unchanged, no constraint on a stored
+        step."""
+        if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
+                or not (traces.gen_fn is self or traces.gen_fn == self)):
+            return False
+        args = check_args_tuple(args)
+        argdiffs = self._check_argdiffs(args, argdiffs)
+        n_new = self._unpack((args[0], None))[0]
+        n_old = traces.length
+        if n_new <= n_old or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+            return False
+        ckeys = constrained_elements(cm, n_new, who)
+        return not ckeys or ckeys[0] >= n_old
+
+    def _append_rows(self, traces: UnfoldTrace, args: tuple[Any, ...],
+                     constraints: Any) -> tuple[UnfoldTrace, torch.Tensor]:
+        """Append steps to every row of the batch: each new step is one batch call of the
+        kernel (its trace stored as it is, as a new history block); the Unfold bookkeeping
+        (score, row pointers) is done once for all rows.  Returns (traces, weights)."""
+        n_new = args[0]
+        init, params = args[1], tuple(args[2:])
+        traces = traces.compacted()
+        rows = batch_size(traces)
+        n_old = traces.length
+        if n_old == 0:
+            v, per_row = unwrap_rows(init)
+            state: Any = init if per_row else _state_tensors(v)
+        else:
+            assert traces.history is not None and traces.rows is not None
+            state = PerRow(traces.history.last_state(traces.rows))
+        block, parent_rows = traces.history, traces.rows
+        weight: Any = 0.0
+        score = traces.score
+        kernel = self.kernel
+        for t in range(n_old, n_new):
+            try:
+                step, w = kernel.batch_generate(rows, (t, state) + params,
+                                                rows_submap(constraints, t))
+            except AddressError as err:
+                raise err.prefixed((t,)) from None
+            last = resolve(step.retval)
+            block = StepBlock(step, parent_rows, block, t, t + 1, single=True, state=last)
+            parent_rows = cached_arange(rows, torch.long, score.device)
+            weight = weight + w
+            score = score + step.score
+            state = PerRow(last)
+        stored_args = tuple(_rows_of_arg(a, rows) for a in args)
+        new = UnfoldTrace(self, stored_args, score, n_new, None, parent_rows, block)
+        return new, weight_like(weight, score)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""

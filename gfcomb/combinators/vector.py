@@ -5,252 +5,25 @@ element, which elements an update must revisit, and the vector trace record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import torch
-from torch._C import _functorch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.batching import expanded_rows, is_batched
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import (
     ArgumentError,
     MissingChoiceError,
     UnvisitedConstraintError,
-    VmapError,
 )
-from gfcomb.core.flat import Packed
-from gfcomb.core.flat import flatten as fast_flatten
-from gfcomb.core.flat import unflatten as fast_unflatten
-from gfcomb.core.pytree import register_record, tree_index, tree_stack
+from gfcomb.core.pytree import register_record
 from gfcomb.core.trace import Trace
 
 InDims = tuple[Any, ...]
-
-_VMAP_CAUSES = (
-    ("data-dependent control flow", "data-dependent Python control flow (an `if` on a tensor)"),
-    ("item()", "a call of .item() (or float()/int() of a tensor)"),
-    ("Boolean value of Tensor", "data-dependent Python control flow (an `if` on a tensor)"),
-    ("in-place", "an in-place write into a tensor that is not batched"),
-    ("does not have a batching rule", "a torch operation without a vmap batching rule"),
-)
-
-
-def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, length: int,
-                 who: str) -> Callable[..., Any]:
-    """``fn`` run over ``length`` elements: one ``torch.func.vmap`` call, or, with
-    ``vectorize=False``, a Python loop whose results are stacked (same layout).
-
-    A kernel that cannot be vmapped gets a :class:`VmapError` naming the cause.  Over zero
-    elements the kernel runs on one all-zero element (so that the output has its structure)
-    and every output leaf is then cut to zero elements.
-    """
-    if length == 0:
-        one = batched_call(fn, in_dims, vectorize=vectorize, length=1, who=who)
-
-        def none(*args: Any) -> Any:
-            padded = tuple(a if d is None else pytree.tree_map(
-                lambda x, d=d: x.new_zeros(x.shape[:d] + (1,) + x.shape[d + 1:])
-                if isinstance(x, torch.Tensor) else x, a) for a, d in zip(args, in_dims))
-            return tree_index(one(*padded), slice(0, 0))
-
-        return none
-    if vectorize:
-        def run(*args: Any) -> Any:
-            try:
-                return _flat_vmap(fn, in_dims, args, length)
-            except VmapError:
-                raise
-            except (RuntimeError, ValueError) as err:
-                msg = str(err)
-                for needle, cause in _VMAP_CAUSES:
-                    if needle in msg:
-                        raise VmapError(
-                            f"{who}: the kernel cannot run under torch.func.vmap because of "
-                            f"{cause}. Rewrite it with torch.where / masking, or pass "
-                            f"vectorize=False to run it element by element. (torch said: "
-                            f"{msg.splitlines()[0]})") from err
-                raise
-
-        return run
-
-    def loop(*args: Any) -> Any:
-        outs = []
-        for i in range(length):
-            el = tuple(_index_arg(a, d, i) for a, d in zip(args, in_dims))
-            outs.append(fn(*el))
-        if not outs:
-            raise ArgumentError(f"{who}: cannot run a kernel over zero elements")
-        spec0 = pytree.tree_structure(outs[0])
-        for i, out in enumerate(outs[1:], 1):
-            # tree_stack keeps element 0's static parts (addresses, Python numbers): elements
-            # of another structure would be stacked into a wrong record
-            if pytree.tree_structure(out) != spec0:
-                raise ArgumentError(
-                    f"{who} (vectorize=False): element {i} has a different structure from "
-                    "element 0 (other addresses, a Switch on another branch, or different "
-                    "non-tensor values such as Python-number arguments), so the elements "
-                    "cannot be stored stacked; pass tensors where values differ per element")
-        return tree_stack(outs)
-
-    return loop
-
-
-def _functorch_primitives() -> tuple[Callable[..., Any], ...] | None:
-    """The primitives ``torch.func.vmap`` is made of (add/remove a batch dimension, enter/leave
-    a vmap level, load the batching decompositions), as torch's own vmap module imports them;
-    None if this torch version lays them out differently (then torch.func.vmap is used)."""
-    try:
-        from torch._functorch import vmap as fv
-
-        return (fv._add_batch_dim, fv._remove_batch_dim, fv._vmap_increment_nesting,
-                fv._vmap_decrement_nesting, fv.lazy_load_decompositions)
-    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
-        return None
-
-
-def _direct_primitives() -> tuple[Callable[..., Any], ...] | None:
-    """The C functions behind the add/remove-batch-dimension and enter/leave-level
-    primitives.  torch wraps them in Python only so that torch.export can trace them (about
-    1 µs per call); gfcomb calls them directly unless a torch function mode (export, tracing)
-    is active, once torch's batching decompositions are loaded."""
-    try:
-        from torch._C._functorch import (
-            _add_batch_dim,
-            _remove_batch_dim,
-            _vmap_decrement_nesting,
-            _vmap_increment_nesting,
-        )
-
-        return _add_batch_dim, _remove_batch_dim, _vmap_increment_nesting, \
-            _vmap_decrement_nesting
-    except ImportError:  # pragma: no cover - other torch versions
-        return None
-
-
-_PRIMITIVES = _functorch_primitives()
-_DIRECT = _direct_primitives()
-_DECOMPOSITIONS_LOADED: list[bool] = []
-
-
-def _flat_vmap(fn: Callable[..., Any], in_dims: InDims, args: tuple[Any, ...],
-               length: int, *, pack_first: bool = False) -> Any:
-    """``torch.func.vmap(fn, in_dims, randomness="different")(*args)`` over ``length``
-    elements, with the argument and output pytrees flattened here, once.
-
-    torch.func.vmap broadcasts ``in_dims``/``out_dims`` over the pytrees by unflattening and
-    re-flattening them, which for trace records costs more than the kernel's own Python; with
-    flat tensors in and out we enter the vmap level directly with the primitives vmap itself
-    is built from (same semantics: one level, ``randomness="different"``, out_dims 0).
-    Non-tensor leaves are passed around vmap, unbatched.
-
-    ``pack_first``: ``fn`` returns a tuple whose first item comes back as a
-    :class:`~gfcomb.core.flat.Packed` (its batched leaves, rebuilt into records only when
-    read) -- for results that are stored rather than used, like a particle-filter step's
-    kernel trace.
-    """
-    flat: list[torch.Tensor] = []
-    dims: list[Any] = []
-    arg_parts: list[Any] | None = None  # None: every argument is a tensor (no pytree work)
-    for i, (a, d) in enumerate(zip(args, in_dims)):
-        if isinstance(a, torch.Tensor):  # the common case
-            flat.append(a)
-            dims.append(d)
-            if arg_parts is not None:
-                arg_parts.append(None)
-            continue
-        if arg_parts is None:
-            arg_parts = [None] * i
-        start = len(flat)
-        arg_parts.append(fast_flatten(a, flat))  # (a direct walk: see gfcomb.core.flat)
-        dims.extend([d] * (len(flat) - start))
-
-    def call(xs: Sequence[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
-        """Run ``fn`` on the (batched) flat arguments: (output spec, output leaves)."""
-        if arg_parts is None:
-            out = fn(*xs)
-        else:
-            it = iter(xs)
-            out = fn(*[next(it) if part is None else fast_unflatten(part, it)
-                       for part in arg_parts])
-        leaves: list[torch.Tensor] = []
-        if pack_first:
-            first = fast_flatten(out[0], leaves)
-            return (first, len(leaves), fast_flatten(out[1:], leaves)), leaves
-        return fast_flatten(out, leaves), leaves
-
-    if _PRIMITIVES is None:  # pragma: no cover - other torch versions
-        specs: list[Any] = []
-
-        def flat_fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            spec, leaves = call(xs)
-            specs.append(spec)
-            return tuple(leaves)
-
-        outs = list(torch.func.vmap(flat_fn, in_dims=tuple(dims),
-                                    randomness="different")(*flat))
-        return _rebuild(specs[-1], outs, pack_first)
-    add_dim, remove_dim, enter, leave, load_decompositions = _PRIMITIVES
-    if _DIRECT is not None and _DECOMPOSITIONS_LOADED and \
-            not torch._C._is_torch_function_mode_enabled():
-        add_dim, remove_dim, enter, leave = _DIRECT
-    else:
-        load_decompositions()
-        if not _DECOMPOSITIONS_LOADED:
-            _DECOMPOSITIONS_LOADED.append(True)
-    for x, d in zip(flat, dims):
-        if d is not None and x.shape[d] != length:
-            raise ValueError(f"vmap: a mapped input has {x.shape[d]} elements along "
-                             f"dimension {d}, expected {length}")
-    level = enter(length, "different")
-    try:
-        added: dict[tuple[int, Any], torch.Tensor] = {}  # a tensor given twice: batched once
-        ins = []
-        for x, d in zip(flat, dims):
-            if d is not None:
-                key = (id(x), d)
-                y = added.get(key)
-                if y is None:
-                    y = added[key] = add_dim(x, d, level)
-                x = y
-            ins.append(x)
-        spec, batched = call(ins)
-        # a tensor held in several places (an argument kept by the trace and its sub-traces,
-        # a choice that is also the return value) leaves vmap once; an output that is a
-        # mapped input leaves as that input; a plain (unbatched) tensor as its cached expanded
-        # view (what removing the batch dimension would make afresh)
-        done = {id(y): x for x, d, y in zip(flat, dims, ins) if d == 0}
-        outs = []
-        for y in batched:
-            yid = id(y)
-            out = done.get(yid)
-            if out is None:
-                out = done[yid] = (expanded_rows(y, length)
-                                   if _functorch.maybe_get_level(y) == -1
-                                   else remove_dim(y, level, length, 0))
-            outs.append(out)
-    finally:
-        leave()
-    return _rebuild(spec, outs, pack_first)
-
-
-def _rebuild(spec: Any, leaves: list[torch.Tensor], pack_first: bool) -> Any:
-    """The output of :func:`_flat_vmap` from its spec and unbatched leaves."""
-    if pack_first:
-        first, n, rest = spec
-        return (Packed(first, leaves[:n]),) + fast_unflatten(rest, iter(leaves[n:]))
-    return fast_unflatten(spec, iter(leaves))
-
-
-def _index_arg(a: Any, dim: Any, i: int) -> Any:
-    if dim is None:
-        return a
-    return pytree.tree_map(
-        lambda x: x.select(dim, i) if isinstance(x, torch.Tensor) else x, a)
-
 
 def normalize_in_dims(in_dims: Any, nargs: int, who: str) -> InDims:
     """``in_dims`` as a tuple with one entry per argument."""

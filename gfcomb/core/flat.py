@@ -1,6 +1,6 @@
 """A one-shot walk of a pytree into its tensor leaves and back, for crossing a vmap boundary.
 
-:func:`gfcomb.combinators.vector.batched_call` flattens the arguments and the result of every
+:func:`gfcomb.core.vmap.vmap_rows` flattens the arguments and the result of every
 vmapped kernel call (traces, choice maps, selections) and rebuilds them on the other side.
 ``torch.utils._pytree`` does that with a TreeSpec per node, and a record's own flatten
 (:func:`gfcomb.core.pytree.register_record`) returns all the tensors of its sub-tree, so a
@@ -139,26 +139,3 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
 
 def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> list[Any]:
     return [next(leaves) if s is _TENSOR_SPEC else unflatten(s, leaves) for s in specs]
-
-
-class Packed:
-    """A pytree held as its :func:`flatten` spec and tensor leaves, rebuilt on first
-    :meth:`unpack` (then kept).  For results that are mostly stored and rarely read: the
-    rebuild of trace records is most of the cost of a small vmapped call."""
-
-    __slots__ = ("_spec", "_leaves", "_tree", "_built")
-
-    def __init__(self, spec: Any, leaves: list[torch.Tensor]) -> None:
-        self._spec = spec
-        self._leaves: list[torch.Tensor] | None = leaves
-        self._tree: Any = None
-        self._built = False
-
-    def unpack(self) -> Any:
-        """The pytree."""
-        if not self._built:
-            assert self._leaves is not None
-            self._tree = unflatten(self._spec, iter(self._leaves))
-            self._built = True
-            self._spec = self._leaves = None  # (the tree holds the leaves now)
-        return self._tree

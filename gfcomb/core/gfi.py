@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
+from gfcomb.core.batched import batch_size, select_leaves
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError, MissingChoiceError
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, map_rows, unwrap_rows
 
 
 def as_choicemap(constraints: Any) -> ChoiceMap:
@@ -38,6 +40,14 @@ def as_choicemap(constraints: Any) -> ChoiceMap:
     if isinstance(constraints, ChoiceMap):
         return constraints
     return ChoiceMap._from_mapping(constraints)
+
+
+def rows_submap(constraints: Any, key: Any) -> Any:
+    """The constraints under ``key`` of batch-method constraints (a :class:`PerRow` choice
+    map stays per row; an empty one is shared)."""
+    cm, per_row = unwrap_rows(constraints)
+    sub = as_choicemap(cm).get_submap(key)
+    return PerRow(sub) if per_row and not sub.is_empty() else sub
 
 
 def weight_like(w: Any, score: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,9 @@ def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
 
 
 _RUNTIME: dict[str, Any] = {}  # gfcomb.dsl.runtime's entry point, imported on first use
+
+
+_DEFAULT_BATCH: dict[type, bool] = {}  # per class: are its batch methods the defaults?
 
 
 class Invocation:
@@ -197,16 +210,80 @@ class GenerativeFunction:
 
         return accumulate_param_gradients(self, trace, retgrad, scale)
 
-    # ------------------------------------------------------------------ batched fast paths
-    def _update_rows(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                     constraints: ChoiceMap) -> tuple[Trace, torch.Tensor] | None:
-        """Optional batched fast path for inference code: ``update`` of every row of the
-        batched ``traces`` (one leading axis) to the same ``args``/``constraints``, done
-        outside vmap, returning ``(new traces, weights)`` exactly as ``vmap(update)`` would
-        (its trace and weight; same random draws), or None when there is no such path for
-        this call (the default), and the caller vmaps ``update``.  Unfold has one for updates
-        that only append steps (a particle-filter step)."""
-        return None
+    # ------------------------------------------------------------------ the batch protocol
+    # A batch is ONE trace record with a leading row axis on every tensor leaf.  Arguments and
+    # constraints are shared by all rows unless wrapped in ``PerRow``.  The defaults run the
+    # per-row method under one vmap over the rows; a generative function whose batch can be
+    # handled better as a whole (Unfold's shared step history) overrides them, and a @gen
+    # body run over a batch hands such a callee the whole batch (gfcomb.core.vmap).
+    def batch_generate(self, n: int, args: tuple[Any, ...],
+                       constraints: Any = None) -> tuple[Trace, torch.Tensor]:
+        """``generate`` for ``n`` rows at once: ``(traces, weights)``, weights of shape [n].
+
+        Math: row i is an independent ``generate(args_i, constraints_i)``: same weights and
+        scores, draws distributed the same.
+        """
+        args = check_args_tuple(args)
+        return map_rows(lambda c, *a: self.generate(a, c), n, constraints, *args)
+
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+        """``update`` of every row of the batch ``traces``: ``(traces', weights, retdiff,
+        discards)``; the retdiff holds for every row.
+
+        Math: row i is ``update(traces[i], args_i, argdiffs, constraints_i)``: weight_i =
+        log p(t_i'; x') − log p(t_i; x) − log q(fresh choices of row i).
+        """
+        args = check_args_tuple(args)
+        retdiffs: list[Diff] = []
+
+        def one(tr: Trace, c: Any, *a: Any) -> tuple[Trace, torch.Tensor, ChoiceMap]:
+            new, w, rd, discard = self.update(tr, a, argdiffs, c)
+            retdiffs.append(rd)
+            return new, w, discard
+
+        new, w, discard = map_rows(one, batch_size(traces), PerRow(traces), constraints, *args)
+        return new, w, retdiffs[-1], discard
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
+        """``regenerate`` of every row of the batch ``traces``: ``(traces', weights, retdiff)``.
+
+        Math: row i is ``regenerate(traces[i], args_i, argdiffs, selection)``; with prior
+        proposals weight_i is row i's MH log acceptance ratio.
+        """
+        args = check_args_tuple(args)
+        retdiffs: list[Diff] = []
+
+        def one(tr: Trace, *a: Any) -> tuple[Trace, torch.Tensor]:
+            new, w, rd = self.regenerate(tr, a, argdiffs, selection)
+            retdiffs.append(rd)
+            return new, w
+
+        new, w = map_rows(one, batch_size(traces), PerRow(traces), *args)
+        return new, w, retdiffs[-1]
+
+    def batch_select(self, traces: Trace, rows: torch.Tensor) -> Trace:
+        """Rows ``rows`` (a 1-d long tensor) of the batch ``traces``: resampling.
+
+        Math: row k of the result is row ``rows[k]`` of ``traces``.  The default indexes every
+        tensor leaf; shared leaves (expanded rows) and static parts (shared histories) are
+        kept as they are.
+        """
+        return select_leaves(traces, rows)
+
+    def batch_methods_are_default(self) -> bool:
+        """True when this function's batch methods are the per-row methods under vmap (the
+        defaults above): then a caller already running per row may call the per-row
+        methods directly, which is what the batch methods would do."""
+        cls = type(self)
+        known = _DEFAULT_BATCH.get(cls)
+        if known is None:
+            known = _DEFAULT_BATCH[cls] = all(
+                getattr(cls, m) is getattr(GenerativeFunction, m)
+                for m in ("batch_generate", "batch_update", "batch_regenerate"))
+        return known
 
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> Iterator[torch.nn.Parameter]:

@@ -364,7 +364,7 @@ def element_selections(selection: Selection,
     special = {}
     explicit = selection.explicit_keys()
     if explicit:
-        keyset = set(keys)
+        keyset = keys if isinstance(keys, range) else set(keys)  # (range: O(1) lookups)
         for k in explicit:
             if isinstance(k, int) and not isinstance(k, bool) and k in keyset:
                 special[k] = selection.get_subselection(k)

@@ -55,6 +55,25 @@ class Trace:
     def __getitem__(self, addr: Any) -> Any:
         return self.choices[addr]
 
+    # -- storage of batches (defaults for records that hold nothing shared)
+    def caller_retval(self) -> Any:
+        """The return value as a ``@gen`` caller receives it: :attr:`retval`, or, where that
+        is costly to build (a batched Unfold's states gathered through its shared history), a
+        :class:`~gfcomb.core.deferred.Deferred` that builds it on first use."""
+        return self.retval
+
+    def compacted(self) -> Trace:
+        """An equal trace whose storage is laid out for a batch: recently appended steps of a
+        batched Unfold closed into its shared history (no data copied).  Default: ``self``."""
+        return self
+
+    def with_layout_of(self, other: Trace) -> Trace:
+        """An equal trace (same values and scores) whose record structure matches ``other``, a
+        trace of the same function, where storage differs only in layout (an Unfold history
+        split at another step), so that the two can be merged leaf by leaf (``torch.where``
+        per row, an MCMC accept step).  Default: ``self``."""
+        return self
+
     def __repr__(self) -> str:
         from gfcomb.core.choicemap import _short
 

@@ -28,6 +28,7 @@ import torch
 
 from gfcomb.core.address import normalize
 from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.deferred import Deferred, resolve
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, weight_like
@@ -73,7 +74,7 @@ class GenTrace(Trace):
 
     gen_fn: GenFunction
     args: tuple[Any, ...]
-    retval: Any
+    _retval: Any  # the body's return value, or a CalleeReturn naming the callee it is
     score: torch.Tensor
     subtraces: dict[Address, Trace]
     # None when unknown (a trace combined from traces with different bookkeeping)
@@ -81,6 +82,15 @@ class GenTrace(Trace):
     ret_source: Source | None = attrs.field(eq=False, repr=False)
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _choices: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def retval(self) -> Any:  # type: ignore[override]
+        """The body's return value (read from the callee's trace when the body returned a
+        callee's deferred value as it was)."""
+        r = self._retval
+        if type(r) is CalleeReturn:
+            return self.subtraces[r.address].retval
+        return r
 
     @property
     def choices(self) -> ChoiceMap:
@@ -115,7 +125,34 @@ class GenTrace(Trace):
         return self.choices[path]
 
 
-register_record(GenTrace, dynamic=("args", "retval", "score", "subtraces"),
+    def compacted(self) -> GenTrace:
+        """Every sub-trace compacted (see :meth:`Trace.compacted`)."""
+        return self._with_subtraces({a: t.compacted() for a, t in self.subtraces.items()})
+
+    def with_layout_of(self, other: Trace) -> GenTrace:
+        """Every sub-trace laid out like ``other``'s at the same address (see
+        :meth:`Trace.with_layout_of`)."""
+        if not isinstance(other, GenTrace) or other.subtraces.keys() != self.subtraces.keys():
+            return self
+        theirs = other.subtraces
+        return self._with_subtraces({a: t.with_layout_of(theirs[a])
+                                     for a, t in self.subtraces.items()})
+
+    def _with_subtraces(self, subtraces: dict[Address, Trace]) -> GenTrace:
+        if all(subtraces[a] is t for a, t in self.subtraces.items()):
+            return self
+        return attrs.evolve(self, subtraces=subtraces, layout=None)
+
+
+@attrs.frozen
+class CalleeReturn:
+    """A @gen trace's return value that is the return value of its call at ``address``
+    (kept unbuilt: the body returned that callee's deferred value as it was)."""
+
+    address: tuple[Any, ...]
+
+
+register_record(GenTrace, dynamic=("args", "_retval", "score", "subtraces"),
                 static=("gen_fn", "sources", "ret_source"))
 
 
@@ -141,8 +178,14 @@ class GenFunction(GenerativeFunction):
             return self.fn(*args)
 
     def _trace(self, handler: Handler, args: tuple[Any, ...], retval: Any) -> GenTrace:
+        source = handler.tracker.source_of(retval)
+        if type(retval) is Deferred and not retval.built and source is not None \
+                and source[0] == "ret":
+            retval = CalleeReturn(source[1])
+        else:
+            retval = resolve(retval)
         return GenTrace(self, args, retval, handler.total(handler.score), handler.subtraces,
-                        handler.sources, handler.tracker.source_of(retval))
+                        handler.sources, source)
 
     def _note_callee(self, gen_fn: GenerativeFunction) -> None:
         self._callees.setdefault(id(gen_fn), gen_fn)
@@ -219,7 +262,7 @@ class GenFunction(GenerativeFunction):
         for _, old in removed:
             weight = weight - old.score
         new = self._trace(h, args, retval)
-        retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
+        retdiff = h.tracker.diff_of_value(retval, trace._retval, trace.ret_source)
         return new, weight_like(weight, new.score), retdiff, h.discard(removed)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -238,7 +281,7 @@ class GenFunction(GenerativeFunction):
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
         retval = self._execute(h, args)
         new = self._trace(h, args, retval)
-        retdiff = h.tracker.diff_of_value(retval, trace.retval, trace.ret_source)
+        retdiff = h.tracker.diff_of_value(retval, trace._retval, trace.ret_source)
         return new, weight_like(h.weight, new.score), retdiff
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:

@@ -24,6 +24,7 @@ from gfcomb.core.errors import (
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import current_row_level, outside_rows
 from gfcomb.dsl.argdiffs import Source, SourceTracker
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class Handler:
             _check_address(addr)
         self._claim(addr)
         self.owner._note_callee(gen_fn)
+        gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
+            else BATCH
         try:
-            retval = self.call(addr, gen_fn, args)
+            retval = self.call(addr, gen_fn, args, gfi)
         except (AddressError, DistributionArgumentError) as err:
             raise err.prefixed(addr) from None
         return retval
@@ -77,7 +80,8 @@ class Handler:
         return gen_fn._run_body(self, args)
 
     # -- what one call does (subclasses)
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
         raise NotImplementedError
 
     # -- shared helpers
@@ -98,8 +102,9 @@ class Handler:
         self.sources[addr] = self.tracker.sources_of(args)
         self.subtraces[addr] = tr
         self._scores.append(tr.score)
-        self.tracker.add_return(addr, tr.retval, retdiff)
-        return tr.retval
+        retval = tr.caller_retval()
+        self.tracker.add_return(addr, retval, retdiff)
+        return retval
 
     def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
         """Raise if a constraint sits at an address the body never visited."""
@@ -198,8 +203,9 @@ def _check_address(addr: Address) -> None:
 class SimulateHandler(Handler):
     """simulate: every call is simulated."""
 
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
-        return self._record(addr, args, gen_fn.simulate(args), None)
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
+        return self._record(addr, args, gfi.simulate(gen_fn, args), None)
 
 
 class GenerateHandler(Handler):
@@ -209,11 +215,12 @@ class GenerateHandler(Handler):
         super().__init__(owner, args)
         self.constraints = constraints
 
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
         sub = self.constraints.get_submap(addr)
         if sub.is_empty():
-            return self._record(addr, args, gen_fn.simulate(args), None)
-        tr, w = gen_fn.generate(args, sub)
+            return self._record(addr, args, gfi.simulate(gen_fn, args), None)
+        tr, w = gfi.generate(gen_fn, args, sub)
         self._weights.append(w)
         return self._record(addr, args, tr, None)
 
@@ -226,7 +233,8 @@ class AssessHandler(Handler):
         self.choices = choices
         self.visited: dict[Address, Any] = {}
 
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
         w, retval = gen_fn.assess(args, self.choices.get_submap(addr))
         self.visited[addr] = True
         self._weights.append(w)
@@ -270,7 +278,8 @@ class UpdateHandler(_IncrementalHandler):
         self.constraints = constraints
         self.discards: dict[Address, ChoiceMap] = {}
 
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
         sub = self.constraints.get_submap(addr)
         old = self.old.subtraces.get(addr)
         if old is None or not _same_function(old.gen_fn, gen_fn):
@@ -279,13 +288,13 @@ class UpdateHandler(_IncrementalHandler):
                 self._weights.append(-old.score)
             w: Any
             if sub.is_empty():
-                tr, w = gen_fn.simulate(args), 0.0
+                tr, w = gfi.simulate(gen_fn, args), 0.0
             else:
-                tr, w = gen_fn.generate(args, sub)
+                tr, w = gfi.generate(gen_fn, args, sub)
             self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        tr, w, retdiff, discard = gen_fn.update(old, args, argdiffs, sub)
+        tr, w, retdiff, discard = gfi.update(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         if not discard.is_empty():
             self.discards[addr] = discard
@@ -309,14 +318,77 @@ class RegenerateHandler(_IncrementalHandler):
         super().__init__(owner, trace, args, argdiffs)
         self.selection = selection
 
-    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Any:
+    def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
+             gfi: Calls) -> Any:
         old = self.old.subtraces.get(addr)
         if old is None or not _same_function(old.gen_fn, gen_fn):
-            return self._record(addr, args, gen_fn.simulate(args), None)
+            return self._record(addr, args, gfi.simulate(gen_fn, args), None)
         sub = self.selection.get_subselection_at(addr)
         argdiffs = self._callee_argdiffs(addr, old, args)
         if sub.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return self._record(addr, args, old, NoChange())
-        tr, w, retdiff = gen_fn.regenerate(old, args, argdiffs, sub)
+        tr, w, retdiff = gfi.regenerate(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         return self._record(addr, args, tr, retdiff)
+
+
+class Calls:
+    """How a handler calls a callee's GFI: per row (the callee's own methods, also what runs
+    inside a vmap over rows), or, for a callee with batch methods of its own called from a
+    body running over a batch, as one batch call outside the row level
+    (:func:`gfcomb.core.vmap.outside_rows`)."""
+
+    @staticmethod
+    def simulate(gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Trace:
+        return gen_fn.simulate(args)
+
+    @staticmethod
+    def generate(gen_fn: GenerativeFunction, args: tuple[Any, ...],
+                 cm: ChoiceMap) -> tuple[Trace, Any]:
+        return gen_fn.generate(args, cm)
+
+    @staticmethod
+    def update(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+               argdiffs: tuple[Diff, ...], cm: ChoiceMap) -> tuple[Trace, Any, Diff, ChoiceMap]:
+        return gen_fn.update(old, args, argdiffs, cm)
+
+    @staticmethod
+    def regenerate(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+                   argdiffs: tuple[Diff, ...], sel: Selection) -> tuple[Trace, Any, Diff]:
+        return gen_fn.regenerate(old, args, argdiffs, sel)
+
+
+class BatchCalls(Calls):
+    """The callee's batch methods, called once for all rows of the current row level."""
+
+    @staticmethod
+    def simulate(gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Trace:
+        return BatchCalls.generate(gen_fn, args, ChoiceMap.empty())[0]
+
+    @staticmethod
+    def generate(gen_fn: GenerativeFunction, args: tuple[Any, ...],
+                 cm: ChoiceMap) -> tuple[Trace, Any]:
+        n = _rows()
+        return outside_rows(lambda c, *a: gen_fn.batch_generate(n, a, c), cm, *args)
+
+    @staticmethod
+    def update(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+               argdiffs: tuple[Diff, ...], cm: ChoiceMap) -> tuple[Trace, Any, Diff, ChoiceMap]:
+        return outside_rows(lambda tr, c, *a: gen_fn.batch_update(tr.value, a, argdiffs, c),
+                            old, cm, *args, batched=(True,))
+
+    @staticmethod
+    def regenerate(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+                   argdiffs: tuple[Diff, ...], sel: Selection) -> tuple[Trace, Any, Diff]:
+        return outside_rows(lambda tr, *a: gen_fn.batch_regenerate(tr.value, a, argdiffs, sel),
+                            old, *args, batched=(True,))
+
+
+def _rows() -> int:
+    where = current_row_level()
+    assert where is not None
+    return where[1]
+
+
+PER_ROW = Calls()
+BATCH = BatchCalls()

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
 import torch
 
-from gfcomb.combinators.vector import _flat_vmap
+from gfcomb.core.batching import expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.pytree import tree_map_tensors
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow
 from gfcomb.inference.resampling import (
     Resampler,
     effective_sample_size,
@@ -87,23 +90,28 @@ def check_gen_fn(gen_fn: Any, name: str, who: str) -> GenerativeFunction:
 def batched_generate(model: GenerativeFunction, args: tuple[Any, ...], observations: ChoiceMap,
                      n: int, proposal: GenerativeFunction | None,
                      proposal_args: tuple[Any, ...]) -> tuple[Trace, torch.Tensor]:
-    """``n`` independent ``(trace, log weight)`` pairs from one vmapped call.
+    """``n`` independent ``(trace, log weight)`` pairs from one batch call.
 
     Math: without a proposal, ``model.generate(args, observations)`` per sample.  With one,
-    (u, log q(u), _) = ``proposal.propose(proposal_args)`` and
-    (t, w) = ``model.generate(args, observations ∪ u)``; the log weight is w − log q(u)
-    (= log p(t) − log q(u) when the constraints fix every choice the proposal does not).
+    u ~ q(·; proposal_args) with score log q(u), and (t, w) = ``model.generate(args,
+    observations ∪ u)``; the log weight is w − log q(u) (= log p(t) − log q(u) when the
+    constraints fix every choice the proposal does not).
     """
     if proposal is None:
-        def one(_: torch.Tensor) -> tuple[Trace, torch.Tensor]:
-            return model.generate(args, observations)
-    else:
-        def one(_: torch.Tensor) -> tuple[Trace, torch.Tensor]:
-            choices, q_weight, _r = proposal.propose(proposal_args)
-            trace, weight = model.generate(args, observations.merge(choices))
-            return trace, weight - q_weight
+        traces, weights = model.batch_generate(n, args, observations)
+        return traces, weights
+    proposed, _ = proposal.batch_generate(n, proposal_args, None)
+    traces, weights = model.batch_generate(n, args,
+                                           merged_rows(observations, proposed.choices, n))
+    return traces, weights - proposed.score
 
-    return _flat_vmap(one, (0,), (torch.zeros(n),), n)
+
+def merged_rows(shared: ChoiceMap, per_row: ChoiceMap, n: int) -> PerRow:
+    """Shared constraints and per-row ones (a batch of proposed choices) as one per-row
+    constraint map (the shared values expanded to every row, not copied)."""
+    if shared.is_empty():
+        return PerRow(per_row)
+    return PerRow(tree_map_tensors(partial(expanded_rows, n=n), shared).merge(per_row))
 
 
 def importance_sampling(model: GenerativeFunction, args: tuple[Any, ...],

@@ -26,12 +26,13 @@ from typing import Any, Union
 import torch
 
 from gfcomb.combinators.map import Map
-from gfcomb.combinators.vector import batched_call, mapped_length, normalize_in_dims
+from gfcomb.combinators.vector import mapped_length, normalize_in_dims
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import batched_call
 from gfcomb.inference.progress import progress_bar
 
 __all__ = ["batch_log_likelihood", "simulated_data", "train", "train_proposal"]

@@ -39,7 +39,6 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.combinators.vector import batched_call
 from gfcomb.core.address import format_address
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
@@ -49,6 +48,7 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import batched_call
 from gfcomb.distributions.base import Distribution
 from gfcomb.inference.progress import progress_bar
 

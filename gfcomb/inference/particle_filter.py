@@ -21,10 +21,10 @@ filter.  Resampling banks logsumexp(lw) − log N into the running log-ML and re
 weights to 0; ``log_ml_estimate = banked + logsumexp(lw) − log N``, an unbiased estimate of
 p(observations) (in p, not in log p).
 
-After every vmapped GFI call the traces pass through
-:func:`gfcomb.core.batched.compact_history`, and resampling uses
-:func:`gfcomb.core.batched.select_batch`, so Unfold traces re-index history pointers instead of
-copying the steps: a step costs the same after 1,000 steps as after 10.
+Every step is one call of the model's batch methods (``batch_generate``, ``batch_update``,
+``batch_select``: :class:`gfcomb.core.gfi.GenerativeFunction`), so a model whose batch
+methods do work proportional to what changed -- a ``@gen`` function wrapping an ``Unfold``,
+with or without a proposal -- costs the same per step after 1,000 steps as after 10.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from typing import Any
 import attrs
 import torch
 
-from gfcomb.combinators.vector import _flat_vmap
-from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.batched import select_batch
 from gfcomb.core.batching import zero_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.trace import Trace
-from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n
+from gfcomb.core.vmap import PerRow
+from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
     Resampler,
     _systematic,
@@ -131,25 +131,7 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     traces, log_w = batched_generate(model, args, as_choicemap(observations), n, proposal,
                                      proposal_args)
     check_finite_max(log_w, who, 0)
-    return ParticleFilterState(compact_history(traces), log_w, log_w.new_zeros(()), 0, model,
-                               args)
-
-
-def _updater(model: GenerativeFunction, new_args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-             obs: ChoiceMap, proposal: GenerativeFunction | None,
-             proposal_args: tuple[Any, ...]) -> Callable[[Trace], tuple[Any, ...]]:
-    """The per-particle step: (trace) -> (new trace, incremental log weight)."""
-    update = model.update
-    if proposal is None:
-        def one(trace: Trace) -> tuple[Trace, torch.Tensor]:
-            new, w, _rd, _disc = update(trace, new_args, argdiffs, obs)
-            return new, w
-    else:
-        def one(trace: Trace) -> tuple[Trace, torch.Tensor]:
-            choices, q_weight, _r = proposal.propose((trace,) + proposal_args)
-            new, w, _rd, _disc = update(trace, new_args, argdiffs, obs.merge(choices))
-            return new, w - q_weight
-    return one
+    return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args)
 
 
 def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
@@ -181,21 +163,21 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
     obs = as_choicemap(observations)
     n = state.n_particles
-    # (a model may extend the whole batch itself, e.g. an Unfold appending a step)
-    fast = None if proposal is not None else state.model._update_rows(
-        state.traces, new_args, argdiffs, obs)
-    if fast is not None:
-        traces, inc = fast
+    model = state.model
+    if proposal is None:
+        traces, inc, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs, obs)
     else:
-        one = _updater(state.model, new_args, argdiffs, obs, proposal, proposal_args)
-        traces, inc = _flat_vmap(one, (0,), (state.traces,), n)
+        proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),) + proposal_args)
+        traces, w, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs,
+                                                   merged_rows(obs, proposed.choices, n))
+        inc = w - proposed.score
     log_w = inc if state._uniform else state.log_weights + inc
     step = state.step + 1
     m = torch.amax(log_w, 0)
     if not math.isfinite(float(m)):
         check_finite_max(log_w, who, step)
-    return ParticleFilterState(compact_history(traces), log_w, state.log_ml_base, step,
-                               state.model, new_args, None, False, m)
+    return ParticleFilterState(traces, log_w, state.log_ml_base, step, model, new_args, None,
+                               False, m)
 
 
 def pf_resample(state: ParticleFilterState, method: str | Resampler = "systematic",
@@ -208,7 +190,8 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
 
     Math: ancestors a_k drawn with E[#{k : a_k = i}] = N w̄_i; the new particles are
     t_{a_k} with log weight 0, and logsumexp(lw) − log N is banked into the running log-ML.
-    The traces are re-indexed with :func:`select_batch` (Unfold histories are not copied).
+    The traces are re-indexed with the model's ``batch_select`` (Unfold histories are not
+    copied).
     """
     who = "pf_resample"
     state = _check_state(state, who)
@@ -265,7 +248,7 @@ def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,
         out, accepted = out
     if not isinstance(out, Trace):
         raise ArgumentError(f"{who}: the kernel returned {type(out).__name__}, not a trace")
-    return ParticleFilterState(compact_history(out), state.log_weights, state.log_ml_base,
+    return ParticleFilterState(out, state.log_weights, state.log_ml_base,
                                state.step, state.model, state.args, accepted, state._uniform,
                                state._max)
 
