@@ -6,8 +6,8 @@ The model is the 1-D linear-Gaussian state-space model
     x_t = 0.9 x_{t-1} + N(0, 0.5²),   y_t = x_t + N(0, 1),   x_{-1} = 0,
 
 as ``Unfold(lg_step)`` with args ``(T, x_init, a, s)``.  A gfcomb filter step is
-``pf_update`` (every particle extended by one step with y_t constrained: Unfold's batched
-extension, one vmapped kernel call) then ``pf_resample(state, "systematic")``.  The
+``pf_update`` (every particle extended by one step with y_t constrained: Unfold's
+``batch_update``, one batch call of the kernel) then ``pf_resample(state, "systematic")``.  The
 hand-written filter keeps only the current states ``x`` (a tensor of N) and does what a user
 would write: propagate, weight,
 logsumexp, systematic resampling with ``searchsorted``, ``x[ancestors]``.  A third column runs
@@ -194,40 +194,6 @@ def per_step(times: list[float], warmup: int = 5) -> float:
     return statistics.median(times[warmup:] if len(times) > warmup + 5 else times)
 
 
-def compare_vmap_entries(n: int, device: str, reps: int = 40) -> tuple[float, float, float]:
-    """Median µs of one filter step's update of every particle, three ways: ``pf_update``'s
-    path (``Unfold._update_rows``: only the kernel call vmapped, the Unfold bookkeeping done
-    once outside), the whole ``Unfold.update`` vmapped through gfcomb's flat vmap entry, and
-    the same through ``torch.func.vmap(..., randomness="different")``."""
-    from gfcomb.core.vmap import vmap_rows
-    from gfcomb.inference.particle_filter import _updater
-
-    ys = simulate_data(30, device)
-    x0 = torch.tensor(0.0, device=device)
-    a, s = torch.tensor(A, device=device), torch.tensor(S, device=device)
-    diffs = (gf.UnknownChange(), gf.NoChange(), gf.NoChange(), gf.NoChange())
-    state = pf_initialize(MODEL, (0, x0, a, s), None, n)
-    for t in range(20):
-        state = pf_update(state, (t + 1, x0, a, s), diffs, {(t, "y"): ys[t]})
-        state = pf_resample(state, "systematic")
-    args, obs = (21, x0, a, s), gf.ChoiceMap({(20, "y"): ys[20]})
-    one = _updater(MODEL, args, diffs, obs, None, ())
-    torch_vmap = torch.func.vmap(one, randomness="different")
-    rows, flat, tv = [], [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        MODEL._update_rows(state.traces, args, diffs, obs)
-        t1 = time.perf_counter()
-        vmap_rows(one, (0,), (state.traces,), n)
-        t2 = time.perf_counter()
-        torch_vmap(state.traces)
-        t3 = time.perf_counter()
-        rows.append((t1 - t0) * 1e6)
-        flat.append((t2 - t1) * 1e6)
-        tv.append((t3 - t2) * 1e6)
-    return statistics.median(rows), statistics.median(flat), statistics.median(tv)
-
-
 # ------------------------------------------------------------------ profiles
 def profile_gfcomb(n: int, steps: int, device: str) -> tuple[str, str]:
     """(torch.profiler table of aten ops, cProfile table of Python functions) for ``steps``
@@ -343,14 +309,6 @@ def main() -> None:
           f"{wlo[0]}-{wlo[1]} {wearly:.3f}, steps {whi[0]}-{whi[1]} {wlate:.3f}, ratio "
           f"{wlate / wearly:.2f}x")
 
-    vmap_rows = []
-    for n in sizes[:2]:
-        ro, fl, tv = compare_vmap_entries(n, device)
-        vmap_rows.append(f"| {n:,} | {ro:.0f} | {fl:.0f} | {tv:.0f} |")
-        print(f"N={n:,}: one update of every particle: batched extension {ro:.0f} µs, "
-              f"vmapped Unfold.update via gfcomb's flat vmap {fl:.0f} µs, via "
-              f"torch.func.vmap {tv:.0f} µs")
-
     aten_table = py_table = ""
     n_small = sizes[0]
     if device == "cpu":
@@ -397,17 +355,6 @@ scores and states, resampled by re-indexing history pointers).  Kalman log p(y) 
 {chr(10).join(table)}
 
 {target}
-
-One update of every particle (one new step, y_t constrained), three ways, median µs:
-`pf_update`'s path, Unfold's batched extension (`Unfold._update_rows`: only the kernel's
-`generate` runs under vmap, the Unfold bookkeeping is done once, batched, and the new step
-is stored as a history block without being rebuilt into records); the whole `Unfold.update`
-vmapped through gfcomb's flat vmap entry (`gfcomb.combinators.vector._flat_vmap`); and the
-same through `torch.func.vmap(..., randomness="different")`:
-
-| N | batched extension µs | flat vmap of update µs | torch.func.vmap of update µs |
-|---:|---:|---:|---:|
-{chr(10).join(vmap_rows)}
 
 Per-step time as the trace grows (N = {n_long:,}, {long_T} steps; median per window, best
 of {max(2, repeats)} runs): steps {lo[0]}-{lo[1]} {early:.3f} ms/step, steps

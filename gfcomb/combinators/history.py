@@ -92,9 +92,9 @@ class StepBlock:
         parts.reverse()
         return parts, block, r
 
-    def step_at(self, rows: torch.Tensor, t: int) -> Any:
-        """The kernel trace of stored step ``t`` of the particles at ``rows`` (leaves
-        ``[*B, ...]``), found by walking back from this block: O(blocks after step t)."""
+    def locate(self, rows: torch.Tensor, t: int) -> tuple[StepBlock, torch.Tensor]:
+        """The block holding stored step ``t`` and the particles' rows in it, walking back
+        from this block: O(blocks after step t)."""
         block: StepBlock | None = self
         r: torch.Tensor | None = rows
         while block is not None and block.start > t:
@@ -103,10 +103,24 @@ class StepBlock:
             block = block.parent
         if block is None or not block.start <= t < block.stop or r is None:
             raise IndexError(f"step {t} is not stored in this history")
-        if block.single:
-            return tree_map_tensors(partial(_rows, r=r), block.steps)
-        j = t - block.start
-        return tree_map_tensors(lambda x: _rows(x, r).select(r.dim(), j), block.steps)
+        return block, r
+
+    def step_at(self, rows: torch.Tensor, t: int) -> Any:
+        """The kernel trace of stored step ``t`` of the particles at ``rows`` (leaves
+        ``[*B, ...]``)."""
+        block, r = self.locate(rows, t)
+        return tree_map_tensors(partial(block.pick, r=r, t=t), block.steps)
+
+    def value_at(self, rows: torch.Tensor, t: int, path: tuple[Any, ...]) -> Any:
+        """The choice at ``path`` of stored step ``t`` of the particles at ``rows``: one
+        gather (only that choice is read)."""
+        block, r = self.locate(rows, t)
+        return block.pick(block.steps[path], r, t)
+
+    def pick(self, x: torch.Tensor, r: torch.Tensor, t: int) -> torch.Tensor:
+        """Step ``t`` of the rows ``r`` of one of this block's leaves."""
+        x = _rows(x, r)
+        return x if self.single else x.select(r.dim(), t - self.start)
 
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at

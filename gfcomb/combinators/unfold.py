@@ -234,8 +234,13 @@ class UnfoldTrace(Trace):
     def __getitem__(self, addr: Any) -> Any:
         path = normalize(addr)
         if path and type(path[0]) is int:  # one step: no gather of the others
+            t = path[0]
             try:
-                return self.step_trace(path[0])[path[1:]]
+                if self.history is not None and -self.length <= t < self.length and \
+                        t % self.length < self.history_length:
+                    assert self.rows is not None
+                    return self.history.value_at(self.rows, t % self.length, path[1:])
+                return self.step_trace(t)[path[1:]]
             except AddressError as err:
                 raise err.prefixed(path[:1]) from None
         return self.choices[path]

@@ -259,11 +259,14 @@ def _accept(trace: Trace, move: tuple[Trace, torch.Tensor, Callable[[], ChoiceMa
     """Accept step of a kernel: ``move`` = (proposed, log α, old values of the moved
     choices).  Under vmap, when the proposed trace's record structure differs from the old
     one's (an Unfold trace whose steps sit in a shared history, say), the old trace is
-    re-expressed in the proposal's structure by ``update``-ing it with its own values (a
-    no-op on values and score) so that the two can be merged per chain."""
+    re-expressed in the proposal's structure -- by :meth:`Trace.with_layout_of` (O(the steps
+    the move touched)), else by ``update``-ing it with its own values (a no-op on values and
+    score) -- so that the two can be merged per chain."""
     proposed, log_alpha, old_values = move
     if inside_functorch_transform():
         spec = pytree.tree_structure(proposed)
+        if pytree.tree_structure(trace) != spec:
+            trace = trace.with_layout_of(proposed)  # (a history split where the move's is)
         if pytree.tree_structure(trace) != spec:
             twin, _, _ = _write_values(trace, old_values())
             if pytree.tree_structure(twin) != spec:
