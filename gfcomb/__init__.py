@@ -42,6 +42,7 @@ from gfcomb.core import (
     selectall,
 )
 from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.vmap import PerRow
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
@@ -55,7 +56,7 @@ __all__ = [
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
-    "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold",
+    "select", "selectall", "select_batch", "compact_history", "PerRow", "splice", "Map", "Unfold",
     "Switch", "Recurse", "Production",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
 ]
