@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.pytree import _reconcile, tree_map_tensors
 
 
@@ -44,7 +45,8 @@ class StepBlock:
     contexts).
     """
 
-    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single", "_state")
+    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single", "_state",
+                 "_gathered")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
@@ -58,6 +60,7 @@ class StepBlock:
         self.stop = stop
         self.single = single
         self._state = state  # the newest step's state, when given (else read from steps)
+        self._gathered: Any = None  # (rows, after, parts, block, rows there): the last gather
 
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
@@ -68,7 +71,13 @@ class StepBlock:
         any shape B; a batched 0-d tensor under vmap), where h is the last block boundary
         ``<= after``: one stacked kernel trace per block, oldest first, leaves shaped
         ``[*B, steps, ...]``.  Also returns the block holding the steps before h and the
-        particles' rows in it (None, None when h = 0): the history that stays shared."""
+        particles' rows in it (None, None when h = 0): the history that stays shared.
+
+        The last gather of a block outside vmap is remembered (an MCMC move on the newest
+        steps reads them, and its accept step reads the same rows again)."""
+        cached = self._gathered
+        if cached is not None and cached[0] is rows and cached[1] == after:
+            return list(cached[2]), cached[3], cached[4]
         parts = []
         block: StepBlock | None = self
         r: torch.Tensor | None = rows
@@ -90,7 +99,9 @@ class StepBlock:
                 r = None
             block = block.parent
         parts.reverse()
-        return parts, block, r
+        if not inside_functorch_transform():
+            self._gathered = (rows, after, parts, block, r)
+        return list(parts), block, r
 
     def locate(self, rows: torch.Tensor, t: int) -> tuple[StepBlock, torch.Tensor]:
         """The block holding stored step ``t`` and the particles' rows in it, walking back
@@ -135,7 +146,10 @@ class StepBlock:
 
 def _rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x[r]``: rows ``r`` of ``x`` (``index_select`` for a plain 1-d ``r``: a third of the
-    cost of advanced indexing)."""
+    cost of advanced indexing; a leaf that is one row expanded to all, a shared observation,
+    is expanded again rather than copied)."""
+    if x.dim() and x.stride(0) == 0:
+        return x[0].expand(r.shape + x.shape[1:])
     return x.index_select(0, r) if r.dim() == 1 else x[r]
 
 

@@ -124,11 +124,11 @@ def _zero_like(x: Any) -> torch.Tensor:
     return torch.zeros((), dtype=torch.get_default_dtype())
 
 
-def _stack_steps(steps: Sequence[Trace]) -> Trace:
-    """Stack step traces along a new leading (step) axis."""
+def _stack_steps(steps: Sequence[Trace], axis: int = 0) -> Trace:
+    """Stack step traces along a new step axis (``axis``: after any batch axes)."""
     if len(steps) == 1:
-        return tree_map_tensors(lambda x: x.unsqueeze(0), steps[0])
-    return tree_stack(harmonize(steps))  # (a Switch on different branches: widened)
+        return tree_map_tensors(lambda x: x.unsqueeze(axis), steps[0])
+    return tree_stack(harmonize(steps), axis)  # (a Switch on different branches: widened)
 
 
 @attrs.frozen(repr=False)
@@ -151,9 +151,11 @@ class UnfoldTrace(Trace):
     history: StepBlock | None = None
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _gathered: Any = attrs.field(default=None, eq=False, repr=False)  # cache of ``inner``
+    _last_split: Any = attrs.field(default=None, eq=False, repr=False)  # (step, split(step))
 
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_gathered", None)
+        object.__setattr__(self, "_last_split", None)
 
     @property
     def history_length(self) -> int:
@@ -178,12 +180,17 @@ class UnfoldTrace(Trace):
         gathered part only, in O(n - h)."""
         if self.history is None or self.history.stop <= step:
             return self.history, self.rows, self.recent, self.history_length
+        cached = self._last_split  # (a move splits a trace, its accept step splits it again)
+        if cached is not None and cached[0] == step:
+            return cached[1]
         assert self.rows is not None
         parts, block, rows = self.history.gather(self.rows, step)
         if self.recent is not None:
             parts.append(self.recent)
         window = concat_steps(parts, self.rows.dim())
-        return block, rows, window, 0 if block is None else block.stop
+        out = block, rows, window, 0 if block is None else block.stop
+        object.__setattr__(self, "_last_split", (step, out))
+        return out
 
     @property
     def retval(self) -> Any:  # type: ignore[override]
@@ -716,88 +723,153 @@ class Unfold(GenerativeFunction):
     # ------------------------------------------------------------------ the batch protocol
     def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                      constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
-        """``update`` of every row of a batch.  An update that only appends steps (a
-        particle-filter step) runs the new steps' kernel calls as batch calls and stores them
-        as new shared history blocks: O(new steps) at any length.  Any other update runs
-        per row (the default), revisiting only the steps that changed.
+        """``update`` of every row of a batch, done on the whole batch when the edit leaves
+        ``init_state``, the parameters and the steps before the first constrained one alone
+        (a particle-filter step, a move on the newest steps): only the steps from the first
+        constrained one on are revisited -- each one batch call of the kernel -- and appended
+        steps go into the shared history as they are.  O(steps revisited and added) at any
+        length.  Any other edit runs per row (the default).
 
-        Math: as :meth:`update`, row by row; for an extension weight_i = Σ_{new t} kernel
-        generate weight of row i at step t, and score_i grows by the new steps' scores.
+        Math: as :meth:`update`, row by row: weight_i = Σ_{revisited t} kernel update
+        weight + Σ_{new t} kernel generate weight of row i.
         """
-        cm, per_row = unwrap_rows(constraints)
-        if not self._appends_only(traces, args, argdiffs, as_choicemap(cm), "update"):
+        cm, _ = unwrap_rows(constraints)
+        cm = as_choicemap(cm)
+        plan = self._batch_plan(traces, args, argdiffs, lambda n: constrained_elements(
+            cm, n, "update"))
+        if plan is None:
             return super().batch_update(traces, args, argdiffs, constraints)
-        n_old = traces.length  # type: ignore[attr-defined]
-        new, w = self._append_rows(traces, args, constraints)
-        return new, w, self._retdiff(new.length, n_old, []), _EMPTY
+        discards: dict[int, Any] = {}
+
+        def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
+            new, w, rd, disc = self.kernel.batch_update(old, a, d, rows_submap(constraints, t))
+            if not disc.is_empty():
+                discards[t] = disc
+            return new, w, rd
+
+        new, w, rd = self._batch_edit(traces, args, plan, step, constraints)
+        return new, w, rd, ChoiceMap.node(discards) if discards else _EMPTY
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
                          argdiffs: tuple[Diff, ...],
                          selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
-        """``regenerate`` of every row of a batch; appending steps with nothing selected
-        among the stored ones is O(new steps), as in :meth:`batch_update`.
+        """``regenerate`` of every row of a batch; on the whole batch, revisiting only the
+        steps from the first selected one on, under the same conditions as
+        :meth:`batch_update` (an MH move on the newest steps costs the same at any length).
 
         Math: as :meth:`regenerate`, row by row (new steps contribute 0 to the weight).
         """
-        if not (self._appends_only(traces, args, argdiffs, _EMPTY, "regenerate")
-                and not self._selected_steps(selection, traces.length)):  # type: ignore
+        plan = self._batch_plan(traces, args, argdiffs,
+                                lambda n: self._selected_steps(selection, n))
+        if plan is None:
             return super().batch_regenerate(traces, args, argdiffs, selection)
-        n_old = traces.length  # type: ignore[attr-defined]
-        new, _ = self._append_rows(traces, args, None)
-        return new, torch.zeros_like(new.score), self._retdiff(new.length, n_old, [])
 
-    def _appends_only(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                      cm: ChoiceMap, who: str) -> bool:
-        """Whether this batch edit only appends steps: a one-axis batch of this Unfold's
-        traces, more steps, init_state and parameters unchanged, no constraint on a stored
-        step."""
+        def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
+            return self.kernel.batch_regenerate(old, a, d, selection.get_subselection(t))
+
+        return self._batch_edit(traces, args, plan, step, None)
+
+    def _batch_plan(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                    touched_below: Callable[[int], Sequence[int]]) -> list[int] | None:
+        """The touched stored steps of a batch edit done on the whole batch (sorted), or None
+        when the edit must run per row: not a one-axis batch of this Unfold's traces, fewer
+        steps, or ``init_state``/a parameter changed (every step is revisited then)."""
         if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
                 or not (traces.gen_fn is self or traces.gen_fn == self)):
-            return False
+            return None
         args = check_args_tuple(args)
         argdiffs = self._check_argdiffs(args, argdiffs)
         n_new = self._unpack((args[0], None))[0]
-        n_old = traces.length
-        if n_new <= n_old or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
-            return False
-        ckeys = constrained_elements(cm, n_new, who)
-        return not ckeys or ckeys[0] >= n_old
+        if n_new < traces.length or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+            return None
+        return [t for t in touched_below(n_new) if t < traces.length]
 
-    def _append_rows(self, traces: UnfoldTrace, args: tuple[Any, ...],
-                     constraints: Any) -> tuple[UnfoldTrace, torch.Tensor]:
-        """Append steps to every row of the batch: each new step is one batch call of the
-        kernel (its trace stored as it is, as a new history block); the Unfold bookkeeping
-        (score, row pointers) is done once for all rows.  Returns (traces, weights)."""
-        n_new = args[0]
-        init, params = args[1], tuple(args[2:])
+    def _batch_edit(self, traces: UnfoldTrace, args: tuple[Any, ...], touched: list[int],
+                    step: Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult],
+                    constraints: Any) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
+        """The batch edit engine shared by batch_update and batch_regenerate: revisit the
+        stored steps from ``touched[0]`` on with ``step`` (one batch call each, a step whose
+        incoming state changed revisited too), then append the new steps (generated against
+        ``constraints``).  Appending only: the new steps become history blocks; otherwise
+        the steps after the last history boundary before ``touched[0]`` are the new
+        ``recent`` (the layout a per-row update gives, so that an MCMC accept step can merge
+        the old and the new trace row by row).  Returns (traces, weights, retdiff)."""
         traces = traces.compacted()
         rows = batch_size(traces)
-        n_old = traces.length
-        if n_old == 0:
-            v, per_row = unwrap_rows(init)
-            state: Any = init if per_row else _state_tensors(v)
-        else:
-            assert traces.history is not None and traces.rows is not None
-            state = PerRow(traces.history.last_state(traces.rows))
-        block, parent_rows = traces.history, traces.rows
+        n_old, n_new = traces.length, args[0]
+        params = tuple(args[2:])
         weight: Any = 0.0
         score = traces.score
+        changed: list[int] = []
+        if not touched:  # appending only
+            block, prows, h, window = traces.history, traces.rows, n_old, []
+        else:
+            assert traces.history is not None and traces.rows is not None
+            parts, block, prows, h = self._stored_window(traces, touched[0])
+            window = [tree_index(part, j, dim=1) for part in parts
+                      for j in range(part.score.shape[1])]
+        # the state going into step h, and the revisited steps h..n_old-1
+        state: Any = self._batch_state(traces, args[1], block, prows, h)
+        state_diff: Diff = _NO_CHANGE
+        todo = set(touched)
+        for t in range(h, n_old):
+            old = window[t - h]
+            if t in todo or not isinstance(state_diff, NoChange):
+                try:
+                    new, w, rd = step(t, old, (t, state) + params,
+                                      (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
+                except AddressError as err:
+                    raise err.prefixed((t,)) from None
+                weight = weight + w
+                score = score + (new.score - old.score)
+                window[t - h] = new
+                if not isinstance(rd, NoChange):
+                    changed.append(t)
+                state_diff = rd
+                old = new
+            state = PerRow(resolve(old.retval))
+        # the appended steps
         kernel = self.kernel
         for t in range(n_old, n_new):
             try:
-                step, w = kernel.batch_generate(rows, (t, state) + params,
-                                                rows_submap(constraints, t))
+                new, w = kernel.batch_generate(rows, (t, state) + params,
+                                               rows_submap(constraints, t))
             except AddressError as err:
                 raise err.prefixed((t,)) from None
-            last = resolve(step.retval)
-            block = StepBlock(step, parent_rows, block, t, t + 1, single=True, state=last)
-            parent_rows = cached_arange(rows, torch.long, score.device)
             weight = weight + w
-            score = score + step.score
+            score = score + new.score
+            last = resolve(new.retval)
+            if touched:
+                window.append(new)
+            else:
+                block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
+                prows = cached_arange(rows, torch.long, score.device)
             state = PerRow(last)
         stored_args = tuple(_rows_of_arg(a, rows) for a in args)
-        new = UnfoldTrace(self, stored_args, score, n_new, None, parent_rows, block)
-        return new, weight_like(weight, score)
+        recent = _stack_steps(window, axis=1) if window else None
+        new_traces = UnfoldTrace(self, stored_args, score, n_new, recent, prows, block)
+        return new_traces, weight_like(weight, score), self._retdiff(n_new, n_old, changed)
+
+    @staticmethod
+    def _stored_window(traces: UnfoldTrace, first: int,
+                       ) -> tuple[list[Trace], StepBlock | None, torch.Tensor | None, int]:
+        """The stored steps from the last history boundary h <= ``first`` on (one stacked
+        kernel trace, leaves [rows, steps, ...]), the block before h, the rows in it, and
+        h."""
+        block, prows, window, h = traces.split(first)
+        assert window is not None
+        return [window], block, prows, h
+
+    @staticmethod
+    def _batch_state(traces: UnfoldTrace, init: Any, block: StepBlock | None,
+                     prows: torch.Tensor | None, h: int) -> Any:
+        """The state going into step ``h`` of every row: ``init_state`` at h = 0, else the
+        newest state stored in ``block`` (as a PerRow)."""
+        if h == 0:
+            v, per_row = unwrap_rows(init)
+            return init if per_row else _state_tensors(v)
+        assert block is not None and prows is not None
+        return PerRow(block.last_state(prows))
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""

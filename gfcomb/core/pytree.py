@@ -274,6 +274,8 @@ def tree_where(mask: torch.Tensor, a: Any, b: Any) -> Any:
     """Leafwise ``torch.where(mask, a, b)``, broadcasting ``mask`` over trailing dimensions."""
 
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x is y:  # (a part both sides share: nothing to pick)
+            return x
         m = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
         return torch.where(m, x, y)
 

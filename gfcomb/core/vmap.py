@@ -57,6 +57,18 @@ def unwrap_rows(x: Any) -> tuple[Any, bool]:
     return x, False
 
 
+def own_args(traces: Any) -> tuple[Any, ...]:
+    """A batch's own arguments as batch-method arguments: every argument holding a tensor
+    marked :class:`PerRow` (its leaves have the row axis), the others (Python numbers such as
+    an Unfold's length) shared."""
+    out = []
+    for a in traces.args:
+        holds_tensor = isinstance(a, torch.Tensor) or bool(
+            [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)])
+        out.append(PerRow(a) if holds_tensor else a)
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ the vmap primitives
 def _primitives() -> tuple[Callable[..., Any], ...]:
     """add/remove a batch dimension, enter/leave a vmap level: the C functions behind

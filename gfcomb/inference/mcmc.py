@@ -48,7 +48,7 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import batched_call
+from gfcomb.core.vmap import batched_call, own_args
 from gfcomb.distributions.base import Distribution
 from gfcomb.inference.progress import progress_bar
 
@@ -344,6 +344,8 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
     if isinstance(selection_or_proposal, Selection):
         if proposal_args:
             raise ArgumentError("mh(trace, selection) takes no proposal_args")
+        if is_batched_trace(trace) and not inside_functorch_transform():
+            return _mh_rows(trace, selection_or_proposal, log_u)
 
         def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
             return _accept(t, _mh_move(t, selection_or_proposal), lu)
@@ -354,6 +356,24 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
         raise ArgumentError("mh: the second argument must be a Selection or a proposal "
                             f"generative function, got {selection_or_proposal!r}")
     return _over_chains(one, "mh", trace, log_u)
+
+
+def _mh_rows(traces: Trace, selection: Selection,
+             log_u: torch.Tensor | None) -> tuple[Trace, torch.Tensor]:
+    """Prior-proposal MH on every chain of a batch with the model's batch methods: one
+    ``batch_regenerate``, then each row keeps the proposal or its old trace."""
+    gen_fn = traces.gen_fn
+    proposed, log_alpha, _ = gen_fn.batch_regenerate(traces, own_args(traces), _no_change(traces),
+                                                     selection)
+    if log_u is None:
+        log_u = torch.log(torch.rand_like(log_alpha))
+    accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
+    old = traces.with_layout_of(proposed)
+    if pytree.tree_structure(old) != pytree.tree_structure(proposed):
+        def one(t: Trace, lu: torch.Tensor) -> tuple[Trace, Any]:
+            return _accept(t, _mh_move(t, selection), lu)
+        return _over_chains(one, "mh", traces, log_u)
+    return tree_where(accepted, proposed, old), accepted
 
 
 # ------------------------------------------------------------------------------ MALA
