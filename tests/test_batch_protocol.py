@@ -304,3 +304,20 @@ def test_deferred_retval_is_built_on_use():
     states = tr.subtraces[("steps",)].retval
     assert states.shape == (N, 3)
     close(tr.retval, states.sum(-1) + tr["x0"])
+
+
+def test_reading_states_or_one_address_of_a_history_gathers_only_that():
+    """``retval`` and ``tr[:, addr]`` of a resampled batch read one value per step; they
+    equal what the full gather (every step's kernel trace) gives."""
+    tr, _ = LG.batch_generate(N, (0, torch.tensor(0.0), A))
+    g = torch.Generator().manual_seed(2)
+    for t in range(8):
+        tr, _, _, _ = LG.batch_update(tr, (t + 1, torch.tensor(0.0), A), (UC, NC, NC),
+                                      {(t, "y"): torch.randn((), generator=g)})
+        tr = gf.select_batch(tr, torch.randint(0, N, (N,), generator=g))
+    states, xs, ys = tr.retval, tr[:, "x"], tr[:, "y"]
+    full = tr.inner  # the gather of whole kernel traces
+    assert states.shape == (N, 8)
+    close(states, full.retval)
+    close(xs, tr.choices[:, "x"])
+    close(ys, tr.choices[:, "y"])

@@ -103,6 +103,29 @@ class StepBlock:
             self._gathered = (rows, after, parts, block, r)
         return list(parts), block, r
 
+    def gather_leaf(self, rows: torch.Tensor, read: Any) -> Any:
+        """One value of every stored step of the particles at ``rows``, stacked along the
+        step axis (after the batch axes): ``read(steps, block)`` picks it from a block's
+        stored kernel traces (leaves [R, ...] in a single-step block, [R, steps, ...] in
+        others).  Only that value is gathered: a block costs one index per tensor of it."""
+        parts = []
+        block: StepBlock | None = self
+        r: torch.Tensor | None = rows
+        axis = rows.dim()
+        while block is not None:
+            assert r is not None
+            value = read(block.steps, block)
+            if block.single:
+                parts.append(tree_map_tensors(lambda x, r=r: _rows(x, r).unsqueeze(axis), value))
+            else:
+                parts.append(tree_map_tensors(partial(_rows, r=r), value))
+            r = None if block.parent_rows is None else block.parent_rows[r]
+            block = block.parent
+        parts.reverse()
+        if len(parts) == 1:
+            return parts[0]
+        return pytree.tree_map(lambda *xs: torch.cat(xs, axis), *parts)
+
     def locate(self, rows: torch.Tensor, t: int) -> tuple[StepBlock, torch.Tensor]:
         """The block holding stored step ``t`` and the particles' rows in it, walking back
         from this block: O(blocks after step t)."""
@@ -132,6 +155,13 @@ class StepBlock:
         """Step ``t`` of the rows ``r`` of one of this block's leaves."""
         x = _rows(x, r)
         return x if self.single else x.select(r.dim(), t - self.start)
+
+    def stored_state(self) -> Any:
+        """The states of this block's steps (leaves [R, ...] for a single step, else
+        [R, steps, ...])."""
+        if self.single and self._state is not None:
+            return self._state
+        return self.steps.retval
 
     def last_state(self, rows: torch.Tensor) -> Any:
         """The state (kernel return value) of the newest stored step of the particles at

@@ -107,6 +107,11 @@ def _state_tensors(init: Any) -> Any:
     return pytree.tree_map(as_tensor, init)
 
 
+def _block_states(steps: Trace, block: StepBlock) -> Any:
+    """The states stored in a history block (what ``StepBlock.gather_leaf`` reads)."""
+    return block.stored_state()
+
+
 def _rows_of_arg(a: Any, rows: int) -> Any:
     """A batch-method argument as a batched trace stores it: a :class:`PerRow` value as it
     is, a shared tensor as expanded rows, anything else unchanged."""
@@ -194,7 +199,16 @@ class UnfoldTrace(Trace):
 
     @property
     def retval(self) -> Any:  # type: ignore[override]
-        """The stacked states s_0..s_{n-1} (leading axis = step, after any batch axes)."""
+        """The stacked states s_0..s_{n-1} (leading axis = step, after any batch axes).
+        Read from a shared history, only the states are gathered (one index per step)."""
+        if self.history is not None and self._gathered is None:
+            assert self.rows is not None
+            stored = self.history.gather_leaf(self.rows, _block_states)
+            if self.recent is None:
+                return stored
+            axis = self.score.dim()
+            return pytree.tree_map(lambda a, b: torch.cat([a, b], axis), stored,
+                                   self.recent.retval)
         inner = self.inner
         if inner is None:
             return _no_states(self.args[1], self.score.dim())
@@ -240,6 +254,11 @@ class UnfoldTrace(Trace):
 
     def __getitem__(self, addr: Any) -> Any:
         path = normalize(addr)
+        if path and path[0] == slice(None) and self.history is not None and \
+                self.recent is None and self._gathered is None and len(path) > 1:
+            assert self.rows is not None  # (one address of every step: only it is gathered)
+            rest = path[1:]
+            return self.history.gather_leaf(self.rows, lambda steps, _b: steps[rest])
         if path and type(path[0]) is int:  # one step: no gather of the others
             t = path[0]
             try:
