@@ -116,7 +116,7 @@ class StepBlock:
             assert r is not None
             value = read(block.steps, block)
             if block.single:
-                parts.append(tree_map_tensors(lambda x, r=r: _rows(x, r).unsqueeze(axis), value))
+                parts.append(tree_map_tensors(partial(_row_step, r=r, axis=axis), value))
             else:
                 parts.append(tree_map_tensors(partial(_rows, r=r), value))
             r = None if block.parent_rows is None else block.parent_rows[r]
@@ -172,6 +172,11 @@ class StepBlock:
         if isinstance(state, torch.Tensor):  # (the common state: no tree walk)
             return _rows(state, rows)
         return tree_map_tensors(partial(_rows, r=rows), state)
+
+
+def _row_step(x: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
+    """Rows ``r`` of a single-step leaf, with the step axis added at ``axis``."""
+    return _rows(x, r).unsqueeze(axis)
 
 
 def _rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from gfcomb.combinators.vector import (
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.pytree import tree_index, tree_scatter
 from gfcomb.core.selection import Selection, element_selections, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
@@ -160,6 +160,7 @@ class Map(GenerativeFunction):
         """
         assert isinstance(trace, VectorTrace)
         args = check_args_tuple(args)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         dims = self._dims(args)
         n_new = mapped_length(args, dims, repr(self))
         n_old = trace.length
@@ -224,6 +225,7 @@ class Map(GenerativeFunction):
         """
         assert isinstance(trace, VectorTrace)
         args = check_args_tuple(args)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         dims = self._dims(args)
         n_new = mapped_length(args, dims, repr(self))
         n_old = trace.length

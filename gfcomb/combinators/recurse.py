@@ -46,7 +46,7 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
     VmapError,
 )
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
@@ -253,9 +253,7 @@ class Recurse(GenerativeFunction):
                         trace: RecurseTrace) -> tuple[Diff, ...]:
         """One diff; a root input that is the same value as before (the same tensors, equal
         Python values: e.g. a fresh ``(x, 0)`` tuple built by a @gen body) is NoChange."""
-        argdiffs = (UnknownChange(),) if argdiffs is None else tuple(argdiffs)
-        if len(argdiffs) != 1:
-            raise ArgumentError(f"Recurse: argdiffs has {len(argdiffs)} entries for 1 argument")
+        argdiffs = check_argdiffs(args, argdiffs, "Recurse")
         if not isinstance(argdiffs[0], NoChange) and _same_value(args[0], trace.args[0]):
             return (NoChange(),)
         return argdiffs

@@ -81,7 +81,7 @@ from gfcomb.core.errors import (
     MissingChoiceError,
     UnvisitedConstraintError,
 )
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.pytree import (
     RECORD_FIELDS,
     register_record,
@@ -569,7 +569,7 @@ class Switch(GenerativeFunction):
         """
         trace = self._check_trace(trace)
         index, bargs = self._parse(args)
-        argdiffs = _check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Switch')
         cm = as_choicemap(constraints)
         if cm.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange(), _EMPTY
@@ -643,7 +643,7 @@ class Switch(GenerativeFunction):
         """
         trace = self._check_trace(trace)
         index, bargs = self._parse(args)
-        argdiffs = _check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Switch')
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange()
         bdiffs = tuple(argdiffs[1:])
@@ -728,16 +728,6 @@ def _only(k: int, tr: Trace, n: int) -> list[Trace | None]:
 def _equals(index: int | torch.Tensor, k: int) -> Flag:
     """``index == k``: a bool for an int index, a bool tensor for a tensor index."""
     return index == k
-
-
-def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-    if argdiffs is None:
-        return (UnknownChange(),) * len(args)
-    argdiffs = tuple(argdiffs)
-    if len(argdiffs) != len(args):
-        raise ArgumentError(f"Switch: argdiffs has {len(argdiffs)} entries for {len(args)} "
-                            "arguments (index, *branch_args)")
-    return argdiffs
 
 
 def _nan_like(x: Any) -> torch.Tensor:

@@ -52,6 +52,7 @@ from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import (
     GenerativeFunction,
     as_choicemap,
+    check_argdiffs,
     check_args_tuple,
     rows_submap,
     weight_like,
@@ -362,14 +363,6 @@ class Unfold(GenerativeFunction):
                                 "torch.func.vmap over the batch, as the trace was made")
         return trace
 
-    @staticmethod
-    def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-        argdiffs = tuple(argdiffs)
-        if len(argdiffs) != len(args):
-            raise ArgumentError(f"Unfold: argdiffs has {len(argdiffs)} entries for "
-                                f"{len(args)} arguments")
-        return argdiffs
-
     def _trace(self, args: tuple[Any, ...], inner: Trace | None, n: int,
                score: torch.Tensor | None = None) -> UnfoldTrace:
         """The Unfold trace of stacked steps ``inner`` (``score``: their total, if known)."""
@@ -616,7 +609,7 @@ class Unfold(GenerativeFunction):
         """
         trace = self._check_trace(trace)
         n_new, init, params = self._unpack(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
         n_old = trace.length
@@ -676,7 +669,7 @@ class Unfold(GenerativeFunction):
         """
         trace = self._check_trace(trace)
         n_new, init, params = self._unpack(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
         n_old = trace.length
         keep = min(n_old, n_new)
         touched = self._selected_steps(selection, keep)
@@ -766,6 +759,7 @@ class Unfold(GenerativeFunction):
                 discards[t] = disc
             return new, w, rd
 
+        assert isinstance(traces, UnfoldTrace)
         new, w, rd = self._batch_edit(traces, args, plan, step, constraints)
         return new, w, rd, ChoiceMap.node(discards) if discards else _EMPTY
 
@@ -786,6 +780,7 @@ class Unfold(GenerativeFunction):
         def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
             return self.kernel.batch_regenerate(old, a, d, selection.get_subselection(t))
 
+        assert isinstance(traces, UnfoldTrace)
         return self._batch_edit(traces, args, plan, step, None)
 
     def _batch_plan(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -797,7 +792,7 @@ class Unfold(GenerativeFunction):
                 or not (traces.gen_fn is self or traces.gen_fn == self)):
             return None
         args = check_args_tuple(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
         n_new = self._unpack((args[0], None))[0]
         if n_new < traces.length or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
             return None

@@ -218,25 +218,6 @@ def _and_masks(cm: ChoiceMap, present: torch.Tensor) -> ChoiceMap:
     return ChoiceMap.node({k: _and_masks(cm.get_submap(k), present) for k in cm.keys()})
 
 
-def require_dense(stacked: ChoiceMap, keys: Sequence[int], who: str) -> None:
-    """assess needs every element's choices: error naming the first missing one."""
-    _check_masks(stacked, (), keys, who)
-
-
-def _check_masks(cm: ChoiceMap, path: tuple[Any, ...], keys: Sequence[int], who: str) -> None:
-    if cm.is_value():
-        if cm.mask is not None and not bool(cm.mask.all()):
-            missing = int((~cm.mask.reshape(cm.mask.shape[0], -1).all(-1)).nonzero()[0, 0])
-            raise MissingChoiceError(f"{who}: no choice given at address {{addr}}",
-                                     (keys[missing],) + path)
-        return
-    if cm.is_stacked():
-        _check_masks(cm.stacked_inner, path, keys, who)
-        return
-    for k in cm.keys():
-        _check_masks(cm.get_submap(k), path + (k,), keys, who)
-
-
 def has_masks(cm: ChoiceMap) -> bool:
     """True if some value of ``cm`` carries a presence mask (constrained for some elements
     only, or present only on some elements' Switch branch)."""

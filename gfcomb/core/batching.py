@@ -25,11 +25,6 @@ def is_batched(x: Any) -> bool:
     )
 
 
-def is_data_dependent_safe(*xs: Any) -> bool:
-    """True if Python may look at the *values* of ``xs`` (no vmap/grad wrapper involved)."""
-    return not inside_functorch_transform()
-
-
 _EXPANDED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 

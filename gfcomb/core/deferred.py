@@ -83,14 +83,17 @@ def _forward(op: Callable[..., Any], reflected: bool = False) -> Callable[..., A
     return lambda self, *other: op(self.value(), *[resolve(o) for o in other])
 
 
-for _name, _op in [("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                   ("truediv", operator.truediv), ("floordiv", operator.floordiv),
-                   ("mod", operator.mod), ("pow", operator.pow), ("matmul", operator.matmul),
-                   ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor)]:
+_BINARY: list[tuple[str, Callable[..., Any]]] = [
+    ("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+    ("truediv", operator.truediv), ("floordiv", operator.floordiv), ("mod", operator.mod),
+    ("pow", operator.pow), ("matmul", operator.matmul), ("and", operator.and_),
+    ("or", operator.or_), ("xor", operator.xor)]
+_UNARY: list[tuple[str, Callable[..., Any]]] = [
+    ("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs),
+    ("invert", operator.invert), ("lt", operator.lt), ("le", operator.le), ("gt", operator.gt),
+    ("ge", operator.ge), ("float", float), ("int", int), ("index", operator.index)]
+for _name, _op in _BINARY:
     setattr(Deferred, f"__{_name}__", _forward(_op))
     setattr(Deferred, f"__r{_name}__", _forward(_op, reflected=True))
-for _name, _op in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs),
-                   ("invert", operator.invert), ("lt", operator.lt), ("le", operator.le),
-                   ("gt", operator.gt), ("ge", operator.ge), ("float", float), ("int", int),
-                   ("index", operator.index)]:
+for _name, _op in _UNARY:
     setattr(Deferred, f"__{_name}__", _forward(_op))

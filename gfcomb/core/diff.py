@@ -9,7 +9,6 @@ elements at or beyond ``prev_length`` are new).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -46,21 +45,6 @@ class VectorDiff(Diff):
 def no_change(diff: Any) -> bool:
     """True if ``diff`` promises no change."""
     return isinstance(diff, NoChange)
-
-
-def all_no_change(diffs: Iterable[Any]) -> bool:
-    """True if every diff is NoChange."""
-    return all(isinstance(d, NoChange) for d in diffs)
-
-
-def unknown_diffs(n: int) -> tuple[Diff, ...]:
-    """``n`` UnknownChange diffs."""
-    return (UnknownChange(),) * n
-
-
-def no_change_diffs(n: int) -> tuple[Diff, ...]:
-    """``n`` NoChange diffs."""
-    return (NoChange(),) * n
 
 
 for _cls in (NoChange, UnknownChange, VectorDiff):

@@ -26,7 +26,7 @@ import torch
 
 from gfcomb.core.batched import batch_size, select_leaves
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff
+from gfcomb.core.diff import Diff, UnknownChange
 from gfcomb.core.errors import ArgumentError, MissingChoiceError
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -40,6 +40,18 @@ def as_choicemap(constraints: Any) -> ChoiceMap:
     if isinstance(constraints, ChoiceMap):
         return constraints
     return ChoiceMap._from_mapping(constraints)
+
+
+def check_argdiffs(args: tuple[Any, ...], argdiffs: Any, who: str) -> tuple[Diff, ...]:
+    """``argdiffs`` as a tuple with one diff per argument (None: every argument
+    ``UnknownChange``); ArgumentError naming ``who`` when the lengths differ."""
+    if argdiffs is None:
+        return (_UNKNOWN,) * len(args)
+    argdiffs = tuple(argdiffs)
+    if len(argdiffs) != len(args):
+        raise ArgumentError(f"{who}: argdiffs has {len(argdiffs)} entries for {len(args)} "
+                            "arguments")
+    return argdiffs
 
 
 def rows_submap(constraints: Any, key: Any) -> Any:
@@ -87,6 +99,7 @@ def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
 _RUNTIME: dict[str, Any] = {}  # gfcomb.dsl.runtime's entry point, imported on first use
 
 
+_UNKNOWN = UnknownChange()
 _DEFAULT_BATCH: dict[type, bool] = {}  # per class: are its batch methods the defaults?
 
 

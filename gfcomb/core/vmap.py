@@ -214,7 +214,7 @@ def _row_stacked(x: torch.Tensor, level: int, n: int) -> tuple[torch.Tensor, boo
     whether it varied per row."""
     if _functorch.maybe_get_level(x) == level:
         value, bdim = _functorch._unwrap_batched(x, level)
-        return (value if bdim == 0 else value.movedim(bdim, 0)), True
+        return (value if not bdim else value.movedim(bdim, 0)), True
     return expanded_rows(x, n), False
 
 

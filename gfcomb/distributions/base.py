@@ -460,11 +460,6 @@ class DistributionMethods:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise self._fail(pname, "must be finite", t)
 
-    def validate(self, params: Sequence[Any]) -> None:
-        """Run :meth:`check_args` unless we are inside a torch.func transform."""
-        if not inside_functorch_transform():
-            self.check_args(*params)
-
     def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """The parameters as tensors, converted once per GFI call (see :func:`_tensors`)."""
         return _tensors(*args) if args else args

@@ -29,9 +29,15 @@ import torch
 from gfcomb.core.address import normalize
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import Deferred, resolve
-from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.diff import Diff, NoChange
 from gfcomb.core.errors import AddressError, ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, weight_like
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    weight_like,
+)
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -169,12 +175,10 @@ class GenFunction(GenerativeFunction):
         return f"<@gen {getattr(self.fn, '__qualname__', self.fn)!r}>"
 
     # ------------------------------------------------------------------ running the body
-    def _run_body(self, handler: Handler, args: tuple[Any, ...]) -> Any:
-        with recording_modules(self):
-            return self.fn(*args)
-
-    def _execute(self, handler: Handler, args: tuple[Any, ...]) -> Any:
-        with running(handler), recording_modules(self):  # (what _run_body does, inlined)
+    def run_body(self, handler: Handler, args: tuple[Any, ...]) -> Any:
+        """Run the body with ``handler`` receiving its traced calls (a spliced callee runs
+        with its caller's handler)."""
+        with running(handler), recording_modules(self):
             return self.fn(*args)
 
     def _trace(self, handler: Handler, args: tuple[Any, ...], retval: Any) -> GenTrace:
@@ -201,7 +205,7 @@ class GenFunction(GenerativeFunction):
         """
         args = check_args_tuple(args)
         h = SimulateHandler(self, args)
-        retval = self._execute(h, args)
+        retval = self.run_body(h, args)
         return self._trace(h, args, retval)
 
     def generate(self, args: tuple[Any, ...],
@@ -218,7 +222,7 @@ class GenFunction(GenerativeFunction):
             tr = self.simulate(args)
             return tr, torch.zeros_like(tr.score)
         h = GenerateHandler(self, args, cm)
-        retval = self._execute(h, args)
+        retval = self.run_body(h, args)
         h._check_all_visited(cm, "generate")
         tr = self._trace(h, args, retval)
         return tr, weight_like(h.weight, tr.score)
@@ -234,7 +238,7 @@ class GenFunction(GenerativeFunction):
         args = check_args_tuple(args)
         cm = as_choicemap(choices)
         h = AssessHandler(self, args, cm)
-        retval = self._execute(h, args)
+        retval = self.run_body(h, args)
         h.check_all_visited()
         return h.total(h.weight), retval
 
@@ -250,12 +254,12 @@ class GenFunction(GenerativeFunction):
         """
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
-        argdiffs = _check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         cm = as_choicemap(constraints)
         if cm.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
         h = UpdateHandler(self, trace, args, argdiffs, cm)
-        retval = self._execute(h, args)
+        retval = self.run_body(h, args)
         h._check_all_visited(cm, "update")
         removed = h.removed()
         weight = h.total(h.weight)
@@ -275,11 +279,11 @@ class GenFunction(GenerativeFunction):
         """
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
-        argdiffs = _check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
-        retval = self._execute(h, args)
+        retval = self.run_body(h, args)
         new = self._trace(h, args, retval)
         retdiff = h.tracker.diff_of_value(retval, trace._retval, trace.ret_source)
         return new, weight_like(h.weight, new.score), retdiff
@@ -341,15 +345,6 @@ def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
         raise ArgumentError(f"{gen_fn!r} was given a trace of another generative function: "
                             f"{getattr(trace, 'gen_fn', trace)!r}")
     return trace
-
-
-def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-    if argdiffs is None:
-        return (UnknownChange(),) * len(args)
-    argdiffs = tuple(argdiffs)
-    if len(argdiffs) != len(args):
-        raise ArgumentError(f"argdiffs has {len(argdiffs)} entries for {len(args)} arguments")
-    return argdiffs
 
 
 def gen(fn: Callable[..., Any]) -> GenFunction:

@@ -77,7 +77,7 @@ class Handler:
     def splice(self, gen_fn: GenFunction, args: tuple[Any, ...]) -> Any:
         """Run a @gen callee's body with this handler: its addresses become the caller's."""
         self.owner._note_callee(gen_fn)
-        return gen_fn._run_body(self, args)
+        return gen_fn.run_body(self, args)
 
     # -- what one call does (subclasses)
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],

@@ -41,7 +41,7 @@ from gfcomb.core.batching import zero_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
@@ -154,10 +154,7 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
     who = "pf_update"
     state = _check_state(state, who)
     new_args = check_args_tuple(new_args, "new_args")
-    argdiffs = tuple(argdiffs)
-    if len(argdiffs) != len(new_args):
-        raise ArgumentError(f"{who}: argdiffs has {len(argdiffs)} entries for "
-                            f"{len(new_args)} arguments")
+    argdiffs = check_argdiffs(new_args, argdiffs, who)
     if proposal is not None:
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
