@@ -184,7 +184,7 @@ Median of {steps} steps after {warmup} warm-up steps.
 the target is at most 1.1x.
 
 How: the steps of a particle batch live in a shared chain of immutable history blocks
-(`gfcomb/combinators/history.py`).  `compact_history` closes the newly appended step into a
+(`gfcomb/combinators/unfold/history.py`).  `compact_history` closes the newly appended step into a
 block without copying it, and resampling re-indexes one row pointer per particle
 ({results[large]['leaves']} small leaves in all: the score, the row pointers, the arguments)
 instead of the {results[large]['mb']:.0f} MiB of stored steps.  The extension reads the

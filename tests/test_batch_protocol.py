@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.combinators.history import StepBlock
+from gfcomb.combinators.unfold.history import StepBlock
 from gfcomb.core.pytree import tree_index
 
 torch.set_default_dtype(torch.float64)

@@ -8,7 +8,7 @@ ordinary GFI call of the kernel (inside an outer ``torch.func.vmap`` over partic
 is batched automatically).  The trace (:class:`UnfoldTrace`) keeps the kernel traces of the
 steps stacked (struct of arrays over steps), so ``tr[t, "x"]`` reads one step's choice and
 ``tr[:, "x"]`` all of them.  In a batch of particle traces the older steps live in a shared
-history (:mod:`gfcomb.combinators.history`) that appending and resampling never copy.
+history (:mod:`gfcomb.combinators.unfold.history`) that appending and resampling never copy.
 
 Incremental update (Gen.jl's semantics): extending ``n`` with unchanged ``init_state`` and
 parameters runs only the new steps; a parameter change revisits every step; an
@@ -28,26 +28,29 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from typing import Any
 
-import attrs
 import torch
-from torch.utils import _pytree as pytree
 
-from gfcomb.combinators.history import StepBlock, concat_steps
 from gfcomb.combinators.switch import harmonize
+from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
+from gfcomb.combinators.unfold.history import StepBlock, concat_steps
+from gfcomb.combinators.unfold.trace import (
+    UnfoldTrace,
+    no_states,
+    retdiff_of,
+    stack_steps,
+    state_at,
+    state_tensors,
+    zero_like,
+)
 from gfcomb.combinators.vector import (
     constrained_elements,
     drop_absent,
     index_tensor,
 )
-from gfcomb.core.address import normalize
-from gfcomb.core.batched import batch_size
-from gfcomb.core.batching import cached_arange, expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.deferred import Deferred, resolve
-from gfcomb.core.diff import Diff, NoChange, VectorDiff
+from gfcomb.core.diff import Diff, NoChange
 from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import (
     GenerativeFunction,
@@ -57,257 +60,13 @@ from gfcomb.core.gfi import (
     rows_submap,
     weight_like,
 )
-from gfcomb.core.pytree import (
-    register_record,
-    tree_index,
-    tree_map_tensors,
-    tree_scatter,
-    tree_stack,
-    tree_tensors,
-)
+from gfcomb.core.pytree import tree_index, tree_scatter, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, unwrap_rows
+from gfcomb.core.vmap import unwrap_rows
 
 _EMPTY = ChoiceMap.empty()
 _NO_CHANGE = NoChange()
-
-# (new step trace, weight, retdiff) for one revisited step
-StepResult = tuple[Trace, torch.Tensor, Diff]
-
-
-def _state_at(states: Any, t: int) -> Any:
-    """Step ``t``'s state out of the stacked states."""
-    return tree_map_tensors(lambda x: x[t], states)
-
-
-def _no_states(init: Any, batch_ndim: int = 0) -> Any:
-    """The stacked states of zero steps: shaped like ``init`` with a step axis of length 0
-    (after ``batch_ndim`` batch axes)."""
-    def empty(x: Any) -> torch.Tensor:
-        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(
-            x, dtype=torch.get_default_dtype() if isinstance(x, float) else None)
-        return x.unsqueeze(batch_ndim).narrow(batch_ndim, 0, 0)
-
-    return pytree.tree_map(empty, init)
-
-
-def _state_tensors(init: Any) -> Any:
-    """``init_state`` with Python numbers made tensors, so that every step's kernel trace
-    has the same leaves (step 0 would otherwise keep a number where later steps hold the
-    tensor state, and the steps could not be stacked)."""
-    if isinstance(init, torch.Tensor):
-        return init
-
-    def as_tensor(x: Any) -> Any:
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            return x
-        return torch.as_tensor(x, dtype=torch.get_default_dtype() if isinstance(x, float)
-                               else None)
-
-    return pytree.tree_map(as_tensor, init)
-
-
-def _block_states(steps: Trace, block: StepBlock) -> Any:
-    """The states stored in a history block (what ``StepBlock.gather_leaf`` reads)."""
-    return block.stored_state()
-
-
-def _rows_of_arg(a: Any, rows: int) -> Any:
-    """A batch-method argument as a batched trace stores it: a :class:`PerRow` value as it
-    is, a shared tensor as expanded rows, anything else unchanged."""
-    v, per_row = unwrap_rows(a)
-    if per_row:
-        return v
-    return tree_map_tensors(partial(expanded_rows, n=rows), v)
-
-
-def _zero_like(x: Any) -> torch.Tensor:
-    """A scalar 0 with the dtype/device of ``x`` if it is a floating tensor."""
-    for leaf in tree_tensors(x):
-        if leaf.is_floating_point():
-            return torch.zeros((), dtype=leaf.dtype, device=leaf.device)
-    return torch.zeros((), dtype=torch.get_default_dtype())
-
-
-def _stack_steps(steps: Sequence[Trace], axis: int = 0) -> Trace:
-    """Stack step traces along a new step axis (``axis``: after any batch axes)."""
-    if len(steps) == 1:
-        return tree_map_tensors(lambda x: x.unsqueeze(axis), steps[0])
-    return tree_stack(harmonize(steps), axis)  # (a Switch on different branches: widened)
-
-
-@attrs.frozen(repr=False)
-class UnfoldTrace(Trace):
-    """The trace of an :class:`Unfold`: the kernel traces of its ``length`` steps.
-
-    Steps ``0..h-1`` may sit in a shared :class:`~gfcomb.combinators.history.StepBlock`
-    chain (``history``, with ``rows``: this particle's row in the newest block) and steps
-    ``h..length-1`` in ``recent`` (one stacked kernel trace, step axis first).  Outside a
-    particle batch ``history`` is None and ``recent`` holds every step.  ``inner`` (all steps
-    stacked), ``retval`` (the stacked states) and ``choices`` gather the history when read.
-    """
-
-    gen_fn: Any
-    args: tuple[Any, ...]
-    score: torch.Tensor
-    length: int
-    recent: Trace | None
-    rows: torch.Tensor | None = None
-    history: StepBlock | None = None
-    _layout: Any = attrs.field(default=None, eq=False, repr=False)
-    _gathered: Any = attrs.field(default=None, eq=False, repr=False)  # cache of ``inner``
-    _last_split: Any = attrs.field(default=None, eq=False, repr=False)  # (step, split(step))
-
-    def _after_unflatten(self) -> None:
-        object.__setattr__(self, "_gathered", None)
-        object.__setattr__(self, "_last_split", None)
-
-    @property
-    def history_length(self) -> int:
-        """How many of the steps sit in the shared history."""
-        return 0 if self.history is None else self.history.stop
-
-    @property
-    def inner(self) -> Trace | None:
-        """All steps' kernel traces, stacked (step axis after any batch axes); None if no
-        steps.  Gathers the shared history: O(steps)."""
-        if self.history is None:
-            return self.recent
-        if self._gathered is None:
-            object.__setattr__(self, "_gathered", self.split(0)[2])
-        return self._gathered
-
-    def split(self, step: int) -> tuple[StepBlock | None, torch.Tensor | None,
-                                         Trace | None, int]:
-        """Split the steps at the last history-block boundary h <= ``step``: returns (the
-        shared block chain holding steps < h, this particle's row in it, steps h..n-1
-        gathered and stacked, h).  An update that leaves steps < ``step`` alone works on the
-        gathered part only, in O(n - h)."""
-        if self.history is None or self.history.stop <= step:
-            return self.history, self.rows, self.recent, self.history_length
-        cached = self._last_split  # (a move splits a trace, its accept step splits it again)
-        if cached is not None and cached[0] == step:
-            return cached[1]
-        assert self.rows is not None
-        parts, block, rows = self.history.gather(self.rows, step)
-        if self.recent is not None:
-            parts.append(self.recent)
-        window = concat_steps(parts, self.rows.dim())
-        out = block, rows, window, 0 if block is None else block.stop
-        object.__setattr__(self, "_last_split", (step, out))
-        return out
-
-    @property
-    def retval(self) -> Any:  # type: ignore[override]
-        """The stacked states s_0..s_{n-1} (leading axis = step, after any batch axes).
-        Read from a shared history, only the states are gathered (one index per step)."""
-        if self.history is not None and self._gathered is None:
-            assert self.rows is not None
-            stored = self.history.gather_leaf(self.rows, _block_states)
-            if self.recent is None:
-                return stored
-            axis = self.score.dim()
-            return pytree.tree_map(lambda a, b: torch.cat([a, b], axis), stored,
-                                   self.recent.retval)
-        inner = self.inner
-        if inner is None:
-            return _no_states(self.args[1], self.score.dim())
-        return inner.retval
-
-    @property
-    def choices(self) -> ChoiceMap:
-        inner = self.inner
-        if inner is None:
-            return ChoiceMap.empty()
-        batch_ndim = inner.score.dim() - 1
-        return ChoiceMap.stacked(inner.choices, self.length, batch_ndim=batch_ndim)
-
-    @property
-    def element_scores(self) -> torch.Tensor:
-        """The kernel score of each step (step axis after any batch axes)."""
-        inner = self.inner
-        assert inner is not None
-        return inner.score
-
-    def last_state(self) -> Any:
-        """The newest step's state (``init_state`` if there are no steps): O(1)."""
-        if self.recent is not None:  # (the step axis comes after any batch axes)
-            axis = self.score.dim()
-            return tree_map_tensors(lambda x: x.select(axis, -1), self.recent.retval)
-        if self.history is not None:
-            assert self.rows is not None
-            return self.history.last_state(self.rows)
-        return self.args[1]
-
-    def step_trace(self, t: int) -> Trace:
-        """Step ``t``'s kernel trace (negative ``t`` counts from the end): read from the
-        newest steps backwards, so the newest steps cost O(1) at any length."""
-        if not -self.length <= t < self.length:
-            raise AddressError(f"an Unfold of {self.length} steps has no step {{addr}}", (t,))
-        t = t % self.length
-        h = self.history_length
-        if t >= h:
-            assert self.recent is not None
-            return tree_index(self.recent, t - h, dim=self.score.dim())
-        assert self.history is not None and self.rows is not None
-        return self.history.step_at(self.rows, t)
-
-    def __getitem__(self, addr: Any) -> Any:
-        path = normalize(addr)
-        if path and path[0] == slice(None) and self.history is not None and \
-                self.recent is None and self._gathered is None and len(path) > 1:
-            assert self.rows is not None  # (one address of every step: only it is gathered)
-            rest = path[1:]
-            return self.history.gather_leaf(self.rows, lambda steps, _b: steps[rest])
-        if path and type(path[0]) is int:  # one step: no gather of the others
-            t = path[0]
-            try:
-                if self.history is not None and -self.length <= t < self.length and \
-                        t % self.length < self.history_length:
-                    assert self.rows is not None
-                    return self.history.value_at(self.rows, t % self.length, path[1:])
-                return self.step_trace(t)[path[1:]]
-            except AddressError as err:
-                raise err.prefixed(path[:1]) from None
-        return self.choices[path]
-
-    def caller_retval(self) -> Any:
-        """The stacked states; deferred (built on first use) when they must be gathered
-        through the shared history."""
-        if self.history is None:
-            return self.retval
-        return Deferred(lambda: self.retval)
-
-    def compacted(self) -> UnfoldTrace:
-        """Close ``recent`` into a new shared history block (a batch with one leading
-        particle axis only; otherwise unchanged).  Copies no step data."""
-        if self.recent is None or self.score.dim() != 1:
-            return self
-        n = self.score.shape[0]
-        block = StepBlock(self.recent, self.rows, self.history, self.history_length,
-                          self.length)
-        rows = cached_arange(n, torch.long, self.score.device)
-        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, None, rows, block)
-
-    def with_layout_of(self, other: Trace) -> Trace:
-        """This trace with its steps split where ``other``'s shared history ends (an update
-        that revisited the newest steps of ``self`` made ``other``): the same shared block,
-        the later steps gathered into ``recent``.  O(steps after the split)."""
-        if not isinstance(other, UnfoldTrace) or other.length != self.length or \
-                other.history is self.history:
-            return self
-        if other.history is None:
-            inner = self.inner
-            return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, inner)
-        block, rows, window, h = self.split(other.history_length)
-        if block is not other.history:
-            return self
-        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, window, rows, block)
-
-
-register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
-                static=("gen_fn", "length", "history"))
 
 
 class Unfold(GenerativeFunction):
@@ -337,7 +96,7 @@ class Unfold(GenerativeFunction):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _unpack(args: Any) -> tuple[int, Any, tuple[Any, ...]]:
+    def unpack(args: Any) -> tuple[int, Any, tuple[Any, ...]]:
         args = check_args_tuple(args)
         if len(args) < 2:
             raise ArgumentError(f"Unfold: args must be (n, init_state, *params), got "
@@ -350,7 +109,7 @@ class Unfold(GenerativeFunction):
         if n < 0:
             raise ArgumentError(f"Unfold: argument 'n' (the number of steps) must be >= 0, "
                                 f"got {n}")
-        return n, _state_tensors(args[1]), tuple(args[2:])
+        return n, state_tensors(args[1]), tuple(args[2:])
 
     def _check_trace(self, trace: Trace) -> UnfoldTrace:
         if not isinstance(trace, UnfoldTrace) or not (trace.gen_fn is self
@@ -367,7 +126,7 @@ class Unfold(GenerativeFunction):
                score: torch.Tensor | None = None) -> UnfoldTrace:
         """The Unfold trace of stacked steps ``inner`` (``score``: their total, if known)."""
         if inner is None or n == 0:
-            return UnfoldTrace(self, args, _zero_like(args[1:]), 0, None)
+            return UnfoldTrace(self, args, zero_like(args[1:]), 0, None)
         if score is None:
             score = inner.score.sum(0)
         return UnfoldTrace(self, args, score, n, inner)
@@ -398,7 +157,7 @@ class Unfold(GenerativeFunction):
                 state = tr.retval
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        return _stack_steps(steps), 0.0 if weight is None else weight
+        return stack_steps(steps), 0.0 if weight is None else weight
 
     def _run_step(self, t: int, state: Any, params: tuple[Any, ...], cm: ChoiceMap,
                   constrained: bool) -> tuple[Trace, torch.Tensor | None]:
@@ -437,7 +196,7 @@ class Unfold(GenerativeFunction):
         def state_before(t: int) -> Any:
             if t == 0:
                 return init
-            return before if t == offset else _state_at(old_states, t - 1 - offset)
+            return before if t == offset else state_at(old_states, t - 1 - offset)
 
         state_diff = init_diff if t == 0 else _NO_CHANGE
         state = state_before(t)
@@ -469,7 +228,7 @@ class Unfold(GenerativeFunction):
                 t = nxt
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        stacked = _stack_steps(new_steps)
+        stacked = stack_steps(new_steps)
         if len(visited) == keep - offset:
             return stacked, weight, dscore, changed  # every step revisited, in order
         idx = index_tensor([v - offset for v in visited], inner.score)
@@ -525,15 +284,9 @@ class Unfold(GenerativeFunction):
             return init
         if upto > h:
             assert window is not None
-            return _state_at(window.retval, upto - 1 - h)
+            return state_at(window.retval, upto - 1 - h)
         assert prefix is not None and rows is not None
         return prefix.last_state(rows)
-
-    @staticmethod
-    def _retdiff(n_new: int, n_old: int, changed: list[int]) -> Diff:
-        if n_new == n_old and not changed:
-            return _NO_CHANGE
-        return VectorDiff(n_new, n_old, changed)
 
     # ------------------------------------------------------------------ the GFI
     def simulate(self, args: tuple[Any, ...]) -> UnfoldTrace:
@@ -542,7 +295,7 @@ class Unfold(GenerativeFunction):
         Math: t_t ~ p_kernel(·; t, s_{t-1}, θ) for t = 0..n-1 in order (s_{-1} = init_state,
         s_t = the step's return value); score = Σ_t score_t.
         """
-        n, init, params = self._unpack(args)
+        n, init, params = self.unpack(args)
         inner, _ = self._run_steps(0, n, init, params, _EMPTY, ())
         return self._trace(args, inner, n)
 
@@ -554,7 +307,7 @@ class Unfold(GenerativeFunction):
         prior proposals the log density of the constrained choices given the sampled ones.
         Full constraints: weight == score == assess weight.
         """
-        n, init, params = self._unpack(args)
+        n, init, params = self.unpack(args)
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n, "generate")
         inner, w = self._run_steps(0, n, init, params, cm, ckeys)
@@ -568,7 +321,7 @@ class Unfold(GenerativeFunction):
         Differentiable in ``init_state``, the parameters and the choice values (the default
         gradient methods are built on it).
         """
-        n, init, params = self._unpack(args)
+        n, init, params = self.unpack(args)
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
         # values absent at a step (masked out: a Switch branch that step did not take) are
@@ -589,7 +342,7 @@ class Unfold(GenerativeFunction):
         except AddressError as err:
             raise err.prefixed((t,)) from None
         if n == 0:
-            return _zero_like(args[1:]), _no_states(init)
+            return zero_like(args[1:]), no_states(init)
         return weight, tree_stack(states)
 
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -608,7 +361,7 @@ class Unfold(GenerativeFunction):
         choices.  retdiff = VectorDiff(n', n, steps whose state changed), or NoChange.
         """
         trace = self._check_trace(trace)
-        n_new, init, params = self._unpack(args)
+        n_new, init, params = self.unpack(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
@@ -617,7 +370,7 @@ class Unfold(GenerativeFunction):
         if first >= n_old:
             new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
             return (new_trace, weight_like(w, new_trace.score),
-                    self._retdiff(n_new, n_old, []), _EMPTY)
+                    retdiff_of(n_new, n_old, []), _EMPTY)
         # steps < h stay in the shared history; steps h.. are gathered into ``window``
         prefix, rows, window, h = trace.split(first)
         keep = min(n_old, n_new)
@@ -653,7 +406,7 @@ class Unfold(GenerativeFunction):
         new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
         discard = ChoiceMap.node(discards).merge(removed) if discards else removed
         return (new_trace, weight_like(weight, new_trace.score),
-                self._retdiff(n_new, n_old, changed), discard)
+                retdiff_of(n_new, n_old, changed), discard)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
@@ -668,7 +421,7 @@ class Unfold(GenerativeFunction):
         0 (the MH log acceptance ratio for the prior proposal).
         """
         trace = self._check_trace(trace)
-        n_new, init, params = self._unpack(args)
+        n_new, init, params = self.unpack(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
         n_old = trace.length
         keep = min(n_old, n_new)
@@ -677,7 +430,7 @@ class Unfold(GenerativeFunction):
         if first >= n_old:
             new_trace, _ = self._extend(trace, args, n_new, params, _EMPTY, ())
             return (new_trace, torch.zeros_like(new_trace.score),
-                    self._retdiff(n_new, n_old, []))
+                    retdiff_of(n_new, n_old, []))
         prefix, rows, window, h = trace.split(first)
         score: Any = trace.score
         if n_new < n_old:
@@ -700,7 +453,7 @@ class Unfold(GenerativeFunction):
         window, _, ds = self._grow(window, keep, n_new, last, params, _EMPTY, ())
         new_trace = self._window_trace(args, n_new, score + ds, window, rows, prefix)
         return (new_trace, weight_like(weight, new_trace.score),
-                self._retdiff(n_new, n_old, changed))
+                retdiff_of(n_new, n_old, changed))
 
     @staticmethod
     def _selected_steps(selection: Selection, n: int) -> list[int]:
@@ -747,7 +500,7 @@ class Unfold(GenerativeFunction):
         """
         cm, _ = unwrap_rows(constraints)
         cm = as_choicemap(cm)
-        plan = self._batch_plan(traces, args, argdiffs, lambda n: constrained_elements(
+        plan = batch_plan(self, traces, args, argdiffs, lambda n: constrained_elements(
             cm, n, "update"))
         if plan is None:
             return super().batch_update(traces, args, argdiffs, constraints)
@@ -760,7 +513,7 @@ class Unfold(GenerativeFunction):
             return new, w, rd
 
         assert isinstance(traces, UnfoldTrace)
-        new, w, rd = self._batch_edit(traces, args, plan, step, constraints)
+        new, w, rd = batch_edit(self, traces, args, plan, step, constraints)
         return new, w, rd, ChoiceMap.node(discards) if discards else _EMPTY
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
@@ -772,7 +525,7 @@ class Unfold(GenerativeFunction):
 
         Math: as :meth:`regenerate`, row by row (new steps contribute 0 to the weight).
         """
-        plan = self._batch_plan(traces, args, argdiffs,
+        plan = batch_plan(self, traces, args, argdiffs,
                                 lambda n: self._selected_steps(selection, n))
         if plan is None:
             return super().batch_regenerate(traces, args, argdiffs, selection)
@@ -781,109 +534,7 @@ class Unfold(GenerativeFunction):
             return self.kernel.batch_regenerate(old, a, d, selection.get_subselection(t))
 
         assert isinstance(traces, UnfoldTrace)
-        return self._batch_edit(traces, args, plan, step, None)
-
-    def _batch_plan(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                    touched_below: Callable[[int], Sequence[int]]) -> list[int] | None:
-        """The touched stored steps of a batch edit done on the whole batch (sorted), or None
-        when the edit must run per row: not a one-axis batch of this Unfold's traces, fewer
-        steps, or ``init_state``/a parameter changed (every step is revisited then)."""
-        if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
-                or not (traces.gen_fn is self or traces.gen_fn == self)):
-            return None
-        args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
-        n_new = self._unpack((args[0], None))[0]
-        if n_new < traces.length or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
-            return None
-        return [t for t in touched_below(n_new) if t < traces.length]
-
-    def _batch_edit(self, traces: UnfoldTrace, args: tuple[Any, ...], touched: list[int],
-                    step: Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult],
-                    constraints: Any) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
-        """The batch edit engine shared by batch_update and batch_regenerate: revisit the
-        stored steps from ``touched[0]`` on with ``step`` (one batch call each, a step whose
-        incoming state changed revisited too), then append the new steps (generated against
-        ``constraints``).  Appending only: the new steps become history blocks; otherwise
-        the steps after the last history boundary before ``touched[0]`` are the new
-        ``recent`` (the layout a per-row update gives, so that an MCMC accept step can merge
-        the old and the new trace row by row).  Returns (traces, weights, retdiff)."""
-        traces = traces.compacted()
-        rows = batch_size(traces)
-        n_old, n_new = traces.length, args[0]
-        params = tuple(args[2:])
-        weight: Any = 0.0
-        score = traces.score
-        changed: list[int] = []
-        if not touched:  # appending only
-            block, prows, h, window = traces.history, traces.rows, n_old, []
-        else:
-            assert traces.history is not None and traces.rows is not None
-            parts, block, prows, h = self._stored_window(traces, touched[0])
-            window = [tree_index(part, j, dim=1) for part in parts
-                      for j in range(part.score.shape[1])]
-        # the state going into step h, and the revisited steps h..n_old-1
-        state: Any = self._batch_state(traces, args[1], block, prows, h)
-        state_diff: Diff = _NO_CHANGE
-        todo = set(touched)
-        for t in range(h, n_old):
-            old = window[t - h]
-            if t in todo or not isinstance(state_diff, NoChange):
-                try:
-                    new, w, rd = step(t, old, (t, state) + params,
-                                      (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
-                except AddressError as err:
-                    raise err.prefixed((t,)) from None
-                weight = weight + w
-                score = score + (new.score - old.score)
-                window[t - h] = new
-                if not isinstance(rd, NoChange):
-                    changed.append(t)
-                state_diff = rd
-                old = new
-            state = PerRow(resolve(old.retval))
-        # the appended steps
-        kernel = self.kernel
-        for t in range(n_old, n_new):
-            try:
-                new, w = kernel.batch_generate(rows, (t, state) + params,
-                                               rows_submap(constraints, t))
-            except AddressError as err:
-                raise err.prefixed((t,)) from None
-            weight = weight + w
-            score = score + new.score
-            last = resolve(new.retval)
-            if touched:
-                window.append(new)
-            else:
-                block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
-                prows = cached_arange(rows, torch.long, score.device)
-            state = PerRow(last)
-        stored_args = tuple(_rows_of_arg(a, rows) for a in args)
-        recent = _stack_steps(window, axis=1) if window else None
-        new_traces = UnfoldTrace(self, stored_args, score, n_new, recent, prows, block)
-        return new_traces, weight_like(weight, score), self._retdiff(n_new, n_old, changed)
-
-    @staticmethod
-    def _stored_window(traces: UnfoldTrace, first: int,
-                       ) -> tuple[list[Trace], StepBlock | None, torch.Tensor | None, int]:
-        """The stored steps from the last history boundary h <= ``first`` on (one stacked
-        kernel trace, leaves [rows, steps, ...]), the block before h, the rows in it, and
-        h."""
-        block, prows, window, h = traces.split(first)
-        assert window is not None
-        return [window], block, prows, h
-
-    @staticmethod
-    def _batch_state(traces: UnfoldTrace, init: Any, block: StepBlock | None,
-                     prows: torch.Tensor | None, h: int) -> Any:
-        """The state going into step ``h`` of every row: ``init_state`` at h = 0, else the
-        newest state stored in ``block`` (as a PerRow)."""
-        if h == 0:
-            v, per_row = unwrap_rows(init)
-            return init if per_row else _state_tensors(v)
-        assert block is not None and prows is not None
-        return PerRow(block.last_state(prows))
+        return batch_edit(self, traces, args, plan, step, None)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""

@@ -1,0 +1,143 @@
+"""The batch edit engine of :class:`~gfcomb.combinators.unfold.Unfold`: ``batch_update`` and
+``batch_regenerate`` of a whole batch of Unfold traces whose shared history
+(:mod:`gfcomb.combinators.unfold.history`) is edited in place of per-row gathers.
+
+An edit that leaves ``init_state``, the parameters and the steps before the first touched
+one alone revisits only the steps from there on -- each step one batch call of the kernel for
+every row -- and appends new steps as history blocks: a particle-filter step or an MCMC move
+on the newest steps costs the same at any length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gfcomb.combinators.unfold.history import StepBlock
+from gfcomb.combinators.unfold.trace import (
+    UnfoldTrace,
+    retdiff_of,
+    stack_steps,
+    state_tensors,
+    stored_arg,
+)
+from gfcomb.core.batched import batch_size
+from gfcomb.core.batching import cached_arange
+from gfcomb.core.deferred import resolve
+from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.errors import AddressError
+from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weight_like
+from gfcomb.core.pytree import tree_index
+from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, unwrap_rows
+
+if TYPE_CHECKING:
+    from gfcomb.combinators.unfold.combinator import Unfold
+
+_NO_CHANGE = NoChange()
+# (new step trace, weight, retdiff) for one revisited step
+StepResult = tuple[Trace, torch.Tensor, Diff]
+
+
+def batch_plan(unfold: Unfold, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                touched_below: Callable[[int], Sequence[int]]) -> list[int] | None:
+    """The touched stored steps of a batch edit done on the whole batch (sorted), or None
+    when the edit must run per row: not a one-axis batch of this Unfold's traces, fewer
+    steps, or ``init_state``/a parameter changed (every step is revisited then)."""
+    if (not isinstance(traces, UnfoldTrace) or traces.score.dim() != 1
+            or not (traces.gen_fn is unfold or traces.gen_fn == unfold)):
+        return None
+    args = check_args_tuple(args)
+    argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
+    n_new = unfold.unpack((args[0], None))[0]
+    if n_new < traces.length or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+        return None
+    return [t for t in touched_below(n_new) if t < traces.length]
+
+def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touched: list[int],
+                step: Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult],
+                constraints: Any) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
+    """The batch edit engine shared by batch_update and batch_regenerate: revisit the
+    stored steps from ``touched[0]`` on with ``step`` (one batch call each, a step whose
+    incoming state changed revisited too), then append the new steps (generated against
+    ``constraints``).  Appending only: the new steps become history blocks; otherwise
+    the steps after the last history boundary before ``touched[0]`` are the new
+    ``recent`` (the layout a per-row update gives, so that an MCMC accept step can merge
+    the old and the new trace row by row).  Returns (traces, weights, retdiff)."""
+    traces = traces.compacted()
+    rows = batch_size(traces)
+    n_old, n_new = traces.length, args[0]
+    params = tuple(args[2:])
+    weight: Any = 0.0
+    score = traces.score
+    changed: list[int] = []
+    if not touched:  # appending only
+        block, prows, h, window = traces.history, traces.rows, n_old, []
+    else:
+        assert traces.history is not None and traces.rows is not None
+        parts, block, prows, h = stored_window(traces, touched[0])
+        window = [tree_index(part, j, dim=1) for part in parts
+                  for j in range(part.score.shape[1])]
+    # the state going into step h, and the revisited steps h..n_old-1
+    state: Any = batch_state(traces, args[1], block, prows, h)
+    state_diff: Diff = _NO_CHANGE
+    todo = set(touched)
+    for t in range(h, n_old):
+        old = window[t - h]
+        if t in todo or not isinstance(state_diff, NoChange):
+            try:
+                new, w, rd = step(t, old, (t, state) + params,
+                                  (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
+            except AddressError as err:
+                raise err.prefixed((t,)) from None
+            weight = weight + w
+            score = score + (new.score - old.score)
+            window[t - h] = new
+            if not isinstance(rd, NoChange):
+                changed.append(t)
+            state_diff = rd
+            old = new
+        state = PerRow(resolve(old.retval))
+    # the appended steps
+    kernel = unfold.kernel
+    for t in range(n_old, n_new):
+        try:
+            new, w = kernel.batch_generate(rows, (t, state) + params,
+                                           rows_submap(constraints, t))
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+        weight = weight + w
+        score = score + new.score
+        last = resolve(new.retval)
+        if touched:
+            window.append(new)
+        else:
+            block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
+            prows = cached_arange(rows, torch.long, score.device)
+        state = PerRow(last)
+    stored_args = tuple(stored_arg(a, rows) for a in args)
+    recent = stack_steps(window, axis=1) if window else None
+    new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
+    return new_traces, weight_like(weight, score), retdiff_of(n_new, n_old, changed)
+
+def stored_window(traces: UnfoldTrace, first: int,
+                   ) -> tuple[list[Trace], StepBlock | None, torch.Tensor | None, int]:
+    """The stored steps from the last history boundary h <= ``first`` on (one stacked
+    kernel trace, leaves [rows, steps, ...]), the block before h, the rows in it, and
+    h."""
+    block, prows, window, h = traces.split(first)
+    assert window is not None
+    return [window], block, prows, h
+
+def batch_state(traces: UnfoldTrace, init: Any, block: StepBlock | None,
+                 prows: torch.Tensor | None, h: int) -> Any:
+    """The state going into step ``h`` of every row: ``init_state`` at h = 0, else the
+    newest state stored in ``block`` (as a PerRow)."""
+    if h == 0:
+        v, per_row = unwrap_rows(init)
+        return init if per_row else state_tensors(v)
+    assert block is not None and prows is not None
+    return PerRow(block.last_state(prows))
+
