@@ -13,7 +13,8 @@ import torch
 from torch.func import vmap
 
 import gfcomb as gf
-from gfcomb.combinators.switch import Switch, SwitchTrace, harmonize
+from gfcomb.combinators.switch import Switch, SwitchTrace
+from gfcomb.core.harmonize import harmonize
 from gfcomb.combinators.unfold import Unfold
 from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.core.pytree import tree_index, tree_stack

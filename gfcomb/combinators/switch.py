@@ -70,9 +70,9 @@ from typing import Any, Union
 
 import attrs
 import torch
-from torch.utils import _pytree as pytree
 
 from gfcomb.combinators.vector import has_masks
+from gfcomb.core import masked
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -82,20 +82,17 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
 )
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
+from gfcomb.core.harmonize import harmonize_values, rebuild_record
 from gfcomb.core.pytree import (
-    RECORD_FIELDS,
     register_record,
-    same_structure,
     tree_map2_tensors,
     tree_map_tensors,
 )
 from gfcomb.core.selection import (
     MaskSelection,
     Selection,
-    _and,
-    _not,
-    _or,
-    selection_flags_for_vector,
+    flag_and,
+    flag_not,
 )
 from gfcomb.core.trace import Trace
 from gfcomb.dsl.parameters import unique_parameters
@@ -183,7 +180,7 @@ class SwitchTrace(Trace):
                 cached = narrow.traces[narrow.selector].choices
             else:
                 flags = [self.index == k for k in range(len(self.traces))]
-                cached = _union([(t.choices, f) for t, f in zip(self.traces, flags)
+                cached = masked.union([(t.choices, f) for t, f in zip(self.traces, flags)
                                  if t is not None], bdim=self.index.dim(), exhaustive=True)
             object.__setattr__(self, "_choices", cached)
         return cached
@@ -191,92 +188,15 @@ class SwitchTrace(Trace):
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_choices", None)
 
+    @staticmethod
+    def harmonize_group(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
+        """Switch traces of one structure (:mod:`gfcomb.core.harmonize`'s record protocol):
+        on different branches, widened to every branch that occurs."""
+        return _harmonize_switch(xs)
+
 
 register_record(SwitchTrace, dynamic=("args", "index", "traces", "retval", "score"),
                 static=("gen_fn", "batched"))
-
-
-# ========================================================= traces of one common structure
-def harmonize(traces: Sequence[Any]) -> list[Any]:
-    """Equivalent traces of one common structure, so that they can be stacked or
-    concatenated (e.g. the steps of an Unfold whose kernel calls a Switch).
-
-    ``traces`` are traces (or pytrees of traces) of equal structure except for Switch traces
-    on different branches, anywhere inside (under @gen traces, Map traces, other Switch
-    branches...).  Each such position is widened to the every-branch form that Switch uses
-    under vmap: a trace for every branch that occurs there in any of the traces (a trace's
-    own branch keeps its trace; the other branches get a template, the trace of that branch
-    from another trace, never read: its choices, score and return value are masked out by
-    the index), ``batched`` True and the index as an integer tensor.  Branches that occur in
-    no trace stay None.  The traces may carry leading stacked axes (a stacked Unfold
-    window): templates are then broadcast to each trace's element axes.
-
-    The widened traces answer every GFI method as the originals: Switch narrows a widened
-    trace whose index is one unbatched integer back to the chosen branch's trace
-    (:meth:`SwitchTrace.narrowed`), and its every-branch code skips absent branches.
-    Traces that already share a structure are returned as they are.
-    """
-    traces = list(traces)
-    if len(traces) < 2:
-        return traces
-    specs = [pytree.tree_structure(t) for t in traces]
-    if all(same_structure(specs[0], s) for s in specs[1:]):
-        return traces
-    out = _harmonize(traces)
-    return traces if out is None else out
-
-
-def _harmonize(xs: list[Any]) -> list[Any] | None:
-    """:func:`harmonize` at one position (``xs``: the values there); None if unchanged."""
-    first = xs[0]
-    t = type(first)
-    if any(type(x) is not t for x in xs):
-        return None  # not reconcilable here: the caller's structure check will say so
-    if t is SwitchTrace:
-        return _harmonize_switch(xs)
-    if t is tuple or t is list:
-        if any(len(x) != len(first) for x in xs):
-            return None
-        cols = [_harmonize(list(c)) for c in zip(*xs)]
-        if all(c is None for c in cols):
-            return None
-        full = [c if c is not None else [x[j] for x in xs] for j, c in enumerate(cols)]
-        return [t(row) for row in zip(*full)]
-    if t is dict:
-        keys = list(first)
-        if any(list(x) != keys for x in xs):
-            return None
-        cols = [_harmonize([x[k] for x in xs]) for k in keys]
-        if all(c is None for c in cols):
-            return None
-        return [{k: (x[k] if c is None else c[i]) for k, c in zip(keys, cols)}
-                for i, x in enumerate(xs)]
-    fields = RECORD_FIELDS.get(t)
-    if fields is None:
-        return None
-    changed = {}
-    for f in fields[0]:
-        col = _harmonize([getattr(x, f) for x in xs])
-        if col is not None:
-            changed[f] = col
-    if not changed:
-        return None
-    return [_rebuild(x, {f: col[i] for f, col in changed.items()}) for i, x in enumerate(xs)]
-
-
-def _rebuild(rec: Any, changes: dict[str, Any]) -> Any:
-    """A copy of the registered record ``rec`` with some dynamic fields replaced (caches
-    reset, as pytree unflatten does)."""
-    cls: Any = type(rec)
-    dynamic, static = RECORD_FIELDS[cls][:2]
-    new = cls.__new__(cls)
-    for f in dynamic + static:
-        object.__setattr__(new, f, changes[f] if f in changes else getattr(rec, f))
-    object.__setattr__(new, "_layout", None)
-    post = getattr(new, "_after_unflatten", None)
-    if post is not None:
-        post()
-    return new
 
 
 def _branch_of(tr: SwitchTrace) -> int:
@@ -284,6 +204,8 @@ def _branch_of(tr: SwitchTrace) -> int:
 
 
 def _harmonize_switch(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
+    """Switch traces of one structure (see :func:`gfcomb.core.harmonize.harmonize`): on one
+    branch, harmonized inside it; else widened to every branch that occurs."""
     fn = xs[0].gen_fn
     n = len(xs[0].traces)
     if any(x.gen_fn != fn or len(x.traces) != n for x in xs):
@@ -293,17 +215,17 @@ def _harmonize_switch(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
             and len({isinstance(x.index, torch.Tensor) for x in xs}) == 1):
         # every trace on the same branch: harmonize inside it
         k = occurs[0]
-        col = _harmonize([x.traces[k] for x in xs])
+        col = harmonize_values([x.traces[k] for x in xs])
         if col is None:
             return None
-        return [_rebuild(x, {"traces": tuple(_only(k, c, n))}) for x, c in zip(xs, col)]
+        return [rebuild_record(x, {"traces": tuple(_only(k, c, n))}) for x, c in zip(xs, col)]
     # widen: every branch that occurs, the absent ones filled from a template
     cols: dict[int, list[Any]] = {}
     for k in occurs:
         template = next(x.traces[k] for x in xs if x.traces[k] is not None)
         col = [x.traces[k] if x.traces[k] is not None else _template(template, x.score.shape)
                for x in xs]
-        inner = _harmonize(col)
+        inner = harmonize_values(col)
         cols[k] = col if inner is None else inner
     out = []
     for i, x in enumerate(xs):
@@ -438,22 +360,22 @@ class Switch(GenerativeFunction):
         branch = self.branches[k]
         if structure is None:
             try:
-                tr, w = branch.generate(bargs, _union([(cm, True), (provided, True)]))
+                tr, w = branch.generate(bargs, masked.union([(cm, True), (provided, True)]))
                 return tr, w, provided, _EMPTY
             except UnvisitedConstraintError:
                 if not batched and provided.is_empty():
                     raise
                 structure = branch.simulate(bargs).choices
-        cm_use, dropped = _restrict(cm, structure) if batched else (cm, _EMPTY)
-        reused = _restrict(provided, structure)[0]
+        cm_use, dropped = masked.restrict(cm, structure) if batched else (cm, _EMPTY)
+        reused = masked.restrict(provided, structure)[0]
         best = None
         for _ in range(_MAX_PASSES):
             # (under vmap the structure is static and the first pass succeeds; outside it a
             # branch whose addresses depend on its choices may need a few passes)
             try:
-                tr, w = branch.generate(bargs, _union([(cm_use, True), (reused, True)]))
+                tr, w = branch.generate(bargs, masked.union([(cm_use, True), (reused, True)]))
             except UnvisitedConstraintError as err:
-                smaller = _without(reused, tuple(err.address))
+                smaller = masked.without(reused, tuple(err.address))
                 if smaller is None:  # not an old choice: a bad constraint
                     raise
                 reused = smaller
@@ -463,13 +385,13 @@ class Switch(GenerativeFunction):
                 # reused for an element whose new trace does not visit its address must not
                 # count as a constraint it ignores (NaN weight) -- pass only the old choices
                 # each element's new trace visits, and generate again
-                reused = _where_present(reused, tr.choices)
-                tr, w = branch.generate(bargs, _union([(cm_use, True), (reused, True)]))
+                reused = masked.where_present(reused, tr.choices)
+                tr, w = branch.generate(bargs, masked.union([(cm_use, True), (reused, True)]))
                 best = (tr, w, reused)
                 break
             best = (tr, w, reused)
-            visited = _restrict(provided, tr.choices)[0]
-            if _addresses(visited) == _addresses(reused):
+            visited = masked.restrict(provided, tr.choices)[0]
+            if masked.addresses(visited) == masked.addresses(reused):
                 break
             reused = visited
         if best is None:  # no stable reuse found: reuse nothing (still a valid update)
@@ -509,7 +431,7 @@ class Switch(GenerativeFunction):
         for k in range(len(self.branches)):
             tr, w, _, drop = self._generate_reusing(k, bargs, cm, _EMPTY, None, True)
             traces.append(tr)
-            weights.append(_nan_where(_any_present(drop), w))
+            weights.append(_nan_where(masked.any_present(drop), w))
             dropped.append(drop)
         _check_some_branch_visits(dropped, "generate")
         flags = self._flags(index)
@@ -530,24 +452,24 @@ class Switch(GenerativeFunction):
             try:
                 w, r = branch.assess(bargs, cm)
                 used = cm
-                if _all_present(cm) is not True:
+                if masked.all_present(cm) is not True:
                     # masked values: missing only where this element's branch visits them (a
                     # nested Switch/Map element may not have the address at all)
                     made = branch.generate(bargs, cm)[0].choices
-                    weights.append(_nan_where(_missing(made, cm), w))
+                    weights.append(_nan_where(masked.missing(made, cm), w))
                     retvals.append(r)
                     continue
             except (UnvisitedConstraintError, MissingChoiceError):
                 sim = branch.simulate(bargs)
-                used = _restrict(cm, sim.choices)[0]
+                used = masked.restrict(cm, sim.choices)[0]
                 try:
                     w, r = branch.assess(bargs, used)
                 except MissingChoiceError:  # no element on this branch can be assessed
                     w, r, used = _nan_like(sim.score), sim.retval, _EMPTY
             # a masked-out value of `used` is missing where this element's branch visits it
-            if _all_present(used) is not True:
+            if masked.all_present(used) is not True:
                 made = branch.generate(bargs, used)[0].choices
-                w = _nan_where(_missing(made, used), w)
+                w = _nan_where(masked.missing(made, used), w)
             weights.append(w)
             retvals.append(r)
         flags = self._flags(index)
@@ -603,24 +525,24 @@ class Switch(GenerativeFunction):
                 old_k = trace.traces[k]
                 cm_k = cm
                 if batched:
-                    cm_k, drop = _restrict(cm, old_k.choices)
+                    cm_k, drop = masked.restrict(cm, old_k.choices)
                 tr_u, w_u, rd, d_u = branch.update(old_k, bargs, bdiffs, cm_k)
-                discards.append((d_u, _and(need[k], s)))
+                discards.append((d_u, flag_and(need[k], s)))
                 if s is True and need[k] is True:
                     retdiff = rd
             if s is not True:  # elements moving to branch k: generate, reusing old choices
                 if old_choices is None:
                     old_choices = trace.choices
-                    provided = _minus(old_choices, cm)
+                    provided = masked.minus(old_choices, cm)
                 assert provided is not None
                 hint = trace.traces[k].choices if trace.traces[k] is not None else None
                 tr_g, w_g, reused, drop = self._generate_reusing(k, bargs, cm, provided, hint,
                                                                  batched)
                 if not minus_old:
                     w_g = w_g - trace.score
-                discards.append((_minus(old_choices, reused), _and(need[k], _not(s))))
+                discards.append((masked.minus(old_choices, reused), flag_and(need[k], flag_not(s))))
             traces.append(_where(s, tr_u, tr_g, "traces"))
-            weights.append(_nan_where(_any_present(drop), _where(s, w_u, w_g, "weights")))
+            weights.append(_nan_where(masked.any_present(drop), _where(s, w_u, w_g, "weights")))
             dropped.append(drop)
         if batched:
             _check_some_branch_visits(dropped, "update")
@@ -628,7 +550,7 @@ class Switch(GenerativeFunction):
         weight = _pick(need, weights, _nan_like, "weights")
         if minus_old:
             weight = weight - trace.score
-        return new_trace, weight, retdiff, _union(discards, exhaustive=True)
+        return new_trace, weight, retdiff, masked.union(discards, exhaustive=True)
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[SwitchTrace, torch.Tensor, Diff]:
@@ -667,7 +589,7 @@ class Switch(GenerativeFunction):
                     retdiff = rd
             if s is not True:
                 if provided is None:
-                    provided = _drop_selected(trace.choices, selection)
+                    provided = masked.drop_selected(trace.choices, selection)
                 hint = trace.traces[k].choices if trace.traces[k] is not None else None
                 tr_g, w_g, reused, _ = self._generate_reusing(k, bargs, _EMPTY, provided, hint,
                                                               batched)
@@ -707,7 +629,7 @@ class Switch(GenerativeFunction):
         """Σ over the reused old choices of their log density under the old branch."""
         if reused.is_empty():
             return torch.zeros_like(trace.score)
-        sel = MaskSelection(_presence_flags(reused))
+        sel = MaskSelection(masked.presence_flags(reused))
         old = trace.selector
         total: Any = None
         for i, (b, t) in enumerate(zip(self.branches, trace.traces)):
@@ -795,274 +717,11 @@ def _check_some_branch_visits(dropped: Sequence[ChoiceMap], method: str) -> None
     """Batched mode: a constraint that no branch visits is an error for every element."""
     if not dropped:
         return
-    common = _addresses(dropped[0])
+    common = masked.addresses(dropped[0])
     for d in dropped[1:]:
-        common &= _addresses(d)
+        common &= masked.addresses(d)
     if common:
         addr = min(common, key=repr)
         raise UnvisitedConstraintError(
             f"{method}: constraint at address {{addr}} is never visited by any branch of the "
             "Switch", addr)
-
-
-# --------------------------------------------------------------- masked choice-map algebra
-# All walk choice maps structurally (never `items()`, which reads masks with bool()), so they
-# run inside vmap.  `depth` counts the stacked maps above the current node: a value there has
-# `depth` element axes in front (after `bdim` batch axes when used outside vmap), and its mask
-# has exactly those leading axes.
-
-def _indices_of(cm: ChoiceMap) -> tuple[int, ...] | None:
-    ix = cm.stacked_indices
-    return None if ix == tuple(range(cm.stacked_length)) else ix
-
-
-def _stack_like(inner: ChoiceMap, like: ChoiceMap, lead: int) -> ChoiceMap:
-    return ChoiceMap.stacked(inner, like.stacked_length, _indices_of(like), batch_ndim=lead)
-
-
-def _lead_flag(flag: Flag, value: torch.Tensor, lead: int) -> Flag:
-    """A per-element flag broadcast to a value's ``lead`` leading (batch/element) axes."""
-    if isinstance(flag, bool):
-        return flag
-    f = flag.reshape(flag.shape + (1,) * (lead - flag.dim()))
-    return f.expand(value.shape[:lead])
-
-
-def _union(sources: Sequence[tuple[ChoiceMap, Flag]], bdim: int = 0, depth: int = 0,
-           path: tuple[Any, ...] = (), exhaustive: bool = False) -> ChoiceMap:
-    """The union of choice maps, each present where its flag is (flags have ``bdim`` axes).
-
-    Where several sources hold a value at one address, the value of the (last) source present
-    is taken, element by element; the result's mask is where any source is present.
-    ``exhaustive`` says that the flags partition the elements (one branch per element): an
-    address where every source holds an unmasked value is then present everywhere (no mask).
-    """
-    live = [(cm, f) for cm, f in sources if f is not False]
-    srcs = [(cm, f) for cm, f in live if not cm.is_empty()]
-    if not srcs:
-        return _EMPTY
-    if len(srcs) == 1 and srcs[0][1] is True:
-        return srcs[0][0]
-    everywhere = exhaustive and len(srcs) == len(live)
-    n_values = sum(cm.is_value() for cm, _ in srcs)
-    if n_values:
-        if n_values != len(srcs):
-            raise ArgumentError(
-                f"Switch: the branches disagree at address {path!r}: a choice in one, "
-                "deeper addresses in another")
-        value: Any = None
-        mask: Flag = False
-        for cm, f in srcs:
-            v = cm.get_value()
-            present = _and(_lead_flag(f, v, bdim + depth),
-                           True if cm.mask is None else cm.mask)
-            if present is False:
-                continue
-            if value is None:
-                value = v
-            elif v.shape != value.shape:
-                raise ArgumentError(
-                    f"Switch: the branches' choices at address {path!r} differ in shape "
-                    f"({tuple(value.shape)} vs {tuple(v.shape)})")
-            elif present is True:
-                value = v
-            else:
-                m = present.reshape(present.shape + (1,) * (v.dim() - present.dim()))
-                value = torch.where(m, v, value)
-            mask = _or(mask, present)
-        if value is None or mask is False:
-            return _EMPTY
-        if everywhere and all(cm.mask is None for cm, _ in srcs):
-            mask = True
-        return ChoiceMap.value(value, None if mask is True or mask is False else mask)
-    first = srcs[0][0]
-    if all(cm.is_stacked() and cm.stacked_length == first.stacked_length
-           and cm.stacked_indices == first.stacked_indices for cm, _ in srcs):
-        inner = _union([(_EMPTY if cm.is_empty() else cm.stacked_inner, f) for cm, f in live],
-                       bdim, depth + 1, path + (":",), exhaustive)
-        return _stack_like(inner, first, bdim + depth)
-    nodes = [(cm.unstacked(), f) for cm, f in live]
-    keys: dict[Any, None] = {}
-    for cm, _ in nodes:
-        keys.update(dict.fromkeys(cm.keys()))
-    return ChoiceMap.node({k: _union([(cm.get_submap(k), f) for cm, f in nodes], bdim, depth,
-                                     path + (k,), exhaustive) for k in keys})
-
-
-def _restrict(cm: ChoiceMap, structure: ChoiceMap,
-              depth: int = 0) -> tuple[ChoiceMap, ChoiceMap]:
-    """Split ``cm`` into (values at addresses ``structure`` has, the others)."""
-    if cm.is_empty():
-        return _EMPTY, _EMPTY
-    if structure.is_empty():
-        return _EMPTY, cm
-    if cm.is_value():
-        return (cm, _EMPTY) if structure.is_value() else (_EMPTY, cm)
-    if structure.is_value():
-        return _EMPTY, cm
-    if (cm.is_stacked() and structure.is_stacked()
-            and set(cm.stacked_indices) <= set(structure.stacked_indices)):
-        kept, dropped = _restrict(cm.stacked_inner, structure.stacked_inner, depth + 1)
-        return _stack_like(kept, cm, depth), _stack_like(dropped, cm, depth)
-    node = cm.unstacked()
-    kept_d, dropped_d = {}, {}
-    for k in node.keys():
-        kept_d[k], dropped_d[k] = _restrict(node.get_submap(k), structure.get_submap(k), depth)
-    return ChoiceMap.node(kept_d), ChoiceMap.node(dropped_d)
-
-
-def _minus(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
-    """The values of ``a`` where ``b`` holds no (present) value."""
-    if a.is_empty() or b.is_empty():
-        return a
-    if a.is_value():
-        if not b.is_value():
-            return a
-        if b.mask is None:
-            return _EMPTY
-        keep = ~b.mask
-        return ChoiceMap.value(a.get_value(), keep if a.mask is None else a.mask & keep)
-    if b.is_value():
-        return a
-    if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return _stack_like(_minus(a.stacked_inner, b.stacked_inner, depth + 1), a, depth)
-    node = a.unstacked()
-    return ChoiceMap.node({k: _minus(node.get_submap(k), b.get_submap(k), depth)
-                           for k in node.keys()})
-
-
-def _drop_selected(cm: ChoiceMap, selection: Selection, depth: int = 0) -> ChoiceMap:
-    """The values of ``cm`` that ``selection`` does not select."""
-    if cm.is_empty() or selection.is_empty_static():
-        return cm
-    if selection.is_all_static():
-        return _EMPTY
-    if cm.is_value():
-        flag = selection.leaf_flag()
-        if flag is True:
-            return _EMPTY
-        if flag is False:
-            return cm
-        keep = ~flag
-        return ChoiceMap.value(cm.get_value(), keep if cm.mask is None else cm.mask & keep)
-    if cm.is_stacked():
-        inner_sel = selection_flags_for_vector(selection, cm.stacked_indices, cm.stacked_inner)
-        return _stack_like(_drop_selected(cm.stacked_inner, inner_sel, depth + 1), cm, depth)
-    return ChoiceMap.node({k: _drop_selected(cm.get_submap(k), selection.get_subselection(k),
-                                             depth) for k in cm.keys()})
-
-
-def _presence_flags(cm: ChoiceMap, depth: int = 0) -> ChoiceMap:
-    """Boolean flags mirroring ``cm``: where each value is present (for a MaskSelection)."""
-    if cm.is_value():
-        v = cm.get_value()
-        m = cm.mask
-        if m is None:
-            m = torch.ones(v.shape[:depth], dtype=torch.bool, device=v.device)
-        return ChoiceMap.value(m)
-    if cm.is_stacked():
-        return _stack_like(_presence_flags(cm.stacked_inner, depth + 1), cm, depth)
-    return ChoiceMap.node({k: _presence_flags(cm.get_submap(k), depth) for k in cm.keys()})
-
-
-def _children(cm: ChoiceMap) -> list[ChoiceMap]:
-    if cm.is_stacked():
-        return [cm.stacked_inner]
-    return [cm.get_submap(k) for k in cm.keys()]
-
-
-def _where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
-    """The values of ``a`` where ``b`` holds a present value (element by element)."""
-    if a.is_empty() or b.is_empty():
-        return _EMPTY
-    if a.is_value():
-        if not b.is_value():
-            return _EMPTY
-        if b.mask is None:
-            return a
-        return ChoiceMap.value(a.get_value(), b.mask if a.mask is None else a.mask & b.mask)
-    if b.is_value():
-        return _EMPTY
-    if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return _stack_like(_where_present(a.stacked_inner, b.stacked_inner, depth + 1), a,
-                           depth)
-    node = a.unstacked()
-    return ChoiceMap.node({k: _where_present(node.get_submap(k), b.get_submap(k), depth)
-                           for k in node.keys()})
-
-
-def _any_present(cm: ChoiceMap) -> Flag:
-    """Per element: does ``cm`` hold any present value."""
-    if cm.is_empty():
-        return False
-    if cm.is_value():
-        return True if cm.mask is None else cm.mask.any()
-    acc: Flag = False
-    for sub in _children(cm):
-        acc = _or(acc, _any_present(sub))
-        if acc is True:
-            return True
-    return acc
-
-
-def _missing(made: ChoiceMap, given: ChoiceMap) -> Flag:
-    """Per element: does ``made`` hold a present value where ``given`` holds none."""
-    if made.is_empty():
-        return False
-    if made.is_value():
-        present: Flag = True if made.mask is None else made.mask
-        g: Flag = (True if given.mask is None else given.mask) if given.is_value() else False
-        miss = _and(present, _not(g))
-        return miss if isinstance(miss, bool) else miss.any()
-    if made.is_stacked() and given.is_stacked() and (
-            made.stacked_indices == given.stacked_indices):
-        return _missing(made.stacked_inner, given.stacked_inner)
-    made, given = made.unstacked(), given.unstacked()
-    acc: Flag = False
-    for k in made.keys():
-        acc = _or(acc, _missing(made.get_submap(k), given.get_submap(k)))
-        if acc is True:
-            return True
-    return acc
-
-
-def _all_present(cm: ChoiceMap) -> Flag:
-    """Per element: is every value of ``cm`` present."""
-    if cm.is_empty():
-        return True
-    if cm.is_value():
-        return True if cm.mask is None else cm.mask.all()
-    acc: Flag = True
-    for sub in _children(cm):
-        acc = _and(acc, _all_present(sub))
-        if acc is False:
-            return False
-    return acc
-
-
-def _without(cm: ChoiceMap, addr: tuple[Any, ...], depth: int = 0) -> ChoiceMap | None:
-    """``cm`` without its value at ``addr`` (``":"`` for a stacked level), or None if it holds
-    no value there."""
-    if not addr:
-        return _EMPTY if cm.is_value() else None
-    if cm.is_stacked() and addr[0] == ":":
-        sub = _without(cm.stacked_inner, addr[1:], depth + 1)
-        return None if sub is None else _stack_like(sub, cm, depth)
-    node = cm.unstacked()
-    if cm.is_value() or addr[0] not in set(node.keys()):
-        return None
-    sub = _without(node.get_submap(addr[0]), addr[1:], depth)
-    if sub is None:
-        return None
-    return ChoiceMap.node({**{k: node.get_submap(k) for k in node.keys()}, addr[0]: sub})
-
-
-def _addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
-    """The addresses of ``cm``'s values (a stacked level is ``":"``), masks ignored."""
-    if cm.is_empty():
-        return set()
-    if cm.is_value():
-        return {()}
-    if cm.is_stacked():
-        return {(":",) + a for a in _addresses(cm.stacked_inner)}
-    return {(k,) + a for k in cm.keys() for a in _addresses(cm.get_submap(k))}

@@ -25,11 +25,11 @@ from gfcomb.core.choicemap import ChoiceMap
 Flag = Union[bool, torch.Tensor]
 
 
-def _not(f: Flag) -> Flag:
+def flag_not(f: Flag) -> Flag:
     return (not f) if isinstance(f, bool) else ~f
 
 
-def _or(a: Flag, b: Flag) -> Flag:
+def flag_or(a: Flag, b: Flag) -> Flag:
     if isinstance(a, bool) and isinstance(b, bool):
         return a or b
     if a is True or b is True:
@@ -41,7 +41,7 @@ def _or(a: Flag, b: Flag) -> Flag:
     return a | b  # type: ignore[operator]
 
 
-def _and(a: Flag, b: Flag) -> Flag:
+def flag_and(a: Flag, b: Flag) -> Flag:
     if isinstance(a, bool) and isinstance(b, bool):
         return a and b
     if a is False or b is False:
@@ -193,7 +193,7 @@ class Complement(Selection):
         return Complement(sub)
 
     def leaf_flag(self) -> Flag:
-        return _not(self.inner.leaf_flag())
+        return flag_not(self.inner.leaf_flag())
 
     def explicit_keys(self) -> frozenset[Any]:
         return self.inner.explicit_keys()
@@ -230,7 +230,7 @@ class Union_(Selection):
         return Union_(sa, sb)
 
     def leaf_flag(self) -> Flag:
-        return _or(self.a.leaf_flag(), self.b.leaf_flag())
+        return flag_or(self.a.leaf_flag(), self.b.leaf_flag())
 
     def explicit_keys(self) -> frozenset[Any]:
         return self.a.explicit_keys() | self.b.explicit_keys()
@@ -264,7 +264,7 @@ class Intersection(Selection):
         return Intersection(sa, sb)
 
     def leaf_flag(self) -> Flag:
-        return _and(self.a.leaf_flag(), self.b.leaf_flag())
+        return flag_and(self.a.leaf_flag(), self.b.leaf_flag())
 
     def explicit_keys(self) -> frozenset[Any]:
         return self.a.explicit_keys() | self.b.explicit_keys()

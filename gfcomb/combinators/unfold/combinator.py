@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
@@ -60,6 +59,7 @@ from gfcomb.core.gfi import (
     rows_submap,
     weight_like,
 )
+from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_scatter, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace

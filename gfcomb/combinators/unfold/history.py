@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import _reconcile, tree_map_tensors
 
 
@@ -193,8 +194,6 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
     from the first; bookkeeping on which they disagree becomes unknown)."""
     if len(parts) == 1:
         return parts[0]
-    from gfcomb.combinators.switch import harmonize  # steps on different Switch branches
-
     parts = harmonize(list(parts))
     leaves0, spec = pytree.tree_flatten(parts[0])
     rest = [pytree.tree_flatten(p) for p in parts[1:]]

@@ -13,7 +13,6 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.combinators.switch import harmonize
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.core.address import normalize
 from gfcomb.core.batching import cached_arange, expanded_rows
@@ -21,6 +20,7 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import Deferred
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
 from gfcomb.core.errors import AddressError
+from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import (
     register_record,
     tree_index,
