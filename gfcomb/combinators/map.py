@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.vector import (
+    InDims,
     VectorTrace,
     changed_elements,
     concat_elements,
@@ -149,6 +150,17 @@ class Map(GenerativeFunction):
                               cm)(stacked, *args)
         return w.sum(0), retval
 
+    def _edit_lengths(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any,
+                      ) -> tuple[VectorTrace, tuple[Any, ...], tuple[Diff, ...], InDims, int,
+                                 int]:
+        """What update and regenerate check first: (trace, args, argdiffs, in_dims, new
+        length, old length)."""
+        assert isinstance(trace, VectorTrace)
+        args = check_args_tuple(args)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        dims = self._dims(args)
+        return trace, args, argdiffs, dims, mapped_length(args, dims, repr(self)), trace.length
+
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                constraints: ChoiceMap | None = None,
                ) -> tuple[VectorTrace, torch.Tensor, Diff, ChoiceMap]:
@@ -158,12 +170,7 @@ class Map(GenerativeFunction):
         − Σ_{removed i} score_i.  discard = the revisited elements' discards and the removed
         elements' choices.  retdiff = VectorDiff(n', n, revisited).
         """
-        assert isinstance(trace, VectorTrace)
-        args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        dims = self._dims(args)
-        n_new = mapped_length(args, dims, repr(self))
-        n_old = trace.length
+        trace, args, argdiffs, dims, n_new, n_old = self._edit_lengths(trace, args, argdiffs)
         cm = as_choicemap(constraints)
         ckeys = constrained_elements(cm, n_new, "update")
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
@@ -223,12 +230,7 @@ class Map(GenerativeFunction):
         Math: weight = Σ_{revisited i} kernel regenerate weight_i; new elements are
         simulated and removed ones dropped, contributing 0.
         """
-        assert isinstance(trace, VectorTrace)
-        args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        dims = self._dims(args)
-        n_new = mapped_length(args, dims, repr(self))
-        n_old = trace.length
+        trace, args, argdiffs, dims, n_new, n_old = self._edit_lengths(trace, args, argdiffs)
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
         default, special = element_selections(selection, range(keep))
