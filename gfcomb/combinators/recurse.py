@@ -114,6 +114,14 @@ class RecurseTrace(Trace):
             object.__setattr__(self, "_choices", cached)
         return cached
 
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """Every node's production and aggregation discrete addresses under the node."""
+        for part, subs in (("production", self.productions),
+                           ("aggregation", self.aggregations)):
+            for idx, sub in subs.items():
+                for pattern in sub.discrete_addresses():
+                    yield (idx, part) + pattern
+
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_choices", None)
 

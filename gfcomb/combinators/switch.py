@@ -188,6 +188,12 @@ class SwitchTrace(Trace):
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_choices", None)
 
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """The discrete addresses of every branch present (their choices sit flat)."""
+        for sub in self.traces:
+            if sub is not None:
+                yield from sub.discrete_addresses()
+
     @staticmethod
     def harmonize_group(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
         """Switch traces of one structure (:mod:`gfcomb.core.harmonize`'s record protocol):

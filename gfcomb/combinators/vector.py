@@ -5,7 +5,7 @@ element, which elements an update must revisit, and the vector trace record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -328,6 +328,11 @@ class VectorTrace(Trace):
             return ChoiceMap.empty()
         batch_ndim = self.inner.score.dim() - 1
         return ChoiceMap.stacked(self.inner.choices, self.length, batch_ndim=batch_ndim)
+
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """The kernel's discrete addresses, under every element."""
+        for pattern in self.inner.discrete_addresses():
+            yield (slice(None),) + pattern
 
     @property
     def element_scores(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +57,13 @@ class Trace:
         return self.choices[addr]
 
     # -- storage of batches (defaults for records that hold nothing shared)
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """Address patterns of the choices made by discrete distributions (``slice(None)``
+        for every element of a Map or every step of an Unfold): Bernoulli values are floats,
+        so a value's dtype alone does not tell.  Default: none (a custom trace type says so
+        by overriding this)."""
+        return iter(())
+
     def caller_retval(self) -> Any:
         """The return value as a ``@gen`` caller receives it: :attr:`retval`, or, where that
         is costly to build (a batched Unfold's states gathered through its shared history), a

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -498,6 +498,11 @@ class ChoiceTrace(Trace):
     @property
     def choices(self) -> ChoiceMap:
         return ChoiceMap.value(self.value)
+
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """The empty address if the distribution is discrete."""
+        if self.gen_fn.discrete:
+            yield ()
 
     def __getitem__(self, addr: Any) -> Any:
         if normalize(addr) == ():

@@ -131,6 +131,12 @@ class GenTrace(Trace):
         return self.choices[path]
 
 
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """Every sub-trace's discrete addresses under its address."""
+        for addr, sub in self.subtraces.items():
+            for pattern in sub.discrete_addresses():
+                yield addr + pattern
+
     def compacted(self) -> GenTrace:
         """Every sub-trace compacted (see :meth:`Trace.compacted`)."""
         return self._with_subtraces({a: t.compacted() for a, t in self.subtraces.items()})

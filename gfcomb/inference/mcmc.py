@@ -49,7 +49,6 @@ from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import batched_call, own_args
-from gfcomb.distributions.base import Distribution
 from gfcomb.inference.progress import progress_bar
 
 __all__ = [
@@ -154,7 +153,7 @@ def _continuous_selected(trace: Trace, selection: Selection, who: str) -> Choice
     if not items:
         raise ArgumentError(f"{who}: the selection {selection!r} selects no choice of the "
                             "trace; select the continuous choices to move")
-    discrete = list(_discrete_patterns(trace, ()))
+    discrete = list(trace.discrete_addresses())
     for addr, value in items:
         if not _is_float(value) or any(_matches(addr, pat) for pat in discrete):
             raise ArgumentError(
@@ -164,34 +163,6 @@ def _continuous_selected(trace: Trace, selection: Selection, who: str) -> Choice
 
 
 _ANY = slice(None)  # "every element" in an address pattern
-
-
-def _discrete_patterns(trace: Any, prefix: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
-    """Address patterns (``:`` for every element of a vector) of the choices made by
-    discrete distributions in ``trace`` (Bernoulli values are floats, so the dtype alone
-    does not tell).  Walks @gen, Map/Unfold, Switch and Recurse traces; other (custom)
-    trace types are not looked into."""
-    if trace is None:
-        return
-    gen_fn = getattr(trace, "gen_fn", None)
-    if isinstance(gen_fn, Distribution):
-        if gen_fn.discrete:
-            yield prefix
-        return
-    subtraces = getattr(trace, "subtraces", None)
-    if isinstance(subtraces, dict):  # @gen
-        for addr, sub in subtraces.items():
-            yield from _discrete_patterns(sub, prefix + tuple(addr))
-    elif isinstance(getattr(trace, "productions", None), dict):  # Recurse
-        for idx, sub in trace.productions.items():
-            yield from _discrete_patterns(sub, prefix + (idx, "production"))
-        for idx, sub in trace.aggregations.items():
-            yield from _discrete_patterns(sub, prefix + (idx, "aggregation"))
-    elif isinstance(getattr(trace, "traces", None), tuple):  # Switch: branch choices sit flat
-        for sub in trace.traces:
-            yield from _discrete_patterns(sub, prefix)
-    elif hasattr(type(trace), "inner") or hasattr(trace, "inner"):  # Map, Unfold
-        yield from _discrete_patterns(getattr(trace, "inner", None), prefix + (_ANY,))
 
 
 def _selected_items(cm: ChoiceMap, prefix: tuple[Any, ...]) -> Iterator[tuple[Any, Any]]:

@@ -5,7 +5,7 @@ stacked, with the older steps of a particle batch in a shared history
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -240,6 +240,15 @@ class UnfoldTrace(Trace):
             except AddressError as err:
                 raise err.prefixed(path[:1]) from None
         return self.choices[path]
+
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """The kernel's discrete addresses, under every step (read from the newest steps:
+        the steps share one structure)."""
+        newest = self.recent if self.recent is not None else (
+            None if self.history is None else self.history.steps)
+        if newest is not None:
+            for pattern in newest.discrete_addresses():
+                yield (slice(None),) + pattern
 
     def caller_retval(self) -> Any:
         """The stacked states; deferred (built on first use) when they must be gathered
