@@ -153,10 +153,16 @@ def vmap_rows(fn: Callable[..., Any], in_dims: InDims, args: Sequence[Any], leng
         start = len(flat)
         arg_parts.append(fast_flatten(a, flat))
         dims.extend([d] * (len(flat) - start))
-    for x, d in zip(flat, dims):
-        if d is not None and x.shape[d] != length:
+    for i, (x, d) in enumerate(zip(flat, dims)):
+        if d is None:
+            continue
+        if x.shape[d] != length:
             raise ValueError(f"vmap: a mapped input has {x.shape[d]} elements along "
                              f"dimension {d}, expected {length}")
+        if d == 0 and x.stride(0) == 0 and length > 1:
+            # one row expanded to all (a shared argument or observation stored in a batch):
+            # every row sees the same value, so it enters unbatched (and leaves as rows)
+            flat[i], dims[i] = x[0], None
     add_dim, remove_dim, enter, leave = _active_primitives()
     level = enter(length, "different")
     stack = _LEVELS.stack

@@ -11,6 +11,7 @@ on the newest steps costs the same at any length.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from gfcomb.combinators.unfold.trace import (
     state_tensors,
     stored_arg,
 )
+from gfcomb.combinators.vector import has_masks
 from gfcomb.core.batched import batch_size
 from gfcomb.core.batching import cached_arange
 from gfcomb.core.deferred import resolve
@@ -114,13 +116,36 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
         if touched:
             window.append(new)
         else:
-            block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
+            choices = new.choices
+            if has_masks(choices):  # (absent values would be drawn afresh: keep the trace)
+                block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
+            else:
+                rebuild = partial(rebuilt_step, unfold.kernel, rows, t, params, args[1],
+                                  block, prows, choices)
+                block = StepBlock.stored(choices, last, rebuild, prows, block, t)
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
     stored_args = tuple(stored_arg(a, rows) for a in args)
     recent = stack_steps(window, axis=1) if window else None
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
     return new_traces, weight_like(weight, score), retdiff_of(n_new, n_old, changed)
+
+def rebuilt_step(kernel: Any, rows: int, t: int, params: tuple[Any, ...], init: Any,
+                 parent: StepBlock | None, parent_rows: torch.Tensor | None,
+                 choices: Any) -> Trace:
+    """Step ``t``'s kernel trace of every row made again from its stored choices and the
+    state before it (the parent block's, or ``init_state``): a fully constrained batch
+    generate, which draws nothing (the same trace: scores, arguments and return value).
+    Only choice maps without presence masks are stored this way."""
+    if parent is None:
+        v, per_row = unwrap_rows(init)
+        state: Any = init if per_row else state_tensors(v)
+    else:
+        assert parent_rows is not None
+        state = PerRow(parent.last_state(parent_rows))
+    step, _ = kernel.batch_generate(rows, (t, state) + params, PerRow(choices))
+    return step
+
 
 def stored_window(traces: UnfoldTrace, first: int,
                    ) -> tuple[list[Trace], StepBlock | None, torch.Tensor | None, int]:

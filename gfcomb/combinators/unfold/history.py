@@ -23,7 +23,7 @@ an update that revisits old steps) gathers it: O(steps), only when asked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -39,22 +39,25 @@ class StepBlock:
     """Immutable stored steps ``start..stop-1`` of a batch of Unfold traces.
 
     ``steps``: the stacked kernel traces, leaves shaped ``[R, stop - start, ...]``, or, for a
-    block of one step made with ``single=True``, that step's kernel trace with leaves
-    ``[R, ...]`` (no step axis: a particle-filter step stores what the vmapped kernel call
-    returned, as it is); ``parent_rows``: a long tensor ``[R]`` giving each row's row in
-    ``parent`` (None for the first block).  Compared by identity (it sits in pytree
-    contexts).
+    block of one step (``single=True``), that step's kernel trace with leaves ``[R, ...]``;
+    ``parent_rows``: a long tensor ``[R]`` giving each row's row in ``parent`` (None for the
+    first block).  A single-step block made by :meth:`stored` keeps only what the step's
+    trace cannot be rebuilt without -- its choices and its state -- and rebuilds the kernel
+    trace (scores, arguments) from them when it is read, by a fully constrained ``generate``
+    (``rebuild``).  Compared by identity (it sits in pytree contexts).
     """
 
-    __slots__ = ("steps", "parent_rows", "parent", "start", "stop", "single", "_state",
-                 "_gathered")
+    __slots__ = ("_steps", "_choices", "_rebuild", "parent_rows", "parent", "start", "stop",
+                 "single", "_state", "_gathered")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
                  state: Any = None) -> None:
         if single and stop - start != 1:
             raise ValueError(f"a single-step block holds one step, not {start}..{stop - 1}")
-        self.steps = steps
+        self._steps = steps
+        self._choices: Any = None
+        self._rebuild: Callable[[], Any] | None = None
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
@@ -62,6 +65,41 @@ class StepBlock:
         self.single = single
         self._state = state  # the newest step's state, when given (else read from steps)
         self._gathered: Any = None  # (rows, after, parts, block, rows there): the last gather
+
+    @classmethod
+    def stored(cls, choices: Any, state: Any, rebuild: Callable[[], Any],
+               parent_rows: torch.Tensor | None, parent: StepBlock | None,
+               t: int) -> StepBlock:
+        """A single-step block holding step ``t``'s ``choices`` (a choice map, leaves [R,
+        ...]) and ``state`` only; ``rebuild()`` makes the step's kernel trace from them."""
+        block = cls(None, parent_rows, parent, t, t + 1, single=True, state=state)
+        block._choices = choices
+        block._rebuild = rebuild
+        return block
+
+    @property
+    def steps(self) -> Any:
+        """The stored kernel traces (rebuilt from the choices and kept, for a block made by
+        :meth:`stored`)."""
+        if self._steps is None:
+            assert self._rebuild is not None
+            self._steps = self._rebuild()
+        return self._steps
+
+    def read_steps(self) -> Any:
+        """The kernel traces, rebuilt if need be but not kept (a read of the whole history
+        keeps the history as small as it was)."""
+        if self._steps is not None:
+            return self._steps
+        assert self._rebuild is not None
+        return self._rebuild()
+
+    @property
+    def choices(self) -> Any:
+        """The stored steps' choices (leaves [R, ...], or [R, steps, ...])."""
+        if self._choices is not None:
+            return self._choices
+        return self._steps.choices
 
     def __repr__(self) -> str:
         return f"<StepBlock steps {self.start}..{self.stop - 1}>"
@@ -92,7 +130,8 @@ class StepBlock:
         while block is not None and block.stop > after:
             assert r is not None
             pick = take_single if block.single else take
-            parts.append(tree_map_tensors(partial(pick, r=r), block.steps))
+            stored = block.steps if after else block.read_steps()
+            parts.append(tree_map_tensors(partial(pick, r=r), stored))
             if block.parent is not None:
                 assert block.parent_rows is not None
                 r = block.parent_rows[r]
@@ -106,16 +145,16 @@ class StepBlock:
 
     def gather_leaf(self, rows: torch.Tensor, read: Any) -> Any:
         """One value of every stored step of the particles at ``rows``, stacked along the
-        step axis (after the batch axes): ``read(steps, block)`` picks it from a block's
-        stored kernel traces (leaves [R, ...] in a single-step block, [R, steps, ...] in
-        others).  Only that value is gathered: a block costs one index per tensor of it."""
+        step axis (after the batch axes): ``read(block)`` picks it from a block (leaves
+        [R, ...] in a single-step block, [R, steps, ...] in others: its stored state, a
+        choice).  Only that value is gathered: a block costs one index per tensor of it."""
         parts = []
         block: StepBlock | None = self
         r: torch.Tensor | None = rows
         axis = rows.dim()
         while block is not None:
             assert r is not None
-            value = read(block.steps, block)
+            value = read(block)
             if block.single:
                 parts.append(tree_map_tensors(partial(_row_step, r=r, axis=axis), value))
             else:
@@ -150,7 +189,7 @@ class StepBlock:
         """The choice at ``path`` of stored step ``t`` of the particles at ``rows``: one
         gather (only that choice is read)."""
         block, r = self.locate(rows, t)
-        return block.pick(block.steps[path], r, t)
+        return block.pick(block.choices[path], r, t)
 
     def pick(self, x: torch.Tensor, r: torch.Tensor, t: int) -> torch.Tensor:
         """Step ``t`` of the rows ``r`` of one of this block's leaves."""

@@ -70,7 +70,7 @@ def state_tensors(init: Any) -> Any:
     return pytree.tree_map(as_tensor, init)
 
 
-def block_states(steps: Trace, block: StepBlock) -> Any:
+def block_states(block: StepBlock) -> Any:
     """The states stored in a history block (what ``StepBlock.gather_leaf`` reads)."""
     return block.stored_state()
 
@@ -186,11 +186,24 @@ class UnfoldTrace(Trace):
 
     @property
     def choices(self) -> ChoiceMap:
+        """Every step's choices, stacked.  Read from a shared history, only the stored
+        choices are gathered (no kernel trace is rebuilt)."""
+        batch_ndim = self.score.dim()
+        if self.history is not None and self._gathered is None:
+            assert self.rows is not None
+            try:
+                stored = self.history.gather_leaf(self.rows, lambda block: block.choices)
+                if self.recent is not None:
+                    stored = pytree.tree_map(lambda a, b: torch.cat([a, b], batch_ndim),
+                                             stored, self.recent.choices)
+            except (ValueError, RuntimeError):  # (steps of other structures: gather all)
+                pass
+            else:
+                return ChoiceMap.stacked(stored, self.length, batch_ndim=batch_ndim)
         inner = self.inner
         if inner is None:
             return ChoiceMap.empty()
-        batch_ndim = inner.score.dim() - 1
-        return ChoiceMap.stacked(inner.choices, self.length, batch_ndim=batch_ndim)
+        return ChoiceMap.stacked(inner.choices, self.length, batch_ndim=inner.score.dim() - 1)
 
     @property
     def element_scores(self) -> torch.Tensor:
@@ -228,7 +241,7 @@ class UnfoldTrace(Trace):
                 self.recent is None and self._gathered is None and len(path) > 1:
             assert self.rows is not None  # (one address of every step: only it is gathered)
             rest = path[1:]
-            return self.history.gather_leaf(self.rows, lambda steps, _b: steps[rest])
+            return self.history.gather_leaf(self.rows, lambda block: block.choices[rest])
         if path and type(path[0]) is int:  # one step: no gather of the others
             t = path[0]
             try:
