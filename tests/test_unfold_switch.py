@@ -14,9 +14,9 @@ from torch.func import vmap
 
 import gfcomb as gf
 from gfcomb.combinators.switch import Switch, SwitchTrace
-from gfcomb.core.harmonize import harmonize
 from gfcomb.combinators.unfold import Unfold
 from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_stack
 
 NC, UC = gf.NoChange(), gf.UnknownChange()
