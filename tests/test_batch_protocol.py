@@ -321,3 +321,38 @@ def test_reading_states_or_one_address_of_a_history_gathers_only_that():
     close(states, full.retval)
     close(xs, tr.choices[:, "x"])
     close(ys, tr.choices[:, "y"])
+
+
+def test_a_filter_history_stores_choices_states_and_row_pointers_only():
+    """The history of a particle filter on the 1-D SSM holds x (8 B) and a row pointer (8 B)
+    per particle-step -- at most 2x the 16 B it must keep -- and the kernel traces rebuilt
+    from it give back every score: each particle's total is the sum of its rebuilt steps'."""
+    from gfcomb.core.pytree import tree_tensors
+    from gfcomb.inference import pf_initialize, pf_resample, pf_update
+
+    n, T = 200, 40
+    state = pf_initialize(LG, (0, torch.tensor(0.0), A), None, n)
+    for t in range(T):
+        state = pf_update(state, (t + 1, torch.tensor(0.0), A), (UC, NC, NC),
+                          {(t, "y"): torch.tensor(0.1 * t)})
+        state = pf_resample(state)
+    seen, held = set(), 0
+    block = state.traces.history
+    while block is not None:
+        for x in tree_tensors([block._choices, block._state, block._steps, block.parent_rows]):
+            if x.dim() and x.stride(0) == 0:
+                continue  # the shared observation, expanded
+            if x.untyped_storage().data_ptr() not in seen:
+                seen.add(x.untyped_storage().data_ptr())
+                held += x.untyped_storage().nbytes()
+        block = block.parent
+    assert held <= 2 * 16 * n * T
+    tr = state.traces
+    inner = tr.inner  # every step's kernel trace, rebuilt along each particle's ancestry
+    close(inner.score.sum(-1), tr.score, 1e-9)
+    close(inner.retval, tr[:, "x"])
+    block, kept = tr.history, 0
+    while block is not None:  # reading everything kept nothing
+        kept += block._steps is not None
+        block = block.parent
+    assert kept == 0
