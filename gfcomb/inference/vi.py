@@ -123,16 +123,19 @@ def _weights(model: GenerativeFunction, model_args: tuple[Any, ...], observation
     non_pathwise = [addr for addr, v in items if not _carries_gradient(v)]
     if not non_pathwise:
         return _Weights(log_w, None)
+    if len(non_pathwise) == len(items):
+        log_q_score = traces.score
+    else:
+        sel: Selection = PatternSelection(non_pathwise)
+        log_q_score = vmapped(lambda t: guide.project(t, sel), who)(traces)
+    if not log_q_score.requires_grad:  # q of those choices has no parameter to learn
+        return _Weights(log_w, None)
     if estimator == "reparam":
         raise ArgumentError(
             f"{who}: estimator='reparam' needs every guide choice to be reparameterized, but "
-            f"the value at address {show_address(non_pathwise[0])} carries no gradient "
-            "(a discrete choice, or one whose distribution has no parameter that requires "
-            "grad); use estimator='auto' or 'score'")
-    if len(non_pathwise) == len(items):
-        return _Weights(log_w, traces.score)
-    sel: Selection = PatternSelection(non_pathwise)
-    log_q_score = vmapped(lambda t: guide.project(t, sel), who)(traces)
+            f"the value at address {show_address(non_pathwise[0])} carries no gradient (a "
+            "discrete choice?) while its density depends on parameters; use "
+            "estimator='auto' or 'score'")
     return _Weights(log_w, log_q_score)
 
 
