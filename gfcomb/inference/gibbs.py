@@ -32,6 +32,7 @@ import torch
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import AddressError, ArgumentError
+from gfcomb.core.pytree import tree_index
 from gfcomb.core.trace import Trace
 from gfcomb.distributions import Bernoulli, Binomial, Categorical, UniformDiscrete
 from gfcomb.distributions.base import Distribution
@@ -75,11 +76,14 @@ def _walk(cm: ChoiceMap, prefix: tuple[Any, ...], out: list[Any]) -> None:
     if cm.is_empty():
         return
     if cm.is_value():
-        out.append((prefix, None, ()))
+        if cm.mask is None or bool(cm.mask.all()):
+            out.append((prefix, None, ()))
     elif cm.is_stacked():
         keys = tuple(cm.stacked_indices)
         for inner, _ in cm.stacked_inner.items(stacked=True):
-            if any(isinstance(k, slice) for k in inner):  # nested vectors: element by element
+            mask = cm.stacked_inner.get_submap(inner).mask
+            if any(isinstance(k, slice) for k in inner) or mask is not None:
+                # nested vectors, or some elements only: element by element
                 out.extend((prefix + a, None, ()) for a, _v in cm.items() if _under(a, inner))
             else:
                 out.append((prefix, keys, inner))
@@ -176,7 +180,10 @@ def _support_for(support: Any, trace: Trace, addr: tuple[Any, ...],
 
 
 def _sites(trace: Trace, selection: Any, support: Any) -> list[_Site]:
-    cm = trace.choices.filter(selection)
+    view = trace  # one chain's trace: the selection is resolved on it (no per-chain masks)
+    for _ in range(trace.score.dim()):
+        view = tree_index(view, 0)
+    cm = view.choices.filter(selection)
     found: list[Any] = []
     _walk(cm, (), found)
     if not found:
@@ -184,27 +191,20 @@ def _sites(trace: Trace, selection: Any, support: Any) -> list[_Site]:
                             "trace")
     sites = []
     for prefix, keys, inner in found:
+        sub = cm.get_submap(prefix)
         if keys is None:
-            value = trace[prefix]
-            sub = cm.get_submap(prefix)
-            length = 0
+            value, length = view[prefix], 0
         else:
-            sub = cm.get_submap(prefix)
-            value = sub.stacked_inner[inner]
-            length = sub.stacked_length
+            value, length = sub.stacked_inner[inner], sub.stacked_length
         addr = prefix if keys is None else prefix + (slice(None),) + inner
-        if not isinstance(value, torch.Tensor):
-            raise ArgumentError(f"gibbs: the choice at {show_address(addr)} is not a tensor")
-        if value.is_floating_point() is False and value.dtype == torch.bool:
-            raise ArgumentError(f"gibbs: boolean choices are not supported "
-                                f"({show_address(addr)})")
-        chain_dims = trace.score.dim()
-        per_chain = value.dim() - chain_dims - (0 if keys is None else 1)
-        if per_chain != 0:
+        if not isinstance(value, torch.Tensor) or value.dtype == torch.bool:
+            raise ArgumentError(f"gibbs: the choice at {show_address(addr)} is not a numeric "
+                                "tensor")
+        if value.dim() != (0 if keys is None else 1):
+            shape = tuple(value.shape if keys is None else value.shape[1:])
             raise ArgumentError(
-                f"gibbs: the choice at {show_address(addr)} has shape "
-                f"{tuple(value.shape[chain_dims:])} per chain; gibbs enumerates scalar "
-                "choices (one value per address or per vector element)")
+                f"gibbs: the choice at {show_address(addr)} has shape {shape}; gibbs "
+                "enumerates scalar choices (one value per address or per vector element)")
         sites.append(_Site(prefix, keys, length, inner,
                            _support_for(support, trace, addr, value)))
     return sites
