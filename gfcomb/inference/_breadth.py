@@ -13,11 +13,12 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
-from gfcomb.core.errors import ArgumentError, VmapError
+from gfcomb.core.errors import AddressError, ArgumentError, VmapError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
+from gfcomb.distributions.base import Distribution
 from gfcomb.inference.mcmc import accept_reject, is_batched_trace
 
 #: The "every element" key of an address pattern (``trace["ys", :, "y"]`` reads the same way).
@@ -215,3 +216,31 @@ def show_address(addr: tuple[Any, ...]) -> str:
     parts = [":" if isinstance(k, slice) else repr(k) for k in addr]
     return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
 
+
+def trace_at(trace: Trace, path: tuple[Any, ...]) -> tuple[Trace, tuple[Any, ...]] | None:
+    """The sub-trace of the call that holds ``path`` (longest traced prefix) and the rest of
+    the path, for @gen traces (``subtrace``); None when there is no such call."""
+    find = getattr(trace, "subtrace", None)
+    if not callable(find):
+        return None
+    for i in range(len(path), 0, -1):
+        try:
+            return find(path[:i]), path[i:]
+        except (AddressError, TypeError, KeyError):
+            continue
+    return None
+
+
+def distribution_at(trace: Trace,
+                     path: tuple[Any, ...]) -> tuple[Distribution, tuple[Any, ...]] | None:
+    """The distribution (and its arguments, batched as stored) that made the choice at the
+    address pattern ``path``, or None when it cannot be found."""
+    if isinstance(trace.gen_fn, Distribution):
+        return (trace.gen_fn, trace.args) if not path else None
+    found = trace_at(trace, path)
+    if found is not None:
+        return distribution_at(*found)
+    inner = getattr(trace, "inner", None)
+    if isinstance(inner, Trace) and path and isinstance(path[0], (int, slice)):
+        return distribution_at(inner, path[1:])
+    return None

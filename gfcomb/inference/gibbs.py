@@ -31,17 +31,18 @@ import torch
 
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.errors import AddressError, ArgumentError
+from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.trace import Trace
 from gfcomb.distributions import Bernoulli, Binomial, Categorical, UniformDiscrete
-from gfcomb.distributions.base import Distribution
 from gfcomb.inference._breadth import (
     accept,
     check_selection,
     check_trace,
+    distribution_at,
     over_chains,
     show_address,
+    trace_at,
     write,
 )
 from gfcomb.inference.mcmc import is_batched_trace
@@ -98,35 +99,6 @@ def _under(addr: tuple[Any, ...], pattern: tuple[Any, ...]) -> bool:
         isinstance(p, slice) or p == a for a, p in zip(rest, pattern))
 
 
-def _trace_at(trace: Trace, path: tuple[Any, ...]) -> tuple[Trace, tuple[Any, ...]] | None:
-    """The sub-trace of the call that holds ``path`` (longest traced prefix) and the rest of
-    the path, for @gen traces (``subtrace``); None when there is no such call."""
-    find = getattr(trace, "subtrace", None)
-    if not callable(find):
-        return None
-    for i in range(len(path), 0, -1):
-        try:
-            return find(path[:i]), path[i:]
-        except (AddressError, TypeError, KeyError):
-            continue
-    return None
-
-
-def _distribution_at(trace: Trace,
-                     path: tuple[Any, ...]) -> tuple[Distribution, tuple[Any, ...]] | None:
-    """The distribution (and its arguments, batched as stored) that made the choice at the
-    address pattern ``path``, or None when it cannot be found."""
-    if isinstance(trace.gen_fn, Distribution):
-        return (trace.gen_fn, trace.args) if not path else None
-    found = _trace_at(trace, path)
-    if found is not None:
-        return _distribution_at(*found)
-    inner = getattr(trace, "inner", None)
-    if isinstance(inner, Trace) and path and isinstance(path[0], (int, slice)):
-        return _distribution_at(inner, path[1:])
-    return None
-
-
 def _as_support(given: Any, like: torch.Tensor, addr: tuple[Any, ...]) -> torch.Tensor:
     if isinstance(given, bool):
         raise ArgumentError(f"gibbs: support for {show_address(addr)} must be an int, a "
@@ -145,7 +117,7 @@ def _as_support(given: Any, like: torch.Tensor, addr: tuple[Any, ...]) -> torch.
 
 
 def _inferred_support(trace: Trace, addr: tuple[Any, ...], like: torch.Tensor) -> torch.Tensor:
-    found = _distribution_at(trace, addr)
+    found = distribution_at(trace, addr)
     name = "an unknown generative function" if found is None else found[0].name
     if found is not None:
         dist, args = found
@@ -234,7 +206,7 @@ def _vector_trace(trace: Trace, prefix: tuple[Any, ...]) -> Trace | None:
     """The trace of the vector combinator at ``prefix`` when it reports ``element_scores``."""
     sub: Any = trace
     if prefix:
-        found = _trace_at(trace, prefix)
+        found = trace_at(trace, prefix)
         if found is None or found[1]:
             return None
         sub = found[0]

@@ -18,6 +18,7 @@ from gfcomb.inference._breadth import (
     check_positive_int,
     check_selection,
     check_trace,
+    distribution_at,
     float_leaves,
     over_chains,
     write,
@@ -69,7 +70,9 @@ def map_optimize(trace: Trace, selection: Selection, n_steps: int = 100, lr: flo
     if not leaves:
         raise ArgumentError(f"{who}: the selection {selection!r} selects no choice of the trace")
     for addr, v in selected.items(stacked=True):
-        if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+        found = distribution_at(trace, addr)
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point()) or (
+                found is not None and found[0].discrete):
             raise ArgumentError(f"{who}: the choice at {addr!r} is not continuous; map_optimize "
                                 "moves continuous choices only")
 
