@@ -70,7 +70,8 @@ def main() -> None:
     opts = parser.parse_args()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float64)
-    n, n_chains, n_sweeps = (200, 4, 150) if opts.size == "small" else (2000, 8, 2000)
+    torch.set_num_threads(1)  # small tensors: intra-op threads only add contention here
+    n, n_chains, n_sweeps = (200, 4, 150) if opts.size == "small" else (1000, 8, 1000)
 
     z_true = (torch.rand(n) < WEIGHT).double()
     ys = torch.where(z_true > 0.5, TRUE_MUS[1], TRUE_MUS[0]) + torch.randn(n)
