@@ -186,14 +186,14 @@ def test_map_optimize_reaches_the_exact_mode():
     assert float(opt.score) >= float(tr.score)
     assert torch.equal(opt["y"], Y)
     # batched: every chain reaches the mode
-    chains = many(latent_gaussian, (), {"y": Y}, 50)
+    chains = many(latent_gaussian, (), {"y": Y}, 20)
     opt = map_optimize(chains, gf.select("f"), 80, 0.5)
     assert float((opt["f"] - mean).abs().max()) < 1e-6
 
 
 def test_map_optimize_gamma_poisson_mode():
     tr, _ = gamma_poisson.generate((4,), GP_OBS)
-    opt = map_optimize(tr, gf.select("lam"), 40, 0.5)
+    opt = map_optimize(tr, gf.select("lam"), 25, 0.5)
     a, b = A0 + sum(KS), B0 + len(KS)
     assert abs(float(opt["lam"]) - (a - 1) / b) < 1e-5  # the mode of Gamma(16, 5) is 3.0
 

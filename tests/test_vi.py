@@ -48,7 +48,7 @@ def leaf(x):
 
 
 # ------------------------------------------------------------------ continuous oracles
-@pytest.mark.parametrize("estimator", ["reparam", "auto"])
+@pytest.mark.parametrize("estimator", ["reparam", pytest.param("auto", marks=pytest.mark.slow)])
 def test_fit_vi_recovers_normal_normal_posterior(estimator):
     mean, sd, _ = exact_posterior()
     loc, log_scale = leaf(0.0), leaf(0.0)
@@ -191,7 +191,8 @@ def exact_p1():
     return 1.0 / (1.0 + math.exp(mix_log_joint(0) - mix_log_joint(1)))
 
 
-@pytest.mark.parametrize("estimator,n_samples", [("score", 1), ("score", 8), ("auto", 8)])
+@pytest.mark.parametrize("estimator,n_samples", [
+    ("score", 1), pytest.param("score", 8, marks=pytest.mark.slow), ("auto", 8)])
 def test_score_function_vi_reaches_exact_posterior_probability(estimator, n_samples):
     theta = leaf(0.0)
     opt = torch.optim.Adam([theta], lr=0.05)
@@ -263,7 +264,7 @@ def check_unbiased(objective, k, reps):
 
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("elbo", 4), ("iwae", 3)])
 def test_score_function_gradients_are_unbiased(objective, k):
-    check_unbiased(objective, k, 250)
+    check_unbiased(objective, k, 150)
 
 
 @pytest.mark.slow

@@ -40,13 +40,14 @@ def _step(values: ChoiceMap, grads: ChoiceMap, size: torch.Tensor) -> ChoiceMap:
 
 
 def map_optimize(trace: Trace, selection: Selection, n_steps: int = 100, lr: float = 0.1, *,
-                 tau: float = 0.5, max_backtracks: int = 40) -> Trace:
+                 tau: float = 0.5, max_backtracks: int = 30) -> Trace:
     """Maximise log p(t) over the selected continuous choices: the optimised trace.
 
     Each of ``n_steps`` iterations takes the gradient g = ∇ log p at the selected choices
     (``choice_gradients``) and tries step sizes ``lr``, ``lr·tau``, ``lr·tau²``, ... (at most
     ``max_backtracks`` shrinks) until the score increases; a chain whose score does not
-    increase keeps its state.  A batched trace optimises every chain in lockstep, one
+    increase at any of them keeps its state and stops (it is at a maximum, to that
+    precision).  A batched trace optimises every chain in lockstep, one
     vmapped ``update`` per trial.
 
     Math: x ← x + s g with s = lr·τ^j, j the smallest integer with log p(x + s g) > log p(x)
@@ -87,13 +88,14 @@ def map_optimize(trace: Trace, selection: Selection, n_steps: int = 100, lr: flo
         return new
 
     current = trace
+    active = torch.ones_like(trace.score, dtype=torch.bool)  # chains not yet at a maximum
     for _ in range(n_steps):
         current, values, grads = over_chains(gradient, who, current)
         if not float_leaves(grads):
             break
         size = torch.full_like(current.score, lr)
         best = current
-        done = torch.zeros_like(current.score, dtype=torch.bool)
+        done = ~active
         for _ in range(max_backtracks):
             proposed = over_chains(trial, who, current, values, grads, size)
             ok = (proposed.score > current.score) & ~done
@@ -102,5 +104,9 @@ def map_optimize(trace: Trace, selection: Selection, n_steps: int = 100, lr: flo
             if bool(done.all()):
                 break
             size = torch.where(done, size, size * tau)
+        improved = done & active
+        active = improved  # no step size improved the score: converged (Gen.jl stops there)
         current = best
+        if not bool(active.any()):
+            break
     return current
