@@ -202,3 +202,52 @@ def test_categorical_block_in_a_map():
         means, 1.0).log_prob(ys.unsqueeze(-1)), -1)  # [5, 3], exact per element
     emp = torch.stack([(moved[:, "k"] == v).double().mean(0) for v in range(3)], -1)
     assert torch.allclose(emp, post, atol=0.04)
+
+
+TRANS = torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=torch.float64)
+HMM_MU = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+HMM_YS = torch.tensor([-0.5, 0.8, 1.2, -0.1], dtype=torch.float64)
+
+
+@gf.gen
+def hmm_step(_t, s):
+    s = gf.categorical(TRANS[s]) @ "s"
+    gf.normal(HMM_MU[s], 1.0) @ "y"
+    return s
+
+
+def hmm_marginals():
+    """P(s_t = 1 | y) by enumeration of the 16 state paths."""
+    normal = torch.distributions.Normal
+    lps = {}
+    for path in itertools.product((0, 1), repeat=len(HMM_YS)):
+        prev, lp = 0, 0.0
+        for t, s in enumerate(path):
+            lp += math.log(TRANS[prev, s]) + float(normal(HMM_MU[s], 1.0).log_prob(HMM_YS[t]))
+            prev = s
+        lps[path] = lp
+    z = torch.logsumexp(torch.tensor(list(lps.values())), 0)
+    return [sum(math.exp(v - z) for k, v in lps.items() if k[t] == 1)
+            for t in range(len(HMM_YS))]
+
+
+@pytest.mark.parametrize("block", [None, True])
+def test_gibbs_on_unfold_steps_matches_enumeration(block):
+    """Unfold steps are coupled through the state: by default they move one by one (exact
+    conditionals, always accepted); block=True makes one MH-corrected block move."""
+    hmm = gf.Unfold(hmm_step)
+    t_len = len(HMM_YS)
+    obs = gf.ChoiceMap.stacked(gf.ChoiceMap({"y": HMM_YS}), t_len)
+    chains = torch.func.vmap(lambda _: hmm.generate((t_len, torch.tensor(0)), obs)[0],
+                             randomness="different")(torch.zeros(2000))
+    rates = []
+    for _ in range(8 if block is None else 30):
+        chains, accepted = gibbs(chains, select_pattern((ANY, "s")), block=block)
+        rates.append(float(accepted.double().mean()))
+    if block is None:
+        assert min(rates) == 1.0
+    else:
+        assert 0.05 < sum(rates) / len(rates) < 0.9
+    emp = chains[:, "s"].double().mean(0)
+    for t, p in enumerate(hmm_marginals()):
+        assert abs(float(emp[t]) - p) < 4 * math.sqrt(p * (1 - p) / 2000) + 0.01

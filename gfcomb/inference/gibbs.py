@@ -6,14 +6,14 @@ elements of a Map (or the steps of an Unfold) and over chains.
 * a single choice (``"z"``, ``("zs", 3, "z")``) is resampled from its exact full conditional:
   one ``update`` per value of its support gives log p(t[z := v]) − log p(t), and a value is
   drawn from their softmax (Gumbel-max, so it runs under vmap);
-* a block of the same choice in many elements of a vector combinator
-  (``select_pattern(("zs", slice(None), "z"))``) is moved in one step: one ``update`` per
-  support value sets the choice to that value in *every* element at once, and the elements'
-  kernel scores (``element_scores`` of the Map/Unfold trace) give each element's conditional
-  π_i(v) ∝ exp s_i(v); all elements are drawn in parallel from Π_i π_i and the move is
-  accepted with the Metropolis–Hastings ratio, which is exactly 1 when the elements are
-  conditionally independent (a Map whose return value is not used by later choices): then
-  this is exact block Gibbs; otherwise it is a valid MH move with the same proposal.
+* a block of the same choice in many elements of a Map (``select_pattern(("zs",
+  slice(None), "z"))``; with ``block=True`` also the steps of an Unfold) is moved in one
+  step: one ``update`` per support value sets the choice to that value in *every* element at
+  once, and the elements' kernel scores (``element_scores`` of the vector trace) give each
+  element's conditional π_i(v) ∝ exp s_i(v); all elements are drawn in parallel from Π_i π_i
+  and the move is accepted with the Metropolis–Hastings ratio, which is exactly 1 when the
+  elements are conditionally independent (a Map whose return value is not used by later
+  choices): then this is exact block Gibbs; otherwise it is a valid MH move with the same proposal.
 
 The support of each choice is read from the distribution that made it (``bernoulli``:
 {0, 1}; ``categorical``: {0, ..., K−1}; ``uniform_discrete``: {low, ..., high};
@@ -29,6 +29,7 @@ from typing import Any, Union
 import attrs
 import torch
 
+from gfcomb.combinators import Map
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
@@ -253,12 +254,15 @@ def _expanded(site: _Site) -> list[_Site]:
 
 
 def gibbs(trace: Trace, selection: Any, *, support: Support | Mapping[Any, Support] | None = None,
-          ) -> tuple[Trace, Any]:
+          block: bool | None = None) -> tuple[Trace, Any]:
     """One sweep of enumerative Gibbs over the selected discrete choices: ``(trace, accepted)``.
 
     ``selection`` names the choices to move: ``gf.select("z", ("zs", 3, "z"))`` for single
     choices, :func:`gfcomb.inference.select_pattern` with ``slice(None)`` for the same choice
-    in every element of a Map/Unfold (moved as one batched block).  ``support`` overrides
+    in every element of a Map/Unfold.  ``block``: move such a choice in all elements at once
+    (True), or element by element, each from its exact conditional (False); by default
+    (None) Map elements move as one block and Unfold steps (coupled through the state) one
+    by one.  ``support`` overrides
     the enumerated values: an int K (values 0..K−1), a sequence or tensor of values, or a dict
     from address (pattern) to either.  ``accepted`` is True when every move of the sweep was
     taken (always, for exact Gibbs moves); a bool tensor per chain for a batched trace.
@@ -282,7 +286,9 @@ def gibbs(trace: Trace, selection: Any, *, support: Support | Mapping[Any, Suppo
         if site.keys is None:
             blocks.append((site, False))
             continue
-        if _vector_trace(trace, site.prefix) is None:  # (the record type is the same per chain)
+        vec = _vector_trace(trace, site.prefix)  # (the record type is the same per chain)
+        as_block = isinstance(getattr(vec, "gen_fn", None), Map) if block is None else block
+        if vec is None or not as_block:
             blocks.extend((s, False) for s in _expanded(site))
         else:
             blocks.append((site, True))
