@@ -8,14 +8,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch._C import _functorch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import AddressError, ArgumentError, VmapError
 from gfcomb.core.gfi import GenerativeFunction
-from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
 from gfcomb.distributions.base import Distribution
@@ -31,6 +30,11 @@ _VMAP_CAUSES = (
     ("in-place", "an in-place write into a tensor that is not batched"),
     ("does not have a batching rule", "a torch operation without a vmap batching rule"),
 )
+
+
+def inside_functorch_transform() -> bool:
+    """True while a torch.func transform (vmap, grad, ...) is running."""
+    return _functorch.peek_interpreter_stack() is not None
 
 
 def check_positive_int(n: Any, name: str, who: str, minimum: int = 1) -> int:
@@ -122,20 +126,6 @@ def over_chains(fn: Callable[..., Any], who: str, trace: Trace, *per_chain: Any)
         return fn(trace, *per_chain)
     dims = (0,) + tuple(None if x is None else 0 for x in per_chain)
     return vmapped(lambda t, *e: over_chains(fn, who, t, *e), who, dims)(trace, *per_chain)
-
-
-def merge_chains(accepted: Any, proposed: Trace, current: Trace,
-                 old_values: Callable[[], ChoiceMap]) -> Trace:
-    """``proposed`` where ``accepted`` else ``current``, per chain (``accepted`` a bool or a
-    bool tensor).  Under vmap, a current trace whose record structure differs from the
-    proposal's is first re-expressed by ``update``-ing it with its own values."""
-    if isinstance(accepted, bool):
-        return proposed if accepted else current
-    if inside_functorch_transform() or accepted.dim() > 0:
-        if pytree.tree_structure(proposed) != pytree.tree_structure(current):
-            current, _, _ = write(current, old_values())
-        return tree_where(accepted, proposed, current)
-    return proposed if bool(accepted) else current
 
 
 def accept(current: Trace, proposed: Trace, log_alpha: torch.Tensor,

@@ -13,13 +13,18 @@ from typing import Any
 
 import torch
 
-from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_index, tree_scatter, tree_where
 from gfcomb.core.selection import select
 from gfcomb.core.trace import Trace
-from gfcomb.inference._breadth import check_positive_int, check_trace, over_chains, write
+from gfcomb.inference._breadth import (
+    check_positive_int,
+    check_trace,
+    inside_functorch_transform,
+    over_chains,
+    write,
+)
 from gfcomb.inference.mcmc import is_batched_trace
 
 __all__ = ["elliptical_slice"]

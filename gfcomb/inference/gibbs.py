@@ -30,7 +30,6 @@ import attrs
 import torch
 
 from gfcomb.combinators import Map
-from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_index
@@ -41,6 +40,7 @@ from gfcomb.inference._breadth import (
     check_selection,
     check_trace,
     distribution_at,
+    inside_functorch_transform,
     over_chains,
     show_address,
     trace_at,

@@ -10,6 +10,7 @@ with log α = weight + log q(u'; t') − log q(u; t).  The involution must be it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,5 +107,8 @@ def log_abs_det_jacobian(fn: Callable[..., Any], *inputs: torch.Tensor,
     if n_out != flat.numel():
         raise ArgumentError(f"log_abs_det_jacobian: fn maps {flat.numel()} reals to {n_out}; "
                             "a bijection needs as many outputs as inputs")
-    jac = (torch.func.jacfwd if mode == "fwd" else torch.func.jacrev)(flat_fn)(flat)
+    with warnings.catch_warnings():  # torch's forward AD warns about its own jit scripts once
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                category=DeprecationWarning)
+        jac = (torch.func.jacfwd if mode == "fwd" else torch.func.jacrev)(flat_fn)(flat)
     return outputs, torch.linalg.slogdet(jac)[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_where
@@ -20,6 +19,7 @@ from gfcomb.inference._breadth import (
     check_trace,
     distribution_at,
     float_leaves,
+    inside_functorch_transform,
     over_chains,
     write,
 )

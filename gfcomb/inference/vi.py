@@ -168,9 +168,12 @@ def elbo(model: GenerativeFunction, model_args: tuple[Any, ...],
     """A differentiable estimate of the evidence lower bound from ``n_samples`` guide draws.
 
     ``guide(*guide_args)`` proposes the latent choices; ``model(*model_args)`` scores them with
-    the ``observations``.  ``estimator``: ``"reparam"``, ``"score"`` or ``"auto"`` (see the
-    module docstring); ``baseline`` (score function with one sample only): a constant
-    subtracted from the learning signal, e.g. a running average of past estimates.
+    the ``observations`` (``generate`` with observations ∪ guide choices; a latent the guide
+    does not make is drawn from the model's prior and so becomes part of the proposal, with
+    pathwise gradients only: let the guide make every latent).  ``estimator``: ``"reparam"``,
+    ``"score"`` or ``"auto"`` (see the module docstring); ``baseline`` (score function with
+    one sample only): a constant subtracted from the learning signal, e.g. a running average
+    of past estimates.
 
     Math: ELBO = E_{z~q}[log p(z, y) − log q(z)] ≤ log p(y), estimated by
     (1/n) Σ_i [log p(z_i, y) − log q(z_i)], z_i ~ q i.i.d.  Score-function choices add the
