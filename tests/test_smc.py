@@ -122,3 +122,30 @@ def test_default_argdiffs():
     assert isinstance(d[0], gf.UnknownChange) and isinstance(d[1], gf.NoChange)
     assert isinstance(d[2], gf.NoChange)
     assert isinstance(default_argdiffs((x,), (x.clone(),))[0], gf.UnknownChange)
+
+
+def test_smc_with_gibbs_rejuvenation_on_a_discrete_hmm():
+    from gfcomb.inference import gibbs
+
+    trans = torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=torch.float64)
+    mus = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    ys = [-0.5, 0.8, 1.2, -0.1]
+
+    @gf.gen
+    def hstep(_t, s):
+        s = gf.categorical(trans[s]) @ "s"
+        gf.normal(mus[s], 1.0) @ "y"
+        return s
+
+    # exact log p(y): the forward algorithm
+    alpha = trans[0] * torch.exp(torch.distributions.Normal(mus, 1.0).log_prob(
+        torch.tensor(ys[0])))
+    for y in ys[1:]:
+        alpha = (alpha @ trans) * torch.exp(torch.distributions.Normal(mus, 1.0).log_prob(
+            torch.tensor(y)))
+    exact = float(alpha.sum().log())
+    res = smc(gf.Unfold(hstep), lambda t: (t + 1, torch.tensor(0)),
+              [{(t, "y"): y} for t, y in enumerate(ys)], 2000,
+              rejuvenation=lambda tr, t: gibbs(tr, gf.select((t - 1, "s"))),
+              rejuvenate="always", progress=False)
+    assert abs(float(res.log_ml) - exact) < 0.1

@@ -20,6 +20,12 @@ from gfcomb.core.trace import Trace
 from gfcomb.distributions.base import Distribution
 from gfcomb.inference.mcmc import accept_reject, is_batched_trace
 
+_BATCHED_CALL: Callable[..., Any] | None
+try:  # the vmap of gfcomb's vector combinators (knows the shared-history layout of Unfold)
+    from gfcomb.combinators.vector import batched_call as _BATCHED_CALL
+except ImportError:  # pragma: no cover - a future layout: fall back to torch.func.vmap
+    _BATCHED_CALL = None
+
 #: The "every element" key of an address pattern (``trace["ys", :, "y"]`` reads the same way).
 ANY = slice(None)
 
@@ -121,11 +127,22 @@ def vmapped(fn: Callable[..., Any], who: str, in_dims: Any = 0) -> Callable[...,
 def over_chains(fn: Callable[..., Any], who: str, trace: Trace, *per_chain: Any) -> Any:
     """``fn(trace, *per_chain)`` per chain: one vmap over the leading chain axis of a batched
     trace (nested for several leading axes), a plain call for one trace.  ``per_chain``
-    inputs carry the same leading axes (None is passed through)."""
+    inputs carry the same leading axes (None is passed through).
+
+    Batched traces whose Unfold steps sit in a shared history (particle-filter states) are
+    mapped with the vector combinators' ``batched_call`` (what ``mh`` uses), which knows that
+    layout; plain ``torch.func.vmap`` otherwise."""
     if not is_batched_trace(trace):
         return fn(trace, *per_chain)
     dims = (0,) + tuple(None if x is None else 0 for x in per_chain)
-    return vmapped(lambda t, *e: over_chains(fn, who, t, *e), who, dims)(trace, *per_chain)
+
+    def one(t: Trace, *extra: Any) -> Any:
+        return over_chains(fn, who, t, *extra)
+
+    if _BATCHED_CALL is not None:
+        n = int(trace.score.shape[0])
+        return _BATCHED_CALL(one, dims, vectorize=True, length=n, who=who)(trace, *per_chain)
+    return vmapped(one, who, dims)(trace, *per_chain)
 
 
 def accept(current: Trace, proposed: Trace, log_alpha: torch.Tensor,

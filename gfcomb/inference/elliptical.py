@@ -12,10 +12,11 @@ import math
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
+from gfcomb.core.batched import select_batch
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
-from gfcomb.core.pytree import tree_index, tree_scatter, tree_where
 from gfcomb.core.selection import select
 from gfcomb.core.trace import Trace
 from gfcomb.inference._breadth import (
@@ -97,31 +98,37 @@ def elliptical_slice(trace: Trace, addr: Any, mean: Any, cov: Any, *,
         nu = factor * eps if scalar else factor @ eps
         log_y = loglik(t) + torch.log(torch.rand_like(t.score).clamp_min(1e-300))
         theta = torch.rand_like(t.score) * (2 * math.pi)
-        twin, _, _ = write(t, ChoiceMap({path: f}))  # the state in the record type of moves
-        return twin, f - mu, nu, log_y, theta, theta - 2 * math.pi, theta
+        return f, f - mu, nu, log_y, theta, theta - 2 * math.pi, theta
 
-    def attempt(t: Trace, f0: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor,
-                ) -> tuple[Trace, torch.Tensor]:
-        f_new = f0 * torch.cos(theta) + nu * torch.sin(theta) + mu
+    def point(f0: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return f0 * torch.cos(theta) + nu * torch.sin(theta) + mu
+
+    def attempt(t: Trace, f_new: torch.Tensor) -> torch.Tensor:
         new, _, _ = write(t, ChoiceMap({path: f_new}))
-        return new, loglik(new)
+        return loglik(new)
 
-    current, f0, nu, log_y, theta, lo, hi = over_chains(start, who, trace)
-    result = current
+    f_acc, f0, nu, log_y, theta, lo, hi = over_chains(start, who, trace)
     done = torch.zeros_like(log_y, dtype=torch.bool)
     subset = chain_dims == 1  # one chain axis: only the chains still searching are run
     for _ in range(max_shrinks):
+        f_new = point(f0, nu, theta.reshape(theta.shape + (1,) * (f0.dim() - theta.dim())))
+        sub = None
         if subset:
             rows = torch.nonzero(~done).reshape(-1)
-            proposed, ll = over_chains(attempt, who, tree_index(current, rows), f0[rows],
-                                       nu[rows], theta[rows])
-            ok_rows = torch.nonzero(ll > log_y[rows]).reshape(-1)
-            result = tree_scatter(result, rows[ok_rows], tree_index(proposed, ok_rows))
-            done = done.index_fill(0, rows[ok_rows], True)
+            sub = select_batch(trace, rows)
+            if any(x.dim() == 0 or x.shape[0] != rows.shape[0] for x in
+                   pytree.tree_leaves(sub) if isinstance(x, torch.Tensor)):
+                sub = None  # rows over a shared store (Unfold history): run every chain
+        if sub is not None:
+            ll = over_chains(attempt, who, sub, f_new[rows])
+            ok_rows = rows[ll > log_y[rows]]
+            f_acc = f_acc.index_copy(0, ok_rows, f_new[ok_rows])
+            done = done.index_fill(0, ok_rows, True)
         else:
-            proposed, ll = over_chains(attempt, who, current, f0, nu, theta)
+            ll = over_chains(attempt, who, trace, f_new)
             ok = (ll > log_y) & ~done
-            result = tree_where(ok, proposed, result)
+            f_acc = torch.where(ok.reshape(ok.shape + (1,) * (f_acc.dim() - ok.dim())), f_new,
+                                f_acc)
             done = done | ok
         if bool(done.all()):
             break
@@ -129,5 +136,8 @@ def elliptical_slice(trace: Trace, addr: Any, mean: Any, cov: Any, *,
         hi = torch.where(theta < 0, hi, theta)
         theta = torch.where(done, theta, lo + torch.rand_like(theta) * (hi - lo))
     if not is_batched_trace(trace):
-        return (result, True) if bool(done) else (trace, False)
+        if not bool(done):
+            return trace, False
+        return write(trace, ChoiceMap({path: f_acc}))[0], True
+    result = over_chains(lambda t, f: write(t, ChoiceMap({path: f}))[0], who, trace, f_acc)
     return result, done
