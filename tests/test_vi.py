@@ -100,7 +100,7 @@ def test_iwae_is_above_elbo_and_approaches_log_evidence():
     # IWAE_K >= ELBO, <= log p(y) (within noise), and -> log p(y) = -3.527 (measured means:
     # K=10 -3.54, K=100 -3.52, K=1000 -3.536, standard errors 0.06, 0.02, 0.007)
     assert stats[10][0] > exact_elbo + 2.0
-    for k, (mu, err) in stats.items():
+    for mu, err in stats.values():
         assert mu <= log_ev + 4 * err + 1e-3
     assert abs(stats[1000][0] - log_ev) < 4 * stats[1000][1] + 0.01
 
