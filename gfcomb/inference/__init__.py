@@ -1,5 +1,6 @@
 """Inference on top of the GFI, vectorized over samples, particles and chains:
-importance sampling, particle filters and resampling, MCMC, parameter learning."""
+importance sampling, particle filters and resampling, MCMC, parameter learning, variational
+inference, Gibbs / elliptical-slice / involutive MCMC, MAP, an SMC driver, ArviZ export."""
 
 from gfcomb.inference.importance import (
     ImportanceResamplingResult,
@@ -45,6 +46,17 @@ from gfcomb.inference.resampling import (
     systematic_resample,
 )
 
+# isort: split
+# variational inference, more MCMC, SMC, diagnostics (issue 13)
+from gfcomb.inference._breadth import ANY, select_pattern
+from gfcomb.inference.diagnostics import to_inference_data, variable_name
+from gfcomb.inference.elliptical import elliptical_slice
+from gfcomb.inference.gibbs import gibbs
+from gfcomb.inference.involutive import involutive_mcmc, log_abs_det_jacobian
+from gfcomb.inference.map_opt import map_optimize
+from gfcomb.inference.smc import SMCResult, default_argdiffs, smc
+from gfcomb.inference.vi import ESTIMATORS, VIResult, elbo, fit_vi, iwae_bound
+
 __all__ = [
     "ImportanceResamplingResult", "ImportanceResult", "ParticleFilterState", "RESAMPLERS",
     "effective_sample_size", "importance_resampling", "importance_sampling", "log_ml_estimate",
@@ -54,4 +66,8 @@ __all__ = [
     "mala_propose", "mh", "mh_propose", "mh_propose_custom", "run_chain",
     "batch_log_likelihood", "simulated_data", "train", "train_proposal",
     "progress_bar", "progress_enabled",
+    "ANY", "ESTIMATORS", "SMCResult", "VIResult", "default_argdiffs", "elbo",
+    "elliptical_slice", "fit_vi", "gibbs", "involutive_mcmc", "iwae_bound",
+    "log_abs_det_jacobian", "map_optimize", "select_pattern", "smc", "to_inference_data",
+    "variable_name",
 ]
