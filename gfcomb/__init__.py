@@ -8,15 +8,21 @@
 """
 
 from gfcomb.combinators import (
+    Dimap,
     Map,
+    Mask,
+    MaskTrace,
     Production,
     Recurse,
     RecurseTrace,
+    Repeat,
+    Scan,
     Switch,
     SwitchTrace,
     Unfold,
     UnfoldTrace,
     VectorTrace,
+    WrappedTrace,
 )
 from gfcomb.core import (
     AddressError,
@@ -57,5 +63,6 @@ __all__ = [
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
     "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold",
     "Switch", "Recurse", "Production",
-    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
+    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
+    "Dimap", "MaskTrace", "WrappedTrace", *_dist_all,
 ]

@@ -191,6 +191,10 @@ class SwitchTrace(Trace):
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_choices", None)
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval(addr)``: a call of the chosen branch (its addresses sit flat)."""
+        return self.narrowed().branch_trace.get_retval(path)
+
 
 register_record(SwitchTrace, dynamic=("args", "index", "traces", "retval", "score"),
                 static=("gen_fn", "batched"))

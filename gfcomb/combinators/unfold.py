@@ -228,6 +228,22 @@ class UnfoldTrace(Trace):
                            None if tr.rows is None else pick(tr.rows), tr.history,
                            shared_args=tr._shared_args)
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval((t, ...))``: step ``t``'s state (or a call inside the step)."""
+        t = path[0]
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.length:
+            raise AddressError(f"no step at address {{addr}} (steps are keyed "
+                               f"0..{self.length - 1})", path)
+        inner = self.inner
+        assert inner is not None
+        axis = self.score.dim()  # (batch axes of a batched trace come first)
+        if len(path) == 1:
+            return tree_index(inner.retval, t, axis)
+        try:
+            return tree_index(inner, t, axis).get_retval(path[1:])
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+
 
 register_record(UnfoldTrace, dynamic=("args", "score", "recent", "rows"),
                 static=("gen_fn", "length", "history"))
