@@ -15,7 +15,7 @@ xs)`` for ragged data): data-dependent control flow is impossible under vmap, so
 runs for every element and the results are masked by the flag: the choices carry the flag
 as their presence mask (absent where it is false, as for a Switch branch that was not
 taken), scores and weights are ``where(flag, ·, 0)``, and the return value is ``gen_fn``'s
-for every element (meaningful only where the flag is true).  Constraints at elements whose
+where the flag is true and zeros (of its shape) where it is false.  Constraints at elements whose
 flag is false are ignored (so a stacked observation array may cover every element); an
 element whose flag turns on gets fresh choices (a ``generate``), one whose flag turns off
 discards its old choices.
@@ -36,7 +36,7 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError, UnvisitedConstraintError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
-from gfcomb.core.pytree import register_record, tree_where
+from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 
@@ -182,7 +182,9 @@ class Mask(GenerativeFunction):
         return MaskTrace(self, args, inner.retval, inner.score, inner, None, False, True)
 
     def _batched(self, args: tuple[Any, ...], flag: torch.Tensor, inner: Trace) -> MaskTrace:
-        return MaskTrace(self, args, inner.retval, _where(flag, inner.score, 0.0), inner, flag,
+        r = inner.retval
+        retval = tree_where(flag, r, tree_map_tensors(torch.zeros_like, r))
+        return MaskTrace(self, args, retval, _where(flag, inner.score, 0.0), inner, flag,
                          True, True)
 
     @staticmethod
