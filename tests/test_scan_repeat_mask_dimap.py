@@ -195,9 +195,13 @@ def test_map_of_mask_with_batched_flags_masks_choices_and_weights():
     assert [a for a, _ in tr.choices.items()] == [(0,), (2,)]
     expect = normal_lp(tr[0], 0.0, 1.0) + normal_lp(tr[2], 2.0, 1.0)
     assert torch.allclose(tr.score, expect, atol=1e-12)
-    # stacked observations for every element: the masked-out ones are ignored
+    # stacked observations for every element: a masked-out element's is an unvisited
+    # constraint (NaN weight); with the flags as presence mask they are left out
     ys = torch.tensor([0.5, 9.0, 1.5, 9.0])
-    tr2, w = mm.generate((flags, locs, torch.tensor(1.0)), gf.ChoiceMap.stacked({(): ys}))
+    _, w = mm.generate((flags, locs, torch.tensor(1.0)), gf.ChoiceMap.stacked({(): ys}))
+    assert torch.isnan(w)
+    tr2, w = mm.generate((flags, locs, torch.tensor(1.0)),
+                         gf.ChoiceMap.stacked({(): ys}, mask=flags))
     assert torch.allclose(w, normal_lp(0.5, 0.0, 1.0) + normal_lp(1.5, 2.0, 1.0), atol=1e-12)
     assert torch.allclose(tr2.score, w, atol=1e-12)
     # flip the flags: element 1 appears (fresh), element 0 disappears (discarded)

@@ -15,10 +15,12 @@ xs)`` for ragged data): data-dependent control flow is impossible under vmap, so
 runs for every element and the results are masked by the flag: the choices carry the flag
 as their presence mask (absent where it is false, as for a Switch branch that was not
 taken), scores and weights are ``where(flag, ·, 0)``, and the return value is ``gen_fn``'s
-where the flag is true and zeros (of its shape) where it is false.  Constraints at elements whose
-flag is false are ignored (so a stacked observation array may cover every element); an
-element whose flag turns on gets fresh choices (a ``generate``), one whose flag turns off
-discards its old choices.
+where the flag is true and zeros (of its shape) where it is false.  An element whose flag
+turns on gets fresh choices (a ``generate``), one whose flag turns off discards its old
+choices.  A constraint at an element whose flag is false is at an address that element never
+visits: as for a Switch under vmap this cannot raise per element, and the element's weight is
+NaN (never a wrong number).  To observe ragged data, give the constraints the flags as their
+presence mask: ``ChoiceMap.stacked({"y": ys}, mask=present)``.
 
 Math: log p(t; (f, x)) = [f] · log p_gen_fn(t; x).
 """
@@ -104,6 +106,32 @@ register_record(MaskTrace, dynamic=("args", "retval", "score", "inner", "flag"),
                 static=("gen_fn", "batched", "active"))
 
 
+def _any_present(cm: ChoiceMap) -> bool | torch.Tensor:
+    """Does ``cm`` hold a present value (per element of a batch where masks are batched)?"""
+    if cm.is_empty():
+        return False
+    if cm.is_value():
+        m = cm.mask
+        return True if m is None else m.any()
+    subs = [cm.stacked_inner] if cm.is_stacked() else [cm.get_submap(k) for k in cm.keys()]
+    out: bool | torch.Tensor = False
+    for sub in subs:
+        p = _any_present(sub)
+        if p is True:
+            return True
+        out = p if out is False else (out | p)
+    return out
+
+
+def _nan_where_unvisited(w: torch.Tensor, flag: torch.Tensor, cm: ChoiceMap) -> torch.Tensor:
+    """``w`` with NaN where ``flag`` is false and ``cm`` constrains something."""
+    given = _any_present(cm)
+    if given is False:
+        return w
+    bad = ~flag if given is True else (given & ~flag)
+    return torch.where(bad, torch.full_like(w, float("nan")), w)
+
+
 def _where(flag: torch.Tensor, a: torch.Tensor, b: Any) -> torch.Tensor:
     b = b if isinstance(b, torch.Tensor) else torch.zeros_like(a) + b
     return torch.where(flag, a, b.to(a.dtype))
@@ -168,7 +196,10 @@ class Mask(GenerativeFunction):
 
     @staticmethod
     def _refuse(cm: ChoiceMap, method: str) -> None:
-        if not cm.is_empty():
+        present = _any_present(cm)  # (values masked out everywhere are absent)
+        if isinstance(present, torch.Tensor) and not is_batched(present):
+            present = bool(present)
+        if present is not False:
             addr = next(iter(cm.items(stacked=True)), ((), None))[0]
             raise UnvisitedConstraintError(
                 f"{method}: constraint at address {{addr}} is never visited (the Mask's flag "
@@ -201,8 +232,8 @@ class Mask(GenerativeFunction):
 
     def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
                  ) -> tuple[MaskTrace, torch.Tensor]:
-        """Math: weight = [flag] · the inner generate weight (constraints of elements whose
-        batched flag is false are ignored)."""
+        """Math: weight = [flag] · the inner generate weight (NaN for an element whose
+        batched flag is false and that is given a constraint)."""
         flag, inner_args = self._parse(args)
         cm = as_choicemap(constraints)
         if isinstance(flag, bool):
@@ -213,7 +244,8 @@ class Mask(GenerativeFunction):
             inner, w = self.gen_fn.generate(inner_args, cm)
             return self._on(args, inner), w
         inner, w = self.gen_fn.generate(inner_args, cm)
-        return self._batched(args, flag, inner), _where(flag, w, 0.0)
+        return self._batched(args, flag, inner), _nan_where_unvisited(_where(flag, w, 0.0),
+                                                                     flag, cm)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Math: weight = [flag] · log p_gen_fn(t; x); flag false: 0 and retval None."""
@@ -258,17 +290,20 @@ class Mask(GenerativeFunction):
         f1 = self._as_tensor(flag)
         if old.inner is None:  # was off everywhere: a generate where on
             inner, w = self.gen_fn.generate(inner_args, cm)
-            return self._batched(args, f1, inner), _where(f1, w, 0.0), _UNKNOWN, _EMPTY
+            w = _nan_where_unvisited(_where(f1, w, 0.0), f1, cm)
+            return self._batched(args, f1, inner), w, _UNKNOWN, _EMPTY
         f0 = old.flag if old.batched else torch.tensor(True)
         assert f0 is not None
         inner, w, rd, d = self.gen_fn.update(old.inner, inner_args, inner_diffs, cm)
         if isinstance(argdiffs[0], NoChange) and old.batched:  # the same flag: stays as it was
-            return (self._batched(args, f1, inner), _where(f1, w, 0.0),
+            return (self._batched(args, f1, inner),
+                    _nan_where_unvisited(_where(f1, w, 0.0), f1, cm),
                     rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
         stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
         fresh, wg = self.gen_fn.generate(inner_args, cm)
         inner = tree_where(on, fresh, inner)
         weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))
+        weight = _nan_where_unvisited(weight, f1, cm)
         discard = masked(d, stay).merge(masked(old.inner.choices, off))
         return self._batched(args, f1, inner), weight, _UNKNOWN, discard
 

@@ -119,7 +119,8 @@ class ChoiceMap:
 
     @staticmethod
     def stacked(values: Mapping[Any, Any] | ChoiceMap, length: int | None = None,
-                indices: tuple[int, ...] | None = None, batch_ndim: int = 0) -> ChoiceMap:
+                indices: tuple[int, ...] | None = None, batch_ndim: int = 0, *,
+                mask: torch.Tensor | None = None) -> ChoiceMap:
         """The choice map of all elements of a Map or all steps of an Unfold at once.
 
         ``ChoiceMap.stacked({"y": ys})``: element ``i`` holds ``ys[i]`` at ``"y"`` (every
@@ -128,6 +129,10 @@ class ChoiceMap:
         constrains ``("ys", i, "y")`` for every ``i`` in one write, with the same weights as
         the per-address constraints.  Raises :class:`~gfcomb.core.errors.ArgumentError`
         naming the address whose values have no element axis or another length.
+
+        ``mask`` (a bool tensor with one entry per element) makes element ``i``'s values
+        present only where ``mask[i]`` is true: observations of ragged data, e.g. for
+        ``Map(Mask(obs))``.
 
         With ``length`` given this is :meth:`from_stacked_block` (the internal form, kept
         for existing callers).
@@ -155,6 +160,12 @@ class ChoiceMap:
                     f"elements, the value at {first!r} has {n}")
         if n is None:
             return _EMPTY_MAP
+        if mask is not None:
+            if mask.shape != (n,):
+                raise ArgumentError(f"ChoiceMap.stacked: 'mask' must have shape ({n},), got "
+                                    f"{tuple(mask.shape)}")
+            inner = ChoiceMap._from_mapping({a: ChoiceMap.value(v, mask.to(torch.bool))
+                                             for a, v in inner.items(stacked=True)})
         return ChoiceMap.from_stacked_block(inner, n)
 
     @staticmethod
