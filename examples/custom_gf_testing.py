@@ -16,39 +16,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import attrs
 import torch
 from hypothesis import strategies as st
 
 import gfcomb as gf
-from gfcomb.core.pytree import register_record
 from gfcomb.testing import GFILawError, check_gfi
 from gfcomb.testing.strategies import float_tensors
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-@attrs.frozen(repr=False)
-class AR1Trace(gf.Trace):
-    """The T values of one run of the process (a pytree record, so vmap can batch it)."""
+@gf.trace_record
+class AR1Trace(gf.RecordTrace):
+    """The T values of one run of the process (an immutable record vmap can batch)."""
 
     gen_fn: Any
     args: tuple[Any, ...]
     xs: tuple[torch.Tensor, ...]
     score: torch.Tensor
-    _layout: Any = attrs.field(default=None, eq=False, repr=False)  # pytree bookkeeping
 
     @property
     def retval(self) -> torch.Tensor:
         return torch.stack(self.xs)
 
-    @property
-    def choices(self) -> gf.ChoiceMap:
-        return gf.ChoiceMap.node({t: gf.ChoiceMap.node({"x": gf.ChoiceMap.value(x)})
-                                  for t, x in enumerate(self.xs)})
-
-
-register_record(AR1Trace, dynamic=("args", "xs", "score"), static=("gen_fn",))
+    def choice_values(self) -> dict[Any, Any]:
+        return {(t, "x"): x for t, x in enumerate(self.xs)}
 
 
 def normal_lp(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

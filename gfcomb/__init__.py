@@ -48,6 +48,7 @@ from gfcomb.core import (
     selectall,
 )
 from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.custom import RecordTrace, trace_record
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
@@ -64,5 +65,5 @@ __all__ = [
     "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold",
     "Switch", "Recurse", "Production",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
-    "Dimap", "MaskTrace", "WrappedTrace", *_dist_all,
+    "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *_dist_all,
 ]
