@@ -966,17 +966,28 @@ class _shrink_time_bound:  # noqa: N801 - used like a function: ``with _shrink_t
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.old: Any = None
+        self.reporting: Any = None
 
     def __enter__(self) -> None:
         from hypothesis.internal.conjecture import engine
+        from hypothesis.reporting import current_reporter, with_reporter
 
         self.old = getattr(engine, "MAX_SHRINKING_SECONDS", None)
         if self.old is not None:
             engine.MAX_SHRINKING_SECONDS = min(self.old, self.seconds)  # type: ignore[assignment]
+        outer = current_reporter()
+
+        def reporter(msg: object) -> None:  # (its note says "five minutes", whatever the bound)
+            if "spent more than five minutes working to shrink" not in str(msg):
+                outer(msg)
+
+        self.reporting = with_reporter(reporter)
+        self.reporting.__enter__()
 
     def __exit__(self, *exc: object) -> None:
         from hypothesis.internal.conjecture import engine
 
+        self.reporting.__exit__(*exc)
         if self.old is not None:
             engine.MAX_SHRINKING_SECONDS = self.old
 
