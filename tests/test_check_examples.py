@@ -6,7 +6,8 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("check_examples", ROOT / "docs" / "check_examples.py")
+_spec = importlib.util.spec_from_file_location("check_examples",
+                                              ROOT / "docs" / "check_examples.py")
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 
