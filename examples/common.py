@@ -1,0 +1,49 @@
+"""The command line every example shares: one size flag (``--size small|full``; small is
+the default and what CI runs), ``--no-plot``, ``--no-progress``, ``--help`` (which prints the
+script's docstring, sizes and run times included, and runs nothing), and the warning printed
+when an importance-sampling or particle-filter estimate has collapsed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+#: an estimate whose effective sample size falls below this many particles is reported as
+#: collapsed (its log-marginal-likelihood estimate is then dominated by a few particles)
+ESS_THRESHOLD = 100
+
+
+def parse_args(doc: str | None, sizes: dict[str, str],
+               extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               ) -> argparse.Namespace:
+    """Parse the example's command line; ``sizes`` maps "small"/"full" to what they run."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("small", "full"), default="small",
+                        help="; ".join(f"{k}: {v}" for k, v in sizes.items())
+                        + " (default: small, as in CI)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show only in a terminal anyway)")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args()
+
+
+def show_progress(opts: argparse.Namespace) -> bool:
+    """Progress bars: on when stderr (where tqdm draws) is a terminal, unless --no-progress."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tty and not opts.no_progress
+
+
+def warn_if_collapsed(ess: float, n: int, what: str, threshold: int = ESS_THRESHOLD) -> None:
+    """Print a warning when ``what``'s effective sample size ``ess`` (of ``n`` particles) is
+    below ``threshold``: the estimate rests on a handful of particles and may be far off."""
+    if ess < threshold:
+        print(f"WARNING: {what} has collapsed: effective sample size {ess:.0f} of {n:,} "
+              f"particles (below {threshold}); the estimate rests on a few particles and may "
+              "be far off (use a better proposal, more particles, or a particle filter)")
