@@ -124,7 +124,7 @@ def main() -> None:
                      f"IS {is_log_ml:.3f}")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        print(f"plot written to {path}")
+        print(f"plot written to {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def main() -> None:
                      f"(true {oracle:.3f}); σ̂ = {net.log_sigma.exp().item():.3f}")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        print(f"plot written to {path}")
+        print(f"plot written to {os.path.relpath(path)}")
     assert math.isfinite(after)
 
 

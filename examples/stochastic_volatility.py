@@ -179,7 +179,7 @@ def main() -> None:
                      f"log p(y) ≈ {log_ml_estimate(state).item():.2f}")
         fig.tight_layout()
         fig.savefig(path_png, dpi=100)
-        print(f"plot written to {path_png}")
+        print(f"plot written to {os.path.relpath(path_png)}")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        print(f"plot written to {path}")
+        print(f"plot written to {os.path.relpath(path)}")
     if not math.isfinite(pf_log_ml):
         raise SystemExit("the particle filter's log marginal likelihood is not finite")
 

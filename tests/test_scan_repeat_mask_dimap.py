@@ -259,3 +259,36 @@ def test_new_combinators_compose_under_vmap():
     expect = normal_lp(trs.retval, torch.tensor([[0.0], [10.0]]), 1.0).sum(-1)
     assert torch.allclose(trs.score, expect, atol=1e-12)
     assert math.isfinite(float(trs.score.sum()))
+
+
+def test_particle_filter_over_a_scan_matches_the_kalman_filter():
+    from gfcomb.inference.particle_filter import (
+        log_ml_estimate,
+        pf_initialize,
+        pf_resample,
+        pf_update,
+    )
+
+    @gf.gen
+    def lg(c, u, s):
+        x = gf.normal(0.9 * c + u, 1.0) @ "x"
+        gf.normal(x, s) @ "y"
+        return (x, x)
+
+    sc, T, s = gf.Scan(lg), 6, torch.tensor(0.5)
+    us, ys = torch.zeros(T), torch.randn(T)
+    st = pf_initialize(sc, (torch.tensor(0.0), us[:1], s), {(0, "y"): ys[0]}, 5000)
+    for t in range(1, T):  # xs grows by one: VectorDiff without updated steps, O(1) per step
+        st = pf_update(st, (torch.tensor(0.0), us[: t + 1], s),
+                       (gf.NoChange(), gf.VectorDiff(t + 1, t, []), gf.NoChange()),
+                       {(t, "y"): ys[t]})
+        st = pf_resample(st, "systematic")
+    m, p, ll = 0.0, 0.0, 0.0
+    for y in ys.tolist():
+        m, p = 0.9 * m, 0.81 * p + 1.0
+        var = p + 0.25
+        ll += -0.5 * math.log(2 * math.pi * var) - 0.5 * (y - m) ** 2 / var
+        gain = p / var
+        m, p = m + gain * (y - m), (1 - gain) * p
+    # (5,000 particles, 6 steps: the estimate's sd is about 0.1 over seeds; fixed seed)
+    assert abs(float(log_ml_estimate(st)) - ll) < 0.4
