@@ -140,3 +140,20 @@ def test_progress_bars_show_in_a_terminal():
     out = run_in_pty("tracking_2d.py", "--no-plot")
     assert "particle filter: 100%|" in out  # tqdm's bar (drawn on the terminal's stderr)
     assert "log marginal likelihood (particle filter)" in out
+
+
+@pytest.mark.slow
+def test_readme_main_job_output_is_what_the_command_prints():
+    """The README's main-job block is the output of `tracking_2d.py --size full` (the
+    timing line aside)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Main job", 1)[1]
+    command = re.search(r"```bash\npython examples/(\S+) (.*?)\n```", section)
+    expected = re.search(r"```text\n(.*?)```", section, re.S).group(1).splitlines()
+    got = run_example(command.group(1), *command.group(2).split()).splitlines()
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        if e.startswith("particle filter:"):
+            assert re.sub(r"[\d.]+ (m?s)", "", e) == re.sub(r"[\d.]+ (m?s)", "", g)
+        else:
+            assert e == g
