@@ -135,3 +135,22 @@ def test_get_retval_of_a_batched_trace_and_switch():
     sw = gf.Switch(point, point)
     st = sw.simulate((1, torch.tensor(0.5), torch.tensor(2.0)))
     assert torch.equal(st.get_retval("y"), st["y"])
+
+
+def test_get_retval_of_recurse_nodes():
+    @gf.gen
+    def production(depth):
+        v = gf.normal(0.0, 1.0) @ "v"
+        return gf.Production(v, [depth + 1] * (2 if depth < 1 else 0))
+
+    @gf.gen
+    def aggregation(v, results):
+        return v + sum(results)
+
+    rec = gf.Recurse(production, aggregation, 2)
+    tr = rec.simulate((0,))
+    assert torch.equal(tr.get_retval(0), tr.retval)
+    assert torch.equal(tr.get_retval((1, "production")).value, tr[1, "production", "v"])
+    assert torch.equal(tr.get_retval((2, "aggregation")), tr.get_retval(2))
+    with pytest.raises(gf.AddressError):
+        tr.get_retval(9)
