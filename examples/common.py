@@ -19,7 +19,9 @@ def parse_args(doc: str | None, sizes: dict[str, str],
                ) -> argparse.Namespace:
     """Parse the example's command line; ``sizes`` maps "small"/"full" to what they run."""
     parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The run times above are of the whole script, measured on a shared 2-core CPU "
+               "machine under load (load average about 8); expect less on a quiet machine.")
     parser.add_argument("--size", choices=("small", "full"), default="small",
                         help="; ".join(f"{k}: {v}" for k, v in sizes.items())
                         + " (default: small, as in CI)")

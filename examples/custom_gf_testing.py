@@ -10,8 +10,8 @@ the message check_gfi gives is printed.
 
 Run: ``python examples/custom_gf_testing.py [--size small|full]``
 
-- ``--size small`` (the default, as in CI): 10 examples of every law, about SMALL_S s;
-- ``--size full``: 200 examples of every law, about FULL_S s.
+- ``--size small`` (the default, as in CI): 10 examples of every law, about 30 s;
+- ``--size full``: 200 examples of every law, about 35 s.
 
 Catching the bug takes the same time at both sizes (shrinking is bounded, see check_gfi's
 ``max_shrink_seconds``).

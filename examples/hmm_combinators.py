@@ -13,8 +13,8 @@ importance-sampling estimate.
 
 Run: ``python examples/hmm_combinators.py [--size small|full]``
 
-- ``--size small`` (the default, as in CI): T = 12 steps, 20,000 particles, about SMALL_S s;
-- ``--size full``: T = 50 steps, 200,000 particles, about FULL_S s.  With 50 observations
+- ``--size small`` (the default, as in CI): T = 12 steps, 20,000 particles, about 15 s;
+- ``--size full``: T = 50 steps, 200,000 particles, about 55 s.  With 50 observations
   the prior proposal collapses (a few particles carry all the weight) and the script says
   so: importance sampling with the prior is the wrong tool at that length; a particle filter
   (examples/tracking_2d.py) is the right one.

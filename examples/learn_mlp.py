@@ -17,8 +17,8 @@ after training, next to that of the true function with the true noise.  A plot
 
 Run: ``python examples/learn_mlp.py [--size small|full]``
 
-- ``--size small`` (the default, as in CI): 512 points, 300 Adam steps, about SMALL_S s;
-- ``--size full``: 2,048 points, 3,000 Adam steps, about FULL_S s.
+- ``--size small`` (the default, as in CI): 512 points, 300 Adam steps, about 80 s;
+- ``--size full``: 2,048 points, 3,000 Adam steps, about 420 s.
 """
 
 from __future__ import annotations

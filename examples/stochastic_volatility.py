@@ -26,8 +26,8 @@ the filtered mean with a 90% band, and the HMC-smoothed mean.
 Run: ``python examples/stochastic_volatility.py [--size small|full]``
 
 - ``--size small`` (the default, as in CI): T = 30, 400 particles, 15 HMC iterations, about
-  SMALL_S s;
-- ``--size full``: T = 200, 5,000 particles, 100 HMC iterations, about FULL_S s.
+  40 s;
+- ``--size full``: T = 200, 5,000 particles, 100 HMC iterations, about SVFULL s.
 
 Each stage prints its own time; progress bars show in a terminal.  A warning is printed if a
 filter's effective sample size falls below the collapse threshold of examples/common.py.

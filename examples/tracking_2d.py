@@ -16,8 +16,8 @@ examples/output/tracking_2d.png.
 
 Run: ``python examples/tracking_2d.py [--size small|full]``
 
-- ``--size small`` (the default, as in CI): T = 30 steps, 2,000 particles, about SMALL_S s;
-- ``--size full``: T = 100 steps, 10,000 particles, about FULL_S s.
+- ``--size small`` (the default, as in CI): T = 30 steps, 2,000 particles, about 10 s;
+- ``--size full``: T = 100 steps, 10,000 particles, about 20 s.
 
 ``--steps`` and ``--particles`` override either size.  A warning is printed if the
 filter's effective sample size ever falls below the collapse threshold of examples/common.py.
