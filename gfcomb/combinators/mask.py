@@ -22,6 +22,10 @@ visits: as for a Switch under vmap this cannot raise per element, and the elemen
 NaN (never a wrong number).  To observe ragged data, give the constraints the flags as their
 presence mask: ``ChoiceMap.stacked({"y": ys}, mask=present)``.
 
+A concrete flag that differs from step to step of an Unfold or Scan (outside vmap) changes
+the step's addresses, so the steps cannot be stacked; there, pass the flag through a Switch
+or run the steps batched.
+
 Math: log p(t; (f, x)) = [f] · log p_gen_fn(t; x).
 """
 
