@@ -9,9 +9,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-#: an estimate whose effective sample size falls below this many particles is reported as
-#: collapsed (its log-marginal-likelihood estimate is then dominated by a few particles)
-ESS_THRESHOLD = 100
+#: an estimate whose effective sample size falls below this fraction of the particles (and
+#: at least ESS_MIN) is reported as collapsed: its log-marginal-likelihood estimate is then
+#: dominated by a few particles
+ESS_FRACTION = 0.01
+ESS_MIN = 10
 
 
 def parse_args(doc: str | None, sizes: dict[str, str],
@@ -42,10 +44,18 @@ def show_progress(opts: argparse.Namespace) -> bool:
     return tty and not opts.no_progress
 
 
-def warn_if_collapsed(ess: float, n: int, what: str, threshold: int = ESS_THRESHOLD) -> None:
+def ess_threshold(n: int) -> float:
+    """The collapse threshold for ``n`` particles: 1% of them, at least 10."""
+    return max(ESS_MIN, ESS_FRACTION * n)
+
+
+def warn_if_collapsed(ess: float, n: int, what: str,
+                      advice: str = "use a better proposal or more particles") -> None:
     """Print a warning when ``what``'s effective sample size ``ess`` (of ``n`` particles) is
-    below ``threshold``: the estimate rests on a handful of particles and may be far off."""
-    if ess < threshold:
+    below :func:`ess_threshold`: the estimate rests on a handful of particles and may be far
+    off."""
+    limit = ess_threshold(n)
+    if ess < limit:
         print(f"WARNING: {what} has collapsed: effective sample size {ess:.0f} of {n:,} "
-              f"particles (below {threshold}); the estimate rests on a few particles and may "
-              "be far off (use a better proposal, more particles, or a particle filter)")
+              f"particles (below {limit:.0f}, 1% of them); the estimate rests on a few "
+              f"particles and may be far off ({advice})")

@@ -94,7 +94,8 @@ def main() -> None:
     print(f"log p(y) exact (forward algorithm): {exact_log_ml.item():.4f}")
     print(f"log p(y) importance sampling     : {is_log_ml.item():.4f} "
           f"({n_particles} particles in one vmapped generate, ESS {ess.item():.0f})")
-    warn_if_collapsed(ess.item(), n_particles, "the importance-sampling estimate")
+    warn_if_collapsed(ess.item(), n_particles, "the importance-sampling estimate",
+                      "use a better proposal, more particles, or a particle filter")
 
     w = torch.softmax(log_w, 0)
     zs = traces[:, "z"]  # [particles, T]: the stacked hidden states of every particle
