@@ -14,19 +14,23 @@ and filtered means: both are printed next to the particle filter's.  A plot of t
 the observations and the filtered mean with a ±2σ band is written to
 examples/output/tracking_2d.png.
 
-Run: ``python examples/tracking_2d.py`` (full size: T = 100 steps, 10,000 particles) or
-``--small`` (T = 30, 2,000 particles; the default when the CI environment variable is set).
+Run: ``python examples/tracking_2d.py [--size small|full]``
+
+- ``--size small`` (the default, as in CI): T = 30 steps, 2,000 particles, about 10 s;
+- ``--size full``: T = 100 steps, 10,000 particles, about 20 s.
+
+``--steps`` and ``--particles`` override either size.  A warning is printed if the
+filter's effective sample size ever falls below the collapse threshold of examples/common.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
 
 import torch
+from common import parse_args, show_progress, warn_if_collapsed
 
 import gfcomb as gf
 from gfcomb.inference.particle_filter import (
@@ -84,22 +88,22 @@ def kalman(obs: torch.Tensor, s_init: torch.Tensor, F: torch.Tensor, Q: torch.Te
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", default=bool(os.environ.get("CI")),
-                        help="T=30, 2,000 particles (default when $CI is set)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--particles", type=int, default=None)
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: the per-step ops are small, "
-                             "and extra threads mostly add synchronization)")
-    opts = parser.parse_args()
+    def extra(parser):
+        parser.add_argument("--steps", type=int, default=None)
+        parser.add_argument("--particles", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--threads", type=int, default=1,
+                            help="torch intra-op threads (default 1: the per-step ops are "
+                                 "small, and extra threads mostly add synchronization)")
+
+    opts = parse_args(__doc__, {"small": "T=30, 2,000 particles",
+                                "full": "T=100, 10,000 particles"}, extra)
     torch.set_num_threads(opts.threads)
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(opts.seed)
-    t_len = opts.steps or (30 if opts.small else 100)
-    n = opts.particles or (2_000 if opts.small else 10_000)
+    small = opts.size == "small"
+    t_len = opts.steps or (30 if small else 100)
+    n = opts.particles or (2_000 if small else 10_000)
 
     F, Q = ncv_matrices(dt=1.0, q=0.05)
     r = torch.tensor(2.0)
@@ -119,17 +123,19 @@ def main() -> None:
     nc = gf.NoChange()
     diffs = (gf.UnknownChange(), nc, nc, nc, nc)
     state = pf_initialize(tracker, (0, s_init, F, Q, r), None, n)
-    means, sds, n_resampled = [], [], 0
+    means, sds, n_resampled, min_ess = [], [], 0, float(n)
     t0 = time.perf_counter()
     for t in tqdm(range(t_len), desc="particle filter", unit="step",
-                  disable=not sys.stderr.isatty()):
+                  disable=not show_progress(opts)):
         state = pf_update(state, (t + 1, s_init, F, Q, r), diffs, {(t, "obs"): obs[t]})
+        ess = float(effective_sample_size(state))
+        min_ess = min(min_ess, ess)
         current = state.traces.last_state()  # [particles, 4]: the newest state, O(1)
         w = state.normalized_weights[:, None]
         mean = (w * current).sum(0)
         means.append(mean)
         sds.append(((w * (current - mean) ** 2).sum(0)).sqrt())
-        if float(effective_sample_size(state)) < n / 2:
+        if ess < n / 2:
             state = pf_resample(state, "systematic")
             n_resampled += 1
     elapsed = time.perf_counter() - t0
@@ -141,6 +147,7 @@ def main() -> None:
     kf_gap = float((means_t[:, :2] - kf_means[:, :2]).abs().max())
     print(f"particle filter: {n:,} particles, {t_len} steps in {elapsed:.2f} s "
           f"({1e3 * elapsed / t_len:.2f} ms/step), resampled at {n_resampled} steps")
+    warn_if_collapsed(min_ess, n, "the particle filter (at its worst step)")
     print(f"log marginal likelihood (particle filter): {pf_log_ml:.4f}")
     print(f"log marginal likelihood (Kalman, exact)  : {kf_log_ml:.4f}")
     print(f"position RMSE of the filtered mean vs the true path: {rmse:.3f}")
@@ -188,7 +195,7 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        print(f"plot written to {path}")
+        print(f"plot written to {os.path.relpath(path)}")
     if not math.isfinite(pf_log_ml):
         raise SystemExit("the particle filter's log marginal likelihood is not finite")
 

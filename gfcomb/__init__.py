@@ -8,15 +8,21 @@
 """
 
 from gfcomb.combinators import (
+    Dimap,
     Map,
+    Mask,
+    MaskTrace,
     Production,
     Recurse,
     RecurseTrace,
+    Repeat,
+    Scan,
     Switch,
     SwitchTrace,
     Unfold,
     UnfoldTrace,
     VectorTrace,
+    WrappedTrace,
 )
 from gfcomb.core import (
     AddressError,
@@ -42,6 +48,7 @@ from gfcomb.core import (
     selectall,
 )
 from gfcomb.core.batched import compact_history, select_batch
+from gfcomb.core.custom import RecordTrace, trace_record
 from gfcomb.core.vmap import PerRow
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
@@ -58,5 +65,6 @@ __all__ = [
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
     "select", "selectall", "select_batch", "compact_history", "PerRow", "splice", "Map", "Unfold",
     "Switch", "Recurse", "Production",
-    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
+    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
+    "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *_dist_all,
 ]

@@ -154,6 +154,22 @@ class RecurseTrace(Trace):
             raise AddressError("Recurse trace has no node {addr}", (idx,))
         return table[idx]
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval(idx)``: node ``idx``'s aggregation result; ``(idx, "production")`` /
+        ``(idx, "aggregation")`` (and deeper): the kernel call there."""
+        idx, rest = path[0], path[1:]
+        if not rest:
+            return self.result_of(idx)
+        table = {"production": self.productions, "aggregation": self.aggregations}.get(rest[0])
+        if table is None:
+            raise AddressError("no traced call at address {addr} (a Recurse node has "
+                               "'production' and 'aggregation')", path)
+        node = self._node(table, idx)
+        try:
+            return node.get_retval(rest[1:])
+        except AddressError as err:
+            raise err.prefixed((idx, rest[0])) from None
+
 
 register_record(RecurseTrace, dynamic=("args", "retval", "score", "productions", "aggregations"),
                 static=("gen_fn", "num_children"))

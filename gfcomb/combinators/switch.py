@@ -200,6 +200,10 @@ class SwitchTrace(Trace):
         on different branches, widened to every branch that occurs."""
         return _harmonize_switch(xs)
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval(addr)``: a call of the chosen branch (its addresses sit flat)."""
+        return self.narrowed().branch_trace.get_retval(path)
+
 
 register_record(SwitchTrace, dynamic=("args", "index", "traces", "retval", "score"),
                 static=("gen_fn", "batched"))

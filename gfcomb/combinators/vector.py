@@ -339,6 +339,22 @@ class VectorTrace(Trace):
         """The kernel score of each element (a tensor with the element axis last-but-batch)."""
         return self.inner.score
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval((i, ...))``: element ``i``'s return value (or a call inside it)."""
+        from gfcomb.core.errors import AddressError
+
+        k = path[0]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.length:
+            raise AddressError(f"no element at address {{addr}} (elements are keyed "
+                               f"0..{self.length - 1})", path)
+        axis = self.score.dim()  # (batch axes of a batched trace come first)
+        if len(path) == 1:
+            return tree_index(self.inner.retval, k, axis)
+        try:
+            return tree_index(self.inner, k, axis).get_retval(path[1:])
+        except AddressError as err:
+            raise err.prefixed((k,)) from None
+
 
 register_record(VectorTrace, dynamic=("args", "retval", "score", "inner"),
                 static=("gen_fn", "length"))

@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
-from gfcomb.core.errors import AddressError, ChoiceMapMergeError
+from gfcomb.core.errors import AddressError, ArgumentError, ChoiceMapMergeError
 
 if TYPE_CHECKING:
     from gfcomb.core.selection import Selection
@@ -118,8 +118,59 @@ class ChoiceMap:
         return ChoiceMap._raw(_NODE, submaps=subs)
 
     @staticmethod
-    def stacked(inner: ChoiceMap, length: int, indices: tuple[int, ...] | None = None,
-                batch_ndim: int = 0) -> ChoiceMap:
+    def stacked(values: Mapping[Any, Any] | ChoiceMap, length: int | None = None,
+                indices: tuple[int, ...] | None = None, batch_ndim: int = 0, *,
+                mask: torch.Tensor | None = None) -> ChoiceMap:
+        """The choice map of all elements of a Map or all steps of an Unfold at once.
+
+        ``ChoiceMap.stacked({"y": ys})``: element ``i`` holds ``ys[i]`` at ``"y"`` (every
+        value's leading axis is the element axis; all must have the same length).  Nest it
+        under the combinator's address: ``ChoiceMap({"ys": ChoiceMap.stacked({"y": ys})})``
+        constrains ``("ys", i, "y")`` for every ``i`` in one write, with the same weights as
+        the per-address constraints.  Raises :class:`~gfcomb.core.errors.ArgumentError`
+        naming the address whose values have no element axis or another length.
+
+        ``mask`` (a bool tensor with one entry per element) makes element ``i``'s values
+        present only where ``mask[i]`` is true: observations of ragged data, e.g. for
+        ``Map(Mask(obs))``.
+
+        With ``length`` given this is :meth:`from_stacked_block` (the internal form, kept
+        for existing callers).
+        """
+        if length is not None:
+            if not isinstance(values, ChoiceMap):
+                values = ChoiceMap._from_mapping(values)
+            return ChoiceMap.from_stacked_block(values, length, indices, batch_ndim)
+        if indices is not None or batch_ndim:
+            raise ArgumentError("ChoiceMap.stacked: 'indices' and 'batch_ndim' need 'length' "
+                                "(ChoiceMap.from_stacked_block)")
+        inner = values if isinstance(values, ChoiceMap) else ChoiceMap._from_mapping(values)
+        n: int | None = None
+        first: tuple[Any, ...] = ()
+        for addr, v in inner.items(stacked=True):
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                raise ArgumentError(
+                    f"ChoiceMap.stacked: the value at address {addr!r} has no leading element "
+                    "axis (give one row per element)")
+            if n is None:
+                n, first = int(v.shape[0]), addr
+            elif v.shape[0] != n:
+                raise ArgumentError(
+                    f"ChoiceMap.stacked: the value at address {addr!r} has {v.shape[0]} "
+                    f"elements, the value at {first!r} has {n}")
+        if n is None:
+            return _EMPTY_MAP
+        if mask is not None:
+            if mask.shape != (n,):
+                raise ArgumentError(f"ChoiceMap.stacked: 'mask' must have shape ({n},), got "
+                                    f"{tuple(mask.shape)}")
+            inner = ChoiceMap._from_mapping({a: ChoiceMap.value(v, mask.to(torch.bool))
+                                             for a, v in inner.items(stacked=True)})
+        return ChoiceMap.from_stacked_block(inner, n)
+
+    @staticmethod
+    def from_stacked_block(inner: ChoiceMap, length: int, indices: tuple[int, ...] | None = None,
+                           batch_ndim: int = 0) -> ChoiceMap:
         """The choices of ``length`` vector elements whose leaves in ``inner`` are stacked.
 
         Element ``j`` of the stack has key ``indices[j]`` (``j`` when ``indices`` is None).
@@ -226,7 +277,7 @@ class ChoiceMap:
     def _restacked(self, inner: ChoiceMap) -> ChoiceMap:
         """A stacked map like this one (same elements) holding ``inner``, whose element axis
         is this map's: leaves that carry outer batch dimensions keep them in front."""
-        return ChoiceMap.stacked(inner, self._length, self._indices,
+        return ChoiceMap.from_stacked_block(inner, self._length, self._indices,
                                  batch_ndim=self._element_axis())
 
     def _position(self, key: int) -> int | None:
@@ -451,7 +502,7 @@ class ChoiceMap:
         inner = pytree.tree_map(
             lambda x: x.index_select(axis, index) if isinstance(x, torch.Tensor) else x,
             self._inner)
-        return ChoiceMap.stacked(inner, len(rows), tuple(keys[j] for j in rows),
+        return ChoiceMap.from_stacked_block(inner, len(rows), tuple(keys[j] for j in rows),
                                  batch_ndim=axis)
 
     # ------------------------------------------------------------------ display

@@ -456,8 +456,9 @@ def _element_flags(sel: Selection, cm: ChoiceMap) -> ChoiceMap:
     if cm.is_stacked():
         keys = cm.stacked_indices
         default, special = element_selections(sel, keys)
-        return ChoiceMap.stacked(_stacked_flags(default, special, keys, cm.stacked_inner),
-                                 cm.stacked_length, cm.stacked_indices)
+        return ChoiceMap.from_stacked_block(
+            _stacked_flags(default, special, keys, cm.stacked_inner), cm.stacked_length,
+            cm.stacked_indices)
     return ChoiceMap.node({k: _element_flags(sel.get_subselection(k), cm.get_submap(k))
                            for k in cm.keys()})
 

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gfcomb.core.address import normalize
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
+from gfcomb.core.errors import AddressError
 from gfcomb.core.selection import Selection
 
 if TYPE_CHECKING:
@@ -45,9 +47,34 @@ class Trace:
         """log p(choices; args)."""
         return self.score
 
-    def get_retval(self) -> Any:
-        """The return value."""
-        return self.retval
+    def get_retval(self, addr: Any = ()) -> Any:
+        """The return value; with ``addr``, the return value of the call at ``addr``.
+
+        ``addr`` names a traced sub-call of a ``@gen`` function (``tr.get_retval("ys")``), a
+        Map element (``tr.get_retval(("ys", 3))``), an Unfold or Scan step
+        (``tr.get_retval(("xs", 7))``), or a path through several of them.  The empty address
+        is this trace's own return value.  Raises :class:`~gfcomb.core.errors.AddressError`
+        naming the address when no call is traced there.
+        """
+        path = normalize(addr)
+        if not path:
+            return self.retval
+        return self._retval_at(path)
+
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """The return value of the call at the non-empty address ``path``.  Traces with
+        sub-calls override it (or hold them in a ``subtraces`` dict of address -> trace, as
+        a ``@gen`` trace does: then the longest traced prefix of ``path`` is followed)."""
+        subtraces = getattr(self, "subtraces", None)
+        if isinstance(subtraces, dict):
+            for i in range(len(path), 0, -1):
+                sub = subtraces.get(path[:i])
+                if sub is not None:
+                    try:
+                        return sub.get_retval(path[i:])
+                    except AddressError as err:
+                        raise err.prefixed(path[:i]) from None
+        raise AddressError("no traced call at address {addr}", path)
 
     def get_args(self) -> tuple[Any, ...]:
         """The arguments."""

@@ -341,6 +341,28 @@ class GenFunction(GenerativeFunction):
         finally:
             _IN_PROGRESS.discard(id(self))
 
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` with the modules' own names: ``"encoder.0.weight"`` for the
+        parameter ``0.weight`` of the module this body (or a callee's) holds in the variable
+        ``encoder``; each parameter once.  The names are :meth:`module`'s ``state_dict``
+        keys; parameters of callees that are not torch modules come last as ``paramN``."""
+        named = list(self.module().named_parameters())
+        seen = {id(p) for _, p in named}
+        yield from named
+        for i, p in enumerate(self.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield f"param{i}", p
+
+    def module(self) -> torch.nn.ModuleDict:
+        """One ``torch.nn.Module`` holding every module this function calls (its own and its
+        callees', kernels' and branches'), keyed by the variable names that hold them:
+        ``state_dict()``/``load_state_dict()`` save and restore all of them, ``.to(device)``
+        moves all of them (the modules themselves, not copies)."""
+        from gfcomb.dsl.parameters import module_view
+
+        return module_view(self)
+
 
 _IN_PROGRESS: set[int] = set()
 

@@ -46,12 +46,13 @@ class recording_modules:  # noqa: N801 - used like a function: ``with recording_
     function costs several microseconds of a particle-filter step.  (A class rather than a
     ``@contextmanager`` generator for the same reason.)"""
 
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "before")
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
 
     def __enter__(self) -> None:
+        self.before = len(getattr(self.owner, "_modules", ()))
         _OWNERS.append(self.owner)
         if len(_OWNERS) == 1:
             if _HOOK_TABLE is not None:
@@ -61,6 +62,12 @@ class recording_modules:  # noqa: N801 - used like a function: ``with recording_
                     _forward_pre_hook))
 
     def __exit__(self, *exc: object) -> None:
+        owner = self.owner
+        d = getattr(owner, "__dict__", None)
+        if d is not None:
+            d[_RUNS] = d.get(_RUNS, 0) + 1
+        if d is not None and len(getattr(owner, "_modules", ())) > self.before:
+            _modules_created_in_body(owner, self.before)
         _OWNERS.pop()
         if not _OWNERS:
             if _HOOK_TABLE is not None:
@@ -77,22 +84,128 @@ def _code_names(code: CodeType) -> set[str]:
     return names
 
 
-def referenced_objects(fn: Callable[..., Any]) -> list[Any]:
-    """Globals named by ``fn``'s code and its closure cells' contents."""
-    out: list[Any] = []
+def referenced_items(fn: Callable[..., Any]) -> list[tuple[str, Any]]:
+    """``(name, object)`` for the globals named by ``fn``'s code and its closure cells."""
+    out: list[tuple[str, Any]] = []
     code = getattr(fn, "__code__", None)
     if code is None:
         return out
     glb = getattr(fn, "__globals__", {})
     for name in sorted(_code_names(code)):
         if name in glb:
-            out.append(glb[name])
-    for cell in getattr(fn, "__closure__", None) or ():
+            out.append((name, glb[name]))
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
         try:
-            out.append(cell.cell_contents)
+            out.append((name, cell.cell_contents))
         except ValueError:  # empty cell
             pass
     return out
+
+
+def referenced_objects(fn: Callable[..., Any]) -> list[Any]:
+    """Globals named by ``fn``'s code and its closure cells' contents."""
+    return [obj for _, obj in referenced_items(fn)]
+
+
+# ------------------------------------------------------------------ one module view
+def _sub_generative_functions(gen_fn: Any) -> list[tuple[str, Any]]:
+    """The generative functions and torch modules a generative function holds as attributes
+    (a combinator's kernel or branches, a wrapper's inner function, a torch module), with
+    the attribute names."""
+    from gfcomb.core.gfi import GenerativeFunction
+
+    out: list[tuple[str, Any]] = []
+    for name, v in vars(gen_fn).items():
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for x in items:
+            if isinstance(x, (GenerativeFunction, torch.nn.Module)):
+                out.append((name.lstrip("_"), x))
+    return out
+
+
+def named_modules_of(gen_fn: Any) -> dict[str, torch.nn.Module]:
+    """Every torch module ``gen_fn`` calls, directly or through callees, kernels and
+    branches, each once (by identity), named by the variable that holds it (a global or
+    closure name of a @gen body, e.g. ``"encoder"``), else by its class and position
+    (``"linear0"``).  A second module under a taken name gets a suffix (``"net_1"``)."""
+    from gfcomb.core.gfi import GenerativeFunction
+
+    found: dict[int, tuple[str, torch.nn.Module]] = {}
+    seen: set[int] = set()
+
+    def add(name: str, m: torch.nn.Module) -> None:
+        if id(m) in found:
+            return
+        taken = {n for n, _ in found.values()}
+        base = name.replace(".", "_") or type(m).__name__.lower()
+        n, k = base, 0
+        while n in taken:
+            k += 1
+            n = f"{base}_{k}"
+        found[id(m)] = (n, m)
+
+    def visit(g: Any) -> None:
+        if id(g) in seen:
+            return
+        seen.add(id(g))
+        fn = getattr(g, "fn", None)
+        if callable(fn) and hasattr(g, "modules") and hasattr(g, "callees"):  # a @gen function
+            named = {id(obj): nm for nm, obj in referenced_items(fn)}
+            for i, m in enumerate(g.modules()):
+                add(named.get(id(m), f"{type(m).__name__.lower()}{i}"), m)
+            for c in g.callees():
+                visit(c)
+            return
+        for name, x in _sub_generative_functions(g):
+            if isinstance(x, torch.nn.Module):
+                add(name, x)
+            elif isinstance(x, GenerativeFunction):
+                visit(x)
+
+    visit(gen_fn)
+    return {n: m for n, m in found.values()}
+
+
+def module_view(gen_fn: Any) -> torch.nn.ModuleDict:
+    """One ``nn.ModuleDict`` holding every module ``gen_fn`` calls (see
+    :func:`named_modules_of`): ``state_dict``/``load_state_dict`` and ``.to(device)`` act on
+    the function's own modules."""
+    return torch.nn.ModuleDict(named_modules_of(gen_fn))
+
+
+# ------------------------------------------------------------------ modules made in a body
+# per function, in its instance dict: body runs so far, runs after the first that noted new
+# modules, and whether it was warned
+_RUNS, _GROWTH, _WARNED = "_gfcomb_body_runs", "_gfcomb_module_growth", "_gfcomb_warned"
+
+
+def _modules_created_in_body(owner: Any, before: int) -> None:
+    """Called when a body run noted new modules: warn (once per function) when the body
+    keeps noting new modules run after run, i.e. it builds them inside the body (a model
+    whose branches call other modules notes each one once, and is not warned)."""
+    d = owner.__dict__
+    if d.get(_RUNS, 0) <= 1 or d.get(_WARNED):
+        return
+    reachable: set[int] = set()  # modules held by what the body names (a ModuleList, ...)
+    for obj in referenced_objects(getattr(owner, "fn", None) or (lambda: None)):
+        if isinstance(obj, torch.nn.Module):
+            reachable.update(id(m) for m in obj.modules())
+    mods = [m for m in list(getattr(owner, "_modules", {}).values())[before:]
+            if id(m) not in reachable]
+    if not mods:
+        return
+    d[_GROWTH] = d.get(_GROWTH, 0) + 1
+    if d[_GROWTH] < 2:
+        return
+    d[_WARNED] = True
+    import warnings
+
+    kinds = ", ".join(sorted({type(m).__name__ for m in mods})) or "modules"
+    warnings.warn(
+        f"{owner!r} creates new torch modules ({kinds}) on every run of its body: their "
+        "parameters are new each time, so they are never trained and they pile up in "
+        "parameters(). Create the modules once, outside the body (a global, a closure "
+        "variable, or an argument).", UserWarning, stacklevel=4)
 
 
 def unique_parameters(modules: list[torch.nn.Module], callees: list[Any],

@@ -893,7 +893,8 @@ def check_gfi(gen_fn: GenerativeFunction, args_strategy: Any, *,
               laws: Iterable[str] | None = None, skip: Iterable[str] = (),
               grad_rtol: float = 1e-4, grad_atol: float = 1e-6, fd_step: float = 1e-6,
               require_vmap: bool = False, batch_size: int = 3,
-              shrink: bool = True, derandomize: bool = False) -> GFIReport:
+              shrink: bool = True, derandomize: bool = False,
+              max_shrink_seconds: float = 30.0) -> GFIReport:
     """Check the GFI laws on ``gen_fn`` for arguments drawn from ``args_strategy``.
 
     Args:
@@ -915,6 +916,9 @@ def check_gfi(gen_fn: GenerativeFunction, args_strategy: Any, *,
         batch_size: elements of the batched (vmap) calls.
         shrink: let hypothesis shrink a failing example (slower, smaller counterexample).
         derandomize: draw the examples from a fixed seed (the same examples every run).
+        max_shrink_seconds: stop shrinking a failing example after this long (hypothesis'
+            own bound is 5 minutes); the error still names the law and shows the smallest
+            example found so far.
 
     Returns:
         A :class:`GFIReport` of the laws that ran and those skipped (with reasons).
@@ -949,8 +953,43 @@ def check_gfi(gen_fn: GenerativeFunction, args_strategy: Any, *,
         check_gfi_example(gen_fn, args, HypothesisDraw(data), laws=names, report=report,
                           args_strategy=strat, **opts)
 
-    run()
+    with _shrink_time_bound(max_shrink_seconds):
+        run()
     return report
+
+
+class _shrink_time_bound:  # noqa: N801 - used like a function: ``with _shrink_time_bound(s):``
+    """Bound hypothesis' shrinking time while a check runs (its engine reads the module
+    constant ``MAX_SHRINKING_SECONDS`` when shrinking starts; no public setting exists).
+    A hypothesis without that constant keeps its own bound."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.old: Any = None
+        self.reporting: Any = None
+
+    def __enter__(self) -> None:
+        from hypothesis.internal.conjecture import engine
+        from hypothesis.reporting import current_reporter, with_reporter
+
+        self.old = getattr(engine, "MAX_SHRINKING_SECONDS", None)
+        if self.old is not None:
+            engine.MAX_SHRINKING_SECONDS = min(self.old, self.seconds)  # type: ignore[assignment]
+        outer = current_reporter()
+
+        def reporter(msg: object) -> None:  # (its note says "five minutes", whatever the bound)
+            if "spent more than five minutes working to shrink" not in str(msg):
+                outer(msg)
+
+        self.reporting = with_reporter(reporter)
+        self.reporting.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        from hypothesis.internal.conjecture import engine
+
+        self.reporting.__exit__(*exc)
+        if self.old is not None:
+            engine.MAX_SHRINKING_SECONDS = self.old
 
 
 __all__ = [

@@ -8,7 +8,8 @@
   trace (Map/Unfold addresses included: their stacked choices are expanded element by
   element, so a subset may touch element 3 of a Map and not element 4);
 - :func:`random_models`: random generative functions, combinator trees (Map, Unfold, Switch,
-  Recurse, nested up to depth 3, with varying lengths and branch counts) over a pool of small
+  Recurse, Scan, Repeat, Mask, Dimap, nested up to depth 3, with varying lengths and branch
+  counts) over a pool of small
   ``@gen`` kernels.  Leaves come first in every choice, so hypothesis shrinks a failing tree
   towards a minimal model.
 
@@ -419,6 +420,72 @@ def _recurse_node(child: tuple[str, Any], max_branch: int) -> tuple[str, Any]:
     return f"Recurse[{max_branch}]({name})", node
 
 
+def _scan_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
+    import gfcomb as gf
+
+    name, kernel = child
+
+    @gf.gen
+    def step(c, x_t):
+        v = kernel(c + x_t) @ "k"
+        return (0.5 * v, v)
+
+    sc = gf.Scan(step)
+    addr = f"scan{steps}"
+
+    @gf.gen
+    def node(x):
+        carry, _ys = sc(x, 0.25 * torch.arange(steps, dtype=x.dtype)) @ addr
+        return carry
+
+    return f"Scan[{steps}]({name})", node
+
+
+def _repeat_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
+    import gfcomb as gf
+
+    name, kernel = child
+    rep = gf.Repeat(kernel, n)
+    addr = f"rep{n}"
+
+    @gf.gen
+    def node(x):
+        ys = rep(x) @ addr
+        return ys.sum() / max(n, 1)
+
+    return f"Repeat[{n}]({name})", node
+
+
+def _mask_node(child: tuple[str, Any]) -> tuple[str, Any]:
+    import gfcomb as gf
+
+    name, kernel = child
+    m = gf.Mask(kernel)
+
+    @gf.gen
+    def node(x):
+        on = gf.bernoulli(0.5) @ "on"
+        r = m(on > 0.5, x) @ "mask"
+        if r is None:  # a concrete False flag
+            return x + 0.0
+        return torch.where(on > 0.5, r, x)  # (a batched flag: r is zero where it is false)
+
+    return f"Mask({name})", node
+
+
+def _dimap_node(child: tuple[str, Any]) -> tuple[str, Any]:
+    import gfcomb as gf
+
+    name, kernel = child
+    d = gf.Dimap(kernel, pre=lambda x: (0.5 * x - 0.25,), post=lambda args, r: r + args[0])
+
+    @gf.gen
+    def node(x):
+        return d(x) @ "dimap"
+
+    return f"Dimap({name})", node
+
+
 @st.composite
 def _tree(draw: Any, depth: int, vmapped: bool, fixed: bool = False) -> tuple[str, Any]:
     """A combinator tree ``(description, gen_fn)`` of at most ``depth`` combinator levels.
@@ -435,6 +502,9 @@ def _tree(draw: Any, depth: int, vmapped: bool, fixed: bool = False) -> tuple[st
             kinds.append("switch")
         if not vmapped and not fixed:
             kinds.append("recurse")
+        kinds += ["scan", "repeat", "dimap"]
+        if not fixed:  # (a concrete flag changes the addresses from step to step)
+            kinds.append("mask")
     kind = draw(st.sampled_from(kinds))
     if kind == "leaf":
         return draw(st.sampled_from(pool))
@@ -447,6 +517,16 @@ def _tree(draw: Any, depth: int, vmapped: bool, fixed: bool = False) -> tuple[st
     if kind == "switch":
         k = draw(st.integers(2, 3))
         return _switch_node([draw(_tree(depth - 1, vmapped, fixed)) for _ in range(k)])
+    if kind == "scan":
+        steps = draw(st.integers(0, 3))
+        return _scan_node(draw(_tree(depth - 1, vmapped, True)), steps)
+    if kind == "repeat":
+        n = draw(st.integers(0, 3))
+        return _repeat_node(draw(_tree(depth - 1, True, fixed)), n)
+    if kind == "dimap":
+        return _dimap_node(draw(_tree(depth - 1, vmapped, fixed)))
+    if kind == "mask":
+        return _mask_node(draw(_tree(depth - 1, vmapped, fixed)))
     return _recurse_node(draw(_tree(depth - 1, False, fixed)), draw(st.integers(1, 2)))
 
 

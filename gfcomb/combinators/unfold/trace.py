@@ -263,6 +263,21 @@ class UnfoldTrace(Trace):
             for pattern in newest.discrete_addresses():
                 yield (slice(None),) + pattern
 
+    def _retval_at(self, path: tuple[Any, ...]) -> Any:
+        """``get_retval((t, ...))``: step ``t``'s state (or a call inside the step), read
+        from that step alone."""
+        t = path[0]
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.length:
+            raise AddressError(f"no step at address {{addr}} (steps are keyed "
+                               f"0..{self.length - 1})", path)
+        step = self.step_trace(t)
+        if len(path) == 1:
+            return step.retval
+        try:
+            return step.get_retval(path[1:])
+        except AddressError as err:
+            raise err.prefixed((t,)) from None
+
     def caller_retval(self) -> Any:
         """The stacked states; deferred (built on first use) when they must be gathered
         through the shared history."""
