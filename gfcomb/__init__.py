@@ -20,9 +20,12 @@ from gfcomb.combinators import (
 )
 from gfcomb.core import (
     AddressError,
+    AddressTypeError,
     ArgumentError,
+    ArgumentTypeError,
     ChoiceMap,
     ChoiceMapMergeError,
+    ChoiceValueError,
     DegenerateWeightsError,
     Diff,
     DistributionArgumentError,
@@ -32,6 +35,9 @@ from gfcomb.core import (
     Invocation,
     MissingChoiceError,
     NoChange,
+    NumericalError,
+    OutsideGenBodyError,
+    PersistenceError,
     Selection,
     Trace,
     UnknownChange,
@@ -50,7 +56,9 @@ from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
 __version__ = "0.1.0"
 
 __all__ = [
-    "AddressError", "ArgumentError", "ChoiceMap", "ChoiceMapMergeError",
+    "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
+    "ChoiceValueError", "NumericalError", "OutsideGenBodyError", "PersistenceError",
+    "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "DeterministicTrace", "Diff", "DistributionArgumentError",
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",

@@ -43,7 +43,12 @@ from gfcomb.dsl.handlers import (
     SimulateHandler,
     UpdateHandler,
 )
-from gfcomb.dsl.parameters import recording_modules, referenced_objects, unique_parameters
+from gfcomb.dsl.parameters import (
+    collect_once,
+    recording_modules,
+    referenced_objects,
+    unique_parameters,
+)
 from gfcomb.dsl.runtime import running
 
 Address = tuple[Any, ...]
@@ -263,7 +268,7 @@ class GenFunction(GenerativeFunction):
         for obj in referenced_objects(self.fn):
             if isinstance(obj, torch.nn.Module):
                 found.setdefault(id(obj), obj)
-        for m in self._modules.values():
+        for m in list(self._modules.values()):  # (a snapshot: other threads may add)
             found.setdefault(id(m), m)
         return list(found.values())
 
@@ -273,23 +278,16 @@ class GenFunction(GenerativeFunction):
         for obj in referenced_objects(self.fn):
             if isinstance(obj, GenerativeFunction) and obj is not self:
                 found.setdefault(id(obj), obj)
-        for c in self._callees.values():
+        for c in list(self._callees.values()):  # (a snapshot: other threads may add)
             if c is not self:
                 found.setdefault(id(c), c)
         return list(found.values())
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Trainable parameters of the modules this function (or a callee) uses, each once."""
-        if id(self) in _IN_PROGRESS:  # recursion through callees
-            return iter(())
-        _IN_PROGRESS.add(id(self))
-        try:
-            return iter(list(unique_parameters(self.modules(), self.callees())))
-        finally:
-            _IN_PROGRESS.discard(id(self))
-
-
-_IN_PROGRESS: set[int] = set()
+        # (collect_once: a context-local guard against recursion through callees)
+        return iter(collect_once(
+            self, lambda: list(unique_parameters(self.modules(), self.callees()))))
 
 
 def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
