@@ -51,6 +51,7 @@ from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
+from gfcomb.persistence import load, save
 from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
 
 __version__ = "0.1.0"
@@ -64,6 +65,6 @@ __all__ = [
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
     "select", "selectall", "select_batch", "compact_history", "splice", "Map", "Unfold",
-    "Switch", "Recurse", "Production",
+    "Switch", "Recurse", "Production", "save", "load",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", *_dist_all,
 ]

@@ -170,6 +170,18 @@ class ChoiceMap:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("ChoiceMap is immutable")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle/deepcopy support (an immutable map cannot be restored slot by slot):
+        rebuilt by :func:`rebuild_choicemap` from :meth:`reduce_parts`."""
+        return (rebuild_choicemap, self.reduce_parts())
+
+    def reduce_parts(self) -> tuple[Any, ...]:
+        """``(kind, value, mask, submaps, inner, length, indices, ref_ndim)``: the map's
+        state as plain values, what :func:`rebuild_choicemap` takes (and what
+        :mod:`gfcomb.persistence` stores)."""
+        return (self._kind, self._value, self._mask, dict(self._submaps), self._inner,
+                self._length, self._indices, self._ref_ndim)
+
     # ------------------------------------------------------------------ structure queries
     def is_empty(self) -> bool:
         """True if the map holds no value at all (structurally)."""
@@ -464,6 +476,22 @@ class ChoiceMap:
             lines.append(f"  ({shown}): {_short(val)},")
         lines.append(")")
         return "\n".join(lines)
+
+def rebuild_choicemap(kind: int, value: Any, mask: Any, submaps: dict[Any, ChoiceMap],
+                      inner: Any, length: int, indices: tuple[int, ...] | None,
+                      ref_ndim: int) -> ChoiceMap:
+    """The map :meth:`ChoiceMap.reduce_parts` describes (the empty map is the shared one)."""
+    if kind == _EMPTY:
+        return _EMPTY_MAP
+    if kind not in (_VALUE, _NODE, _STACKED):
+        raise ValueError(f"rebuild_choicemap: unknown kind {kind!r}")
+    for k in submaps:
+        check_key(k)
+    return ChoiceMap._raw(kind, value=value, mask=mask, submaps=dict(submaps), inner=inner,
+                          length=int(length),
+                          indices=None if indices is None else tuple(int(i) for i in indices),
+                          ref_ndim=int(ref_ndim))
+
 
 def _first_tensor(cm: ChoiceMap) -> torch.Tensor | None:
     """The first tensor leaf of ``cm`` in pytree order (a direct walk, no tree_leaves)."""

@@ -307,6 +307,18 @@ def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
     return argdiffs
 
 
-def gen(fn: Callable[..., Any]) -> GenFunction:
-    """Decorator: turn a Python function into a generative function (see module docstring)."""
-    return GenFunction(fn)
+def gen(fn: Callable[..., Any] | None = None, *,
+        name: str | None = None) -> Any:
+    """Decorator: turn a Python function into a generative function (see module docstring).
+
+    ``@gf.gen(name="step")`` also gives it a name (its ``__name__``, by default the
+    function's): the name ``gf.save`` stores it under and ``gf.load(gen_fns=...)`` binds.
+    """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ArgumentError(f"gf.gen: name must be a non-empty str, got {name!r}")
+    if fn is None:
+        return lambda f: gen(f, name=name)
+    g = GenFunction(fn)
+    if name is not None:
+        g.__name__ = name  # type: ignore[attr-defined]
+    return g
