@@ -29,6 +29,7 @@ from gfcomb.core import (
     DegenerateWeightsError,
     Diff,
     DistributionArgumentError,
+    DistributionArgumentTypeError,
     DuplicateAddressError,
     GenerativeFunction,
     GFIError,
@@ -58,7 +59,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
-    "ChoiceValueError", "NumericalError", "OutsideGenBodyError", "PersistenceError",
+    "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
+    "OutsideGenBodyError", "PersistenceError",
     "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "DeterministicTrace", "Diff", "DistributionArgumentError",
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",

@@ -11,6 +11,7 @@ from gfcomb.core.errors import (
     ChoiceValueError,
     DegenerateWeightsError,
     DistributionArgumentError,
+    DistributionArgumentTypeError,
     DuplicateAddressError,
     GFIError,
     MissingChoiceError,
@@ -26,7 +27,8 @@ from gfcomb.core.trace import Trace
 
 __all__ = [
     "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
-    "ChoiceValueError", "NumericalError", "OutsideGenBodyError", "PersistenceError",
+    "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
+    "OutsideGenBodyError", "PersistenceError",
     "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "Diff", "DistributionArgumentError", "DuplicateAddressError",
     "GFIError", "GenerativeFunction", "Invocation", "MissingChoiceError", "NoChange",

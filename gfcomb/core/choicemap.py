@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
-from gfcomb.core.errors import AddressError, ChoiceMapMergeError
+from gfcomb.core.errors import AddressError, ChoiceMapMergeError, ChoiceValueError
 
 if TYPE_CHECKING:
     from gfcomb.core.selection import Selection
@@ -33,14 +33,24 @@ if TYPE_CHECKING:
 _EMPTY, _VALUE, _NODE, _STACKED = 0, 1, 2, 3
 
 
-def _to_tensor(value: Any) -> torch.Tensor:
+def _to_tensor(value: Any, addr: tuple[Any, ...] = ()) -> torch.Tensor:
+    """A choice value as a tensor; :class:`ChoiceValueError` naming ``addr`` for a value
+    that is not a number, a bool, a tensor or a (nested) list of numbers."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, bool):
         return torch.tensor(float(value))
     if isinstance(value, float):
         return torch.tensor(value, dtype=torch.get_default_dtype())
-    return torch.as_tensor(value)
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
+                               f"{type(value).__name__} {value!r}", addr)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
+                               f"{type(value).__name__} {value!r} ({err})", addr) from None
+    return t
 
 
 class ChoiceMap:
@@ -154,7 +164,7 @@ class ChoiceMap:
             if isinstance(val, ChoiceMap):
                 sub = val
             elif isinstance(val, torch.Tensor) or not isinstance(val, Mapping):
-                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val))  # (no ABC check: fast)
+                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val, path))  # (no ABC check)
             else:
                 sub = ChoiceMap._from_mapping(val)
             if not sub.is_empty():
@@ -264,7 +274,11 @@ class ChoiceMap:
         if kind == _NODE:
             if isinstance(key, slice):  # ``:`` only reads stacked maps (slices are unhashable)
                 return _EMPTY_MAP
-            return self._submaps.get(key, _EMPTY_MAP)
+            try:
+                return self._submaps.get(key, _EMPTY_MAP)
+            except TypeError:  # an unhashable key (a list): name it
+                check_key(key)
+                raise
         if kind == _STACKED:
             if isinstance(key, slice) and key == slice(None):
                 return self._inner
@@ -375,6 +389,7 @@ class ChoiceMap:
         if not path:
             return value if isinstance(value, ChoiceMap) else ChoiceMap.value(value)
         head, rest = path[0], path[1:]
+        check_key(head)
         if self._kind == _STACKED:
             return self.unstacked().set(addr, value)
         subs = dict(self._submaps) if self._kind == _NODE else {}

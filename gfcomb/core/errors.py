@@ -76,6 +76,10 @@ class DistributionArgumentError(GFIError, ValueError):
         return f"{self.message} (in the call at address {format_address(self.address)})"
 
 
+class DistributionArgumentTypeError(DistributionArgumentError, TypeError):
+    """A distribution argument of a type that cannot be a parameter (a str, None)."""
+
+
 class ArgumentError(GFIError, ValueError):
     """A generative function got arguments it cannot use (wrong count, unequal lengths, ...)."""
 

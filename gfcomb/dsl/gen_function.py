@@ -34,6 +34,7 @@ from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, 
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_selection
 from gfcomb.dsl.argdiffs import Source
 from gfcomb.dsl.handlers import (
     AssessHandler,
@@ -238,6 +239,7 @@ class GenFunction(GenerativeFunction):
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
+        check_selection(selection, f"{self!r}.regenerate")
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
@@ -249,6 +251,7 @@ class GenFunction(GenerativeFunction):
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
         trace = _check_own_trace(self, trace)
+        check_selection(selection, f"{self!r}.project")
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
