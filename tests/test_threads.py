@@ -11,6 +11,7 @@ value and weight = new score - old score; (4) nothing raises.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -145,14 +146,15 @@ def test_eight_threads_get_exactly_their_own_traces():
         threading.Thread(target=_worker, args=(i, m, a, ref, 40, errors))
         for i, ((m, a), ref) in enumerate(zip(models, references))
     ]
-    old = torch.get_num_threads()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads every ~10 µs: interleave inside GFI calls
     try:
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
     finally:
-        torch.set_num_threads(old)
+        sys.setswitchinterval(old)
     assert not any(t.is_alive() for t in threads)
     assert errors == [], errors[:3]
 
