@@ -17,6 +17,7 @@ import torch
 
 import gfcomb as gf
 import gfcomb.inference as inf
+from gfcomb import Production
 from gfcomb.combinators import UnfoldTrace
 from gfcomb.core.pytree import tree_tensors
 from gfcomb.persistence import PERSIST_HOOK
@@ -49,6 +50,19 @@ def regression(xs):
     for i, x in enumerate(xs):
         gf.normal(slope * x, 1.0) @ ("y", i)
     return slope
+
+
+@gf.gen
+def production(inp):
+    x, depth = inp
+    v = gf.normal(x, 1.0) @ "v"
+    k = int(gf.categorical(torch.tensor([0.4, 0.3, 0.3])) @ "n") if depth < 2 else 0
+    return Production(v, [(0.5 * v, depth + 1)] * k)
+
+
+@gf.gen
+def aggregation(v, results):
+    return v + sum(results)
 
 
 def _roundtrip(obj, **load_kw):
@@ -138,11 +152,13 @@ def test_trace_roundtrip_and_update_after_it(how):
 def test_distribution_and_combinator_traces():
     for gen_fn, args in [(gf.normal, (0.0, 2.0)), (gf.Map(leaf), (_xs(),)),
                          (gf.Unfold(step), (4, torch.tensor(0.0))),
-                         (gf.Switch(leaf, regression), (torch.tensor(0), torch.tensor(0.2)))]:
+                         (gf.Switch(leaf, regression), (torch.tensor(0), torch.tensor(0.2))),
+                         (gf.Map(leaf, vectorize=False), (_xs(),)),
+                         (gf.Recurse(production, aggregation, 2), ((torch.tensor(0.3), 0),))]:
         tr = gen_fn.simulate(args)
-        back = _roundtrip(tr)
-        assert back.gen_fn == gen_fn
-        _assert_same_trace(tr, back)
+        for back in (_roundtrip(tr), pickle.loads(pickle.dumps(tr)), copy.deepcopy(tr)):
+            assert back.gen_fn == gen_fn
+            _assert_same_trace(tr, back)
     assert _roundtrip(gf.normal.simulate((0.0, 1.0))).gen_fn is gf.normal
 
 
