@@ -79,7 +79,7 @@ class Trace:
         """``gen_fn.regenerate(self, self.args, NoChange..., selection)``."""
         from gfcomb.core.validation import check_selection
 
-        check_selection(selection, "trace.regenerate")
+        check_selection(selection, "trace", "regenerate")
         diffs = (NoChange(),) * len(self.args)
         return self.gen_fn.regenerate(self, self.args, diffs, selection)
 
@@ -87,7 +87,7 @@ class Trace:
         """``gen_fn.project(self, selection)``."""
         from gfcomb.core.validation import check_selection
 
-        check_selection(selection, "trace.project")
+        check_selection(selection, "trace", "project")
         return self.gen_fn.project(self, selection)
 
 

@@ -42,11 +42,16 @@ from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 
 _NUMBER_TYPES = (bool, int, float)
+_PARAM_TYPES = (torch.Tensor, bool, int, float)
 
 
-def check_selection(selection: Any, who: str, name: str = "selection") -> None:
-    """Raise :class:`ArgumentTypeError` unless ``selection`` is a :class:`Selection`."""
+def check_selection(selection: Any, owner: Any, method: str,
+                    name: str = "selection") -> None:
+    """Raise :class:`ArgumentTypeError` unless ``selection`` is a :class:`Selection`; the
+    message names ``owner.method`` (``owner``: a generative function, or a str) and the
+    argument (built only when raising: this runs on every ``regenerate``)."""
     if not isinstance(selection, Selection):
+        who = f"{owner if isinstance(owner, str) else repr(owner)}.{method}"
         hint = ""
         if isinstance(selection, (str, int, tuple)):
             hint = f"; write gf.select({selection!r})"
@@ -59,13 +64,13 @@ def check_selection(selection: Any, who: str, name: str = "selection") -> None:
 def _is_numeric_list(x: Any) -> bool:
     if isinstance(x, (list, tuple)):
         return all(_is_numeric_list(v) for v in x)
-    return isinstance(x, (*_NUMBER_TYPES, torch.Tensor))
+    return isinstance(x, _PARAM_TYPES)
 
 
 def check_param_type(dist_name: str, pname: str, value: Any) -> None:
     """Raise :class:`DistributionArgumentTypeError` unless ``value`` can be a parameter: a
     tensor, a Python number or bool, or a (nested) list/tuple of them."""
-    if isinstance(value, (torch.Tensor, *_NUMBER_TYPES)):
+    if isinstance(value, _PARAM_TYPES):
         return
     if _is_numeric_list(value):
         return

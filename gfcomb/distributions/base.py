@@ -758,7 +758,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """
         assert isinstance(trace, ChoiceTrace)
         args = check_args_tuple(args)
-        check_selection(selection, f"{self.name}.regenerate")
+        check_selection(selection, self, "regenerate")
         flag = selection.leaf_flag()
         if flag is False:
             tr, w, retdiff, _ = self.update(trace, args, argdiffs, None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, overload
 
 import attrs
 import torch
@@ -239,7 +239,7 @@ class GenFunction(GenerativeFunction):
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = _check_argdiffs(args, argdiffs)
-        check_selection(selection, f"{self!r}.regenerate")
+        check_selection(selection, self, "regenerate")
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
@@ -251,7 +251,7 @@ class GenFunction(GenerativeFunction):
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
         trace = _check_own_trace(self, trace)
-        check_selection(selection, f"{self!r}.project")
+        check_selection(selection, self, "project")
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
@@ -310,8 +310,17 @@ def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
     return argdiffs
 
 
+@overload
+def gen(fn: Callable[..., Any], *, name: str | None = None) -> GenFunction: ...
+
+
+@overload
+def gen(fn: None = None, *,
+        name: str | None = None) -> Callable[[Callable[..., Any]], GenFunction]: ...
+
+
 def gen(fn: Callable[..., Any] | None = None, *,
-        name: str | None = None) -> Any:
+        name: str | None = None) -> GenFunction | Callable[[Callable[..., Any]], GenFunction]:
     """Decorator: turn a Python function into a generative function (see module docstring).
 
     ``@gf.gen(name="step")`` also gives it a name (its ``__name__``, by default the
