@@ -151,10 +151,18 @@ def _module_level(module: Any, qualname: Any) -> Any:
     return obj
 
 
+def _is_module_level(g: GenerativeFunction) -> bool:
+    """Is ``g`` a @gen function found as ``module.qualname`` of its defining function?"""
+    fn = getattr(g, "fn", None)
+    return _module_level(getattr(fn, "__module__", None),
+                         getattr(fn, "__qualname__", None)) is g
+
+
 # ============================================================================ encoding
 class _Encoder:
     def __init__(self) -> None:
         self.memo: dict[int, Any] = {}  # id -> encoded generative function (shared refs)
+        self.names: dict[str, GenerativeFunction] = {}  # name -> the function stored under it
 
     def value(self, x: Any, path: str, lossy: bool = False) -> Any:
         if isinstance(x, torch.Tensor):
@@ -216,6 +224,13 @@ class _Encoder:
                             "distribution" if isinstance(g, Distribution) else "other"),
                    "module": getattr(fn, "__module__", None),
                    "qualname": getattr(fn, "__qualname__", None)}
+            other = self.names.setdefault(out["name"], g)
+            if other is not g and out["kind"] != "distribution" and not (
+                    _is_module_level(g) and _is_module_level(other)):  # (told apart by module)
+                raise PersistenceError(
+                    f"gf.save: two different generative functions are named {out['name']!r} "
+                    f"({other!r} and {g!r}, at {path}), so gf.load could not tell them apart; "
+                    "give them distinct names with @gf.gen(name=...)")
         self.memo[id(g)] = out
         return out
 

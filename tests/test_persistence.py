@@ -191,6 +191,19 @@ def test_named_gen_function_is_bound_through_gen_fns():
         gf.gen(name="")
 
 
+def test_two_functions_with_one_name_are_refused():
+    def make(scale):
+        @gf.gen
+        def kernel(x):
+            return gf.normal(x, scale) @ "v"
+        return kernel
+
+    tr = gf.Switch(make(1.0), make(2.0)).simulate((torch.tensor(1), torch.tensor(0.0)))
+    with pytest.raises(gf.PersistenceError, match="two different generative functions are "
+                                                  "named 'kernel'"):
+        gf.save(tr, io.BytesIO())
+
+
 def test_unstorable_objects_and_foreign_files():
     with pytest.raises(gf.PersistenceError, match="function"):
         gf.save({"f": lambda x: x}, io.BytesIO())
