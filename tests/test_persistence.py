@@ -270,6 +270,8 @@ def test_particle_filter_resumed_from_a_checkpoint_equals_one_run_through(
         state = advance(state, t, ys)
     path = tmp_path / "pf.pt"
     gf.save(state, path, rng=True)
+    raw = torch.load(path, weights_only=True)
+    assert raw["rng"]["cpu"].dtype == torch.uint8
     torch.randn(100)  # the RNG moves on; load puts it back
     resumed = gf.load(path, gen_fns={"wrapped_filter": filt} if kind == "gen" else None)
     assert resumed.step == 6
@@ -298,6 +300,7 @@ def test_mcmc_chain_resumed_from_a_checkpoint_equals_one_run_through(tmp_path):
     first = inf.run_chain(tr0, kernels(), 10, addresses=["slope"], progress=False)
     path = tmp_path / "chain.pt"
     gf.save(first, path, rng=True)
+    assert torch.load(path, weights_only=True)["format"] == "gfcomb"
     torch.rand(7)
     loaded = gf.load(path)
     assert isinstance(loaded, inf.ChainResult)
