@@ -26,18 +26,25 @@ from gfcomb.combinators import (
 )
 from gfcomb.core import (
     AddressError,
+    AddressTypeError,
     ArgumentError,
+    ArgumentTypeError,
     ChoiceMap,
     ChoiceMapMergeError,
+    ChoiceValueError,
     DegenerateWeightsError,
     Diff,
     DistributionArgumentError,
+    DistributionArgumentTypeError,
     DuplicateAddressError,
     GenerativeFunction,
     GFIError,
     Invocation,
     MissingChoiceError,
     NoChange,
+    NumericalError,
+    OutsideGenBodyError,
+    PersistenceError,
     Selection,
     Trace,
     UnknownChange,
@@ -53,18 +60,22 @@ from gfcomb.core.vmap import PerRow
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
+from gfcomb.persistence import load, save
 from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AddressError", "ArgumentError", "ChoiceMap", "ChoiceMapMergeError",
+    "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
+    "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
+    "OutsideGenBodyError", "PersistenceError",
+    "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "DeterministicTrace", "Diff", "DistributionArgumentError",
     "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
     "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
     "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
     "select", "selectall", "select_batch", "compact_history", "PerRow", "splice", "Map", "Unfold",
-    "Switch", "Recurse", "Production",
+    "Switch", "Recurse", "Production", "save", "load",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
     "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *_dist_all,
 ]

@@ -572,10 +572,18 @@ def test_batched_switch_directly_under_vmap_assess_and_missing_choice_is_nan():
     assert torch.isnan(w[1])  # element 1 is on branch b, whose "v" is missing
 
 
-def test_map_batched_index_out_of_range_gives_nan_score():
-    tr = Map(SW_CD).simulate((torch.tensor([0, 2, 1]), XS[:3]))
-    assert torch.isnan(tr.inner.score[1])
-    assert not torch.isnan(tr.inner.score[[0, 2]]).any()
+def test_map_batched_index_out_of_range_raises_a_named_error():
+    # (was: a NaN score for element 1; DESIGN §8: a named error over concrete tensors)
+    with pytest.raises(gf.NumericalError, match="element 1 .*index 2 is out of range"):
+        Map(SW_CD).simulate((torch.tensor([0, 2, 1]), XS[:3]))
+
+
+def test_map_batched_index_out_of_range_inside_vmap_gives_nan_score():
+    """Inside a user's own vmap the values cannot be read: the score stays NaN."""
+    idx = torch.tensor([[0, 2, 1], [0, 1, 1]])
+    scores = torch.func.vmap(lambda i: Map(SW_CD).simulate((i, XS[:3])).inner.score,
+                             randomness="different")(idx)
+    assert torch.isnan(scores[0, 1]) and not torch.isnan(scores[1]).any()
 
 
 def test_map_batched_index_constraint_errors():

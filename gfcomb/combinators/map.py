@@ -39,6 +39,7 @@ from gfcomb.core.pytree import tree_index, tree_scatter
 from gfcomb.core.selection import Selection, element_selections, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_vmapped_scores
 from gfcomb.core.vmap import batched_call
 
 
@@ -82,8 +83,8 @@ class Map(GenerativeFunction):
         call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=repr(self))
 
         def run(*args: Any) -> Any:
-            try:
-                return call(*args)
+            try:  # (NaN/+inf element scores over concrete tensors: a named error)
+                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, repr(self))
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
 

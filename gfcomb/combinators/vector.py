@@ -20,7 +20,7 @@ from gfcomb.core.errors import (
     MissingChoiceError,
     UnvisitedConstraintError,
 )
-from gfcomb.core.pytree import register_record
+from gfcomb.core.pytree import register_record, tree_index
 from gfcomb.core.trace import Trace
 
 InDims = tuple[Any, ...]

@@ -4,13 +4,20 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import (
     AddressError,
+    AddressTypeError,
     ArgumentError,
+    ArgumentTypeError,
     ChoiceMapMergeError,
+    ChoiceValueError,
     DegenerateWeightsError,
     DistributionArgumentError,
+    DistributionArgumentTypeError,
     DuplicateAddressError,
     GFIError,
     MissingChoiceError,
+    NumericalError,
+    OutsideGenBodyError,
+    PersistenceError,
     UnvisitedConstraintError,
     VmapError,
 )
@@ -19,7 +26,10 @@ from gfcomb.core.selection import Selection, select, selectall
 from gfcomb.core.trace import Trace
 
 __all__ = [
-    "AddressError", "ArgumentError", "ChoiceMap", "ChoiceMapMergeError",
+    "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
+    "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
+    "OutsideGenBodyError", "PersistenceError",
+    "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "Diff", "DistributionArgumentError", "DuplicateAddressError",
     "GFIError", "GenerativeFunction", "Invocation", "MissingChoiceError", "NoChange",
     "Selection", "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff",

@@ -16,9 +16,15 @@ def normalize(addr: Any) -> tuple[Any, ...]:
 
 
 def check_key(key: Any, where: str = "address") -> None:
-    """Raise TypeError unless ``key`` is a valid address component."""
+    """Raise :class:`AddressTypeError` (a TypeError) unless ``key`` is a valid address
+    component."""
     if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise TypeError(f"{where} components must be str or int, got {key!r}")
+        from gfcomb.core.errors import AddressTypeError
+
+        hint = " (write a tuple, not a list, for a hierarchical address)" \
+            if isinstance(key, list) else ""
+        raise AddressTypeError(f"{where} components must be str or int, got {key!r} "
+                               f"({type(key).__name__}){hint}")
 
 
 def format_address(addr: Any) -> str:

@@ -25,7 +25,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
-from gfcomb.core.errors import AddressError, ArgumentError, ChoiceMapMergeError
+from gfcomb.core.errors import (
+    AddressError,
+    ArgumentError,
+    ChoiceMapMergeError,
+    ChoiceValueError,
+)
 
 if TYPE_CHECKING:
     from gfcomb.core.selection import Selection
@@ -33,14 +38,24 @@ if TYPE_CHECKING:
 _EMPTY, _VALUE, _NODE, _STACKED = 0, 1, 2, 3
 
 
-def _to_tensor(value: Any) -> torch.Tensor:
+def _to_tensor(value: Any, addr: tuple[Any, ...] = ()) -> torch.Tensor:
+    """A choice value as a tensor; :class:`ChoiceValueError` naming ``addr`` for a value
+    that is not a number, a bool, a tensor or a (nested) list of numbers."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, bool):
         return torch.tensor(float(value))
     if isinstance(value, float):
         return torch.tensor(value, dtype=torch.get_default_dtype())
-    return torch.as_tensor(value)
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
+                               f"{type(value).__name__} {value!r}", addr)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
+                               f"{type(value).__name__} {value!r} ({err})", addr) from None
+    return t
 
 
 class ChoiceMap:
@@ -205,7 +220,7 @@ class ChoiceMap:
             if isinstance(val, ChoiceMap):
                 sub = val
             elif isinstance(val, torch.Tensor) or not isinstance(val, Mapping):
-                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val))  # (no ABC check: fast)
+                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val, path))  # (no ABC check)
             else:
                 sub = ChoiceMap._from_mapping(val)
             if not sub.is_empty():
@@ -220,6 +235,18 @@ class ChoiceMap:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError("ChoiceMap is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle/deepcopy support (an immutable map cannot be restored slot by slot):
+        rebuilt by :func:`rebuild_choicemap` from :meth:`reduce_parts`."""
+        return (rebuild_choicemap, self.reduce_parts())
+
+    def reduce_parts(self) -> tuple[Any, ...]:
+        """``(kind, value, mask, submaps, inner, length, indices, ref_ndim)``: the map's
+        state as plain values, what :func:`rebuild_choicemap` takes (and what
+        :mod:`gfcomb.persistence` stores)."""
+        return (self._kind, self._value, self._mask, dict(self._submaps), self._inner,
+                self._length, self._indices, self._ref_ndim)
 
     # ------------------------------------------------------------------ structure queries
     def is_empty(self) -> bool:
@@ -303,7 +330,11 @@ class ChoiceMap:
         if kind == _NODE:
             if isinstance(key, slice):  # ``:`` only reads stacked maps (slices are unhashable)
                 return _EMPTY_MAP
-            return self._submaps.get(key, _EMPTY_MAP)
+            try:
+                return self._submaps.get(key, _EMPTY_MAP)
+            except TypeError:  # an unhashable key (a list): name it
+                check_key(key)
+                raise
         if kind == _STACKED:
             if isinstance(key, slice) and key == slice(None):
                 return self._inner
@@ -414,6 +445,7 @@ class ChoiceMap:
         if not path:
             return value if isinstance(value, ChoiceMap) else ChoiceMap.value(value)
         head, rest = path[0], path[1:]
+        check_key(head)
         if self._kind == _STACKED:
             return self.unstacked().set(addr, value)
         subs = dict(self._submaps) if self._kind == _NODE else {}
@@ -515,6 +547,22 @@ class ChoiceMap:
             lines.append(f"  ({shown}): {_short(val)},")
         lines.append(")")
         return "\n".join(lines)
+
+def rebuild_choicemap(kind: int, value: Any, mask: Any, submaps: dict[Any, ChoiceMap],
+                      inner: Any, length: int, indices: tuple[int, ...] | None,
+                      ref_ndim: int) -> ChoiceMap:
+    """The map :meth:`ChoiceMap.reduce_parts` describes (the empty map is the shared one)."""
+    if kind == _EMPTY:
+        return _EMPTY_MAP
+    if kind not in (_VALUE, _NODE, _STACKED):
+        raise ValueError(f"rebuild_choicemap: unknown kind {kind!r}")
+    for k in submaps:
+        check_key(k)
+    return ChoiceMap._raw(kind, value=value, mask=mask, submaps=dict(submaps), inner=inner,
+                          length=int(length),
+                          indices=None if indices is None else tuple(int(i) for i in indices),
+                          ref_ndim=int(ref_ndim))
+
 
 def _first_tensor(cm: ChoiceMap) -> torch.Tensor | None:
     """The first tensor leaf of ``cm`` in pytree order (a direct walk, no tree_leaves)."""

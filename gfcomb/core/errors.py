@@ -76,6 +76,10 @@ class DistributionArgumentError(GFIError, ValueError):
         return f"{self.message} (in the call at address {format_address(self.address)})"
 
 
+class DistributionArgumentTypeError(DistributionArgumentError, TypeError):
+    """A distribution argument of a type that cannot be a parameter (a str, None)."""
+
+
 class ArgumentError(GFIError, ValueError):
     """A generative function got arguments it cannot use (wrong count, unequal lengths, ...)."""
 
@@ -86,3 +90,44 @@ class VmapError(GFIError, RuntimeError):
 
 class DegenerateWeightsError(GFIError, FloatingPointError):
     """All importance weights are -inf or NaN."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (a str or dict where a Selection is expected, say);
+    the message names the argument."""
+
+
+class AddressTypeError(AddressError, TypeError):
+    """An address component that is neither a str nor an int (a list inside a key, say)."""
+
+
+class ChoiceValueError(GFIError, TypeError):
+    """A choice map was given a value that is not a number, a bool or a tensor (a str, say).
+
+    ``address`` is the address the value was given at."""
+
+    def __init__(self, message: str, address: tuple[Any, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.address = tuple(address)
+
+    def __str__(self) -> str:
+        from gfcomb.core.address import format_address
+
+        return f"{self.message} (at address {format_address(self.address)})"
+
+
+class OutsideGenBodyError(GFIError, RuntimeError):
+    """``gen_fn(args) @ addr`` (or ``gf.splice``) was used outside the body of a running
+    @gen function."""
+
+
+class NumericalError(GFIError, FloatingPointError):
+    """A computation produced NaN or +inf where that can only come from bad input (a
+    batched Switch index out of range, a non-positive scale given to the elements of a Map);
+    the message names the element and, where it can be found, the argument."""
+
+
+class PersistenceError(GFIError, ValueError):
+    """``gf.save`` was given an object it cannot store, or ``gf.load`` could not rebuild one
+    (a generative function it has no binding for, a file from another format)."""

@@ -101,6 +101,18 @@ class Selection:
     def __and__(self, other: Selection) -> Selection:
         return Intersection(self, other)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle/deepcopy support: rebuilt from the constructor arguments, which every
+        selection class keeps in its slots, in order (``selectall()`` and
+        ``Selection.none()`` come back as the shared instances)."""
+        slots: tuple[str, ...] = type(self).__slots__
+        return (type(self), tuple(getattr(self, name) for name in slots))
+
+    def reduce_parts(self) -> tuple[type[Selection], tuple[Any, ...]]:
+        """``(class, constructor arguments)``: what :mod:`gfcomb.persistence` stores."""
+        slots: tuple[str, ...] = type(self).__slots__
+        return type(self), tuple(getattr(self, name) for name in slots)
+
     @staticmethod
     def none() -> Selection:
         """The empty selection."""
@@ -129,6 +141,9 @@ class AllSelection(Selection):
     def __repr__(self) -> str:
         return "selectall()"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Selection.all, ())
+
 
 class NoneSelection(Selection):
     """Selects nothing."""
@@ -146,6 +161,9 @@ class NoneSelection(Selection):
 
     def __repr__(self) -> str:
         return "Selection.none()"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Selection.none, ())
 
 
 _ALL = AllSelection()

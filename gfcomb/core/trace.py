@@ -131,11 +131,17 @@ class Trace:
 
     def regenerate(self, selection: Selection) -> tuple[Any, ...]:
         """``gen_fn.regenerate(self, self.args, NoChange..., selection)``."""
+        from gfcomb.core.validation import check_selection
+
+        check_selection(selection, "trace", "regenerate")
         diffs = (NoChange(),) * len(self.args)
         return self.gen_fn.regenerate(self, self.args, diffs, selection)
 
     def project(self, selection: Selection) -> torch.Tensor:
         """``gen_fn.project(self, selection)``."""
+        from gfcomb.core.validation import check_selection
+
+        check_selection(selection, "trace", "project")
         return self.gen_fn.project(self, selection)
 
 

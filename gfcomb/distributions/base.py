@@ -59,6 +59,7 @@ from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_param_type, check_selection, checked_sample
 
 _Number = (int, float)
 
@@ -392,6 +393,7 @@ class DistributionMethods:
         values: list[Any] = []  # a Python number, or a tensor
         tensors: list[tuple[str, Any]] = []
         for pname, c, p in zip(names, constraints, params):
+            check_param_type(self.name, pname, p)  # (a str or None: named, not torch's error)
             if isinstance(p, _Number):
                 if c.event_dim:
                     raise self._fail(pname, f"must have shape {_EVENT_SHAPES[c.event_dim]}",
@@ -615,9 +617,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
     def _sample(self, params: tuple[Any, ...]) -> torch.Tensor:
         if self.reparameterized:
-            return self.sample(*params)
+            return self._raw_sample(*params)
         with torch.no_grad():
-            return self.sample(*params)
+            return self._raw_sample(*params)
 
     def sample_with_logpdf(self, *params: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Optional: ``(value, logpdf(value, *params))`` from one draw, for a distribution
@@ -634,8 +636,15 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """:meth:`logpdf` of parameters already converted by ``_prepare``."""
         return self.logpdf(value, *params)
 
+    #: the sampler as written (the public ``sample`` validates first: checked_sample)
+    _raw_sample = DistributionMethods.sample
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("sample")
+        if own is not None and not getattr(own, "__gf_checked__", False):
+            cls._raw_sample = own  # type: ignore[method-assign]
+            cls.sample = checked_sample(own)  # type: ignore[method-assign]
         # the fused sampler and the prepared-parameter log density only stand in for the
         # ``sample``/``logpdf`` written beside them (a subclass that overrides either one
         # gets its own, unfused)
@@ -749,6 +758,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """
         assert isinstance(trace, ChoiceTrace)
         args = check_args_tuple(args)
+        check_selection(selection, self, "regenerate")
         flag = selection.leaf_flag()
         if flag is False:
             tr, w, retdiff, _ = self.update(trace, args, argdiffs, None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, overload
 
 import attrs
 import torch
@@ -41,6 +41,7 @@ from gfcomb.core.gfi import (
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_selection
 from gfcomb.dsl.argdiffs import Source
 from gfcomb.dsl.handlers import (
     AssessHandler,
@@ -50,7 +51,12 @@ from gfcomb.dsl.handlers import (
     SimulateHandler,
     UpdateHandler,
 )
-from gfcomb.dsl.parameters import recording_modules, referenced_objects, unique_parameters
+from gfcomb.dsl.parameters import (
+    collect_once,
+    recording_modules,
+    referenced_objects,
+    unique_parameters,
+)
 from gfcomb.dsl.runtime import running
 
 Address = tuple[Any, ...]
@@ -286,6 +292,7 @@ class GenFunction(GenerativeFunction):
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        check_selection(selection, self, "regenerate")
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
@@ -297,6 +304,7 @@ class GenFunction(GenerativeFunction):
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""
         trace = _check_own_trace(self, trace)
+        check_selection(selection, self, "project")
         if selection.is_all_static():
             return trace.score
         total = torch.zeros_like(trace.score)
@@ -316,7 +324,7 @@ class GenFunction(GenerativeFunction):
         for obj in referenced_objects(self.fn):
             if isinstance(obj, torch.nn.Module):
                 found.setdefault(id(obj), obj)
-        for m in self._modules.values():
+        for m in list(self._modules.values()):  # (a snapshot: other threads may add)
             found.setdefault(id(m), m)
         return list(found.values())
 
@@ -326,20 +334,16 @@ class GenFunction(GenerativeFunction):
         for obj in referenced_objects(self.fn):
             if isinstance(obj, GenerativeFunction) and obj is not self:
                 found.setdefault(id(obj), obj)
-        for c in self._callees.values():
+        for c in list(self._callees.values()):  # (a snapshot: other threads may add)
             if c is not self:
                 found.setdefault(id(c), c)
         return list(found.values())
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Trainable parameters of the modules this function (or a callee) uses, each once."""
-        if id(self) in _IN_PROGRESS:  # recursion through callees
-            return iter(())
-        _IN_PROGRESS.add(id(self))
-        try:
-            return iter(list(unique_parameters(self.modules(), self.callees())))
-        finally:
-            _IN_PROGRESS.discard(id(self))
+        # (collect_once: a context-local guard against recursion through callees)
+        return iter(collect_once(
+            self, lambda: list(unique_parameters(self.modules(), self.callees()))))
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """``(name, parameter)`` with the modules' own names: ``"encoder.0.weight"`` for the
@@ -364,8 +368,6 @@ class GenFunction(GenerativeFunction):
         return module_view(self)
 
 
-_IN_PROGRESS: set[int] = set()
-
 
 def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
     if not isinstance(trace, GenTrace) or not (trace.gen_fn is gen_fn
@@ -375,6 +377,27 @@ def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
     return trace
 
 
-def gen(fn: Callable[..., Any]) -> GenFunction:
-    """Decorator: turn a Python function into a generative function (see module docstring)."""
-    return GenFunction(fn)
+@overload
+def gen(fn: Callable[..., Any], *, name: str | None = None) -> GenFunction: ...
+
+
+@overload
+def gen(fn: None = None, *,
+        name: str | None = None) -> Callable[[Callable[..., Any]], GenFunction]: ...
+
+
+def gen(fn: Callable[..., Any] | None = None, *,
+        name: str | None = None) -> GenFunction | Callable[[Callable[..., Any]], GenFunction]:
+    """Decorator: turn a Python function into a generative function (see module docstring).
+
+    ``@gf.gen(name="step")`` also gives it a name (its ``__name__``, by default the
+    function's): the name ``gf.save`` stores it under and ``gf.load(gen_fns=...)`` binds.
+    """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ArgumentError(f"gf.gen: name must be a non-empty str, got {name!r}")
+    if fn is None:
+        return lambda f: gen(f, name=name)
+    g = GenFunction(fn)
+    if name is not None:
+        g.__name__ = name  # type: ignore[attr-defined]
+    return g

@@ -17,14 +17,11 @@ from gfcomb.core.errors import AddressError, ArgumentError, VmapError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import batched_call
 from gfcomb.distributions.base import Distribution
 from gfcomb.inference.mcmc import accept_reject, is_batched_trace
 
-_BATCHED_CALL: Callable[..., Any] | None
-try:  # the vmap of gfcomb's vector combinators (knows the shared-history layout of Unfold)
-    from gfcomb.combinators.vector import batched_call as _BATCHED_CALL
-except ImportError:  # pragma: no cover - a future layout: fall back to torch.func.vmap
-    _BATCHED_CALL = None
+_BATCHED_CALL: Callable[..., Any] | None = batched_call  # (gfcomb's vmap engine)
 
 #: The "every element" key of an address pattern (``trace["ys", :, "y"]`` reads the same way).
 ANY = slice(None)
