@@ -245,16 +245,17 @@ class _Encoder:
         fields: dict[str, Any] = {}
         try:
             for f in attrs.fields(t):
-                if not f.init or f.name.startswith("_"):
-                    continue  # private caches start afresh
+                if not f.init or (f.name.startswith("_") and f.default is not attrs.NOTHING):
+                    continue  # private caches (fields with a default) start afresh
                 v = getattr(x, f.name)
+                key = f.alias or f.name  # (a private data field is given by its alias)
                 if f.eq:
-                    fields[f.name] = self.value(v, f"{path}.{f.name}", lossy)
+                    fields[key] = self.value(v, f"{path}.{f.name}", lossy)
                 else:  # bookkeeping: tensors dropped, unknown (None) if it cannot be stored
                     try:
-                        fields[f.name] = self.value(v, f"{path}.{f.name}", True)
+                        fields[key] = self.value(v, f"{path}.{f.name}", True)
                     except _Unstorable:
-                        fields[f.name] = None
+                        fields[key] = None
         except _Unstorable:
             if isinstance(x, Trace):
                 return self.generic_trace(x, path)
