@@ -27,7 +27,8 @@ Run: ``python examples/stochastic_volatility.py [--size small|full]``
 
 - ``--size small`` (the default, as in CI): T = 30, 400 particles, 15 HMC iterations, about
   40 s;
-- ``--size full``: T = 100, 1,000 particles, 30 HMC iterations, about SVFULL s.  (Larger
+- ``--size full``: T = 100, 1,000 particles, 30 HMC iterations, about 10 min
+  (most of it the HMC: 30 iterations of 5 leapfrog steps on the whole path).  (Larger
   runs grow fast: the MH rejuvenation move and HMC on the whole path cost O(T) per call, so
   T = 200 with 5,000 particles and 100 HMC iterations took over 20 minutes here.)
 
