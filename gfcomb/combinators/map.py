@@ -185,7 +185,7 @@ class Map(GenerativeFunction):
         if n_new < n_old:  # shrink: drop the tail
             removed = tree_index(inner, slice(n_new, n_old))
             weight = weight - removed.score.sum(0)
-            discard = ChoiceMap.stacked(removed.choices, n_old - n_new,
+            discard = ChoiceMap.from_stacked_block(removed.choices, n_old - n_new,
                                         tuple(range(n_new, n_old)))
             inner = tree_index(inner, slice(0, n_new))
         if revisit:
@@ -203,7 +203,7 @@ class Map(GenerativeFunction):
             weight = weight + w.sum(0)
             inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
-                discard = discard.merge(ChoiceMap.stacked(
+                discard = discard.merge(ChoiceMap.from_stacked_block(
                     d, len(revisit), None if whole else tuple(revisit)))
         if n_new > n_old:  # grow: generate the new elements
             new_keys = list(range(n_old, n_new))

@@ -213,7 +213,7 @@ def _and_masks(cm: ChoiceMap, present: torch.Tensor) -> ChoiceMap:
         m = present.to(cm.get_value().device)
         return ChoiceMap.value(cm.get_value(), m if cm.mask is None else (cm.mask & m))
     if cm.is_stacked():
-        return ChoiceMap.stacked(_and_masks(cm.stacked_inner, present.unsqueeze(-1)),
+        return ChoiceMap.from_stacked_block(_and_masks(cm.stacked_inner, present.unsqueeze(-1)),
                                  cm.stacked_length, cm.stacked_indices)
     return ChoiceMap.node({k: _and_masks(cm.get_submap(k), present) for k in cm.keys()})
 
@@ -327,7 +327,7 @@ class VectorTrace(Trace):
         if self.length == 0:
             return ChoiceMap.empty()
         batch_ndim = self.inner.score.dim() - 1
-        return ChoiceMap.stacked(self.inner.choices, self.length, batch_ndim=batch_ndim)
+        return ChoiceMap.from_stacked_block(self.inner.choices, self.length, batch_ndim=batch_ndim)
 
     def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
         """The kernel's discrete addresses, under every element."""

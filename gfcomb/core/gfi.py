@@ -96,7 +96,7 @@ def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
         return  # every element is present
 
 
-_RUNTIME: dict[str, Any] = {}  # gfcomb.dsl.runtime's entry point, imported on first use
+_RUNTIME: dict[str, Any] = {}  # gfcomb.core.runtime's entry point, imported on first use
 
 
 _UNKNOWN = UnknownChange()
@@ -116,7 +116,7 @@ class Invocation:
     def __matmul__(self, addr: Any) -> Any:
         trace_call = _RUNTIME.get("trace_call")
         if trace_call is None:  # imported once (a function-level import costs ~1 µs a call)
-            from gfcomb.dsl.runtime import trace_call as imported
+            from gfcomb.core.runtime import trace_call as imported
 
             trace_call = _RUNTIME["trace_call"] = imported
         return trace_call(self.gen_fn, self.args, addr)

@@ -34,7 +34,8 @@ def indices_of(cm: ChoiceMap) -> tuple[int, ...] | None:
 
 
 def stack_like(inner: ChoiceMap, like: ChoiceMap, lead: int) -> ChoiceMap:
-    return ChoiceMap.stacked(inner, like.stacked_length, indices_of(like), batch_ndim=lead)
+    return ChoiceMap.from_stacked_block(inner, like.stacked_length, indices_of(like),
+                                        batch_ndim=lead)
 
 
 def lead_flag(flag: Flag, value: torch.Tensor, lead: int) -> Flag:

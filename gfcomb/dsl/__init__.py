@@ -1,6 +1,6 @@
 """The @gen modelling language."""
 
 from gfcomb.dsl.gen_function import GenFunction, GenTrace, gen
-from gfcomb.dsl.runtime import splice
+from gfcomb.dsl.splice import splice
 
 __all__ = ["GenFunction", "GenTrace", "gen", "splice"]

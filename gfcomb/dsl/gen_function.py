@@ -39,6 +39,7 @@ from gfcomb.core.gfi import (
     weight_like,
 )
 from gfcomb.core.pytree import register_record
+from gfcomb.core.runtime import running
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
@@ -57,7 +58,6 @@ from gfcomb.dsl.parameters import (
     referenced_objects,
     unique_parameters,
 )
-from gfcomb.dsl.runtime import running
 
 Address = tuple[Any, ...]
 

@@ -48,7 +48,7 @@ from gfcomb.inference.resampling import (
 
 # isort: split
 # variational inference, more MCMC, SMC, diagnostics (issue 13)
-from gfcomb.inference._breadth import ANY, select_pattern
+from gfcomb.inference.breadth import ANY, select_pattern
 from gfcomb.inference.diagnostics import to_inference_data, variable_name
 from gfcomb.inference.elliptical import elliptical_slice
 from gfcomb.inference.gibbs import gibbs

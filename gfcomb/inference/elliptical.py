@@ -19,7 +19,7 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.selection import select
 from gfcomb.core.trace import Trace
-from gfcomb.inference._breadth import (
+from gfcomb.inference.breadth import (
     check_positive_int,
     check_trace,
     inside_functorch_transform,

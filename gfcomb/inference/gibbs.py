@@ -35,7 +35,7 @@ from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.trace import Trace
 from gfcomb.distributions import Bernoulli, Binomial, Categorical, UniformDiscrete
-from gfcomb.inference._breadth import (
+from gfcomb.inference.breadth import (
     accept,
     check_selection,
     check_trace,
@@ -219,7 +219,8 @@ def _block(site: _Site, values: torch.Tensor) -> ChoiceMap:
     assert keys is not None
     dense = keys == tuple(range(site.length))
     inner = ChoiceMap({site.inner: values}) if site.inner else ChoiceMap.value(values)
-    return ChoiceMap.stacked(inner, len(keys), None if dense else keys).prefixed(site.prefix)
+    block = ChoiceMap.from_stacked_block(inner, len(keys), None if dense else keys)
+    return block.prefixed(site.prefix)
 
 
 def _block_move(trace: Trace, site: _Site) -> tuple[Trace, torch.Tensor]:

@@ -95,7 +95,7 @@ def batch_log_likelihood(gen_fn: GenerativeFunction, args: tuple[Any, ...],
     dims = normalize_in_dims(in_dims, len(args), "train")
     n = mapped_length(args, dims, "train")
     cm = as_choicemap(constraints)
-    stacked = ChoiceMap.stacked(cm, n) if not cm.is_empty() else cm
+    stacked = ChoiceMap.from_stacked_block(cm, n) if not cm.is_empty() else cm
     trace, weight = mapped.generate(args, stacked)
     return trace, weight, n
 

@@ -12,7 +12,7 @@ from gfcomb.core.errors import ArgumentError
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.inference._breadth import (
+from gfcomb.inference.breadth import (
     check_positive_float,
     check_positive_int,
     check_selection,

@@ -20,7 +20,7 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, check_args_tuple
-from gfcomb.inference._breadth import check_gen_fn, check_positive_int
+from gfcomb.inference.breadth import check_gen_fn, check_positive_int
 from gfcomb.inference.particle_filter import (
     ParticleFilterState,
     effective_sample_size,

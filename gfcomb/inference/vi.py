@@ -39,7 +39,7 @@ from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.inference._breadth import (
+from gfcomb.inference.breadth import (
     PatternSelection,
     check_gen_fn,
     check_positive_int,

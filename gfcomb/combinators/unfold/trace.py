@@ -199,11 +199,11 @@ class UnfoldTrace(Trace):
             except (ValueError, RuntimeError):  # (steps of other structures: gather all)
                 pass
             else:
-                return ChoiceMap.stacked(stored, self.length, batch_ndim=batch_ndim)
+                return ChoiceMap.from_stacked_block(stored, self.length, batch_ndim=batch_ndim)
         inner = self.inner
         if inner is None:
             return ChoiceMap.empty()
-        return ChoiceMap.stacked(inner.choices, self.length, batch_ndim=inner.score.dim() - 1)
+        return ChoiceMap.from_stacked_block(inner.choices, self.length, batch_ndim=inner.score.dim() - 1)
 
     @property
     def element_scores(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The handler stack: which interpreter receives ``gen_fn(*args) @ addr`` right now.
+"""The tracing runtime: which interpreter (handler) receives ``gen_fn(*args) @ addr`` now.
 
 The stack is *context-local* (a :class:`contextvars.ContextVar` holding the innermost
 handler; entering a body sets it, leaving resets it to the one before), so two threads (or
@@ -10,14 +10,24 @@ module-level list it replaces); entering and leaving a body, a ``set`` and a ``r
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gfcomb.core.address import normalize
 from gfcomb.core.errors import OutsideGenBodyError
 
 if TYPE_CHECKING:
     from gfcomb.core.gfi import GenerativeFunction
-    from gfcomb.dsl.handlers import Handler
+
+
+class Handler(Protocol):
+    """What the runtime hands traced calls to (the @gen language's interpreters)."""
+
+    def visit(self, addr: tuple[Any, ...], gen_fn: GenerativeFunction,
+              args: tuple[Any, ...]) -> Any:
+        """Trace one call of ``gen_fn(*args)`` at ``addr``; return its return value."""
+
+    def splice(self, gen_fn: Any, args: tuple[Any, ...]) -> Any:
+        """Run a @gen callee's body with this handler."""
 
 #: The innermost active handler of this context (None outside every @gen body).
 _CURRENT: ContextVar[Handler | None] = ContextVar("gfcomb_current_handler", default=None)
@@ -66,17 +76,3 @@ def trace_call(gen_fn: GenerativeFunction, args: tuple[Any, ...], addr: Any) -> 
     if handler is None:
         handler = current_handler()  # (raises)
     return handler.visit(addr if type(addr) is tuple else normalize(addr), gen_fn, args)
-
-
-def splice(invocation: Any) -> Any:
-    """Run a ``@gen`` callee with its choices placed in the caller's own namespace.
-
-    ``gf.splice(sub(x))`` is Gen.jl's ``{*} ~ sub(x)``: the callee's addresses are not
-    prefixed.  Only ``@gen`` functions can be spliced.
-    """
-    from gfcomb.core.gfi import Invocation
-    from gfcomb.dsl.gen_function import GenFunction
-
-    if not isinstance(invocation, Invocation) or not isinstance(invocation.gen_fn, GenFunction):
-        raise TypeError("gf.splice takes a call of a @gen function, e.g. gf.splice(sub(x))")
-    return current_handler().splice(invocation.gen_fn, invocation.args)
