@@ -382,7 +382,8 @@ class Unfold(GenerativeFunction):
             tail = tree_index(window, slice(n_new - h, n_old - h))
             weight = weight - tail.score.sum(0)
             score = score - tail.score.sum(0)
-            removed = ChoiceMap.from_stacked_block(tail.choices, n_old - n_new, tuple(range(n_new, n_old)))
+            removed = ChoiceMap.from_stacked_block(tail.choices, n_old - n_new,
+                                                   tuple(range(n_new, n_old)))
             window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
         kernel = self.kernel
         discards: dict[int, ChoiceMap] = {}

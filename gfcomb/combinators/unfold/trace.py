@@ -203,7 +203,8 @@ class UnfoldTrace(Trace):
         inner = self.inner
         if inner is None:
             return ChoiceMap.empty()
-        return ChoiceMap.from_stacked_block(inner.choices, self.length, batch_ndim=inner.score.dim() - 1)
+        return ChoiceMap.from_stacked_block(inner.choices, self.length,
+                                            batch_ndim=inner.score.dim() - 1)
 
     @property
     def element_scores(self) -> torch.Tensor:
