@@ -7,6 +7,7 @@
 ...     return gf.normal(slope * x, 1.0) @ "y"
 """
 
+from gfcomb import distributions
 from gfcomb.combinators import (
     Dimap,
     Map,
@@ -58,7 +59,6 @@ from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.core.custom import RecordTrace, trace_record
 from gfcomb.core.vmap import PerRow
 from gfcomb.distributions import *  # noqa: F403
-from gfcomb.distributions import __all__ as _dist_all
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
 from gfcomb.persistence import load, save
 from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
@@ -77,5 +77,5 @@ __all__ = [
     "select", "selectall", "select_batch", "compact_history", "PerRow", "splice", "Map", "Unfold",
     "Switch", "Recurse", "Production", "save", "load",
     "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
-    "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *_dist_all,
+    "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *distributions.__all__,
 ]

@@ -1137,22 +1137,22 @@ def test_python_number_parameters_give_the_tensor_results() -> None:
 
 
 def test_constant_cache_keeps_signed_zero_dtype_and_device_apart() -> None:
-    from gfcomb.distributions.base import _constant, constant_value
+    from gfcomb.distributions.base import constant_tensor, constant_value
 
-    pz = _constant(0.0, torch.float64, None)
-    nz = _constant(-0.0, torch.float64, None)
+    pz = constant_tensor(0.0, torch.float64, None)
+    nz = constant_tensor(-0.0, torch.float64, None)
     assert pz is not nz and math.copysign(1.0, float(nz)) == -1.0
-    assert _constant(0.5, torch.float32, None).dtype == torch.float32
-    assert _constant(0.5, torch.float64, None).dtype == torch.float64
-    assert constant_value(_constant(2.5, torch.float64, None)) == 2.5
+    assert constant_tensor(0.5, torch.float32, None).dtype == torch.float32
+    assert constant_tensor(0.5, torch.float64, None).dtype == torch.float64
+    assert constant_value(constant_tensor(2.5, torch.float64, None)) == 2.5
     assert constant_value(torch.tensor(2.5)) is None  # not a cached constant
 
 
 def test_constants_made_under_inference_mode_or_grad_are_not_cached() -> None:
-    from gfcomb.distributions.base import _CONSTANTS, _constant
+    from gfcomb.distributions.base import _CONSTANTS, constant_tensor
 
     with torch.inference_mode():
-        _constant(0.123456, torch.float64, None)
+        constant_tensor(0.123456, torch.float64, None)
     assert not any(k[0] == 0.123456 for k in _CONSTANTS)
 
     def f(loc: torch.Tensor) -> torch.Tensor:

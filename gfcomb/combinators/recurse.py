@@ -77,9 +77,9 @@ class Production:
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
 
     def __repr__(self) -> str:
-        from gfcomb.core.choicemap import _short
+        from gfcomb.core.choicemap import short_repr
 
-        return f"Production(value={_short(self.value)}, children=<{len(self.children)}>)"
+        return f"Production(value={short_repr(self.value)}, children=<{len(self.children)}>)"
 
 
 register_record(Production, dynamic=("value", "children"), static=())

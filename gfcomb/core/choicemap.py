@@ -544,7 +544,7 @@ class ChoiceMap:
         lines = ["ChoiceMap("]
         for addr, val in self.items(stacked=True):
             shown = ", ".join(":" if k == slice(None) else repr(k) for k in addr)
-            lines.append(f"  ({shown}): {_short(val)},")
+            lines.append(f"  ({shown}): {short_repr(val)},")
         lines.append(")")
         return "\n".join(lines)
 
@@ -602,7 +602,7 @@ def _merge_masked(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> Choice
     return ChoiceMap.value(torch.where(m, a._value, b._value), ma | mb)
 
 
-def _short(val: Any) -> str:
+def short_repr(val: Any) -> str:
     if isinstance(val, torch.Tensor):
         if val.numel() <= 6:
             return repr(val.detach().cpu()).replace("\n", " ")

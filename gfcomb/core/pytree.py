@@ -123,7 +123,7 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _reconcile(spec: Any, others: Sequence[Any]) -> Any:
+def reconcile(spec: Any, others: Sequence[Any]) -> Any:
     """``spec`` with every uncompared field on which the specs ``others`` (of equal structure)
     disagree replaced by a conflict marker.
 
@@ -154,7 +154,7 @@ def _reconcile(spec: Any, others: Sequence[Any]) -> Any:
     if not children and new_ctx is ctx:
         return spec
     other_children = [list(o.children()) for o in others]
-    new_children = [_reconcile(c, [oc[j] for oc in other_children])
+    new_children = [reconcile(c, [oc[j] for oc in other_children])
                     for j, c in enumerate(children)]
     if new_ctx is ctx and all(n is c for n, c in zip(new_children, children)):
         return spec
@@ -252,7 +252,7 @@ def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b
     if len(la) != len(lb):
         raise ValueError("trees have different structures")
     out = [fn(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(la, lb)]
-    return pytree.tree_unflatten(out, _reconcile(spec, [spec_b]))
+    return pytree.tree_unflatten(out, reconcile(spec, [spec_b]))
 
 
 def tree_index(tree: Any, index: Any, dim: int = 0) -> Any:
@@ -353,7 +353,7 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
             out.append(torch.stack([c[j] for c in columns], dim))
         else:
             out.append(leaf)
-    return pytree.tree_unflatten(out, _reconcile(spec, [s for _, s in flat]))
+    return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in flat]))
 
 
 def tree_tensors(tree: Any) -> list[torch.Tensor]:

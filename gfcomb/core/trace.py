@@ -110,16 +110,16 @@ class Trace:
         return self
 
     def __repr__(self) -> str:
-        from gfcomb.core.choicemap import _short
+        from gfcomb.core.choicemap import short_repr
 
         lines = [f"{type(self).__name__} of {self.gen_fn!r}",
                  f"  args:   {_short_args(self.args)}",
-                 f"  retval: {_short(self.retval)}",
-                 f"  score:  {_short(self.score)}",
+                 f"  retval: {short_repr(self.retval)}",
+                 f"  score:  {short_repr(self.score)}",
                  "  choices:"]
         for addr, val in self.choices.items(stacked=True):
             shown = ", ".join(":" if isinstance(k, slice) else repr(k) for k in addr) or "()"
-            lines.append(f"    {shown}: {_short(val)}")
+            lines.append(f"    {shown}: {short_repr(val)}")
         return "\n".join(lines)
 
     def update(self, constraints: ChoiceMap | dict[Any, Any] | None = None) -> tuple[Any, ...]:
@@ -146,6 +146,6 @@ class Trace:
 
 
 def _short_args(args: tuple[Any, ...]) -> str:
-    from gfcomb.core.choicemap import _short
+    from gfcomb.core.choicemap import short_repr
 
-    return "(" + ", ".join(_short(a) for a in args) + ("," if len(args) == 1 else "") + ")"
+    return "(" + ", ".join(short_repr(a) for a in args) + ("," if len(args) == 1 else "") + ")"

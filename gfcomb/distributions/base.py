@@ -29,7 +29,7 @@ Contract for subclasses
 - Class attributes: ``name`` (str), ``param_names`` (tuple of str), ``discrete`` (bool),
   ``reparameterized`` (bool).
 
-Parameters are converted to tensors once per GFI call (:func:`_tensors`: one floating dtype,
+Parameters are converted to tensors once per GFI call (:func:`param_tensors`: one floating dtype,
 the device of the tensor parameters; Python numbers become cached constant tensors), so
 ``sample`` and ``logpdf`` get tensors and their own conversion is a no-op.
 """
@@ -81,7 +81,7 @@ _CONSTANT_VALUES: dict[int, tuple[torch.Tensor, float]] = {}  # id(tensor) -> (t
 _MAX_CONSTANTS = 4096
 
 
-def _constant(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def constant_tensor(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """``torch.as_tensor(x, dtype=dtype, device=device)``, cached for Python numbers.
 
     The cached tensors never leave the distribution layer (samplers and log densities only
@@ -109,7 +109,7 @@ def _constant(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
 
 
 def constant_value(t: Any) -> float | None:
-    """The Python number a parameter tensor was made from by :func:`_tensors` (a cached
+    """The Python number a parameter tensor was made from by :func:`param_tensors` (a cached
     constant), else None.  Lets a log density do per-constant work in Python (``math.log``
     of a number scale) instead of as tensor operations."""
     hit = _CONSTANT_VALUES.get(id(t))
@@ -118,7 +118,7 @@ def constant_value(t: Any) -> float | None:
     return None
 
 
-def _float_dtype(params: Sequence[Any]) -> torch.dtype:
+def float_dtype(params: Sequence[Any]) -> torch.dtype:
     """The promoted floating dtype of the floating tensor parameters (default dtype if none)."""
     dtypes = [p.dtype for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
     if not dtypes:
@@ -126,7 +126,7 @@ def _float_dtype(params: Sequence[Any]) -> torch.dtype:
     return functools.reduce(torch.promote_types, dtypes)
 
 
-def _tensors(*params: Any) -> tuple[torch.Tensor, ...]:
+def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:
     """Convert parameters to tensors of one floating dtype on the device of the tensor ones.
 
     Python numbers follow the tensors (as in ``torch.normal(t, 1.0)``) and are cached
@@ -157,7 +157,7 @@ def _tensors(*params: Any) -> tuple[torch.Tensor, ...]:
     if dtype is None:
         dtype = torch.get_default_dtype()
     return tuple((p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
-                 else _constant(p, dtype, device) for p in params)
+                 else constant_tensor(p, dtype, device) for p in params)
 
 
 def _broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
@@ -185,9 +185,9 @@ def _broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def _broadcast(*params: Any) -> tuple[torch.Tensor, ...]:
-    """:func:`_tensors`, then ``torch.broadcast_tensors`` unless the shapes already agree."""
-    ts = _tensors(*params)
+def broadcast_params(*params: Any) -> tuple[torch.Tensor, ...]:
+    """:func:`param_tensors`, then ``torch.broadcast_tensors`` unless the shapes already agree."""
+    ts = param_tensors(*params)
     shape = ts[0].shape
     if all(t.shape == shape for t in ts[1:]):
         return ts
@@ -440,7 +440,7 @@ class DistributionMethods:
             fn, inverse = _RELATIONS[op]
             va, vb = values[a], values[b]
             if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
-                ta, tb = _tensors(va, vb)
+                ta, tb = param_tensors(va, vb)
                 ok = bool(fn(ta, tb).all())
             else:
                 ok = bool(fn(va, vb))
@@ -463,8 +463,8 @@ class DistributionMethods:
             raise self._fail(pname, "must be finite", t)
 
     def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """The parameters as tensors, converted once per GFI call (see :func:`_tensors`)."""
-        return _tensors(*args) if args else args
+        """The parameters as tensors, converted once per GFI call (see :func:`param_tensors`)."""
+        return param_tensors(*args) if args else args
 
 
 # --------------------------------------------------------------------------------- the GFI

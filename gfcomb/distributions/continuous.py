@@ -31,15 +31,15 @@ from typing import Any, Union
 import torch
 from torch._C import _functorch
 
-from gfcomb.distributions.base import (  # noqa: F401  (_float_dtype: re-exported helper)
+from gfcomb.distributions.base import (  # noqa: F401  (float_dtype: re-exported helper)
     POSITIVE,
     REAL,
     Distribution,
-    _broadcast,
-    _constant,
-    _float_dtype,
-    _tensors,
+    broadcast_params,
+    constant_tensor,
     constant_value,
+    float_dtype,
+    param_tensors,
 )
 
 #: What a distribution parameter may be: a tensor, a Python number, or a nested list.
@@ -193,10 +193,10 @@ class Normal(Distribution):
 
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``loc + scale * eps`` with ``eps ~ N(0, 1)``."""
-        loc, scale = _tensors(loc, scale)
+        loc, scale = param_tensors(loc, scale)
         if scale.dim() == 0:  # (a scalar scale already fits loc)
             return _shifted_noise(loc, scale)[1]
-        loc, scale = _broadcast(loc, scale)
+        loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
     def sample_with_logpdf(  # type: ignore[override]
@@ -205,7 +205,7 @@ class Normal(Distribution):
         """``loc + scale * eps`` and its log density from ``eps`` itself,
         −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it): three tensor
         operations in all.  None when ``scale`` is not a scalar (then sample, then score)."""
-        return self._draw_scored(*_tensors(loc, scale))
+        return self._draw_scored(*param_tensors(loc, scale))
 
     def _draw_scored(  # type: ignore[override]
         self, loc: torch.Tensor, scale: torch.Tensor
@@ -219,7 +219,7 @@ class Normal(Distribution):
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (−z²/2 − log σ − log(2π)/2 as one ``addcmul``)."""
-        return self._logpdf_prepared(*_tensors(value, loc, scale))
+        return self._logpdf_prepared(*param_tensors(value, loc, scale))
 
     def _logpdf_prepared(  # type: ignore[override]
         self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
@@ -259,7 +259,7 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
         return hit[2]
     s = constant_value(scale)
     if s is not None and s > 0:
-        return _constant(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
+        return constant_tensor(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
     if (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
             or torch.is_inference_mode_enabled() or scale.is_inference()):
         return torch.log(scale).add_(_HALF_LOG_2PI).neg_()
@@ -289,14 +289,14 @@ class Uniform(Distribution):
 
     def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``low + (high - low) * U`` with ``U ~ U[0, 1)``."""
-        low, high = _broadcast(low, high)
+        low, high = broadcast_params(low, high)
         return low + (high - low) * torch.rand_like(low)
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, low: ArrayLike, high: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[low, high]``)."""
-        x, low, high = _tensors(value, low, high)
+        x, low, high = param_tensors(value, low, high)
         support = (x >= low) & (x <= high)
         return _neg_inf_outside(support, -torch.log(high - low))
 
@@ -323,7 +323,7 @@ class Beta(Distribution):
         self, concentration1: ArrayLike, concentration0: ArrayLike
     ) -> torch.Tensor:
         """Draw one Beta value via two (log-)gamma draws."""
-        a, b = _broadcast(concentration1, concentration0)
+        a, b = broadcast_params(concentration1, concentration0)
         x = torch.sigmoid(_log_standard_gamma(a) - _log_standard_gamma(b))
         fi = torch.finfo(x.dtype)
         return torch.clamp(x, min=fi.tiny, max=1.0 - fi.eps / 2)
@@ -332,7 +332,7 @@ class Beta(Distribution):
         self, value: ArrayLike, concentration1: ArrayLike, concentration0: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[0, 1]``)."""
-        x, a, b = _tensors(value, concentration1, concentration0)
+        x, a, b = param_tensors(value, concentration1, concentration0)
         support = (x >= 0) & (x <= 1)
         xs = _safe(support, x, 0.5)
         lbeta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
@@ -361,7 +361,7 @@ class Gamma(Distribution):
         self, concentration: ArrayLike, rate: ArrayLike
     ) -> torch.Tensor:
         """Draw ``G / rate`` with ``G ~ Gamma(concentration, 1)``."""
-        k, rate = _broadcast(concentration, rate)
+        k, rate = broadcast_params(concentration, rate)
         x = _standard_gamma(k) / rate
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
@@ -369,7 +369,7 @@ class Gamma(Distribution):
         self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
-        x, k, rate = _tensors(value, concentration, rate)
+        x, k, rate = param_tensors(value, concentration, rate)
         support = x >= 0
         xs = _safe(support, x, 1.0)
         lp = k * torch.log(rate) + _xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
@@ -397,14 +397,14 @@ class InvGamma(Distribution):
         self, concentration: ArrayLike, rate: ArrayLike
     ) -> torch.Tensor:
         """Draw ``rate / G`` with ``G ~ Gamma(concentration, 1)``."""
-        k, rate = _broadcast(concentration, rate)
+        k, rate = broadcast_params(concentration, rate)
         return rate / _standard_gamma(k)
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``y <= 0``)."""
-        y, k, rate = _tensors(value, concentration, rate)
+        y, k, rate = param_tensors(value, concentration, rate)
         support = y > 0
         ys = _safe(support, y, 1.0)
         lp = k * torch.log(rate) - torch.lgamma(k) - (k + 1) * torch.log(ys) - rate / ys
@@ -428,12 +428,12 @@ class Exponential(Distribution):
 
     def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``-log(1 - U) / rate``."""
-        (rate,) = _tensors(rate)
+        (rate,) = param_tensors(rate)
         return -torch.log1p(-torch.rand_like(rate)) / rate
 
     def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log density (``-inf`` for ``x < 0``)."""
-        x, rate = _tensors(value, rate)
+        x, rate = param_tensors(value, rate)
         support = x >= 0
         xs = _safe(support, x, 1.0)
         return _neg_inf_outside(support, torch.log(rate) - rate * xs)
@@ -457,7 +457,7 @@ class Laplace(Distribution):
 
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw by inverse CDF."""
-        loc, scale = _broadcast(loc, scale)
+        loc, scale = broadcast_params(loc, scale)
         eps = torch.finfo(loc.dtype).eps
         u = torch.rand_like(loc) * (2.0 - eps) + (eps - 1.0)
         return loc - scale * torch.sign(u) * torch.log1p(-torch.abs(u))
@@ -466,7 +466,7 @@ class Laplace(Distribution):
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density."""
-        x, loc, scale = _tensors(value, loc, scale)
+        x, loc, scale = param_tensors(value, loc, scale)
         return -math.log(2.0) - torch.log(scale) - torch.abs(x - loc) / scale
 
 
@@ -488,14 +488,14 @@ class Cauchy(Distribution):
 
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw by inverse CDF."""
-        loc, scale = _broadcast(loc, scale)
+        loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.tan(math.pi * (_uniform_open(loc) - 0.5))
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density."""
-        x, loc, scale = _tensors(value, loc, scale)
+        x, loc, scale = param_tensors(value, loc, scale)
         z = (x - loc) / scale
         return -_LOG_PI - torch.log(scale) - torch.log1p(z * z)
 
@@ -524,7 +524,7 @@ class StudentT(Distribution):
         self, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Draw a normal over the square root of a scaled chi-square."""
-        df, loc, scale = _broadcast(df, loc, scale)
+        df, loc, scale = broadcast_params(df, loc, scale)
         z = torch.randn_like(loc)
         chi2 = 2.0 * _standard_gamma(0.5 * df)
         return loc + scale * z * torch.rsqrt(chi2 / df)
@@ -533,7 +533,7 @@ class StudentT(Distribution):
         self, value: ArrayLike, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density."""
-        x, df, loc, scale = _tensors(value, df, loc, scale)
+        x, df, loc, scale = param_tensors(value, df, loc, scale)
         z = (x - loc) / scale
         return (
             torch.lgamma(0.5 * (df + 1))
@@ -561,12 +561,12 @@ class HalfNormal(Distribution):
 
     def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``|scale * eps|``."""
-        (scale,) = _tensors(scale)
+        (scale,) = param_tensors(scale)
         return torch.abs(scale * torch.randn_like(scale))
 
     def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log density (``-inf`` for ``x < 0``)."""
-        x, scale = _tensors(value, scale)
+        x, scale = param_tensors(value, scale)
         support = x >= 0
         z = _safe(support, x, 0.0) / scale
         lp = 0.5 * (math.log(2.0) - _LOG_PI) - torch.log(scale) - 0.5 * z * z
@@ -591,14 +591,14 @@ class LogNormal(Distribution):
 
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``exp(loc + scale * eps)``."""
-        loc, scale = _broadcast(loc, scale)
+        loc, scale = broadcast_params(loc, scale)
         return torch.exp(loc + scale * torch.randn_like(loc))
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x <= 0``)."""
-        x, loc, scale = _tensors(value, loc, scale)
+        x, loc, scale = param_tensors(value, loc, scale)
         support = x > 0
         logx = torch.log(_safe(support, x, 1.0))
         z = (logx - loc) / scale
@@ -624,12 +624,12 @@ class HalfCauchy(Distribution):
 
     def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw by inverse CDF."""
-        (scale,) = _tensors(scale)
+        (scale,) = param_tensors(scale)
         return scale * torch.tan(0.5 * math.pi * _uniform_open(scale))
 
     def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log density (``-inf`` for ``x < 0``)."""
-        x, scale = _tensors(value, scale)
+        x, scale = param_tensors(value, scale)
         support = x >= 0
         z = _safe(support, x, 0.0) / scale
         lp = math.log(2.0) - _LOG_PI - torch.log(scale) - torch.log1p(z * z)
@@ -657,7 +657,7 @@ class Weibull(Distribution):
         self, scale: ArrayLike, concentration: ArrayLike
     ) -> torch.Tensor:
         """Draw by inverse CDF."""
-        scale, k = _broadcast(scale, concentration)
+        scale, k = broadcast_params(scale, concentration)
         e = torch.clamp(-torch.log1p(-torch.rand_like(scale)), min=torch.finfo(scale.dtype).tiny)
         return scale * torch.exp(torch.log(e) / k)
 
@@ -665,7 +665,7 @@ class Weibull(Distribution):
         self, value: ArrayLike, scale: ArrayLike, concentration: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
-        x, scale, k = _tensors(value, scale, concentration)
+        x, scale, k = param_tensors(value, scale, concentration)
         support = x >= 0
         z = _safe(support, x, 1.0) / scale
         lp = torch.log(k) - torch.log(scale) + _xlogy(k - 1, z) - torch.pow(z, k)

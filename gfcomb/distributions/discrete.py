@@ -32,8 +32,8 @@ from gfcomb.distributions.base import (
     PROBABILITY,
     WEIGHTS,
     Distribution,
-    _broadcast,
-    _tensors,
+    broadcast_params,
+    param_tensors,
 )
 from gfcomb.distributions.continuous import (
     ArrayLike,
@@ -67,13 +67,13 @@ class Bernoulli(Distribution):
 
     def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw 1. with probability ``probs``, else 0."""
-        (p,) = _tensors(probs)
+        (p,) = param_tensors(probs)
         p = p.detach()
         return (torch.rand_like(p) < p).to(p.dtype)
 
     def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log mass (``-inf`` for values other than 0 and 1)."""
-        x, p = _tensors(value, probs)
+        x, p = param_tensors(value, probs)
         is1 = x == 1
         is0 = x == 0
         # log p and log(1-p) only where selected, so p in {0, 1} gives no NaN gradient
@@ -103,14 +103,14 @@ class Categorical(Distribution):
 
     def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one category index (int64)."""
-        (p,) = _tensors(probs)
+        (p,) = param_tensors(probs)
         cdf = torch.cumsum(p.detach(), dim=-1)
         u = torch.rand_like(cdf[..., -1:]) * cdf[..., -1:]  # u < total (round to nearest)
         return (cdf[..., :-1] <= u).sum(dim=-1)
 
     def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Log mass of the index ``value`` (``-inf`` outside ``{0, ..., K-1}``)."""
-        (p,) = _tensors(probs)
+        (p,) = param_tensors(probs)
         k = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=p.device)
         n_cat = p.shape[-1]
         support = _is_integer(k) & (k >= 0) & (k < n_cat)
@@ -143,7 +143,7 @@ class UniformDiscrete(Distribution):
 
     def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one integer in ``[low, high]`` (int64)."""
-        lo, hi = _broadcast(low, high)
+        lo, hi = broadcast_params(low, high)
         lo, hi = lo.detach(), hi.detach()
         x = torch.floor(lo + torch.rand_like(lo) * (hi - lo + 1))
         return torch.minimum(x, hi).to(torch.int64)
@@ -152,7 +152,7 @@ class UniformDiscrete(Distribution):
         self, value: ArrayLike, low: ArrayLike, high: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log mass (``-inf`` outside the integers of ``[low, high]``)."""
-        k, lo, hi = _tensors(value, low, high)
+        k, lo, hi = param_tensors(value, low, high)
         support = _is_integer(k) & (k >= lo) & (k <= hi)
         return _neg_inf_outside(support, -torch.log(hi - lo + 1))
 
@@ -175,12 +175,12 @@ class Poisson(Distribution):
 
     def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one count."""
-        (rate,) = _tensors(rate)
+        (rate,) = param_tensors(rate)
         return torch.poisson(rate.detach())
 
     def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
-        k, rate = _tensors(value, rate)
+        k, rate = param_tensors(value, rate)
         support = _is_integer(k) & (k >= 0)
         ks = _safe(support, k, 0.0)
         lp = _xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
@@ -208,7 +208,7 @@ class Binomial(Distribution):
         self, total_count: ArrayLike, probs: ArrayLike
     ) -> torch.Tensor:
         """Draw one count in ``[0, total_count]``."""
-        n, p = _broadcast(total_count, probs)
+        n, p = broadcast_params(total_count, probs)
         n, p = n.detach(), p.detach()
         # `x + zeros_like(y)` makes both operands batched if either is (a no-op outside vmap)
         n, p = n + torch.zeros_like(p), p + torch.zeros_like(n)
@@ -218,7 +218,7 @@ class Binomial(Distribution):
         self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike
     ) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off ``{0, ..., total_count}``)."""
-        k, n, p = _tensors(value, total_count, probs)
+        k, n, p = param_tensors(value, total_count, probs)
         support = _is_integer(k) & (k >= 0) & (k <= n)
         ks = _safe(support, k, 0.0)
         lp = (
@@ -249,14 +249,14 @@ class Geometric(Distribution):
 
     def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one count of failures."""
-        (p,) = _tensors(probs)
+        (p,) = param_tensors(probs)
         p = p.detach()
         u = 1.0 - torch.rand_like(p)  # (0, 1]
         return torch.floor(torch.log(u) / torch.log1p(-p)) + 0.0  # + 0.0 turns -0. into 0.
 
     def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
-        k, p = _tensors(value, probs)
+        k, p = param_tensors(value, probs)
         support = _is_integer(k) & (k >= 0)
         ks = _safe(support, k, 0.0)
         return _neg_inf_outside(support, _xlog1py(ks, -p) + torch.log(p))

@@ -21,7 +21,7 @@ from gfcomb.distributions.base import (
     REAL_VECTOR,
     Distribution,
     _shape_of,
-    _tensors,
+    param_tensors,
 )
 from gfcomb.distributions.continuous import (
     ArrayLike,
@@ -55,7 +55,7 @@ class MvNormal(Distribution):
 
     def sample(self, mean: ArrayLike, cov: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw ``mean + L @ eps``."""
-        mean, cov = _tensors(mean, cov)
+        mean, cov = param_tensors(mean, cov)
         chol = torch.linalg.cholesky(cov)
         batch = torch.broadcast_shapes(mean.shape[:-1], chol.shape[:-2])
         mean = mean.expand(*batch, mean.shape[-1])
@@ -67,7 +67,7 @@ class MvNormal(Distribution):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``mean + L @ eps`` and its log density from ``eps`` itself (``z = eps``): one
         Cholesky factorization, no triangular solve."""
-        return self._draw_scored(*_tensors(mean, cov))
+        return self._draw_scored(*param_tensors(mean, cov))
 
     def _draw_scored(  # type: ignore[override]
         self, mean: torch.Tensor, cov: torch.Tensor
@@ -85,7 +85,7 @@ class MvNormal(Distribution):
         self, value: ArrayLike, mean: ArrayLike, cov: ArrayLike
     ) -> torch.Tensor:
         """Log density per event (the last dim of ``value`` is the event dim)."""
-        x, mean, cov = _tensors(value, mean, cov)
+        x, mean, cov = param_tensors(value, mean, cov)
         chol = torch.linalg.cholesky(cov)
         diff = x - mean
         batch = torch.broadcast_shapes(diff.shape[:-1], chol.shape[:-2])
@@ -133,7 +133,7 @@ class Dirichlet(Distribution):
 
     def sample(self, concentration: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one point of the simplex."""
-        (alpha,) = _tensors(concentration)
+        (alpha,) = param_tensors(concentration)
         x = torch.softmax(_log_standard_gamma(alpha), dim=-1)
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
@@ -141,7 +141,7 @@ class Dirichlet(Distribution):
         self, value: ArrayLike, concentration: ArrayLike
     ) -> torch.Tensor:
         """Log density per event (the last dim is the simplex dim)."""
-        x, alpha = _tensors(value, concentration)
+        x, alpha = param_tensors(value, concentration)
         n_cat = x.shape[-1]
         tol = n_cat * math.sqrt(torch.finfo(x.dtype).eps)
         support = ((x >= 0).all(-1)) & ((x.sum(-1) - 1).abs() <= tol)

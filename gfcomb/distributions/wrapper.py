@@ -38,7 +38,7 @@ import torch
 
 from gfcomb.core.errors import DistributionArgumentError
 from gfcomb.distributions.base import Distribution
-from gfcomb.distributions.continuous import _tensors
+from gfcomb.distributions.continuous import param_tensors
 
 
 def _snake_case(name: str) -> str:
@@ -132,7 +132,7 @@ class TorchDistribution(Distribution):
     ) -> torch.distributions.Distribution:
         """Instantiate the torch class; parameters become tensors of one dtype/device."""
         given = [p for p in params if p is not None]
-        tensors = iter(_tensors(*given))
+        tensors = iter(param_tensors(*given))
         converted = [None if p is None else next(tensors) for p in params]
         ctor: Any = self.dist_cls
         return ctor(*converted, validate_args=validate_args)
@@ -158,7 +158,7 @@ class TorchDistribution(Distribution):
     def logpdf(self, value: Any, *params: Any) -> torch.Tensor:
         """``dist_cls(*params, validate_args=False).log_prob(value)``."""
         if not isinstance(value, torch.Tensor):
-            ref = _tensors(*[p for p in params if p is not None])
+            ref = param_tensors(*[p for p in params if p is not None])
             device = ref[0].device if ref else None
             value = torch.as_tensor(value, device=device)
             if value.is_floating_point() and ref:

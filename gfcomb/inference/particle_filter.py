@@ -53,7 +53,7 @@ from gfcomb.inference.resampling import (
     get_resampler,
     systematic_resample,
 )
-from gfcomb.inference.resampling import effective_sample_size as _ess
+from gfcomb.inference.resampling import effective_sample_size as weights_ess
 
 Kernel = Callable[..., Any]
 
@@ -198,7 +198,7 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
     if ess_threshold is not None:
         if state._max is None:
             check_finite_max(log_w, who, state.step)
-        if bool(_ess(log_w) >= ess_threshold):
+        if bool(weights_ess(log_w) >= ess_threshold):
             return state
     if resampler is systematic_resample:  # the default: reuse the cumulative sum for lse
         m = state._max
@@ -263,4 +263,4 @@ def log_ml_estimate(state: ParticleFilterState) -> torch.Tensor:
 
 def effective_sample_size(state: ParticleFilterState) -> torch.Tensor:
     """Kish's effective sample size of the particle weights, (Σ w)² / Σ w² ∈ [1, N]."""
-    return _ess(_check_state(state, "effective_sample_size").log_weights)
+    return weights_ess(_check_state(state, "effective_sample_size").log_weights)

@@ -67,7 +67,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.choicemap import ChoiceMap, _short
+from gfcomb.core.choicemap import ChoiceMap, short_repr
 from gfcomb.core.diff import NoChange, UnknownChange
 from gfcomb.core.errors import GFIError, UnvisitedConstraintError
 from gfcomb.core.gfi import GenerativeFunction
@@ -162,8 +162,8 @@ def _indent(text: str) -> str:
 
 def _show_args(args: Any) -> str:
     if isinstance(args, tuple):
-        return "(" + ", ".join(_short(a) for a in args) + ("," if len(args) == 1 else "") + ")"
-    return _short(args)
+        return "(" + ", ".join(short_repr(a) for a in args) + ("," if len(args) == 1 else "") + ")"
+    return short_repr(args)
 
 
 # ============================================================================ comparisons
@@ -189,7 +189,7 @@ def _num(x: Any) -> str:
     t = torch.as_tensor(x).detach()
     if t.numel() == 1:
         return f"{float(t):.10g}"
-    return _short(t)
+    return short_repr(t)
 
 
 def _same_tree(a: Any, b: Any, rtol: float, atol: float) -> bool:
@@ -226,7 +226,7 @@ def _choice_diff(a: ChoiceMap, b: ChoiceMap, rtol: float, atol: float) -> str | 
         w = db[k]
         if (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor)
                 and v.shape != w.shape) or not _is_close(v, w, rtol, atol):
-            return f"value at {k}: {_short(v)} vs {_short(w)}"
+            return f"value at {k}: {short_repr(v)} vs {short_repr(w)}"
     return None
 
 
@@ -354,7 +354,8 @@ class LawContext:
                 raise GFILawError(
                     "no_mutation", self.gen_fn,
                     f"{method} modified one of its inputs in place (a tensor of shape "
-                    f"{tuple(before.shape)} was {_short(before)}, is now {_short(t.detach())})",
+                    f"{tuple(before.shape)} was {short_repr(before)}, is now "
+                    f"{short_repr(t.detach())})",
                     self.args, _first_choicemap(inputs))
         return out
 
@@ -394,7 +395,7 @@ def law_simulate_assess(ctx: LawContext) -> None:
         raise ctx.fail(f"assess weight {_num(w)} != simulate score {_num(tr.score)}",
                        tr.choices)
     if not _same_tree(r, tr.retval, ctx.rtol, ctx.atol):
-        raise ctx.fail(f"assess retval {_short(r)} != simulate retval {_short(tr.retval)}",
+        raise ctx.fail(f"assess retval {short_repr(r)} != simulate retval {short_repr(tr.retval)}",
                        tr.choices)
 
 
@@ -412,8 +413,8 @@ def law_generate_full(ctx: LawContext) -> None:
     if why:
         raise ctx.fail(f"generate with all choices changed the choices: {why}", tr.choices)
     if not _same_tree(new.retval, tr.retval, ctx.rtol, ctx.atol):
-        raise ctx.fail(f"generate with all choices: retval {_short(new.retval)} != "
-                       f"{_short(tr.retval)}", tr.choices)
+        raise ctx.fail(f"generate with all choices: retval {short_repr(new.retval)} != "
+                       f"{short_repr(tr.retval)}", tr.choices)
 
 
 def law_generate_empty(ctx: LawContext) -> None:
@@ -439,7 +440,7 @@ def law_generate_partial(ctx: LawContext) -> None:
     for a, v in choice_dict(c).items():
         if a not in got or not ctx.close(got[a], v):
             raise ctx.fail(f"generate did not keep the constrained value at {a}: "
-                           f"{_short(got.get(a))} instead of {_short(v)}", c)
+                           f"{short_repr(got.get(a))} instead of {short_repr(v)}", c)
     p = ctx.call("project", new, _select_addrs(choice_dict(c)))
     if not ctx.close(w, p):
         raise ctx.fail(f"generate weight {_num(w)} != project(trace, constrained selection) "
@@ -529,8 +530,8 @@ def law_update_discard(ctx: LawContext) -> None:
                        new_args=_show_args(new_args))
     for a, v in expected.items():
         if not ctx.close(got[a], v):
-            raise ctx.fail(f"update discard at {a} holds {_short(got[a])}, the old value was "
-                           f"{_short(v)}", c, discard=d)
+            raise ctx.fail(f"update discard at {a} holds {short_repr(got[a])}, the old value was "
+                           f"{short_repr(v)}", c, discard=d)
 
 
 def law_update_roundtrip(ctx: LawContext) -> None:
@@ -589,7 +590,7 @@ def law_regenerate_weight(ctx: LawContext) -> None:
     for a in retained:
         if not ctx.close(dn[a], do[a]):
             raise ctx.fail(f"regenerate changed the unselected choice at {a}: "
-                           f"{_short(do[a])} -> {_short(dn[a])}", tr.choices, selection=sel)
+                           f"{short_repr(do[a])} -> {short_repr(dn[a])}", tr.choices, selection=sel)
     r = _select_addrs(retained)
     expect = (ctx.call("project", new, r) - ctx.call("project", tr, r)) if retained else 0.0
     if not ctx.close(w, expect):
@@ -775,7 +776,7 @@ def law_vmap(ctx: LawContext) -> None:
                            f"{_num(row.score)} != per-element {_num(tr_i.score)}", cm)
         if not _same_tree(row.retval, tr_i.retval, ctx.rtol, ctx.atol):
             raise ctx.fail(f"vmapped generate (over {mode}) element {i}: retval "
-                           f"{_short(row.retval)} != per-element {_short(tr_i.retval)}", cm)
+                           f"{short_repr(row.retval)} != per-element {short_repr(tr_i.retval)}", cm)
         why = _choice_diff(row.choices, tr_i.choices, ctx.rtol, ctx.atol)
         if why:
             raise ctx.fail(f"vmapped generate (over {mode}) element {i}: choices differ: "

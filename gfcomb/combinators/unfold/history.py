@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.harmonize import harmonize
-from gfcomb.core.pytree import _reconcile, tree_map_tensors
+from gfcomb.core.pytree import reconcile, tree_map_tensors
 
 
 class StepBlock:
@@ -242,5 +242,5 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
             out.append(torch.cat([leaf] + [ls[j].to(leaf.dtype) for ls, _ in rest], dim))
         else:
             out.append(leaf)
-    return pytree.tree_unflatten(out, _reconcile(spec, [s for _, s in rest]))
+    return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in rest]))
 
