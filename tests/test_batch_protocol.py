@@ -356,3 +356,14 @@ def test_a_filter_history_stores_choices_states_and_row_pointers_only():
         kept += block._steps is not None
         block = block.parent
     assert kept == 0
+
+
+@pytest.mark.parametrize("name", ["map", "switch", "unfold"])
+def test_combinators_name_a_selection_that_is_not_one(name):
+    gen_fn, args, cm, row_args = cases()[name]
+    tr, _ = gen_fn.generate(row_args(0), per_row_constraints(cm, 0))
+    for bad in ("x", {"x": 1}):
+        with pytest.raises(gf.GFIError, match="gf.Selection"):
+            gen_fn.regenerate(tr, row_args(0), tuple(NC for _ in args), bad)
+        with pytest.raises(gf.GFIError, match="gf.Selection"):
+            gen_fn.project(tr, bad)

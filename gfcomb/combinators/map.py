@@ -39,7 +39,7 @@ from gfcomb.core.pytree import tree_index, tree_scatter
 from gfcomb.core.selection import Selection, element_selections, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
-from gfcomb.core.validation import check_vmapped_scores
+from gfcomb.core.validation import check_selection, check_vmapped_scores
 from gfcomb.core.vmap import batched_call
 
 
@@ -231,6 +231,7 @@ class Map(GenerativeFunction):
         Math: weight = Σ_{revisited i} kernel regenerate weight_i; new elements are
         simulated and removed ones dropped, contributing 0.
         """
+        check_selection(selection, self, "regenerate")
         trace, args, argdiffs, dims, n_new, n_old = self._edit_lengths(trace, args, argdiffs)
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
@@ -274,6 +275,7 @@ class Map(GenerativeFunction):
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ_i kernel project(t_i, S[i])."""
+        check_selection(selection, self, "project")
         assert isinstance(trace, VectorTrace)
         if selection.is_all_static():
             return trace.score

@@ -50,6 +50,7 @@ from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, ch
 from gfcomb.core.pytree import register_record, tree_index, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_selection
 from gfcomb.core.vmap import batched_call
 
 _PARTS = ("production", "aggregation")
@@ -559,6 +560,7 @@ class Recurse(GenerativeFunction):
         (log p' − log p); selected choices, the choices of new nodes and those of removed
         nodes contribute 0.  With prior proposals the weight is the MH log acceptance ratio.
         """
+        check_selection(selection, self, "regenerate")
         trace = self._check_trace(trace)
         args = self._check_args(args)
         argdiffs = self._check_argdiffs(argdiffs, args, trace)
@@ -573,6 +575,7 @@ class Recurse(GenerativeFunction):
         Math: project(t, S) = Σ over nodes i of production.project(t_i^prod, S[i, "production"])
         + aggregation.project(t_i^agg, S[i, "aggregation"]); project(t, selectall) = score.
         """
+        check_selection(selection, self, "project")
         trace = self._check_trace(trace)
         if selection.is_all_static():
             return trace.score

@@ -95,6 +95,7 @@ from gfcomb.core.selection import (
     flag_not,
 )
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_selection
 from gfcomb.dsl.parameters import unique_parameters
 
 Flag = Union[bool, torch.Tensor]
@@ -573,6 +574,7 @@ class Switch(GenerativeFunction):
         are the only retained ones, so weight = Σ_{a∈R} log p_{b_j}(t[a]) − Σ_{a∈R}
         log p_{b_k}(t[a]) = (generate weight of b_j given R) − project(t_{b_k}, R).
         """
+        check_selection(selection, self, "regenerate")
         trace = self._check_trace(trace)
         index, bargs = self._parse(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Switch')
@@ -611,6 +613,7 @@ class Switch(GenerativeFunction):
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = the chosen branch's project(t_{b_k}, S)."""
+        check_selection(selection, self, "project")
         trace = self._check_trace(trace)
         if selection.is_all_static():
             return trace.score

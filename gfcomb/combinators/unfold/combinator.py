@@ -63,6 +63,7 @@ from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_scatter, tree_stack
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
+from gfcomb.core.validation import check_selection
 from gfcomb.core.vmap import unwrap_rows
 
 _EMPTY = ChoiceMap.empty()
@@ -421,6 +422,7 @@ class Unfold(GenerativeFunction):
         unselected choices of (log p' − log p); selected, new and removed choices contribute
         0 (the MH log acceptance ratio for the prior proposal).
         """
+        check_selection(selection, self, "regenerate")
         trace = self._check_trace(trace)
         n_new, init, params = self.unpack(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
@@ -471,6 +473,7 @@ class Unfold(GenerativeFunction):
 
         Math: project(t, S) = Σ_t kernel project(t_t, S[t]); project(t, selectall) = score.
         """
+        check_selection(selection, self, "project")
         trace = self._check_trace(trace)
         if selection.is_all_static():
             return trace.score
@@ -526,6 +529,7 @@ class Unfold(GenerativeFunction):
 
         Math: as :meth:`regenerate`, row by row (new steps contribute 0 to the weight).
         """
+        check_selection(selection, self, "batch_regenerate")
         plan = batch_plan(self, traces, args, argdiffs,
                                 lambda n: self._selected_steps(selection, n))
         if plan is None:

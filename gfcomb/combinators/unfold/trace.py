@@ -279,6 +279,13 @@ class UnfoldTrace(Trace):
         except AddressError as err:
             raise err.prefixed((t,)) from None
 
+    def __gf_persist__(self) -> UnfoldTrace:
+        """An equal trace without a shared history (gf.save's record hook): every step's
+        kernel trace gathered, so the saved trace is exact."""
+        if self.history is None:
+            return self
+        return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, self.inner)
+
     def caller_retval(self) -> Any:
         """The stacked states; deferred (built on first use) when they must be gathered
         through the shared history."""
