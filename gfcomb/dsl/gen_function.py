@@ -237,6 +237,8 @@ class GenFunction(GenerativeFunction):
         retval = self.run_body(h, args)
         h._check_all_visited(cm, "generate")
         tr = self._trace(h, args, retval)
+        if h.weights_are_scores():  # every call fully constrained: weight == score
+            return tr, tr.score
         return tr, weight_like(h.weight, tr.score)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap | dict[Any, Any],

@@ -51,6 +51,13 @@ class Handler:
         """The sum of the recorded sub-trace scores (0.0 if none)."""
         return _sum(self._scores)
 
+    def weights_are_scores(self) -> bool:
+        """True when every weight collected is the score of the call it came from (each
+        call was generated with all its choices constrained): the total weight is the
+        total score, and need not be summed again."""
+        ws, ss = self._weights, self._scores
+        return len(ws) == len(ss) and all(w is s for w, s in zip(ws, ss))
+
     @property
     def weight(self) -> Any:
         """The sum of the weights collected so far (0.0 if none)."""

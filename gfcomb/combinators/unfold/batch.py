@@ -72,7 +72,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     rows = batch_size(traces)
     n_old, n_new = traces.length, args[0]
     params = tuple(args[2:])
-    weight: Any = 0.0
+    weight: Any = None  # (None: nothing added yet; a 0.0 start would cost an op per step)
     score = traces.score
     changed: list[int] = []
     if not touched:  # appending only
@@ -94,7 +94,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                                   (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
             except AddressError as err:
                 raise err.prefixed((t,)) from None
-            weight = weight + w
+            weight = w if weight is None else weight + w
             score = score + (new.score - old.score)
             window[t - h] = new
             if not isinstance(rd, NoChange):
@@ -110,7 +110,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                                            rows_submap(constraints, t))
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        weight = weight + w
+        weight = w if weight is None else weight + w
         score = score + new.score
         last = resolve(new.retval)
         if touched:
@@ -128,7 +128,8 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     stored_args = tuple(stored_arg(a, rows) for a in args)
     recent = stack_steps(window, axis=1) if window else None
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
-    return new_traces, weight_like(weight, score), retdiff_of(n_new, n_old, changed)
+    weight = weight_like(0.0 if weight is None else weight, score)
+    return new_traces, weight, retdiff_of(n_new, n_old, changed)
 
 def rebuilt_step(kernel: Any, rows: int, t: int, params: tuple[Any, ...], init: Any,
                  parent: StepBlock | None, parent_rows: torch.Tensor | None,
