@@ -93,6 +93,7 @@ def _python_primitives() -> tuple[Callable[..., Any], ...]:
 
 
 _DIRECT = _primitives()
+_AS_IS = object()  # tags an argument that enters vmap unflattened (shared by every row)
 _WRAPPED = _python_primitives()
 _DECOMPOSITIONS: list[bool] = []  # torch's batching decompositions, loaded on first use
 
@@ -150,6 +151,9 @@ def vmap_rows(fn: Callable[..., Any], in_dims: InDims, args: Sequence[Any], leng
             continue
         if arg_parts is None:
             arg_parts = [None] * i
+        if d is None:  # shared by every row: passed in as it is (nothing to batch)
+            arg_parts.append((_AS_IS, a))
+            continue
         start = len(flat)
         arg_parts.append(fast_flatten(a, flat))
         dims.extend([d] * (len(flat) - start))
@@ -182,7 +186,8 @@ def vmap_rows(fn: Callable[..., Any], in_dims: InDims, args: Sequence[Any], leng
             out = fn(*ins)
         else:
             it = iter(ins)
-            out = fn(*[next(it) if part is None else fast_unflatten(part, it)
+            out = fn(*[next(it) if part is None else
+                       part[1] if part[0] is _AS_IS else fast_unflatten(part, it)
                        for part in arg_parts])
         leaves: list[torch.Tensor] = []
         spec = fast_flatten(out, leaves)
