@@ -3,8 +3,8 @@ baseline) and VIMCO gradients, and :func:`fit_vi`, a ``torch.optim`` loop over t
 
 A *guide* is any generative function whose choices sit at latent addresses of the model
 (``@gen`` functions with torch modules for amortized guides, combinators, custom ones).  One
-estimate draws ``n_samples`` guide traces in ONE vmapped ``simulate`` call and scores them
-under the model with ONE vmapped ``generate`` call (observations ∪ guide choices as
+estimate draws ``n_samples`` guide traces in ONE ``batch_generate`` call and scores them
+under the model with ONE ``batch_generate`` call (observations ∪ guide choices as
 constraints).  The estimate is an ordinary differentiable scalar: ``(-elbo(...)).backward()``
 puts an unbiased gradient estimate into the ``.grad`` of the guide's parameters (its torch
 modules and any tensor argument with ``requires_grad``) and of the model's.
@@ -38,15 +38,15 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.selection import Selection
-from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow
 from gfcomb.inference.breadth import (
     PatternSelection,
     check_gen_fn,
     check_positive_int,
     show_address,
-    vmap_samples,
     vmapped,
 )
+from gfcomb.inference.importance import merged_rows
 from gfcomb.inference.progress import progress_bar
 
 __all__ = ["ESTIMATORS", "VIResult", "elbo", "fit_vi", "iwae_bound"]
@@ -94,26 +94,15 @@ def _weights(model: GenerativeFunction, model_args: tuple[Any, ...], observation
              who: str) -> _Weights:
     """Draw ``n`` guide traces and score them under the model (see the module docstring)."""
 
-    def score_model(choices: ChoiceMap) -> torch.Tensor:
-        _, w = model.generate(model_args, observations.merge(choices))
-        return w
-
     if estimator == "score":
         with torch.no_grad():
-            drawn = vmap_samples(lambda: guide.simulate(guide_args).choices, n, who)
-
-        def rescore(choices: ChoiceMap) -> tuple[torch.Tensor, torch.Tensor]:
-            _, log_q = guide.generate(guide_args, choices)
-            return score_model(choices), log_q
-
-        log_p, log_q = vmapped(rescore, who)(drawn)
+            drawn = guide.batch_generate(n, guide_args, None)[0].choices
+        _, log_q = guide.batch_generate(n, guide_args, PerRow(drawn))
+        _, log_p = model.batch_generate(n, model_args, merged_rows(observations, drawn, n))
         return _Weights(log_p - log_q, log_q)
 
-    def one() -> tuple[Trace, torch.Tensor]:
-        tr = guide.simulate(guide_args)
-        return tr, score_model(tr.choices)
-
-    traces, log_p = vmap_samples(one, n, who)
+    traces, _ = guide.batch_generate(n, guide_args, None)
+    _, log_p = model.batch_generate(n, model_args, merged_rows(observations, traces.choices, n))
     log_w = log_p - traces.score
     if not torch.is_grad_enabled():
         return _Weights(log_w, None)
