@@ -17,7 +17,7 @@ from gfcomb.core.errors import AddressError, ArgumentError, VmapError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import batched_call
+from gfcomb.core.vmap import batched_call, vmap_error
 from gfcomb.distributions.base import Distribution
 from gfcomb.inference.mcmc import accept_reject, is_batched_trace
 
@@ -25,15 +25,6 @@ _BATCHED_CALL: Callable[..., Any] | None = batched_call  # (gfcomb's vmap engine
 
 #: The "every element" key of an address pattern (``trace["ys", :, "y"]`` reads the same way).
 ANY = slice(None)
-
-_VMAP_CAUSES = (
-    ("data-dependent control flow", "data-dependent Python control flow (an `if` on a tensor)"),
-    ("item()", "a call of .item() (or float()/int() of a tensor)"),
-    ("Boolean value of Tensor", "data-dependent Python control flow (an `if` on a tensor)"),
-    ("in-place", "an in-place write into a tensor that is not batched"),
-    ("does not have a batching rule", "a torch operation without a vmap batching rule"),
-)
-
 
 def inside_functorch_transform() -> bool:
     """True while a torch.func transform (vmap, grad, ...) is running."""
@@ -109,13 +100,9 @@ def vmapped(fn: Callable[..., Any], who: str, in_dims: Any = 0) -> Callable[...,
         except VmapError:
             raise
         except (RuntimeError, ValueError) as err:
-            msg = str(err)
-            for needle, cause in _VMAP_CAUSES:
-                if needle in msg:
-                    raise VmapError(
-                        f"{who}: a generative function cannot run under torch.func.vmap "
-                        f"because of {cause}; rewrite it with torch.where / masking. (torch "
-                        f"said: {msg.splitlines()[0]})") from err
+            named = vmap_error(who, err)  # (the vmap engine's list of known causes)
+            if named is not None:
+                raise named from err
             raise
 
     return run
