@@ -67,3 +67,12 @@ def bench(session: nox.Session) -> None:
         session.error("no benchmarks/bench_*.py found")
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+
+
+@nox.session
+def site(session: nox.Session) -> None:
+    """Build the site and render every page in headless Chromium (served from 127.0.0.1):
+    fails on a console error, a broken link or an empty API page.  Needs ``chromium`` on
+    PATH (Debian: ``apt-get install chromium``)."""
+    install(session, "-e", ".[docs]")
+    session.run("python", "docs/check_site.py", *session.posargs)
