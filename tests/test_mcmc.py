@@ -490,3 +490,30 @@ def test_moves_on_batched_unfold_particles_with_shared_history(kernel):
     assert not torch.equal(new_x[half][:, 3], old_x[half][:, 3])
     torch.testing.assert_close(new.score, ar_log_joint(new_x, ys), rtol=0, atol=1e-9)
     torch.testing.assert_close(trs[:, "x"], old_x, rtol=0, atol=0)  # input untouched
+
+
+# ------------------------------------------------------- proposals that leave the support
+@gf.gen
+def _stiff():
+    x = gf.normal(0.0, 1.0) @ "x"
+    gf.normal(x ** 3, 0.01) @ "y"
+
+
+def test_moves_whose_proposal_is_not_finite_reject_instead_of_raising():
+    """hmc with a huge step size and a stiff model, mala with a huge tau: the proposal's
+    values or densities are not finite, so the move rejects (single trace and batch alike),
+    and the trace is returned unchanged."""
+    from gfcomb.inference import hmc, mala
+
+    tr, _ = _stiff.generate((), {"x": torch.tensor(0.3), "y": torch.tensor(0.1)})
+    sel = gf.select("x")
+    for move in (lambda t: hmc(t, sel, 3, 1e200), lambda t: hmc(t, sel, 10, 0.5),
+                 lambda t: mala(t, sel, 1e200)):
+        new, accepted = move(tr)
+        assert accepted is False and new is tr
+    batch = torch.func.vmap(lambda _: _stiff.generate(
+        (), {"x": torch.tensor(0.3), "y": torch.tensor(0.1)})[0], randomness="different")(
+        torch.zeros(4))
+    new, accepted = hmc(batch, sel, 3, 1e200)
+    assert not bool(accepted.any())
+    torch.testing.assert_close(new["x"], batch["x"])

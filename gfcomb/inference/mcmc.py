@@ -43,7 +43,7 @@ from gfcomb.core.address import format_address
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
-from gfcomb.core.errors import ArgumentError
+from gfcomb.core.errors import ArgumentError, DistributionArgumentError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
@@ -249,6 +249,27 @@ def _accept(trace: Trace, move: tuple[Trace, torch.Tensor, Callable[[], ChoiceMa
     return accept_reject(trace, proposed, log_alpha, log_u)
 
 
+def _propose_or_reject(trace: Trace, make_move: Callable[[], tuple[Trace, torch.Tensor, Any]],
+                       log_u: torch.Tensor | None) -> tuple[Trace, Any]:
+    """Propose with ``make_move()`` and accept or reject; a proposal whose values or
+    densities are not finite is rejected, not raised.
+
+    Math: a proposal outside the support (or overflowing: a step size of 1e200, a stiff
+    model) has target density 0 or undefined, so its acceptance probability is 0.  Under
+    vmap such proposals give a NaN or -inf log α, which :func:`accept_reject` rejects per
+    chain; on a single trace, where arguments are validated, the DistributionArgumentError
+    (non-finite or out-of-support parameters) or the non-finite values it would raise on
+    are that rejection.
+    """
+    try:
+        move = make_move()
+    except DistributionArgumentError:
+        if inside_functorch_transform():
+            raise
+        return trace, False
+    return _accept(trace, move, log_u)  # (a NaN or -inf log α rejects there)
+
+
 # ------------------------------------------------------------------------------ MH
 def mh_propose(trace: Trace, selection: Selection) -> tuple[Trace, torch.Tensor]:
     """Propose the selected choices from the prior: ``(proposed trace, log acceptance ratio)``.
@@ -319,10 +340,11 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
             return _mh_rows(trace, selection_or_proposal, log_u)
 
         def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
-            return _accept(t, _mh_move(t, selection_or_proposal), lu)
+            return _propose_or_reject(t, lambda: _mh_move(t, selection_or_proposal), lu)
     elif isinstance(selection_or_proposal, GenerativeFunction):
         def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
-            return _accept(t, _mh_custom_move(t, selection_or_proposal, proposal_args), lu)
+            return _propose_or_reject(
+                t, lambda: _mh_custom_move(t, selection_or_proposal, proposal_args), lu)
     else:
         raise ArgumentError("mh: the second argument must be a Selection or a proposal "
                             f"generative function, got {selection_or_proposal!r}")
@@ -399,7 +421,7 @@ def mala(trace: Trace, selection: Selection, tau: float, *, noise: ChoiceMap | N
     tau = _check_positive(tau, "tau", "mala")
 
     def one(t: Trace, eps: ChoiceMap | None, lu: torch.Tensor | None) -> tuple[Trace, Any]:
-        return _accept(t, _mala_move(t, selection, tau, eps), lu)
+        return _propose_or_reject(t, lambda: _mala_move(t, selection, tau, eps), lu)
 
     return _over_chains(one, "mala", trace, noise, log_u)
 
@@ -463,7 +485,8 @@ def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float 
     _check_hmc_args(n_steps, step_size)
 
     def one(t: Trace, p0: ChoiceMap | None, lu: torch.Tensor | None) -> tuple[Trace, Any]:
-        return _accept(t, _hmc_move(t, selection, n_steps, step_size, p0), lu)
+        return _propose_or_reject(t, lambda: _hmc_move(t, selection, n_steps, step_size, p0),
+                                  lu)
 
     return _over_chains(one, "hmc", trace, momentum, log_u)
 
