@@ -160,3 +160,44 @@ def test_bad_input_is_named():
         importance_sampling(beta_bernoulli, [1], observations(), 5)
     with pytest.raises(ArgumentError, match="n_draws"):
         importance_resampling(beta_bernoulli, args(), observations(), 5, n_draws=0)
+
+
+# ------------------------------------------------ a model that cannot run under vmap
+@gf.gen
+def _branchy(T):
+    z = gf.bernoulli(0.5) @ "z"
+    # Python control flow on a choice: not vmappable (the scales are tensors, so that the
+    # per-particle traces of vectorize=False can be stored stacked)
+    p = torch.tensor(0.3) if z else torch.tensor(0.4)
+    x = gf.normal(0.0, 1.0) @ "x0"
+    for t in range(T):
+        x = gf.normal(x, p) @ ("x", t)
+    return x
+
+
+def test_a_model_that_cannot_be_vmapped_names_the_cause_and_runs_per_particle():
+    from gfcomb.inference import pf_initialize, pf_update
+
+    obs = {("x", 0): torch.tensor(0.2)}
+    with pytest.raises(gf.VmapError, match="control flow"):
+        importance_sampling(_branchy, (1,), obs, 10)
+    with pytest.raises(gf.VmapError, match="control flow"):
+        pf_initialize(_branchy, (1,), obs, 10)
+    torch.manual_seed(3)
+    res = importance_sampling(_branchy, (1,), obs, 6, vectorize=False)
+    torch.manual_seed(3)
+    loop = [_branchy.generate((1,), obs) for _ in range(6)]
+    torch.testing.assert_close(res.log_weights, torch.stack([w for _, w in loop]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(res.traces["z"], torch.stack([t["z"] for t, _ in loop]),
+                               rtol=0, atol=0)
+    # a particle filter step, per particle, equals the per-particle update
+    state = pf_initialize(_branchy, (1,), obs, 5, vectorize=False)
+    y = torch.tensor(-0.1)
+    torch.manual_seed(4)
+    new = pf_update(state, (2,), (gf.UnknownChange(),), {("x", 1): y}, vectorize=False)
+    for i in range(5):
+        row = gf.core.pytree.tree_index(state.traces, i)
+        _, w, _, _ = _branchy.update(row, (2,), (gf.UnknownChange(),), {("x", 1): y})
+        torch.testing.assert_close(new.log_weights[i], state.log_weights[i] + w,
+                                   rtol=0, atol=1e-12)

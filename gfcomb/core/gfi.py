@@ -237,7 +237,8 @@ class GenerativeFunction:
         scores, draws distributed the same.
         """
         args = check_args_tuple(args)
-        return map_rows(lambda c, *a: self.generate(a, c), n, constraints, *args)
+        return map_rows(lambda c, *a: self.generate(a, c), n, constraints, *args,
+                        who=f"{self!r}.batch_generate")
 
     def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                      constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
@@ -255,7 +256,8 @@ class GenerativeFunction:
             retdiffs.append(rd)
             return new, w, discard
 
-        new, w, discard = map_rows(one, batch_size(traces), PerRow(traces), constraints, *args)
+        new, w, discard = map_rows(one, batch_size(traces), PerRow(traces), constraints, *args,
+                                   who=f"{self!r}.batch_update")
         return new, w, retdiffs[-1], discard
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
@@ -274,7 +276,8 @@ class GenerativeFunction:
             retdiffs.append(rd)
             return new, w
 
-        new, w = map_rows(one, batch_size(traces), PerRow(traces), *args)
+        new, w = map_rows(one, batch_size(traces), PerRow(traces), *args,
+                          who=f"{self!r}.batch_regenerate")
         return new, w, retdiffs[-1]
 
     def batch_select(self, traces: Trace, rows: torch.Tensor) -> Trace:

@@ -207,16 +207,50 @@ def vmap_rows(fn: Callable[..., Any], in_dims: InDims, args: Sequence[Any], leng
     return fast_unflatten(spec, iter(outs))
 
 
-def map_rows(fn: Callable[..., Any], length: int, *items: Any) -> Any:
+class _Vectorizing(threading.local):
+    """Whether :func:`map_rows` vmaps (True) or loops over the rows, in this thread."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+
+_VECTORIZING = _Vectorizing()
+
+
+class vectorized:  # noqa: N801 - used like a function: ``with vectorized(False):``
+    """Within the block, batch methods vmap their rows (``True``, the default) or run them
+    one row after the other (``False``: for a model that cannot run under vmap, e.g. Python
+    control flow on a choice; same results, one row at a time)."""
+
+    __slots__ = ("enabled", "_before")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self._before = True
+
+    def __enter__(self) -> None:
+        self._before = _VECTORIZING.enabled
+        _VECTORIZING.enabled = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        _VECTORIZING.enabled = self._before
+
+
+def map_rows(fn: Callable[..., Any], length: int, *items: Any, who: str = "batch method",
+             ) -> Any:
     """``fn`` run per row over ``length`` rows: each item that is a :class:`PerRow` is
-    mapped along its leading axis, every other item is passed to every row as it is."""
+    mapped along its leading axis, every other item is passed to every row as it is.
+
+    One vmap over the rows, or a loop over them inside ``with vectorized(False)``.  A
+    function that cannot run under vmap gets a :class:`VmapError` naming the cause."""
     values = []
     dims = []
     for x in items:
         v, per_row = unwrap_rows(x)
         values.append(v)
         dims.append(0 if per_row else None)
-    return vmap_rows(fn, tuple(dims), values, length)
+    return batched_call(fn, tuple(dims), vectorize=_VECTORIZING.enabled, length=length,
+                        who=who)(*values)
 
 
 # ------------------------------------------------------------------ stepping out of a level

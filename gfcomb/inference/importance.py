@@ -26,7 +26,7 @@ from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import tree_map_tensors
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow
+from gfcomb.core.vmap import PerRow, vectorized
 from gfcomb.inference.resampling import (
     Resampler,
     effective_sample_size,
@@ -117,7 +117,8 @@ def merged_rows(shared: ChoiceMap, per_row: ChoiceMap, n: int) -> PerRow:
 def importance_sampling(model: GenerativeFunction, args: tuple[Any, ...],
                         observations: ChoiceMap | dict[Any, Any] | None, n_samples: int,
                         proposal: GenerativeFunction | None = None,
-                        proposal_args: tuple[Any, ...] = ()) -> ImportanceResult:
+                        proposal_args: tuple[Any, ...] = (), *,
+                        vectorize: bool = True) -> ImportanceResult:
     """Importance sampling of ``model``'s posterior given ``observations``, all
     ``n_samples`` samples in one vmapped call.
 
@@ -128,6 +129,10 @@ def importance_sampling(model: GenerativeFunction, args: tuple[Any, ...],
     choices by default (then log w_i = log p(observations | t_i)); the evidence estimate
     log p̂ = logsumexp_i(log w_i) − log n.  Raises :class:`DegenerateWeightsError` if every
     weight is -inf or one is NaN.
+
+    A model that cannot run under vmap (Python control flow on a choice, ``.item()``) raises
+    :class:`VmapError` naming the cause; ``vectorize=False`` then runs the samples one after
+    the other (same results, slower).
     """
     who = "importance_sampling"
     args = check_args_tuple(args)
@@ -137,7 +142,8 @@ def importance_sampling(model: GenerativeFunction, args: tuple[Any, ...],
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
     obs = as_choicemap(observations)
-    traces, log_w = batched_generate(model, args, obs, n, proposal, proposal_args)
+    with vectorized(vectorize):
+        traces, log_w = batched_generate(model, args, obs, n, proposal, proposal_args)
     _, lse = log_normalize(log_w, who, "0 (the initial importance sample)")
     return ImportanceResult(traces, log_w, lse - math.log(n))
 
@@ -147,6 +153,7 @@ def importance_resampling(model: GenerativeFunction, args: tuple[Any, ...],
                           proposal: GenerativeFunction | None = None,
                           proposal_args: tuple[Any, ...] = (), n_draws: int = 1,
                           method: str | Resampler | Callable[..., torch.Tensor] = "multinomial",
+                          *, vectorize: bool = True,
                           ) -> ImportanceResamplingResult:
     """Sampling importance resampling: run :func:`importance_sampling` with ``n_samples``
     samples, then draw ``n_draws`` traces from the weighted samples (i.i.d. by default).
@@ -156,7 +163,8 @@ def importance_resampling(model: GenerativeFunction, args: tuple[Any, ...],
     marginals with correlated draws).  As n_samples → ∞ the draws follow the posterior.
     """
     check_n(n_draws, "n_draws", "importance_resampling")
-    result = importance_sampling(model, args, observations, n_samples, proposal, proposal_args)
+    result = importance_sampling(model, args, observations, n_samples, proposal, proposal_args,
+                                 vectorize=vectorize)
     from gfcomb.core.batched import select_batch
 
     log_w, _ = log_normalize(result.log_weights, "importance_resampling")

@@ -43,7 +43,7 @@ from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow
+from gfcomb.core.vmap import PerRow, vectorized
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
     Resampler,
@@ -110,7 +110,8 @@ def _check_state(state: Any, who: str) -> ParticleFilterState:
 def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
                   observations: ChoiceMap | dict[Any, Any] | None, n_particles: int,
                   proposal: GenerativeFunction | None = None,
-                  proposal_args: tuple[Any, ...] = ()) -> ParticleFilterState:
+                  proposal_args: tuple[Any, ...] = (), *,
+                  vectorize: bool = True) -> ParticleFilterState:
     """Start a particle filter: ``n_particles`` traces of ``model(*args)`` with
     ``observations`` as constraints, generated in one vmapped call.
 
@@ -120,6 +121,9 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     Math: log w_i = generate weight of particle i (prior proposal: log p(observations | t_i));
     with a proposal, log w_i = log p(t_i; args) − log q(u_i).  Step 0; nothing banked.
     Raises :class:`DegenerateWeightsError` naming step 0 if every weight is -inf or one NaN.
+    A model that cannot run under vmap raises :class:`VmapError` naming the cause; with
+    ``vectorize=False`` (here and in :func:`pf_update`) the particles run one after the
+    other instead, with the same results.
     """
     who = "pf_initialize"
     check_gen_fn(model, "model", who)
@@ -128,8 +132,9 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     if proposal is not None:
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
-    traces, log_w = batched_generate(model, args, as_choicemap(observations), n, proposal,
-                                     proposal_args)
+    with vectorized(vectorize):
+        traces, log_w = batched_generate(model, args, as_choicemap(observations), n,
+                                         proposal, proposal_args)
     check_finite_max(log_w, who, 0)
     return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args)
 
@@ -137,7 +142,8 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
 def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
               argdiffs: tuple[Diff, ...], observations: ChoiceMap | dict[Any, Any] | None,
               proposal: GenerativeFunction | None = None,
-              proposal_args: tuple[Any, ...] = ()) -> ParticleFilterState:
+              proposal_args: tuple[Any, ...] = (), *,
+              vectorize: bool = True) -> ParticleFilterState:
     """Advance every particle to ``new_args`` with ``observations`` (shared by all particles,
     unbatched) as constraints: one vmapped ``model.update`` call.
 
@@ -161,13 +167,14 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
     obs = as_choicemap(observations)
     n = state.n_particles
     model = state.model
-    if proposal is None:
-        traces, inc, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs, obs)
-    else:
-        proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),) + proposal_args)
-        traces, w, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs,
-                                                   merged_rows(obs, proposed.choices, n))
-        inc = w - proposed.score
+    with vectorized(vectorize):
+        if proposal is None:
+            traces, inc, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs, obs)
+        else:
+            proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),) + proposal_args)
+            traces, w, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs,
+                                                       merged_rows(obs, proposed.choices, n))
+            inc = w - proposed.score
     log_w = inc if state._uniform else state.log_weights + inc
     step = state.step + 1
     m = torch.amax(log_w, 0)
