@@ -367,3 +367,20 @@ def test_combinators_name_a_selection_that_is_not_one(name):
             gen_fn.regenerate(tr, row_args(0), tuple(NC for _ in args), bad)
         with pytest.raises(gf.GFIError, match="gf.Selection"):
             gen_fn.project(tr, bad)
+
+
+def test_a_per_row_selection_is_not_taken_out_of_its_row_level():
+    """Regression (found by the 10,000-tree law run): an Unfold inside a Repeat (a Map)
+    inside a Recurse is regenerated with per-element selection flags; the @gen body then
+    calls the Unfold per row instead of handing it a batch call with a batched selection."""
+    from gfcomb.testing import strategies as S
+
+    pool = dict(S._kernel_pool())
+    _, model = S._recurse_node(S._repeat_node(S._unfold_node(
+        ("k_normal", pool["k_normal"]), 1), 3), 1)
+    torch.manual_seed(1)
+    tr = model.simulate((torch.tensor(0.0),))
+    for addr, _ in tr.choices.items():
+        new, w, _ = tr.regenerate(gf.select(addr))  # (raised "tensor escaped from vmap")
+        assert bool(torch.isfinite(w))
+        close(new.score, model.assess(new.args, new.choices)[0], 1e-10)

@@ -279,6 +279,17 @@ def _rows_of(tree: Any, level: int, n: int, always: bool) -> Any:
     return PerRow(fast_unflatten(spec, iter([s for s, _ in stacked])))
 
 
+def varies_per_row(tree: Any) -> bool:
+    """Whether some tensor of ``tree`` (a selection, a choice map, ...) differs between the
+    rows of the current row level (is batched at it)."""
+    where = current_row_level()
+    if where is None:
+        return False
+    leaves: list[torch.Tensor] = []
+    fast_flatten(tree, leaves)
+    return any(_functorch.maybe_get_level(x) == where[0] for x in leaves)
+
+
 def outside_rows(fn: Callable[..., Any], *items: Any, batched: Sequence[bool] = ()) -> Any:
     """Run ``fn`` outside the current row level on the row-stacked ``items``; return its
     result as per-row views inside the level again.

@@ -24,7 +24,7 @@ from gfcomb.core.errors import (
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import current_row_level, outside_rows
+from gfcomb.core.vmap import current_row_level, outside_rows, varies_per_row
 from gfcomb.dsl.argdiffs import Source, SourceTracker
 
 if TYPE_CHECKING:
@@ -387,6 +387,8 @@ class BatchCalls(Calls):
     @staticmethod
     def regenerate(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
                    argdiffs: tuple[Diff, ...], sel: Selection) -> tuple[Trace, Any, Diff]:
+        if varies_per_row(sel):  # (per-row selection flags: a batch call takes one selection)
+            return gen_fn.regenerate(old, args, argdiffs, sel)
         return outside_rows(lambda tr, *a: gen_fn.batch_regenerate(tr.value, a, argdiffs, sel),
                             old, *args, batched=(True,))
 
