@@ -83,7 +83,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
         window = [tree_index(part, j, dim=1) for part in parts
                   for j in range(part.score.shape[1])]
     # the state going into step h, and the revisited steps h..n_old-1
-    state: Any = batch_state(traces, args[1], block, prows, h)
+    state: Any = state_before(args[1], block, prows)
     state_diff: Diff = _NO_CHANGE
     todo = set(touched)
     for t in range(h, n_old):
@@ -138,12 +138,7 @@ def rebuilt_step(kernel: Any, rows: int, t: int, params: tuple[Any, ...], init: 
     state before it (the parent block's, or ``init_state``): a fully constrained batch
     generate, which draws nothing (the same trace: scores, arguments and return value).
     Only choice maps without presence masks are stored this way."""
-    if parent is None:
-        v, per_row = unwrap_rows(init)
-        state: Any = init if per_row else state_tensors(v)
-    else:
-        assert parent_rows is not None
-        state = PerRow(parent.last_state(parent_rows))
+    state = state_before(init, parent, parent_rows)
     step, _ = kernel.batch_generate(rows, (t, state) + params, PerRow(choices))
     return step
 
@@ -157,13 +152,11 @@ def stored_window(traces: UnfoldTrace, first: int,
     assert window is not None
     return [window], block, prows, h
 
-def batch_state(traces: UnfoldTrace, init: Any, block: StepBlock | None,
-                 prows: torch.Tensor | None, h: int) -> Any:
-    """The state going into step ``h`` of every row: ``init_state`` at h = 0, else the
-    newest state stored in ``block`` (as a PerRow)."""
-    if h == 0:
+def state_before(init: Any, block: StepBlock | None, prows: torch.Tensor | None) -> Any:
+    """The state going into the step after ``block`` for every row: ``init_state`` when
+    there is no block before it, else the newest state stored in ``block`` (a PerRow)."""
+    if block is None:
         v, per_row = unwrap_rows(init)
         return init if per_row else state_tensors(v)
-    assert block is not None and prows is not None
+    assert prows is not None
     return PerRow(block.last_state(prows))
-

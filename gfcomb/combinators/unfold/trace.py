@@ -31,11 +31,8 @@ from gfcomb.core.pytree import (
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import unwrap_rows
 
-_EMPTY = ChoiceMap.empty()
 _NO_CHANGE = NoChange()
 
-# (new step trace, weight, retdiff) for one revisited step
-StepResult = tuple[Trace, torch.Tensor, Diff]
 
 
 def state_at(states: Any, t: int) -> Any:
