@@ -356,6 +356,26 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in flat]))
 
 
+def tree_concat(trees: Sequence[Any], dim: int) -> Any:
+    """Concatenate trees of one structure leafwise along ``dim`` (static parts from
+    ``trees[0]``; Python numbers kept static may differ).  Trees of other structures raise
+    ValueError.  gfcomb's own walk: ``torch.utils._pytree.tree_map`` leaves a reference
+    cycle behind on every call, garbage for the cyclic collector in a long filter."""
+    if len(trees) == 1:
+        return trees[0]
+    columns: list[list[Any]] = []
+    specs = []
+    for tree in trees:
+        leaves: list[Any] = []
+        specs.append(_walk(tree, leaves))
+        columns.append(leaves)
+    for i, spec in enumerate(specs[1:], 1):
+        if not _same_walk(specs[0], spec):
+            raise ValueError(f"tree_concat: tree {i} has a different structure from tree 0")
+    out = [torch.cat([c[j] for c in columns], dim) for j in range(len(columns[0]))]
+    return _build(specs[0], iter(out))
+
+
 def tree_tensors(tree: Any) -> list[torch.Tensor]:
     """The tensor leaves of ``tree``, in pytree order."""
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]

@@ -72,12 +72,14 @@ def _choices_of(subtraces: dict[Address, Trace]) -> ChoiceMap:
         for k in addr[:-1]:
             node = node.setdefault(k, {})
         node[addr[-1]] = cm
+    return _choice_node(tree)
 
-    def build(node: dict[Any, Any]) -> ChoiceMap:
-        return ChoiceMap.node({k: v if isinstance(v, ChoiceMap) else build(v)
-                               for k, v in node.items()})
 
-    return build(tree)
+def _choice_node(node: dict[Any, Any]) -> ChoiceMap:
+    # (module-level, not a closure: a recursive closure is a reference cycle, garbage that
+    # only the cyclic collector frees -- per trace read, it set off collections mid-filter)
+    return ChoiceMap.node({k: v if isinstance(v, ChoiceMap) else _choice_node(v)
+                           for k, v in node.items()})
 
 
 @attrs.frozen(repr=False)

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.harmonize import harmonize
-from gfcomb.core.pytree import reconcile, tree_map_tensors
+from gfcomb.core.pytree import reconcile, tree_concat, tree_map_tensors
 
 
 class StepBlock:
@@ -164,7 +164,7 @@ class StepBlock:
         parts.reverse()
         if len(parts) == 1:
             return parts[0]
-        return pytree.tree_map(lambda *xs: torch.cat(xs, axis), *parts)
+        return tree_concat(parts, axis)
 
     def locate(self, rows: torch.Tensor, t: int) -> tuple[StepBlock, torch.Tensor]:
         """The block holding stored step ``t`` and the particles' rows in it, walking back

@@ -23,6 +23,7 @@ from gfcomb.core.errors import AddressError
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import (
     register_record,
+    tree_concat,
     tree_index,
     tree_map_tensors,
     tree_stack,
@@ -55,8 +56,8 @@ def state_tensors(init: Any) -> Any:
     """``init_state`` with Python numbers made tensors, so that every step's kernel trace
     has the same leaves (step 0 would otherwise keep a number where later steps hold the
     tensor state, and the steps could not be stacked)."""
-    if isinstance(init, torch.Tensor):
-        return init
+    if init is None or isinstance(init, torch.Tensor):
+        return init  # (no tree walk: torch's makes a reference cycle per call)
 
     def as_tensor(x: Any) -> Any:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -174,8 +175,7 @@ class UnfoldTrace(Trace):
             if self.recent is None:
                 return stored
             axis = self.score.dim()
-            return pytree.tree_map(lambda a, b: torch.cat([a, b], axis), stored,
-                                   self.recent.retval)
+            return tree_concat([stored, self.recent.retval], axis)
         inner = self.inner
         if inner is None:
             return no_states(self.args[1], self.score.dim())
@@ -191,8 +191,7 @@ class UnfoldTrace(Trace):
             try:
                 stored = self.history.gather_leaf(self.rows, lambda block: block.choices)
                 if self.recent is not None:
-                    stored = pytree.tree_map(lambda a, b: torch.cat([a, b], batch_ndim),
-                                             stored, self.recent.choices)
+                    stored = tree_concat([stored, self.recent.choices], batch_ndim)
             except (ValueError, RuntimeError):  # (steps of other structures: gather all)
                 pass
             else:
