@@ -163,6 +163,37 @@ def reconcile(spec: Any, others: Sequence[Any]) -> Any:
 
 
 
+def _reconcile_statics(ctx: Any, other: Any) -> Any:
+    """A record context ``(…, statics)`` with the uncompared statics on which ``other``'s
+    disagree replaced by the conflict marker (see :func:`reconcile`)."""
+    if not (isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], tuple)
+            and any(isinstance(v, _Uncompared) for v in ctx[1])):
+        return ctx
+    statics = list(ctx[1])
+    changed = False
+    for k, v in enumerate(statics):
+        if isinstance(v, _Uncompared) and v.value is not _CONFLICT:
+            ov = other[1][k]
+            if not isinstance(ov, _Uncompared) or not _same(ov.value, v.value):
+                statics[k] = _Uncompared(_CONFLICT)
+                changed = True
+    return (ctx[0], tuple(statics)) if changed else ctx
+
+
+def _reconcile_walk(spec: Any, other: Any) -> Any:
+    """:func:`reconcile` for two :func:`_walk` specs of equal structure."""
+    kind = spec[0]
+    if kind == _W_NODE:
+        children = tuple([_reconcile_walk(c, o) for c, o in zip(spec[3], other[3])])
+        return (kind, spec[1], _reconcile_statics(spec[2], other[2]), children)
+    if kind in (_W_TUPLE, _W_LIST):
+        return (kind, tuple([_reconcile_walk(c, o) for c, o in zip(spec[1], other[1])]))
+    if kind == _W_DICT:
+        return (kind, spec[1],
+                tuple([_reconcile_walk(c, o) for c, o in zip(spec[2], other[2])]))
+    return spec
+
+
 #: Every record class registered with :func:`register_record`: (dynamic field names, static
 #: field names, its pytree flatten function); read by :mod:`gfcomb.core.flat`.
 RECORD_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {}
@@ -247,12 +278,12 @@ def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b
     The result has ``a``'s structure; uncompared bookkeeping fields on which ``a`` and ``b``
     disagree become unknown (``None``).
     """
-    la, spec = pytree.tree_flatten(a)
-    lb, spec_b = pytree.tree_flatten(b)
+    la: list[Any] = []
+    lb: list[Any] = []
+    spec, spec_b = _walk(a, la), _walk(b, lb)  # (not torch's walk: no reference cycle)
     if len(la) != len(lb):
         raise ValueError("trees have different structures")
-    out = [fn(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(la, lb)]
-    return pytree.tree_unflatten(out, reconcile(spec, [spec_b]))
+    return _build(_reconcile_walk(spec, spec_b), iter([fn(x, y) for x, y in zip(la, lb)]))
 
 
 def tree_index(tree: Any, index: Any, dim: int = 0) -> Any:
