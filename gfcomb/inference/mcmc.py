@@ -43,9 +43,15 @@ from gfcomb.core.address import format_address
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
-from gfcomb.core.errors import ArgumentError, DistributionArgumentError
+from gfcomb.core.errors import ArgumentError, DistributionArgumentError, GFIError
 from gfcomb.core.gfi import GenerativeFunction
-from gfcomb.core.pytree import tree_where
+from gfcomb.core.gradients import (
+    batch_gradients_at,
+    choice_value_gradients,
+    has_default_gradients,
+    is_row_batch,
+)
+from gfcomb.core.pytree import tree_map2_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import batched_call, own_args
@@ -116,14 +122,17 @@ def _map_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any) -> Any
     return pytree.tree_unflatten(out, spec)
 
 
-def _sum_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any) -> torch.Tensor:
-    """Σ over the floating-point leaves of ``fn(leaf, *matching leaves).sum()``."""
+def _sum_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any,
+                rows: bool = False) -> torch.Tensor:
+    """Σ over the floating-point leaves of ``fn(leaf, *matching leaves).sum()``; with
+    ``rows`` (a batch: a leading row axis on every leaf) one sum per row."""
     leaves = pytree.tree_leaves(tree)
     other_leaves = [pytree.tree_leaves(o) for o in others]
     total: torch.Tensor | float = 0.0
     for j, x in enumerate(leaves):
         if _is_float(x):
-            total = total + fn(x, *(o[j] for o in other_leaves)).sum()
+            v = fn(x, *(o[j] for o in other_leaves))
+            total = total + (v.reshape(v.shape[0], -1).sum(1) if rows else v.sum())
     return torch.as_tensor(total)
 
 
@@ -139,6 +148,12 @@ def _write_values(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor,
     """``update`` with the selected choices set to ``values``: ``(trace', weight, discard)``."""
     new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace), values)
     return new, weight, discard
+
+
+def _rows_path(trace: Trace) -> bool:
+    """Whether a gradient move on ``trace`` runs on the whole batch at once: a batch (see
+    :func:`is_row_batch`) of a function with the default gradients (else per chain)."""
+    return is_row_batch(trace) and has_default_gradients(trace.gen_fn)
 
 
 def _continuous_selected(trace: Trace, selection: Selection, who: str) -> ChoiceMap:
@@ -196,9 +211,9 @@ def _show_address(addr: tuple[Any, ...]) -> str:
 
 
 def _gradients(trace: Trace, selection: Selection) -> tuple[ChoiceMap, ChoiceMap]:
-    """``(values, ∇ log p)`` of the selected choices (retval gradient zero, as in Gen.jl)."""
-    _, values, grads = trace.gen_fn.choice_gradients(trace, selection, None)
-    return values, grads
+    """``(values, ∇ log p)`` of the selected choices (retval gradient zero, as in Gen.jl;
+    no argument gradients); on a batch, every row's at once."""
+    return choice_value_gradients(trace, selection)
 
 
 # ------------------------------------------------------------------------------ accept
@@ -355,18 +370,51 @@ def _mh_rows(traces: Trace, selection: Selection,
              log_u: torch.Tensor | None) -> tuple[Trace, torch.Tensor]:
     """Prior-proposal MH on every chain of a batch with the model's batch methods: one
     ``batch_regenerate``, then each row keeps the proposal or its old trace."""
-    gen_fn = traces.gen_fn
-    proposed, log_alpha, _ = gen_fn.batch_regenerate(traces, own_args(traces), _no_change(traces),
-                                                     selection)
+    def move() -> tuple[Trace, torch.Tensor, Any]:
+        new, weight, _ = traces.gen_fn.batch_regenerate(traces, own_args(traces),
+                                                        _no_change(traces), selection)
+        return new, weight, None
+
+    def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
+        return _accept(t, _mh_move(t, selection), lu)
+
+    return _on_rows(traces, move, log_u, lambda: _over_chains(one, "mh", traces, log_u))
+
+
+def _on_rows(traces: Trace, make_move: Callable[[], tuple[Trace, torch.Tensor, Any]],
+             log_u: torch.Tensor | None,
+             per_chain: Callable[[], tuple[Trace, Any]]) -> tuple[Trace, torch.Tensor]:
+    """A move made on the whole batch at once (``make_move()``: proposed batch, log α per
+    row, old values), accepted or rejected per row.
+
+    ``per_chain()`` (the same kernel run per chain under vmap) is used instead when the batch
+    methods raise DistributionArgumentError (validated arguments: the per-chain run gives
+    those rows a NaN log α, i.e. rejects them) or when the proposal's record structure cannot
+    be merged with the old batch's row by row."""
+    try:
+        proposed, log_alpha, _ = make_move()
+    except GFIError:  # (validated arguments; choices that appear or vanish with the values)
+        return per_chain()
     if log_u is None:
         log_u = torch.log(torch.rand_like(log_alpha))
     accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
     old = traces.with_layout_of(proposed)
     if pytree.tree_structure(old) != pytree.tree_structure(proposed):
-        def one(t: Trace, lu: torch.Tensor) -> tuple[Trace, Any]:
-            return _accept(t, _mh_move(t, selection), lu)
-        return _over_chains(one, "mh", traces, log_u)
-    return tree_where(accepted, proposed, old), accepted
+        return per_chain()
+    return tree_where(accepted, proposed, tree_map2_tensors(_same_view_as, old, proposed)), \
+        accepted
+
+
+def _same_view_as(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` when it views the same memory as ``old`` the same way (so the two hold the
+    same values: a shared argument or observation, expanded to every row), else ``old``;
+    :func:`tree_where` then passes such a leaf through instead of merging its rows (an
+    expanded [C, N, D] design matrix would be materialized)."""
+    if (old.data_ptr() == new.data_ptr() and old.stride() == new.stride()
+            and old.shape == new.shape and old.dtype == new.dtype
+            and old.device == new.device):
+        return new
+    return old
 
 
 # ------------------------------------------------------------------------------ MALA
@@ -388,25 +436,36 @@ def mala_propose(trace: Trace, selection: Selection, tau: float,
     log α = log p(t') − log p(t) + log N(t; t' + τ∇log p(t'), 2τ) − log N(t'; t + τ∇log p(t), 2τ).
     """
     tau = _check_positive(tau, "tau", "mala")
+    if _rows_path(trace):
+        return _mala_move(trace, selection, tau, noise)[:2]
     return _over_chains(lambda t, e: _mala_move(t, selection, tau, e)[:2], "mala", trace,
                         noise)
 
 
 def _mala_move(t: Trace, selection: Selection, tau: float,
                eps: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's MALA proposal: (proposed, log α, old values)."""
+    """One chain's MALA proposal, or every row's of a batch at once (:func:`_rows_path`):
+    (proposed, log α, old values)."""
     std = math.sqrt(2 * tau)
+    rows = _rows_path(t)
     _continuous_selected(t, selection, "mala")
     values, grads = _gradients(t, selection)
     fwd_mu = _map_values(lambda v, g: v + tau * g, values, grads)
     if eps is None:
         eps = _map_values(torch.randn_like, values)
     proposed = _map_values(lambda m, e: m + std * e, fwd_mu, eps)
-    fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu)
-    new, weight, _ = _write_values(t, proposed)
-    _, bwd_grads = _gradients(new, selection)
+    fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu,
+                            rows=rows)
+    if rows:  # the new traces, their scores and gradients from one forward and backward
+        new, score, bwd_grads = batch_gradients_at(t, selection, proposed, new_trace=True)
+        assert new is not None
+        weight = score - t.score
+    else:
+        new, weight, _ = _write_values(t, proposed)
+        _, bwd_grads = _gradients(new, selection)
     bwd_mu = _map_values(lambda p, g: p + tau * g, proposed, bwd_grads)
-    bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu)
+    bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu,
+                            rows=rows)
     return new, weight - fwd_score + bwd_score, lambda: values
 
 
@@ -423,6 +482,9 @@ def mala(trace: Trace, selection: Selection, tau: float, *, noise: ChoiceMap | N
     def one(t: Trace, eps: ChoiceMap | None, lu: torch.Tensor | None) -> tuple[Trace, Any]:
         return _propose_or_reject(t, lambda: _mala_move(t, selection, tau, eps), lu)
 
+    if _rows_path(trace):
+        return _on_rows(trace, lambda: _mala_move(trace, selection, tau, noise), log_u,
+                        lambda: _over_chains(one, "mala", trace, noise, log_u))
     return _over_chains(one, "mala", trace, noise, log_u)
 
 
@@ -446,29 +508,42 @@ def hmc_propose(trace: Trace, selection: Selection, n_steps: int = 10,
     log α = log p(t') − log p(t) − ½|p'|² + ½|p|² (Gen.jl's ``hmc``).
     """
     eps = _check_hmc_args(n_steps, step_size)
+    if _rows_path(trace):
+        return _hmc_move(trace, selection, n_steps, eps, momentum)[:2]
     return _over_chains(lambda t, p: _hmc_move(t, selection, n_steps, eps, p)[:2], "hmc",
                         trace, momentum)
 
 
 def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
               p0: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's leapfrog proposal: (proposed, log α, old values)."""
+    """One chain's leapfrog proposal, or every row's of a batch at once
+    (:func:`_rows_path`: log p and its gradient at each leapfrog point, a trace only at the
+    last): (proposed, log α, old values)."""
+    rows = _rows_path(t)
     _continuous_selected(t, selection, "hmc")
     values, grads = _gradients(t, selection)
     old_values = values
     if p0 is None:
         p0 = _map_values(torch.randn_like, values)
     p = p0
-    new = t
-    for _ in range(n_steps):
+    new: Trace | None = t
+    score = t.score
+    for step in range(n_steps):
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
         values = _map_values(lambda v, m: v + eps * m, values, p)
-        new, _, _ = _write_values(new, values)
-        _, grads = _gradients(new, selection)
+        if rows:
+            new, score, grads = batch_gradients_at(t, selection, values,
+                                                   new_trace=step == n_steps - 1)
+        else:
+            assert new is not None
+            new, _, _ = _write_values(new, values)
+            _, grads = _gradients(new, selection)
+            score = new.score
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
-    kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0)
-    kinetic_new = _sum_values(lambda m: 0.5 * m * m, p)
-    return new, (new.score - t.score) - kinetic_new + kinetic_old, lambda: old_values
+    assert new is not None
+    kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0, rows=rows)
+    kinetic_new = _sum_values(lambda m: 0.5 * m * m, p, rows=rows)
+    return new, (score - t.score) - kinetic_new + kinetic_old, lambda: old_values
 
 
 def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float = 0.1, *,
@@ -488,6 +563,9 @@ def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float 
         return _propose_or_reject(t, lambda: _hmc_move(t, selection, n_steps, step_size, p0),
                                   lu)
 
+    if _rows_path(trace):
+        return _on_rows(trace, lambda: _hmc_move(trace, selection, n_steps, step_size, momentum),
+                        log_u, lambda: _over_chains(one, "hmc", trace, momentum, log_u))
     return _over_chains(one, "hmc", trace, momentum, log_u)
 
 
