@@ -154,6 +154,22 @@ def measure(chains: int, repeats: int, inner: int) -> dict[str, dict[str, float]
                  per_chain(lambda t: model.choice_gradients(t, sel)), lambda: h_vgrad(w0)),
     }
     out = {}
+    p0 = torch.sigmoid(w0 @ X.T).detach()
+
+    def bern_grad(logpdf):
+        def run():
+            p = p0.clone().requires_grad_(True)
+            with torch.enable_grad():
+                return torch.autograd.grad(logpdf(p).sum(), p)
+        return run
+
+    t_gf, t_formula = time_calls(
+        bern_grad(lambda p: gf.bernoulli.logpdf(y, p)),
+        bern_grad(lambda p: y * torch.log(p) + (1 - y) * torch.log1p(-p)),
+        inner=inner, repeats=repeats, warmup=2, clock=time.thread_time)
+    out["bernoulli"] = {"gfcomb": t_gf * 1e3, "formula": t_formula * 1e3}
+    print(f"bernoulli log-density, forward + backward on [C, N]: gfcomb {t_gf * 1e3:.2f} ms, "
+          f"the formula {t_formula * 1e3:.2f} ms", flush=True)
     for name, (batch, vmapped, hand) in cases.items():
         times = time_calls(batch, vmapped, hand, inner=inner, repeats=repeats, warmup=2,
                            clock=time.thread_time)
@@ -187,6 +203,7 @@ def main() -> None:
              "grad": "`choice_gradients` (∇_w and the per-row ∂/∂X; hand: `vmap(grad)`)"}
     table = ["| move | gfcomb, batch ms | hand-written ms | **batch / hand** | "
              "gfcomb per-chain vmap ms | vmap / hand |", "|---|---:|---:|---:|---:|---:|"]
+    bern = res.pop("bernoulli")
     for k, r in res.items():
         table.append(f"| {names[k]} | {r['batch']:.2f} | {r['hand']:.2f} | "
                      f"**{r['batch'] / r['hand']:.2f}x** | {r['vmap']:.2f} | "
@@ -202,6 +219,13 @@ sum over chains.  "per-chain vmap": the kernel run per chain under one `torch.fu
 (the general path, what a batched trace ran before issue 12).
 
 {chr(10).join(table)}
+
+What remains: every gradient evaluation runs `gf.bernoulli`'s log-density on [C, N], written
+with masked `torch.where`s (so that p ∈ {{0, 1}} gives no NaN gradient and values outside
+{{0, 1}} get −inf); forward + backward it takes {bern['gfcomb']:.2f} ms against
+{bern['formula']:.2f} ms for `y log p + (1 − y) log(1 − p)` (what the hand-written moves use),
+once per gradient (11 times per HMC move).  `mala` and `hmc` also keep every chain's trace
+(a `batch_update` at the proposal, the row-wise accept of the Bernoulli's [C, N] parameter).
 """
     save_section(SECTION, body, not (opts.quick or opts.no_write))
 

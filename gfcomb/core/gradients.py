@@ -243,21 +243,18 @@ def has_default_gradients(gen_fn: GenerativeFunction) -> bool:
     return type(gen_fn).choice_gradients is GenerativeFunction.choice_gradients
 
 
-def batch_gradients_at(traces: Trace, selection: Selection, values: ChoiceMap, *,
-                       new_trace: bool = False
-                       ) -> tuple[Trace | None, torch.Tensor, ChoiceMap]:
+def batch_gradients_at(traces: Trace, selection: Selection,
+                       values: ChoiceMap) -> tuple[torch.Tensor, ChoiceMap]:
     """Every row's log density and its gradient at new values of the selected choices of a
-    batch: ``(new traces or None, log p per row, ∇ log p)``, in one batched forward and one
-    backward.
+    batch, without building the moved traces: ``(log p per row, ∇ log p)``, from one
+    batched ``assess`` and one backward.  (HMC needs log p's gradient at every leapfrog
+    point but a trace only at the last one.)
 
     ``values`` has the structure of ``traces.choices.filter(selection)`` (as returned by
     :func:`choice_value_gradients`), one value per row; the other choices and the arguments
-    are the batch's own.  With ``new_trace`` the forward is ``batch_generate`` with every
-    choice constrained, whose traces (the batch moved to ``values``) are returned; without,
-    the rows' ``assess``.  A gradient-based MCMC move needs log p and its gradient at every
-    leapfrog point but a trace only at the last one.
+    are the batch's own.
 
-    Math: row i: w_i = log p(t_i[S ← v_i], x_i) and grads_i = ∂w_i / ∂v_i; rows are
+    Math: row i: w_i = log p(t_i[S ← v_i]; x_i), grads_i = ∂w_i / ∂v_i; rows are
     independent, so grads = ∂(Σ_i w_i)/∂v.  Requires :func:`is_row_batch` and
     :func:`has_default_gradients`.
     """
@@ -270,22 +267,15 @@ def batch_gradients_at(traces: Trace, selection: Selection, values: ChoiceMap, *
     if spec != split.sel_spec:
         raise ArgumentError("batch_gradients_at: values must have the structure of the "
                             "selected choices of the traces")
-    gen_fn, n = traces.gen_fn, traces.score.shape[0]
     sel_vals = [leaves[i].detach().requires_grad_(True) for i in split.sel_diff]
     with torch.enable_grad():
-        choices = split.choices_with(sel_vals, _detached(split.others))
-        new: Trace | None = None
-        if new_trace:
-            new, weights = gen_fn.batch_generate(
-                n, tuple(_per_row(a) for a in traces.args), PerRow(choices))
-        else:
-            weights, _ = _rows_assess(gen_fn, n, traces.args, choices)
+        weights, _ = _rows_assess(traces.gen_fn, traces.score.shape[0], traces.args,
+                                  split.choices_with(sel_vals, _detached(split.others)))
         grads = _grads_or_zeros(weights.sum(), sel_vals)
     out = list(leaves)
     for i, g in zip(split.sel_diff, grads):
         out[i] = g.detach()
-    return ((None if new is None else _detached(new)), weights.detach(),
-            pytree.tree_unflatten(out, spec))
+    return weights.detach(), pytree.tree_unflatten(out, spec)
 
 
 def accumulate_param_gradients(gen_fn: GenerativeFunction, trace: Trace, retgrad: Any,

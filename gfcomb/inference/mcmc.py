@@ -54,7 +54,7 @@ from gfcomb.core.gradients import (
 from gfcomb.core.pytree import tree_map2_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import batched_call, own_args
+from gfcomb.core.vmap import PerRow, batched_call, own_args
 from gfcomb.inference.progress import progress_bar
 
 __all__ = [
@@ -145,8 +145,15 @@ def _no_change(trace: Trace) -> tuple[NoChange, ...]:
 
 
 def _write_values(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor, ChoiceMap]:
-    """``update`` with the selected choices set to ``values``: ``(trace', weight, discard)``."""
-    new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace), values)
+    """``update`` with the selected choices set to ``values``: ``(trace', weight, discard)``;
+    on a batch (:func:`is_row_batch`) ``batch_update`` with one set of values per row (which
+    keeps the batch's storage: an Unfold's shared step history stays shared)."""
+    if is_row_batch(trace):
+        new, weight, _, discard = trace.gen_fn.batch_update(
+            trace, own_args(trace), _no_change(trace), PerRow(values))
+    else:
+        new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace),
+                                                      values)
     return new, weight, discard
 
 
@@ -444,8 +451,8 @@ def mala_propose(trace: Trace, selection: Selection, tau: float,
 
 def _mala_move(t: Trace, selection: Selection, tau: float,
                eps: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's MALA proposal, or every row's of a batch at once (:func:`_rows_path`):
-    (proposed, log α, old values)."""
+    """One chain's MALA proposal, or every row's of a batch at once (:func:`_rows_path`,
+    with batch methods and batched gradients): (proposed, log α, old values)."""
     std = math.sqrt(2 * tau)
     rows = _rows_path(t)
     _continuous_selected(t, selection, "mala")
@@ -456,13 +463,8 @@ def _mala_move(t: Trace, selection: Selection, tau: float,
     proposed = _map_values(lambda m, e: m + std * e, fwd_mu, eps)
     fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu,
                             rows=rows)
-    if rows:  # the new traces, their scores and gradients from one forward and backward
-        new, score, bwd_grads = batch_gradients_at(t, selection, proposed, new_trace=True)
-        assert new is not None
-        weight = score - t.score
-    else:
-        new, weight, _ = _write_values(t, proposed)
-        _, bwd_grads = _gradients(new, selection)
+    new, weight, _ = _write_values(t, proposed)
+    _, bwd_grads = _gradients(new, selection)
     bwd_mu = _map_values(lambda p, g: p + tau * g, proposed, bwd_grads)
     bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu,
                             rows=rows)
@@ -517,8 +519,8 @@ def hmc_propose(trace: Trace, selection: Selection, n_steps: int = 10,
 def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
               p0: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
     """One chain's leapfrog proposal, or every row's of a batch at once
-    (:func:`_rows_path`: log p and its gradient at each leapfrog point, a trace only at the
-    last): (proposed, log α, old values)."""
+    (:func:`_rows_path`: the gradient at each inner leapfrog point without a trace, a
+    ``batch_update`` at the last): (proposed, log α, old values)."""
     rows = _rows_path(t)
     _continuous_selected(t, selection, "hmc")
     values, grads = _gradients(t, selection)
@@ -526,24 +528,19 @@ def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
     if p0 is None:
         p0 = _map_values(torch.randn_like, values)
     p = p0
-    new: Trace | None = t
-    score = t.score
+    new = t
     for step in range(n_steps):
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
         values = _map_values(lambda v, m: v + eps * m, values, p)
-        if rows:
-            new, score, grads = batch_gradients_at(t, selection, values,
-                                                   new_trace=step == n_steps - 1)
+        if rows and step < n_steps - 1:  # inner leapfrog points need no trace
+            _, grads = batch_gradients_at(t, selection, values)
         else:
-            assert new is not None
             new, _, _ = _write_values(new, values)
             _, grads = _gradients(new, selection)
-            score = new.score
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
-    assert new is not None
     kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0, rows=rows)
     kinetic_new = _sum_values(lambda m: 0.5 * m * m, p, rows=rows)
-    return new, (score - t.score) - kinetic_new + kinetic_old, lambda: old_values
+    return new, (new.score - t.score) - kinetic_new + kinetic_old, lambda: old_values
 
 
 def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float = 0.1, *,
