@@ -1,12 +1,12 @@
 """MCMC kernels on top of the GFI: Metropolis–Hastings (prior and custom proposals), MALA and
-HMC, each on one trace or on a *batched* trace of many chains in one vmapped call.
+HMC, each on one trace or on a *batched* trace of many chains at once.
 
 Every kernel returns ``(new_trace, accepted)``; nothing is mutated.  A trace whose score has a
-leading dimension (``trace.score.dim() > 0``, what ``torch.func.vmap`` returns when it runs a
-GFI method over chains or particles) is a batch of independent chains: the kernel runs once
-under ``torch.func.vmap`` over the chains, each chain accepts or rejects on its own (with
-:func:`gfcomb.core.pytree.tree_where`), and ``accepted`` is a bool tensor with one entry per
-chain.  For one chain ``accepted`` is a Python bool.
+leading dimension (``trace.score.dim() > 0``) is a batch of independent chains: with one such
+dimension the move runs on the whole batch with the model's batch methods and batched
+gradients (:mod:`gfcomb.core.gradients`), otherwise per chain under ``torch.func.vmap``
+(results equal); each chain accepts or rejects on its own and ``accepted`` is a bool tensor
+with one entry per chain.  For one chain ``accepted`` is a Python bool.
 
 The kernels follow Gen.jl (``mh``, ``mala``, ``hmc`` in ``Gen.inference``):
 
@@ -43,7 +43,7 @@ from gfcomb.core.address import format_address
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
-from gfcomb.core.errors import ArgumentError, DistributionArgumentError, GFIError
+from gfcomb.core.errors import ArgumentError, DistributionArgumentError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.gradients import (
     batch_gradients_at,
@@ -51,11 +51,12 @@ from gfcomb.core.gradients import (
     has_default_gradients,
     is_row_batch,
 )
-from gfcomb.core.pytree import tree_map2_tensors, tree_where
+from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, batched_call, own_args
 from gfcomb.inference.progress import progress_bar
+from gfcomb.inference.rows import accept_rows
 
 __all__ = [
     "ChainResult",
@@ -308,8 +309,12 @@ def mh_propose(trace: Trace, selection: Selection) -> tuple[Trace, torch.Tensor]
 
 
 def _mh_move(t: Trace, selection: Selection) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's prior proposal: (proposed, log α, old values of the selection)."""
-    new, weight, _ = t.gen_fn.regenerate(t, t.args, _no_change(t), selection)
+    """One chain's prior proposal, or every row's of a batch (:func:`is_row_batch`: one
+    ``batch_regenerate``): (proposed, log α, old values of the selection)."""
+    if is_row_batch(t):
+        new, weight, _ = t.gen_fn.batch_regenerate(t, own_args(t), _no_change(t), selection)
+    else:
+        new, weight, _ = t.gen_fn.regenerate(t, t.args, _no_change(t), selection)
     return new, weight, lambda: t.choices.filter(selection)
 
 
@@ -355,11 +360,13 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
     proposal: the regenerate weight) or :func:`mh_propose_custom`.  A batched trace runs
     every chain in one vmapped call and ``accepted`` is a bool tensor per chain.
     """
+    batch_move: Callable[[], tuple[Trace, torch.Tensor, Any]] | None = None
     if isinstance(selection_or_proposal, Selection):
         if proposal_args:
             raise ArgumentError("mh(trace, selection) takes no proposal_args")
-        if is_batched_trace(trace) and not inside_functorch_transform():
-            return _mh_rows(trace, selection_or_proposal, log_u)
+        if is_row_batch(trace):
+            def batch_move() -> tuple[Trace, torch.Tensor, Any]:
+                return _mh_move(trace, selection_or_proposal)
 
         def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
             return _propose_or_reject(t, lambda: _mh_move(t, selection_or_proposal), lu)
@@ -370,58 +377,18 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
     else:
         raise ArgumentError("mh: the second argument must be a Selection or a proposal "
                             f"generative function, got {selection_or_proposal!r}")
-    return _over_chains(one, "mh", trace, log_u)
+    return _run(trace, "mh", one, batch_move, log_u)
 
 
-def _mh_rows(traces: Trace, selection: Selection,
-             log_u: torch.Tensor | None) -> tuple[Trace, torch.Tensor]:
-    """Prior-proposal MH on every chain of a batch with the model's batch methods: one
-    ``batch_regenerate``, then each row keeps the proposal or its old trace."""
-    def move() -> tuple[Trace, torch.Tensor, Any]:
-        new, weight, _ = traces.gen_fn.batch_regenerate(traces, own_args(traces),
-                                                        _no_change(traces), selection)
-        return new, weight, None
+def _run(trace: Trace, who: str, one: Callable[..., tuple[Trace, Any]],
+         batch_move: Callable[[], tuple[Trace, torch.Tensor, Any]] | None,
+         log_u: torch.Tensor | None, *per_chain: Any) -> tuple[Trace, Any]:
+    """A kernel: ``batch_move()`` on the whole batch, accepted per row (:func:`accept_rows`),
+    when given; else ``one(trace, *per_chain, log_u)`` per chain (:func:`_over_chains`)."""
+    def general() -> tuple[Trace, Any]:
+        return _over_chains(one, who, trace, *per_chain, log_u)
 
-    def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
-        return _accept(t, _mh_move(t, selection), lu)
-
-    return _on_rows(traces, move, log_u, lambda: _over_chains(one, "mh", traces, log_u))
-
-
-def _on_rows(traces: Trace, make_move: Callable[[], tuple[Trace, torch.Tensor, Any]],
-             log_u: torch.Tensor | None,
-             per_chain: Callable[[], tuple[Trace, Any]]) -> tuple[Trace, torch.Tensor]:
-    """A move made on the whole batch at once (``make_move()``: proposed batch, log α per
-    row, old values), accepted or rejected per row.
-
-    ``per_chain()`` (the same kernel run per chain under vmap) is used instead when the batch
-    methods raise DistributionArgumentError (validated arguments: the per-chain run gives
-    those rows a NaN log α, i.e. rejects them) or when the proposal's record structure cannot
-    be merged with the old batch's row by row."""
-    try:
-        proposed, log_alpha, _ = make_move()
-    except GFIError:  # (validated arguments; choices that appear or vanish with the values)
-        return per_chain()
-    if log_u is None:
-        log_u = torch.log(torch.rand_like(log_alpha))
-    accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
-    old = traces.with_layout_of(proposed)
-    if pytree.tree_structure(old) != pytree.tree_structure(proposed):
-        return per_chain()
-    return tree_where(accepted, proposed, tree_map2_tensors(_same_view_as, old, proposed)), \
-        accepted
-
-
-def _same_view_as(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``new`` when it views the same memory as ``old`` the same way (so the two hold the
-    same values: a shared argument or observation, expanded to every row), else ``old``;
-    :func:`tree_where` then passes such a leaf through instead of merging its rows (an
-    expanded [C, N, D] design matrix would be materialized)."""
-    if (old.data_ptr() == new.data_ptr() and old.stride() == new.stride()
-            and old.shape == new.shape and old.dtype == new.dtype
-            and old.device == new.device):
-        return new
-    return old
+    return general() if batch_move is None else accept_rows(trace, batch_move, log_u, general)
 
 
 # ------------------------------------------------------------------------------ MALA
@@ -484,10 +451,9 @@ def mala(trace: Trace, selection: Selection, tau: float, *, noise: ChoiceMap | N
     def one(t: Trace, eps: ChoiceMap | None, lu: torch.Tensor | None) -> tuple[Trace, Any]:
         return _propose_or_reject(t, lambda: _mala_move(t, selection, tau, eps), lu)
 
-    if _rows_path(trace):
-        return _on_rows(trace, lambda: _mala_move(trace, selection, tau, noise), log_u,
-                        lambda: _over_chains(one, "mala", trace, noise, log_u))
-    return _over_chains(one, "mala", trace, noise, log_u)
+    batch_move = (lambda: _mala_move(trace, selection, tau, noise)) if _rows_path(trace) \
+        else None
+    return _run(trace, "mala", one, batch_move, log_u, noise)
 
 
 # ------------------------------------------------------------------------------ HMC
@@ -560,10 +526,9 @@ def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float 
         return _propose_or_reject(t, lambda: _hmc_move(t, selection, n_steps, step_size, p0),
                                   lu)
 
-    if _rows_path(trace):
-        return _on_rows(trace, lambda: _hmc_move(trace, selection, n_steps, step_size, momentum),
-                        log_u, lambda: _over_chains(one, "hmc", trace, momentum, log_u))
-    return _over_chains(one, "hmc", trace, momentum, log_u)
+    batch_move = (lambda: _hmc_move(trace, selection, n_steps, step_size, momentum)) \
+        if _rows_path(trace) else None
+    return _run(trace, "hmc", one, batch_move, log_u, momentum)
 
 
 # ------------------------------------------------------------------------------ chains
