@@ -174,6 +174,13 @@ def test_batch_gradients_at_equals_update_then_gradients():
     torch.testing.assert_close(score, upd.score, **TOL)
     _, want = per_row(lambda t: choice_value_gradients(t, HIER_SEL), upd)
     assert_trees_close(grads, want)
+    # values shared by every row (expanded) still get one gradient per row
+    shared = pytree.tree_map(lambda x: x[:1].expand(x.shape) if x.is_floating_point() else x,
+                             moved)
+    _, g_shared = batch_gradients_at(traces, HIER_SEL, shared)
+    upd = per_row(lambda t, v: t.gen_fn.update(t, t.args, (gf.NoChange(),), v)[0], traces,
+                  shared)
+    assert_trees_close(g_shared, per_row(lambda t: choice_value_gradients(t, HIER_SEL), upd)[1])
     with pytest.raises(gf.ArgumentError, match="batch of traces"):
         batch_gradients_at(tree_index(traces, 0), HIER_SEL, tree_index(moved, 0))
     with pytest.raises(gf.ArgumentError, match="structure"):

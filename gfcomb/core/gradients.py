@@ -267,9 +267,10 @@ def batch_gradients_at(traces: Trace, selection: Selection,
     if spec != split.sel_spec:
         raise ArgumentError("batch_gradients_at: values must have the structure of the "
                             "selected choices of the traces")
-    sel_vals = [leaves[i].detach().requires_grad_(True) for i in split.sel_diff]
+    n = traces.score.shape[0]
+    sel_vals = [_one_row_each(leaves[i], n) for i in split.sel_diff]
     with torch.enable_grad():
-        weights, _ = _rows_assess(traces.gen_fn, traces.score.shape[0], traces.args,
+        weights, _ = _rows_assess(traces.gen_fn, n, traces.args,
                                   split.choices_with(sel_vals, _detached(split.others)))
         grads = _grads_or_zeros(weights.sum(), sel_vals)
     out = list(leaves)
