@@ -1,12 +1,12 @@
 """MCMC kernels on top of the GFI: Metropolis–Hastings (prior and custom proposals), MALA and
-HMC, each on one trace or on a *batched* trace of many chains in one vmapped call.
+HMC, each on one trace or on a *batched* trace of many chains at once.
 
 Every kernel returns ``(new_trace, accepted)``; nothing is mutated.  A trace whose score has a
-leading dimension (``trace.score.dim() > 0``, what ``torch.func.vmap`` returns when it runs a
-GFI method over chains or particles) is a batch of independent chains: the kernel runs once
-under ``torch.func.vmap`` over the chains, each chain accepts or rejects on its own (with
-:func:`gfcomb.core.pytree.tree_where`), and ``accepted`` is a bool tensor with one entry per
-chain.  For one chain ``accepted`` is a Python bool.
+leading dimension (``trace.score.dim() > 0``) is a batch of independent chains: with one such
+dimension the move runs on the whole batch with the model's batch methods and batched
+gradients (:mod:`gfcomb.core.gradients`), otherwise per chain under ``torch.func.vmap``
+(results equal); each chain accepts or rejects on its own and ``accepted`` is a bool tensor
+with one entry per chain.  For one chain ``accepted`` is a Python bool.
 
 The kernels follow Gen.jl (``mh``, ``mala``, ``hmc`` in ``Gen.inference``):
 
@@ -45,11 +45,18 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import ArgumentError, DistributionArgumentError
 from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.gradients import (
+    batch_gradients_at,
+    choice_value_gradients,
+    has_default_gradients,
+    is_row_batch,
+)
 from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import batched_call, own_args
+from gfcomb.core.vmap import PerRow, batched_call, own_args
 from gfcomb.inference.progress import progress_bar
+from gfcomb.inference.rows import accept_rows
 
 __all__ = [
     "ChainResult",
@@ -116,14 +123,17 @@ def _map_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any) -> Any
     return pytree.tree_unflatten(out, spec)
 
 
-def _sum_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any) -> torch.Tensor:
-    """Σ over the floating-point leaves of ``fn(leaf, *matching leaves).sum()``."""
+def _sum_values(fn: Callable[..., torch.Tensor], tree: Any, *others: Any,
+                rows: bool = False) -> torch.Tensor:
+    """Σ over the floating-point leaves of ``fn(leaf, *matching leaves).sum()``; with
+    ``rows`` (a batch: a leading row axis on every leaf) one sum per row."""
     leaves = pytree.tree_leaves(tree)
     other_leaves = [pytree.tree_leaves(o) for o in others]
     total: torch.Tensor | float = 0.0
     for j, x in enumerate(leaves):
         if _is_float(x):
-            total = total + fn(x, *(o[j] for o in other_leaves)).sum()
+            v = fn(x, *(o[j] for o in other_leaves))
+            total = total + (v.reshape(v.shape[0], -1).sum(1) if rows else v.sum())
     return torch.as_tensor(total)
 
 
@@ -136,9 +146,22 @@ def _no_change(trace: Trace) -> tuple[NoChange, ...]:
 
 
 def _write_values(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor, ChoiceMap]:
-    """``update`` with the selected choices set to ``values``: ``(trace', weight, discard)``."""
-    new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace), values)
+    """``update`` with the selected choices set to ``values``: ``(trace', weight, discard)``;
+    on a batch (:func:`is_row_batch`) ``batch_update`` with one set of values per row (which
+    keeps the batch's storage: an Unfold's shared step history stays shared)."""
+    if is_row_batch(trace):
+        new, weight, _, discard = trace.gen_fn.batch_update(
+            trace, own_args(trace), _no_change(trace), PerRow(values))
+    else:
+        new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace),
+                                                      values)
     return new, weight, discard
+
+
+def _rows_path(trace: Trace) -> bool:
+    """Whether a gradient move on ``trace`` runs on the whole batch at once: a batch (see
+    :func:`is_row_batch`) of a function with the default gradients (else per chain)."""
+    return is_row_batch(trace) and has_default_gradients(trace.gen_fn)
 
 
 def _continuous_selected(trace: Trace, selection: Selection, who: str) -> ChoiceMap:
@@ -196,9 +219,9 @@ def _show_address(addr: tuple[Any, ...]) -> str:
 
 
 def _gradients(trace: Trace, selection: Selection) -> tuple[ChoiceMap, ChoiceMap]:
-    """``(values, ∇ log p)`` of the selected choices (retval gradient zero, as in Gen.jl)."""
-    _, values, grads = trace.gen_fn.choice_gradients(trace, selection, None)
-    return values, grads
+    """``(values, ∇ log p)`` of the selected choices (retval gradient zero, as in Gen.jl;
+    no argument gradients); on a batch, every row's at once."""
+    return choice_value_gradients(trace, selection)
 
 
 # ------------------------------------------------------------------------------ accept
@@ -286,8 +309,12 @@ def mh_propose(trace: Trace, selection: Selection) -> tuple[Trace, torch.Tensor]
 
 
 def _mh_move(t: Trace, selection: Selection) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's prior proposal: (proposed, log α, old values of the selection)."""
-    new, weight, _ = t.gen_fn.regenerate(t, t.args, _no_change(t), selection)
+    """One chain's prior proposal, or every row's of a batch (:func:`is_row_batch`: one
+    ``batch_regenerate``): (proposed, log α, old values of the selection)."""
+    if is_row_batch(t):
+        new, weight, _ = t.gen_fn.batch_regenerate(t, own_args(t), _no_change(t), selection)
+    else:
+        new, weight, _ = t.gen_fn.regenerate(t, t.args, _no_change(t), selection)
     return new, weight, lambda: t.choices.filter(selection)
 
 
@@ -333,11 +360,13 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
     proposal: the regenerate weight) or :func:`mh_propose_custom`.  A batched trace runs
     every chain in one vmapped call and ``accepted`` is a bool tensor per chain.
     """
+    batch_move: Callable[[], tuple[Trace, torch.Tensor, Any]] | None = None
     if isinstance(selection_or_proposal, Selection):
         if proposal_args:
             raise ArgumentError("mh(trace, selection) takes no proposal_args")
-        if is_batched_trace(trace) and not inside_functorch_transform():
-            return _mh_rows(trace, selection_or_proposal, log_u)
+        if is_row_batch(trace):
+            def batch_move() -> tuple[Trace, torch.Tensor, Any]:
+                return _mh_move(trace, selection_or_proposal)
 
         def one(t: Trace, lu: torch.Tensor | None) -> tuple[Trace, Any]:
             return _propose_or_reject(t, lambda: _mh_move(t, selection_or_proposal), lu)
@@ -348,25 +377,18 @@ def mh(trace: Trace, selection_or_proposal: Selection | GenerativeFunction,
     else:
         raise ArgumentError("mh: the second argument must be a Selection or a proposal "
                             f"generative function, got {selection_or_proposal!r}")
-    return _over_chains(one, "mh", trace, log_u)
+    return _run(trace, "mh", one, batch_move, log_u)
 
 
-def _mh_rows(traces: Trace, selection: Selection,
-             log_u: torch.Tensor | None) -> tuple[Trace, torch.Tensor]:
-    """Prior-proposal MH on every chain of a batch with the model's batch methods: one
-    ``batch_regenerate``, then each row keeps the proposal or its old trace."""
-    gen_fn = traces.gen_fn
-    proposed, log_alpha, _ = gen_fn.batch_regenerate(traces, own_args(traces), _no_change(traces),
-                                                     selection)
-    if log_u is None:
-        log_u = torch.log(torch.rand_like(log_alpha))
-    accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
-    old = traces.with_layout_of(proposed)
-    if pytree.tree_structure(old) != pytree.tree_structure(proposed):
-        def one(t: Trace, lu: torch.Tensor) -> tuple[Trace, Any]:
-            return _accept(t, _mh_move(t, selection), lu)
-        return _over_chains(one, "mh", traces, log_u)
-    return tree_where(accepted, proposed, old), accepted
+def _run(trace: Trace, who: str, one: Callable[..., tuple[Trace, Any]],
+         batch_move: Callable[[], tuple[Trace, torch.Tensor, Any]] | None,
+         log_u: torch.Tensor | None, *per_chain: Any) -> tuple[Trace, Any]:
+    """A kernel: ``batch_move()`` on the whole batch, accepted per row (:func:`accept_rows`),
+    when given; else ``one(trace, *per_chain, log_u)`` per chain (:func:`_over_chains`)."""
+    def general() -> tuple[Trace, Any]:
+        return _over_chains(one, who, trace, *per_chain, log_u)
+
+    return general() if batch_move is None else accept_rows(trace, batch_move, log_u, general)
 
 
 # ------------------------------------------------------------------------------ MALA
@@ -388,25 +410,31 @@ def mala_propose(trace: Trace, selection: Selection, tau: float,
     log α = log p(t') − log p(t) + log N(t; t' + τ∇log p(t'), 2τ) − log N(t'; t + τ∇log p(t), 2τ).
     """
     tau = _check_positive(tau, "tau", "mala")
+    if _rows_path(trace):
+        return _mala_move(trace, selection, tau, noise)[:2]
     return _over_chains(lambda t, e: _mala_move(t, selection, tau, e)[:2], "mala", trace,
                         noise)
 
 
 def _mala_move(t: Trace, selection: Selection, tau: float,
                eps: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's MALA proposal: (proposed, log α, old values)."""
+    """One chain's MALA proposal, or every row's of a batch at once (:func:`_rows_path`,
+    with batch methods and batched gradients): (proposed, log α, old values)."""
     std = math.sqrt(2 * tau)
+    rows = _rows_path(t)
     _continuous_selected(t, selection, "mala")
     values, grads = _gradients(t, selection)
     fwd_mu = _map_values(lambda v, g: v + tau * g, values, grads)
     if eps is None:
         eps = _map_values(torch.randn_like, values)
     proposed = _map_values(lambda m, e: m + std * e, fwd_mu, eps)
-    fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu)
+    fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu,
+                            rows=rows)
     new, weight, _ = _write_values(t, proposed)
     _, bwd_grads = _gradients(new, selection)
     bwd_mu = _map_values(lambda p, g: p + tau * g, proposed, bwd_grads)
-    bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu)
+    bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu,
+                            rows=rows)
     return new, weight - fwd_score + bwd_score, lambda: values
 
 
@@ -423,7 +451,9 @@ def mala(trace: Trace, selection: Selection, tau: float, *, noise: ChoiceMap | N
     def one(t: Trace, eps: ChoiceMap | None, lu: torch.Tensor | None) -> tuple[Trace, Any]:
         return _propose_or_reject(t, lambda: _mala_move(t, selection, tau, eps), lu)
 
-    return _over_chains(one, "mala", trace, noise, log_u)
+    batch_move = (lambda: _mala_move(trace, selection, tau, noise)) if _rows_path(trace) \
+        else None
+    return _run(trace, "mala", one, batch_move, log_u, noise)
 
 
 # ------------------------------------------------------------------------------ HMC
@@ -446,13 +476,18 @@ def hmc_propose(trace: Trace, selection: Selection, n_steps: int = 10,
     log α = log p(t') − log p(t) − ½|p'|² + ½|p|² (Gen.jl's ``hmc``).
     """
     eps = _check_hmc_args(n_steps, step_size)
+    if _rows_path(trace):
+        return _hmc_move(trace, selection, n_steps, eps, momentum)[:2]
     return _over_chains(lambda t, p: _hmc_move(t, selection, n_steps, eps, p)[:2], "hmc",
                         trace, momentum)
 
 
 def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
               p0: ChoiceMap | None) -> tuple[Trace, torch.Tensor, Any]:
-    """One chain's leapfrog proposal: (proposed, log α, old values)."""
+    """One chain's leapfrog proposal, or every row's of a batch at once
+    (:func:`_rows_path`: the gradient at each inner leapfrog point without a trace, a
+    ``batch_update`` at the last): (proposed, log α, old values)."""
+    rows = _rows_path(t)
     _continuous_selected(t, selection, "hmc")
     values, grads = _gradients(t, selection)
     old_values = values
@@ -460,14 +495,17 @@ def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
         p0 = _map_values(torch.randn_like, values)
     p = p0
     new = t
-    for _ in range(n_steps):
+    for step in range(n_steps):
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
         values = _map_values(lambda v, m: v + eps * m, values, p)
-        new, _, _ = _write_values(new, values)
-        _, grads = _gradients(new, selection)
+        if rows and step < n_steps - 1:  # inner leapfrog points need no trace
+            _, grads = batch_gradients_at(t, selection, values)
+        else:
+            new, _, _ = _write_values(new, values)
+            _, grads = _gradients(new, selection)
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
-    kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0)
-    kinetic_new = _sum_values(lambda m: 0.5 * m * m, p)
+    kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0, rows=rows)
+    kinetic_new = _sum_values(lambda m: 0.5 * m * m, p, rows=rows)
     return new, (new.score - t.score) - kinetic_new + kinetic_old, lambda: old_values
 
 
@@ -488,7 +526,9 @@ def hmc(trace: Trace, selection: Selection, n_steps: int = 10, step_size: float 
         return _propose_or_reject(t, lambda: _hmc_move(t, selection, n_steps, step_size, p0),
                                   lu)
 
-    return _over_chains(one, "hmc", trace, momentum, log_u)
+    batch_move = (lambda: _hmc_move(trace, selection, n_steps, step_size, momentum)) \
+        if _rows_path(trace) else None
+    return _run(trace, "hmc", one, batch_move, log_u, momentum)
 
 
 # ------------------------------------------------------------------------------ chains
