@@ -169,7 +169,7 @@ def _raise_failed(g: Group, who: str, failed: list[int], error: BaseException | 
                           ) from error
 
 
-def gather_stats(g: Group, who: str, local: Callable[[], Sequence[float | torch.Tensor]],
+def gather_stats(g: Group, who: str, local: Callable[[], tuple[Sequence[Any], Any]],
                  n_stats: int) -> tuple[torch.Tensor, Any]:
     """Run ``local()`` (which returns ``(stats, result)``, ``stats`` a sequence of
     ``n_stats`` numbers) on every rank and all-gather ``[failed, *stats]``: returns
@@ -182,7 +182,7 @@ def gather_stats(g: Group, who: str, local: Callable[[], Sequence[float | torch.
     error: BaseException | None = None
     result: Any = None
     try:
-        stats, result = local()  # type: ignore[misc]
+        stats, result = local()
         packet = torch.stack([torch.as_tensor(s, dtype=torch.float64).reshape(())
                               for s in (0.0, *stats)]).to(g.device)
     except DistributedError:
@@ -393,11 +393,11 @@ def _wire(dtype: torch.dtype) -> torch.dtype:
     return torch.uint8 if dtype == torch.bool else dtype
 
 
-def _structure(leaves: list[Any], idx: list[int], rows: int, who: str) -> int:
+def _structure(leaves: list[Any], rows: int, who: str) -> int:
     """A checksum of the payload's structure (dtypes, row shapes, static parts); every
     tensor leaf must have ``rows`` rows."""
     parts = []
-    for i, x in enumerate(leaves):
+    for x in leaves:
         if isinstance(x, torch.Tensor):
             if x.dim() == 0 or x.shape[0] != rows:
                 raise DistributedError(f"{who}: a trace leaf of shape {tuple(x.shape)} has no "
@@ -422,7 +422,7 @@ def exchange_rows(traces: Any, keep: torch.Tensor, send: torch.Tensor,
         out_rows = send if send.numel() else keep[:0]
         payload, _ = to_payload(select_batch(traces, out_rows))
         leaves, _, idx = _tensor_leaves(payload)
-        check = _structure(leaves, idx, out_rows.shape[0], who)
+        check = _structure(leaves, out_rows.shape[0], who)
         return [float(check)], (leaves, idx)
 
     stats, (leaves, idx) = gather_stats(g, who, local, 1)

@@ -259,10 +259,10 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
                                   ess_threshold)
         if out is None:
             return state
-        new, lse = out
+        new, lse_all = out
         mine = dist_.share(n, state._group)
         return ParticleFilterState(new, zero_rows(mine, log_w.dtype, log_w.device),
-                                   state.log_ml_base + (lse - math.log(n)), state.step,
+                                   state.log_ml_base + (lse_all - math.log(n)), state.step,
                                    state.model, state.args, None, True, None, state._group, n)
     if ess_threshold is not None:
         if state._max is None:
