@@ -139,9 +139,9 @@ def _wait(work: Any, g: Group, who: str) -> None:
     except RuntimeError as err:  # gloo / NCCL timeouts and closed connections
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise CollectiveTimeoutError(
-            f"{who}: rank {g.rank} of {g.size}: a collective did not complete within "
-            f"{g.timeout:g} s ({first}); another rank died, hangs, or did not make the same "
-            "call") from None
+            f"{who}: rank {g.rank} of {g.size}: a collective failed or did not complete "
+            f"within {g.timeout:g} s ({first}); another rank died, hangs, or did not make the "
+            "same call") from None
 
 
 def _all_gather(x: torch.Tensor, g: Group, who: str) -> torch.Tensor:
@@ -171,9 +171,10 @@ def _raise_failed(g: Group, who: str, failed: list[int], error: BaseException | 
 
 def gather_stats(g: Group, who: str, local: Callable[[], tuple[Sequence[Any], Any]],
                  n_stats: int) -> tuple[torch.Tensor, Any]:
-    """Run ``local()`` (which returns ``(stats, result)``, ``stats`` a sequence of
-    ``n_stats`` numbers) on every rank and all-gather ``[failed, *stats]``: returns
-    ``(stats of every rank [R, n_stats] float64, this rank's result)``.
+    """Run ``local()`` (which returns ``(stats, result)``, ``stats`` a sequence of numbers
+    and 1-d tensors, ``n_stats`` numbers in all) on every rank and all-gather
+    ``[failed, *stats]``: returns ``(stats of every rank [R, n_stats] float64, this rank's
+    result)``.
 
     If ``local`` raised on any rank, every rank raises :class:`RankFailedError` (naming the
     ranks and their errors); a DistributedError raised by ``local`` itself (a collective
@@ -183,8 +184,8 @@ def gather_stats(g: Group, who: str, local: Callable[[], tuple[Sequence[Any], An
     result: Any = None
     try:
         stats, result = local()
-        packet = torch.stack([torch.as_tensor(s, dtype=torch.float64).reshape(())
-                              for s in (0.0, *stats)]).to(g.device)
+        packet = torch.cat([torch.as_tensor(s, dtype=torch.float64).reshape(-1).cpu()
+                            for s in (0.0, *stats)]).to(g.device)
     except DistributedError:
         raise
     except Exception as err:  # noqa: BLE001 - every error must reach the other ranks
