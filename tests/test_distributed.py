@@ -15,7 +15,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -355,3 +358,28 @@ def test_group_without_torch_distributed_is_refused():
     assert not dist.is_initialized()
     with pytest.raises(gf.ArgumentError, match="torch.distributed is not initialized"):
         pf_initialize(lg_model, lg_args(0), None, 10, group="world")
+
+
+# ------------------------------------------------------------------ the example
+def _example(*launcher):
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launcher, str(root / "examples" / "distributed_tracking.py")],
+                          capture_output=True, text=True, env=env, timeout=JOIN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    pf = float(re.search(r"\(particle filter\): (-?[\d.]+)", out).group(1))
+    exact = float(re.search(r"\(Kalman, exact\)\s*: (-?[\d.]+)", out).group(1))
+    # 4,000 particles, T = 30: the log-ML sd is ~0.2 (half tracking_2d's 2,000-particle
+    # ~0.3 spread, measured there), so 1.0 is a ~5-sigma bound (and the seeds are fixed)
+    assert abs(pf - exact) < 1.0
+    assert float(re.search(r"last position: ([\d.]+)", out).group(1)) < 0.5
+    return out
+
+
+def test_example_runs_in_one_process_and_under_torchrun():
+    assert "1 rank(s), 4,000 particles" in _example(sys.executable)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    out = _example(*torchrun)
+    assert "2 rank(s), 4,000 particles in all (2,000 per rank)" in out and "gloo" in out

@@ -63,8 +63,8 @@ from gfcomb.core.errors import (
 )
 from gfcomb.persistence import from_payload, to_payload
 
-__all__ = ["Group", "as_group", "global_ess", "global_logsumexp", "init_group", "migration",
-           "resample_rows", "share", "gather_stats"]
+__all__ = ["Group", "as_group", "gather_stats", "global_ess", "global_logsumexp",
+           "global_sum", "guarded", "init_group", "migration", "resample_rows", "share"]
 
 #: the timeout (seconds) of every collective when a plain ProcessGroup is given
 DEFAULT_TIMEOUT = 300.0
@@ -261,6 +261,18 @@ def global_logsumexp(log_w: torch.Tensor, g: Group, who: str) -> torch.Tensor:
     big, s, _ = _combine(stats)
     return torch.tensor(big + math.log(s) if math.isfinite(big) else big,
                         dtype=log_w.dtype, device=log_w.device)
+
+
+def global_sum(x: torch.Tensor, group: Any, who: str = "global_sum") -> torch.Tensor:
+    """Σ over the ranks of ``x`` (any shape, the same on every rank), summed in rank order:
+    the same value on every rank (e.g. a weighted mean over every particle,
+    ``global_sum((state.normalized_weights[:, None] * x).sum(0), state.group)``).
+    Collective."""
+    g = as_group(group, who)
+    if g is None:
+        return x
+    stats, _ = gather_stats(g, who, lambda: ([x.reshape(-1)], None), x.numel())
+    return stats.sum(0).reshape(x.shape).to(dtype=x.dtype, device=x.device)
 
 
 def global_ess(log_w: torch.Tensor, g: Group, who: str) -> torch.Tensor:
