@@ -58,9 +58,9 @@ LG = gf.Unfold(lg_step)
 
 
 @gf.gen
-def lg_model(n, a, s):
+def lg_model(n, x_init, a, s):
     """The Unfold under a @gen function: a batched Unfold history inside a @gen trace."""
-    return LG(n, torch.tensor(0.0), a, s) @ "steps"
+    return LG(n, x_init, a, s) @ "steps"
 
 
 def lg_data(steps=T, seed=11):
@@ -83,12 +83,15 @@ def kalman(ys):
     return ll
 
 
+X0 = torch.tensor(0.0)
+
+
 def lg_args(n):
-    return (n, torch.tensor(A), torch.tensor(S))
+    return (n, X0, torch.tensor(A), torch.tensor(S))
 
 
 def lg_step_args(state, t, ys):
-    return pf_update(state, lg_args(t + 1), (gf.UnknownChange(), NC, NC),
+    return pf_update(state, lg_args(t + 1), (gf.UnknownChange(), NC, NC, NC),
                      {("steps", t, "y"): ys[t]})
 
 
@@ -202,7 +205,7 @@ def task_failure(rank, world, group, timeout=GROUP_TIMEOUT):
     bad = {("steps", 0, "y"): ys[1]} if rank != 1 else {("nowhere",): ys[1]}
     t0 = time.monotonic()
     try:  # rank 1 constrains an address the model never visits
-        pf_update(state, lg_args(2), (gf.UnknownChange(), NC, NC), bad)
+        pf_update(state, lg_args(2), (gf.UnknownChange(), NC, NC, NC), bad)
     except gf.RankFailedError as err:
         out["update"] = (str(err), type(err.__cause__).__name__, time.monotonic() - t0)
     try:  # a kernel that raises on rank 0 only
