@@ -42,6 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
 from _results import load_average, save_section  # noqa: E402
+from bench_pf import MODEL as CHAIN  # noqa: E402
+
+# the linear-Gaussian SSM of bench_pf.py: x_t ~ N(a x_(t-1), s), y_t ~ N(x_t, 1)
+from bench_pf import (  # noqa: E402
+    A,
+    S,
+    simulate_data,  # noqa: E402
+)
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.inference import distributed as gdist  # noqa: E402
@@ -49,18 +57,7 @@ from gfcomb.inference import log_ml_estimate, pf_initialize, pf_resample, pf_upd
 from gfcomb.persistence import to_payload  # noqa: E402
 
 SECTION = "Distributed particle filter, weak scaling (issue 15)"
-A, S = 0.9, 0.5
 NC = gf.NoChange()
-
-
-@gf.gen
-def step(t, x, a, s):
-    x = gf.normal(a * x, s) @ "x"
-    gf.normal(x, 1.0) @ "y"
-    return x
-
-
-CHAIN = gf.Unfold(step)
 
 
 @gf.gen
@@ -69,12 +66,7 @@ def model(n, x_init, a, s):
 
 
 def data(steps):
-    g = torch.Generator().manual_seed(5)
-    x, ys = 0.0, []
-    for _ in range(steps):
-        x = A * x + S * float(torch.randn((), generator=g))
-        ys.append(x + float(torch.randn((), generator=g)))
-    return torch.tensor(ys)
+    return simulate_data(steps, "cpu").to(torch.float64)
 
 
 def run_gfcomb(group, n, ys):

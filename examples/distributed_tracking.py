@@ -21,8 +21,9 @@ Several GPUs (NCCL, one process per GPU) and several machines: docs/distributed.
 
 - ``--size small`` (the default, as in CI): T = 30 steps, 4,000 particles in all, about
   10 s with two processes (most of it start-up);
-- ``--size full``: T = 100 steps, 100,000 particles in all, about 60 s with two processes
-  on two cores.
+- ``--size full``: T = 100 steps, 20,000 particles in all, about 25 s with two processes
+  on two shared cores (a receiving rank rebuilds its batch from its particles' gathered
+  histories at each resample: docs/distributed.md).
 
 ``--particles`` (the global count) and ``--steps`` override either size; ``--backend``
 picks gloo or nccl (default: nccl when CUDA is available).
@@ -60,12 +61,12 @@ def main() -> None:
                             help="seconds any collective may take before every rank stops")
 
     opts = parse_args(__doc__, {"small": "T=30, 4,000 particles",
-                                "full": "T=100, 100,000 particles"}, extra)
+                                "full": "T=100, 20,000 particles"}, extra)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     small = opts.size == "small"
     t_len = opts.steps or (30 if small else 100)
-    n = opts.particles or (4_000 if small else 100_000)
+    n = opts.particles or (4_000 if small else 20_000)
 
     # under torchrun: one process per rank; without it: one process, no group
     group = (distributed.init_group(opts.backend, opts.timeout)
