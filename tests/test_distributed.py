@@ -256,7 +256,7 @@ def test_filter_and_chains_on_2_ranks(tmp_path):
     _check_chains([o["chains"] for o in out], 2)
 
 
-@pytest.mark.slow  # ~45 s on a shared 2-core machine (4 processes on 2 cores)
+@pytest.mark.slow  # 16-45 s on the shared 2-core machine (4 processes on 2 cores, load 3-6)
 def test_filter_and_chains_on_4_ranks(tmp_path):
     """20,000 global particles (5,000 per rank) against the Kalman filter; 4 x 4 chains."""
     out = run_ranks(4, "both", tmp_path, filter_args={},
