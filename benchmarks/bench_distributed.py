@@ -202,7 +202,8 @@ def main():
             f"{row['lml']:.2f} | {row['hand_lml']:.2f} |")
     lines += ["", f"The same gfcomb filter without a group (one process, `group=None`): "
               f"{rows[1]['plain']:.3f} ms/step, against {rows[1]['gf']:.3f} with a group of one "
-              "rank (the all-gathers of a gloo group cost that much even alone).",
+              "rank (a group of one rank skips the collectives; the rest is the bookkeeping of "
+              "the global path).",
               "", "A moved gfcomb particle carries its whole trace (every step's choices and "
               "scores, the arguments; see docs/distributed.md); the hand-written filter sends "
               "one float64 per moved particle.  With 2 ranks one of them receives rows at "
