@@ -364,3 +364,12 @@ def test_example_runs_in_one_process_and_under_torchrun():
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     out = _example(*torchrun)
     assert "2 rank(s), 4,000 particles in all (2,000 per rank)" in out and "gloo" in out
+
+
+def test_bad_input_with_a_group_is_refused_before_any_collective():
+    four = gdist.Group(None, 0, 4)  # (never used for a collective: the checks come first)
+    with pytest.raises(gf.ArgumentError, match=r"n_particles \(3\) must be at least"):
+        pf_initialize(lg_model, lg_args(0), None, 3, group=four)
+    with pytest.raises(gf.ArgumentError, match="need at least 4 kept draws"):
+        rhat_ess({"mu": torch.zeros(3, 2)})
+    assert [gdist.share(10, four, r) for r in range(4)] == [3, 3, 2, 2]
