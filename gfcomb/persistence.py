@@ -63,7 +63,7 @@ from gfcomb.core.pytree import RECORD_FIELDS
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 
-__all__ = ["PERSIST_HOOK", "load", "save"]
+__all__ = ["PERSIST_HOOK", "from_payload", "load", "save", "to_payload"]
 
 FORMAT = "gfcomb"
 VERSION = 1
@@ -272,6 +272,29 @@ class _Encoder:
                 "batch_ndim": score.dim() if isinstance(score, torch.Tensor) else 0}
 
 
+def to_payload(obj: Any) -> tuple[Any, dict[str, GenerativeFunction]]:
+    """``(payload, gen_fns)``: what :func:`save` writes for ``obj`` -- tensors in plain
+    containers, every record's :data:`PERSIST_HOOK` applied (a batched Unfold trace's shared
+    history gathered into plain per-row leaves) -- and the generative functions it names
+    (name -> function), which :func:`from_payload` takes to rebuild the very same objects.
+
+    Used to send the rows of a batch of traces between processes
+    (:mod:`gfcomb.inference.distributed`).  Raises :class:`PersistenceError` naming the part
+    of ``obj`` that cannot be stored.
+    """
+    enc = _Encoder()
+    try:
+        payload = enc.value(obj, "obj")
+    except _Unstorable as err:
+        raise PersistenceError(f"gf.save: cannot store {err.what} (at {err.path})") from None
+    return payload, dict(enc.names)
+
+
+def from_payload(payload: Any, gen_fns: Mapping[str, GenerativeFunction] | None = None) -> Any:
+    """The object that :func:`to_payload` turned into ``payload`` (``gen_fns``: name ->
+    generative function, as for :func:`load`)."""
+    return _Decoder(gen_fns).value(payload)
+
 def save(obj: Any, file: FileLike, *, rng: bool = False) -> None:
     """Write ``obj`` (a trace, single or batched; a ChoiceMap; a Selection; a
     ParticleFilterState; a ChainResult; or plain containers of these and tensors) to
@@ -282,11 +305,7 @@ def save(obj: Any, file: FileLike, *, rng: bool = False) -> None:
     stores the state of torch's random generators (see :func:`load`).  Raises
     :class:`PersistenceError` naming the part of ``obj`` that cannot be stored.
     """
-    enc = _Encoder()
-    try:
-        payload = enc.value(obj, "obj")
-    except _Unstorable as err:
-        raise PersistenceError(f"gf.save: cannot store {err.what} (at {err.path})") from None
+    payload, _ = to_payload(obj)
     out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "object": payload}
     if rng:
         out["rng"] = {"cpu": torch.get_rng_state()}

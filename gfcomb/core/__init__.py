@@ -9,7 +9,9 @@ from gfcomb.core.errors import (
     ArgumentTypeError,
     ChoiceMapMergeError,
     ChoiceValueError,
+    CollectiveTimeoutError,
     DegenerateWeightsError,
+    DistributedError,
     DistributionArgumentError,
     DistributionArgumentTypeError,
     DuplicateAddressError,
@@ -18,6 +20,7 @@ from gfcomb.core.errors import (
     NumericalError,
     OutsideGenBodyError,
     PersistenceError,
+    RankFailedError,
     UnvisitedConstraintError,
     VmapError,
 )
@@ -28,7 +31,8 @@ from gfcomb.core.trace import Trace
 __all__ = [
     "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
     "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
-    "OutsideGenBodyError", "PersistenceError",
+    "OutsideGenBodyError", "PersistenceError", "DistributedError", "RankFailedError",
+    "CollectiveTimeoutError",
     "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "Diff", "DistributionArgumentError", "DuplicateAddressError",
     "GFIError", "GenerativeFunction", "Invocation", "MissingChoiceError", "NoChange",

@@ -131,3 +131,18 @@ class NumericalError(GFIError, FloatingPointError):
 class PersistenceError(GFIError, ValueError):
     """``gf.save`` was given an object it cannot store, or ``gf.load`` could not rebuild one
     (a generative function it has no binding for, a file from another format)."""
+
+
+class DistributedError(GFIError, RuntimeError):
+    """A collective call over a ``torch.distributed`` process group could not complete: the
+    ranks disagree (not at the same step, different models), or see the subclasses."""
+
+
+class RankFailedError(DistributedError):
+    """Another rank (or this one) raised inside a collective gfcomb call; every rank of the
+    group raises this, naming the ranks that failed and their errors."""
+
+
+class CollectiveTimeoutError(DistributedError, TimeoutError):
+    """A collective call did not complete within the group's timeout: a rank died, hangs,
+    or did not make the same call."""

@@ -55,6 +55,8 @@ from gfcomb.core.pytree import tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, batched_call, own_args
+from gfcomb.inference.convergence import chains_over_group
+from gfcomb.inference.distributed import as_group
 from gfcomb.inference.progress import progress_bar
 from gfcomb.inference.rows import accept_rows
 
@@ -540,18 +542,25 @@ class ChainResult:
     of the kept values stacked along a new first dimension (``[n_kept, *chain_dims,
     *value_shape]``); ``acceptance_rate``: the fraction of accepted moves over all steps,
     kernels and chains; ``acceptance_rates``: per kernel and chain, shape
-    ``[n_kernels, *chain_dims]``.
+    ``[n_kernels, *chain_dims]``.  With ``run_chain(..., group=...)`` (chains spread over
+    the ranks of a process group): ``trace``, ``samples`` and ``acceptance_rates`` are this
+    rank's chains, ``acceptance_rate`` is over every chain of every rank, and ``rhat`` /
+    ``ess`` (address -> split R-hat / ESS of each scalar value, over all chains:
+    :func:`gfcomb.inference.convergence.rhat_ess`) are filled in (None otherwise).
     """
 
     trace: Trace
     samples: dict[Any, torch.Tensor]
     acceptance_rate: float
     acceptance_rates: torch.Tensor
+    rhat: dict[Any, torch.Tensor] | None = None
+    ess: dict[Any, torch.Tensor] | None = None
 
 
 def run_chain(trace: Trace, kernel: Kernel | Sequence[Kernel], n_steps: int, *,
               addresses: Sequence[Any] = (), burn_in: int = 0, thin: int = 1,
-              progress: bool | None = None, desc: str = "mcmc") -> ChainResult:
+              progress: bool | None = None, desc: str = "mcmc",
+              group: Any = None) -> ChainResult:
     """Run an MCMC chain (or a batch of chains) for ``n_steps`` steps.
 
     ``kernel`` is a function ``trace -> (trace, accepted)`` (e.g.
@@ -562,7 +571,22 @@ def run_chain(trace: Trace, kernel: Kernel | Sequence[Kernel], n_steps: int, *,
 
     Math: the composition of the kernels leaves the posterior invariant when each one does;
     the samples are the chain's states t_k for k = burn_in + thin·j (1-based steps).
+
+    ``group`` (a ``torch.distributed`` process group, a
+    :class:`gfcomb.inference.distributed.Group` or ``"world"``): ``trace`` is this rank's
+    batch of chains; each rank runs its own, and at the end the acceptance rate and the
+    R-hat / ESS of ``addresses`` (``result.rhat``, ``result.ess``) are computed over the
+    chains of every rank (collective: every rank must call it; a rank that raised makes
+    every rank raise :class:`gfcomb.RankFailedError`).  Only rank 0 shows a progress bar.
     """
+    if group is not None:
+        g = as_group(group, "run_chain")
+        assert g is not None
+        res, rate, rhat, ess = chains_over_group(
+            lambda: run_chain(trace, kernel, n_steps, addresses=addresses, burn_in=burn_in,
+                              thin=thin, progress=progress if g.rank == 0 else False,
+                              desc=desc), list(addresses), g)
+        return ChainResult(res.trace, res.samples, rate, res.acceptance_rates, rhat, ess)
     kernels: list[Kernel] = [kernel] if callable(kernel) else list(kernel)
     if not kernels or not all(callable(k) for k in kernels):
         raise ArgumentError("run_chain: kernel must be a callable trace -> (trace, accepted) "

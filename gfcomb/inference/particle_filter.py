@@ -44,6 +44,7 @@ from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, vectorized
+from gfcomb.inference import distributed as dist_
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
     Resampler,
@@ -69,7 +70,12 @@ class ParticleFilterState:
       resampling steps so far (``log_ml`` / :func:`log_ml_estimate` add the current weights);
     * ``step`` -- the number of :func:`pf_update` calls made (0 after :func:`pf_initialize`);
     * ``model``, ``args`` -- the model and the (unbatched) arguments the traces were made with;
-    * ``accepted`` -- per-particle acceptance of the last :func:`pf_rejuvenate` move, if any.
+    * ``accepted`` -- per-particle acceptance of the last :func:`pf_rejuvenate` move, if any;
+    * ``group`` -- the process group the particles are spread over (``pf_initialize(...,
+      group=...)``; None in one process): ``traces`` and ``log_weights`` then hold this
+      rank's share, ``n_particles`` is the global count, and every ``pf_*`` call on the
+      state is collective (:mod:`gfcomb.inference.distributed`).  Not saved by ``gf.save``
+      (a saved rank's state loads as a one-process state of its share).
     """
 
     traces: Trace
@@ -83,11 +89,20 @@ class ParticleFilterState:
     _uniform: bool = attrs.field(default=False, eq=False, repr=False)
     # max of log_weights when pf_update has already computed it (and found it finite)
     _max: torch.Tensor | None = attrs.field(default=None, eq=False, repr=False)
+    _group: dist_.Group | None = attrs.field(default=None, eq=False, repr=False)
+    _n_total: int | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def n_particles(self) -> int:
-        """The number of particles."""
+        """The number of particles (over all ranks of the group, if any)."""
+        if self._n_total is not None:
+            return self._n_total
         return int(self.log_weights.shape[0])
+
+    @property
+    def group(self) -> dist_.Group | None:
+        """The process group the particles are spread over (None: one process)."""
+        return self._group
 
     @property
     def log_ml(self) -> torch.Tensor:
@@ -96,7 +111,11 @@ class ParticleFilterState:
 
     @property
     def normalized_weights(self) -> torch.Tensor:
-        """w_i / Σ_j w_j."""
+        """w_i / Σ_j w_j (this rank's share of the globally normalized weights when the
+        state has a group: collective)."""
+        if self._group is not None:
+            lse = dist_.global_logsumexp(self.log_weights, self._group, "normalized_weights")
+            return torch.exp(self.log_weights - lse)
         return torch.softmax(self.log_weights, 0)
 
 
@@ -111,7 +130,7 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
                   observations: ChoiceMap | dict[Any, Any] | None, n_particles: int,
                   proposal: GenerativeFunction | None = None,
                   proposal_args: tuple[Any, ...] = (), *,
-                  vectorize: bool = True) -> ParticleFilterState:
+                  vectorize: bool = True, group: Any = None) -> ParticleFilterState:
     """Start a particle filter: ``n_particles`` traces of ``model(*args)`` with
     ``observations`` as constraints, generated in one vmapped call.
 
@@ -124,6 +143,12 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     A model that cannot run under vmap raises :class:`VmapError` naming the cause; with
     ``vectorize=False`` (here and in :func:`pf_update`) the particles run one after the
     other instead, with the same results.
+
+    ``group`` (a ``torch.distributed`` process group, a
+    :class:`gfcomb.inference.distributed.Group` or ``"world"``): spread the particles over
+    its ranks -- ``n_particles`` is the global count, each rank generates its share
+    (:func:`gfcomb.inference.distributed.share`), and every later ``pf_*`` call on the state
+    is collective (every rank must make it).  See docs/distributed.md.
     """
     who = "pf_initialize"
     check_gen_fn(model, "model", who)
@@ -132,9 +157,23 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     if proposal is not None:
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
-    with vectorized(vectorize):
-        traces, log_w = batched_generate(model, args, as_choicemap(observations), n,
-                                         proposal, proposal_args)
+    g = dist_.as_group(group, who)
+    if g is not None and n < g.size:
+        raise ArgumentError(f"{who}: n_particles ({n}) must be at least the number of ranks "
+                            f"({g.size})")
+
+    def generate() -> tuple[torch.Tensor, Trace]:
+        with vectorized(vectorize):
+            traces, log_w = batched_generate(model, args, as_choicemap(observations),
+                                             n if g is None else dist_.share(n, g), proposal,
+                                             proposal_args)
+        return log_w, traces
+
+    if g is not None:
+        log_w, traces = dist_.global_max(generate, g, who, 0)
+        return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args,
+                                   None, False, None, g, n)
+    log_w, traces = generate()
     check_finite_max(log_w, who, 0)
     return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args)
 
@@ -165,18 +204,28 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
     obs = as_choicemap(observations)
-    n = state.n_particles
+    n = int(state.log_weights.shape[0])  # (this rank's share when there is a group)
     model = state.model
-    with vectorized(vectorize):
-        if proposal is None:
-            traces, inc, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs, obs)
-        else:
-            proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),) + proposal_args)
-            traces, w, _rd, _disc = model.batch_update(state.traces, new_args, argdiffs,
-                                                       merged_rows(obs, proposed.choices, n))
-            inc = w - proposed.score
-    log_w = inc if state._uniform else state.log_weights + inc
+
+    def advance() -> tuple[torch.Tensor, Trace]:
+        with vectorized(vectorize):
+            if proposal is None:
+                traces, inc, _rd, _disc = model.batch_update(state.traces, new_args,
+                                                             argdiffs, obs)
+            else:
+                proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),)
+                                                      + proposal_args)
+                traces, w, _rd, _disc = model.batch_update(
+                    state.traces, new_args, argdiffs, merged_rows(obs, proposed.choices, n))
+                inc = w - proposed.score
+        return (inc if state._uniform else state.log_weights + inc), traces
+
     step = state.step + 1
+    if state._group is not None:
+        log_w, traces = dist_.global_max(advance, state._group, who, step)
+        return ParticleFilterState(traces, log_w, state.log_ml_base, step, model, new_args,
+                                   None, False, None, state._group, state._n_total)
+    log_w, traces = advance()
     m = torch.amax(log_w, 0)
     if not math.isfinite(float(m)):
         check_finite_max(log_w, who, step)
@@ -195,13 +244,26 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
     Math: ancestors a_k drawn with E[#{k : a_k = i}] = N w̄_i; the new particles are
     t_{a_k} with log weight 0, and logsumexp(lw) − log N is banked into the running log-ML.
     The traces are re-indexed with the model's ``batch_select`` (Unfold histories are not
-    copied).
+    copied).  With a group the draw is global (ancestors from the weights of every rank, one
+    shared offset) and only the rows that must change rank are sent
+    (:func:`gfcomb.inference.distributed.resample_rows`).
     """
     who = "pf_resample"
     state = _check_state(state, who)
     resampler = get_resampler(method)
     log_w = state.log_weights
     n = state.n_particles
+    if state._group is not None:
+        out = dist_.resample_rows(state.traces, log_w, n, state._group, who, state.step,
+                                  None if resampler is systematic_resample else resampler,
+                                  ess_threshold)
+        if out is None:
+            return state
+        new, lse_all = out
+        mine = dist_.share(n, state._group)
+        return ParticleFilterState(new, zero_rows(mine, log_w.dtype, log_w.device),
+                                   state.log_ml_base + (lse_all - math.log(n)), state.step,
+                                   state.model, state.args, None, True, None, state._group, n)
     if ess_threshold is not None:
         if state._max is None:
             check_finite_max(log_w, who, state.step)
@@ -243,18 +305,25 @@ def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,
     if not callable(kernel):
         raise ArgumentError(f"{who}: kernel must be callable (traces, *kernel_args) -> traces, "
                             f"got {kernel!r}")
-    out = kernel(state.traces, *kernel_args)
-    accepted = None
-    if isinstance(out, tuple):
-        if len(out) != 2:
-            raise ArgumentError(f"{who}: the kernel must return traces or (traces, accepted); "
-                                f"got a tuple of {len(out)} items")
-        out, accepted = out
-    if not isinstance(out, Trace):
-        raise ArgumentError(f"{who}: the kernel returned {type(out).__name__}, not a trace")
+
+    def move() -> tuple[Trace, Any]:
+        out = kernel(state.traces, *kernel_args)
+        accepted = None
+        if isinstance(out, tuple):
+            if len(out) != 2:
+                raise ArgumentError(f"{who}: the kernel must return traces or (traces, "
+                                    f"accepted); got a tuple of {len(out)} items")
+            out, accepted = out
+        if not isinstance(out, Trace):
+            raise ArgumentError(f"{who}: the kernel returned {type(out).__name__}, not a "
+                                "trace")
+        return out, accepted
+
+    out, accepted = move() if state._group is None else \
+        dist_.guarded(state._group, who, move)
     return ParticleFilterState(out, state.log_weights, state.log_ml_base,
                                state.step, state.model, state.args, accepted, state._uniform,
-                               state._max)
+                               state._max, state._group, state._n_total)
 
 
 def log_ml_estimate(state: ParticleFilterState) -> torch.Tensor:
@@ -265,9 +334,16 @@ def log_ml_estimate(state: ParticleFilterState) -> torch.Tensor:
     """
     state = _check_state(state, "log_ml_estimate")
     n = state.n_particles
+    if state._group is not None:
+        lse = dist_.global_logsumexp(state.log_weights, state._group, "log_ml_estimate")
+        return state.log_ml_base + lse - math.log(n)
     return state.log_ml_base + torch.logsumexp(state.log_weights, 0) - math.log(n)
 
 
 def effective_sample_size(state: ParticleFilterState) -> torch.Tensor:
-    """Kish's effective sample size of the particle weights, (Σ w)² / Σ w² ∈ [1, N]."""
-    return weights_ess(_check_state(state, "effective_sample_size").log_weights)
+    """Kish's effective sample size of the particle weights, (Σ w)² / Σ w² ∈ [1, N] (over
+    every rank when the state has a group: collective, the same value on every rank)."""
+    state = _check_state(state, "effective_sample_size")
+    if state._group is not None:
+        return dist_.global_ess(state.log_weights, state._group, "effective_sample_size")
+    return weights_ess(state.log_weights)
