@@ -17,7 +17,7 @@ with x_{-1} = 0.  We simulate a series, then
    the number of distinct values of the newest state shows the moves undoing the copies that
    resampling makes);
 3. treat the final particles as initial states of N chains and run batched ``hmc`` on the
-   whole path x_0..x_{T-1} (:func:`gfcomb.inference.mcmc.run_chain`), giving smoothed
+   whole path x_0..x_{T-1} (:func:`gfcomb.inference.run_chain`), giving smoothed
    estimates of the volatility.
 
 A plot (examples/output/stochastic_volatility.png) shows the returns, the true log-volatility,
@@ -45,7 +45,7 @@ import torch
 from common import parse_args, show_progress, warn_if_collapsed
 
 import gfcomb as gf
-from gfcomb.inference.mcmc import hmc, mala, mh, run_chain
+from gfcomb.inference import hmc, mala, mh, run_chain
 from gfcomb.inference.particle_filter import (
     effective_sample_size,
     log_ml_estimate,

@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 import gfcomb as gf
 from gfcomb.core.pytree import tree_index
+from gfcomb.inference.chains import run_chain
 from gfcomb.inference.mcmc import (
     accept_reject,
     hmc,
@@ -23,7 +24,6 @@ from gfcomb.inference.mcmc import (
     mh,
     mh_propose,
     mh_propose_custom,
-    run_chain,
 )
 from gfcomb.inference.progress import progress_bar, progress_enabled
 

@@ -2,6 +2,7 @@
 importance sampling, particle filters and resampling, MCMC, parameter learning, variational
 inference, Gibbs / elliptical-slice / involutive MCMC, MAP, an SMC driver, ArviZ export."""
 
+from gfcomb.inference.chains import ChainResult, run_chain
 from gfcomb.inference.importance import (
     ImportanceResamplingResult,
     ImportanceResult,
@@ -15,7 +16,6 @@ from gfcomb.inference.learning import (
     train_proposal,
 )
 from gfcomb.inference.mcmc import (
-    ChainResult,
     accept_reject,
     hmc,
     hmc_propose,
@@ -25,7 +25,6 @@ from gfcomb.inference.mcmc import (
     mh,
     mh_propose,
     mh_propose_custom,
-    run_chain,
 )
 from gfcomb.inference.particle_filter import (
     ParticleFilterState,

@@ -15,8 +15,8 @@ import torch
 
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.trace import Trace
+from gfcomb.inference.chains import ChainResult
 from gfcomb.inference.importance import ImportanceResult
-from gfcomb.inference.mcmc import ChainResult
 from gfcomb.inference.particle_filter import ParticleFilterState
 from gfcomb.inference.resampling import systematic_resample
 
