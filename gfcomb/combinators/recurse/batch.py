@@ -17,10 +17,13 @@ as one stacked value, slicing a block rather than stacking rows where it can.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import torch
 
+from gfcomb.combinators.recurse.trace import Entry, new_block
 from gfcomb.core.diff import Diff
 from gfcomb.core.flat import flatten as fast_flatten
 from gfcomb.core.flat import unflatten as fast_unflatten
@@ -28,8 +31,6 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index, tree_stack
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, map_rows
-
-from gfcomb.combinators.recurse.trace import Entry, new_block
 
 
 class Rows:
@@ -72,7 +73,7 @@ class Rows:
         return [self.take([j]) for j in range(len(self.nodes))]
 
 
-def _signature(x: Any, stacked: bool) -> tuple[Hashable, list[torch.Tensor]] | None:
+def _signature(x: Any, stacked: bool) -> tuple[tuple[Any, Any], list[torch.Tensor]] | None:
     """(a hashable structure key, the tensor leaves) of the inputs: rows share a call only
     with rows of the same pytree structure, Python leaves and tensor shapes and dtypes."""
     leaves: list[torch.Tensor] = []
@@ -92,8 +93,8 @@ def merge(groups: Sequence[Rows]) -> list[Rows]:
     """Join the groups that can share one kernel call (same kind, diff, edit key and input
     structure); inputs are concatenated along the row axis."""
     out: list[Rows] = []
-    joined: dict[Hashable, list[tuple[Rows, list[torch.Tensor]]]] = {}
-    specs: dict[Hashable, Any] = {}
+    joined: dict[Any, list[tuple[Rows, list[torch.Tensor]]]] = {}
+    specs: dict[Any, Any] = {}
     for g in groups:
         sig = _signature(g.x, g.stacked)
         if sig is None:
@@ -121,10 +122,10 @@ def gather(entries: dict[int, Entry], nodes: Sequence[int],
     """``get`` of the kernel traces of ``nodes``, stacked along a leading row axis: a slice
     (or an index) of one block where the nodes are rows of it, else the rows stacked
     (ValueError when they do not stack)."""
-    first = entries[nodes[0]]
-    h = first[0]
-    if first[1] >= 0 and all(entries[i][0] is h for i in nodes):
-        rows = [entries[i][1] for i in nodes]
+    es = list(map(entries.__getitem__, nodes))
+    h = es[0][0]
+    rows = list(map(itemgetter(1), es))
+    if rows[0] >= 0 and len(set(map(id, map(itemgetter(0), es)))) == 1:
         value = get(h.trace)
         r0 = rows[0]
         if rows == list(range(r0, r0 + len(rows))):
@@ -132,14 +133,12 @@ def gather(entries: dict[int, Entry], nodes: Sequence[int],
                 return value
             return tree_index(value, slice(r0, r0 + len(rows)))
         return tree_index(value, torch.tensor(rows))
-    return tree_stack([get(e[0].row(e[1]) if e[1] >= 0 else e[0])
-                       for e in (entries[i] for i in nodes)])
+    return tree_stack([get(e[0].row(e[1]) if e[1] >= 0 else e[0]) for e in es])
 
 
 def row_entries(stacked: Trace, nodes: Sequence[int]) -> dict[int, Entry]:
     """The table entries of a new block: node ``nodes[j]`` is its row ``j``."""
-    h = new_block(stacked)
-    return {i: (h, j) for j, i in enumerate(nodes)}
+    return dict(zip(nodes, zip(repeat(new_block(stacked)), range(len(nodes)))))
 
 
 # ------------------------------------------------------------------ batched kernel calls

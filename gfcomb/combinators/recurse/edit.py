@@ -14,6 +14,7 @@ the pass when the kernel cannot run under vmap.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,6 +67,7 @@ class Constrain:
     """
 
     counts_removed = True
+    nothing = EMPTY
 
     def __init__(self, cons: NodeConstraints, strict: bool = False) -> None:
         self.cons = cons
@@ -145,6 +147,7 @@ class Resample:
     the tree are simulated; removed ones contribute nothing to the weight."""
 
     counts_removed = False
+    nothing = Selection.none()
 
     def __init__(self, selection: Selection) -> None:
         self.selection = selection
@@ -229,7 +232,8 @@ class EditPass:
         self.must: set[int] = edit.must(gf, old) if old is not None else set()
         on = gf.batch_depths and vectorizing()
         self.batching = {"production": on, "aggregation": on}
-        self.levels: list[list[tuple[int, bool, Diff]]] = []  # (node, fresh, production diff)
+        # per depth, the nodes visited: (nodes, fresh, their production's retdiff)
+        self.levels: list[list[tuple[list[int], bool, Diff]]] = []
         self.retdiffs: dict[int, Diff] = {}
         self.grown = False
 
@@ -264,7 +268,7 @@ class EditPass:
         level = [Rows([0], root_input, False, root_diff, self.old is None)]
         while level:
             level = self._prepare(level, "production")
-            done: list[tuple[int, bool, Diff]] = []
+            done: list[tuple[list[int], bool, Diff]] = []
             nxt: list[Rows] = []
             for rows in level:
                 if rows.stacked and not self._productions_batched(rows, done, nxt):
@@ -313,7 +317,7 @@ class EditPass:
             self.prods[idx] = (tr, -1)
             self.nch[idx] = len(prod.children)
             self._add(w, tr.score)
-            done.append((idx, True, UNKNOWN))
+            done.append(([idx], True, UNKNOWN))
             nxt.extend(Rows([gf.child_index(idx, k)], c, False, None, True)
                        for k, c in enumerate(prod.children))
             return
@@ -333,7 +337,7 @@ class EditPass:
         old_prod: Production = old_tr.retval
         n, n_old = len(prod.children), len(old_prod.children)
         self.nch[idx] = n
-        done.append((idx, False, pdiff))
+        done.append(([idx], False, pdiff))
         for k in range(min(n, n_old)):
             c, c_old = prod.children[k], old_prod.children[k]
             ci = gf.child_index(idx, k)
@@ -357,7 +361,8 @@ class EditPass:
         """One batched production call over ``rows``; False (batching off from now on) when
         the production cannot run over a batch."""
         gf, edit, nodes = self.gf, self.edit, rows.nodes
-        subs = [edit.at(i, "production") for i in nodes]
+        b = gf.max_branch
+        subs = self._subs(nodes, "production")
         n_rows = len(nodes)
         olds = None
         try:
@@ -379,24 +384,23 @@ class EditPass:
             return False
         n = len(prod.children)
         self.prods.update(row_entries(tr, nodes))
-        for i in nodes:
-            self.nch[i] = n
+        self.nch.update(zip(nodes, repeat(n)))
         ws = None if w is None else w.sum()
         self._add(ws, tr.score.sum() - (0.0 if olds is None else olds.score.sum()))
-        done.extend((i, rows.fresh, rd) for i in nodes)
+        done.append((nodes, rows.fresh, rd))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
                 self._note_discard(i, "production", tree_index(d, j))
         if rows.fresh:
             for k in range(n):
-                nxt.append(Rows([gf.child_index(p, k) for p in nodes], prod.children[k], True,
+                nxt.append(Rows([p * b + k + 1 for p in nodes], prod.children[k], True,
                                 None, True))
             return True
         old = self.old
         assert old is not None
         n_old = [old.num_children[p] for p in nodes]
         for k in range(n):
-            kids = Rows([gf.child_index(p, k) for p in nodes], prod.children[k], True, UNKNOWN,
+            kids = Rows([p * b + k + 1 for p in nodes], prod.children[k], True, UNKNOWN,
                         False)
             kept = [j for j in range(n_rows) if n_old[j] > k]
             if isinstance(rd, NoChange):
@@ -416,32 +420,43 @@ class EditPass:
         return True
 
     # ------------------------------------------------------------------ aggregations
-    def _aggregations(self, done: list[tuple[int, bool, Diff]]) -> None:
+    def _subs(self, nodes: list[int], part: str) -> list[Any]:
+        edit = self.edit
+        if not edit.touches(nodes):
+            return [edit.nothing] * len(nodes)
+        return [edit.at(i, part) for i in nodes]
+
+    def _aggregations(self, done: list[tuple[list[int], bool, Diff]]) -> None:
         """The aggregations of one depth's visited nodes, batched by kind of call."""
         gf, edit, old = self.gf, self.edit, self.old
-        groups: dict[Hashable, list[int]] = {}
-        plans: dict[int, tuple[bool, bool, bool]] = {}  # node -> (fresh, same value, same res)
-        for idx, fresh, pdiff in done:
-            n = self.nch[idx]
-            sub = edit.at(idx, "aggregation")
-            if fresh:
-                plan = (True, False, False)
-            else:
-                assert old is not None
-                same_res = n == old.num_children[idx] and all(
-                    isinstance(self.retdiffs.get(c, NO_CHANGE), NoChange)
-                    for c in gf.children_range(idx, n))
-                same_val = isinstance(pdiff, NoChange)
-                if not same_val:
-                    e = self.prods[idx]  # (a lone trace's value may be the very same object)
-                    same_val = e[1] < 0 and same_value(e[0].retval.value,
-                                                       old.productions[idx].retval.value)
-                if same_val and same_res and edit.empty(sub):  # type: ignore[arg-type]
-                    continue
-                plan = (False, same_val, same_res)
-            plans[idx] = plan
-            key = (plan, n, edit.key(sub) if self.batching["aggregation"] else idx)  # type: ignore[arg-type]
-            groups.setdefault(key, []).append(idx)
+        batching = self.batching["aggregation"]
+        groups: dict[tuple[tuple[bool, bool, bool], int, Any], list[int]] = {}
+        fresh_plan = (True, False, False)
+        for nodes, fresh, pdiff in done:
+            touched = edit.touches(nodes)
+            if fresh and batching and not touched:  # a batch of new nodes: all alike
+                groups.setdefault((fresh_plan, self.nch[nodes[0]], ()), []).extend(nodes)
+                continue
+            for idx in nodes:
+                n = self.nch[idx]
+                sub = edit.at(idx, "aggregation") if touched else edit.nothing
+                if fresh:
+                    plan = fresh_plan
+                else:
+                    assert old is not None
+                    same_res = n == old.num_children[idx] and all(
+                        isinstance(self.retdiffs.get(c, NO_CHANGE), NoChange)
+                        for c in gf.children_range(idx, n))
+                    same_val = isinstance(pdiff, NoChange)
+                    if not same_val:
+                        e = self.prods[idx]  # (a lone trace's value may be the same object)
+                        same_val = e[1] < 0 and same_value(e[0].retval.value,
+                                                           old.productions[idx].retval.value)
+                    if same_val and same_res and edit.empty(sub):  # type: ignore[arg-type]
+                        continue
+                    plan = (False, same_val, same_res)
+                key = (plan, n, edit.key(sub) if batching else idx)  # type: ignore[arg-type]
+                groups.setdefault(key, []).append(idx)
         for (plan, n, _), nodes in groups.items():
             if len(nodes) > 1 and self.batching["aggregation"]:
                 if self._aggregations_batched(nodes, n, plan):
@@ -482,8 +497,9 @@ class EditPass:
     def _aggregations_batched(self, nodes: list[int], n: int,
                               plan: tuple[bool, bool, bool]) -> bool:
         gf, edit = self.gf, self.edit
+        b = gf.max_branch
         fresh, same_val, same_res = plan
-        subs = [edit.at(i, "aggregation") for i in nodes]
+        subs = self._subs(nodes, "aggregation")
         olds = None
         try:
             old_entries = None if fresh else self.old.aggregations.entries_of(nodes)  # type: ignore[union-attr]
@@ -494,7 +510,7 @@ class EditPass:
             if same_res and old_entries is not None:
                 results = gather(old_entries, nodes, lambda t: t.args[1])
             else:
-                results = tuple(gather(self.aggs, [gf.child_index(p, k) for p in nodes],
+                results = tuple(gather(self.aggs, [p * b + k + 1 for p in nodes],
                                        lambda t: t.retval) for k in range(n))
             args = (per_row(value), per_row(results))
             if fresh:
@@ -513,8 +529,7 @@ class EditPass:
         self.aggs.update(row_entries(tr, nodes))
         ws = None if w is None else w.sum()
         self._add(ws, tr.score.sum() - (0.0 if olds is None else olds.score.sum()))
-        for i in nodes:
-            self.retdiffs[i] = rd
+        self.retdiffs.update(zip(nodes, repeat(rd)))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
                 self._note_discard(i, "aggregation", tree_index(d, j))

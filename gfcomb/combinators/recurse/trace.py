@@ -4,6 +4,7 @@ aggregation kernel trace, held in :class:`NodeTable` s whose rows may be stacked
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from operator import itemgetter
 from typing import Any
 
 import attrs
@@ -115,17 +116,14 @@ class NodeTable(Mapping[int, Trace]):
     @staticmethod
     def build(entries: Mapping[int, Entry], sort: bool) -> NodeTable:
         """A table from node -> entry (``(block handle, row)`` / ``(trace, -1)``)."""
-        numbers: dict[int, int] = {}
-        handles: list[Any] = []
-        where: dict[int, tuple[int, int]] = {}
-        keys = sorted(entries) if sort else entries
-        for i in keys:
-            h, r = entries[i]
-            b = numbers.get(id(h))
-            if b is None:
-                b = numbers[id(h)] = len(handles)
-                handles.append(h)
-            where[i] = (b, r)
+        keys = sorted(entries) if sort else list(entries)
+        vals = list(map(entries.__getitem__, keys))
+        hs = list(map(itemgetter(0), vals))
+        ids = list(map(id, hs))  # (C loops: this runs over every node of every edit)
+        numbers = {k: b for b, k in enumerate(dict.fromkeys(ids))}
+        by_id = dict(zip(ids, hs))
+        handles = [by_id[k] for k in numbers]
+        where = dict(zip(keys, zip(map(numbers.__getitem__, ids), map(itemgetter(1), vals))))
         blocks = tuple(h.trace if isinstance(h, _Block) else h for h in handles)
         return NodeTable(blocks, where, handles=tuple(handles))
 
