@@ -4,7 +4,6 @@ scores, return values, discards and gradients; body-run counts show which path r
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -275,14 +274,7 @@ def test_gradients_batched_equal_the_general_path():
 
 # ------------------------------------------------------------------ fallback and grouping
 def test_aggregation_that_cannot_be_vmapped_falls_back_node_by_node():
-    counts = {"prod": 0, "agg": 0}
-
-    @gf.gen
-    def production(inp):
-        counts["prod"] += 1
-        x, depth = inp
-        v = gf.normal(x, 1.0) @ "v"
-        return Production(v, [(v, depth + 1)] * 2 if depth < D else [])
+    batched, counts = make()
 
     @gf.gen
     def aggregation(v, results):
@@ -292,7 +284,7 @@ def test_aggregation_that_cannot_be_vmapped_falls_back_node_by_node():
             return gf.normal(total, 0.1) @ "r"
         return gf.normal(total, 0.2) @ "r"
 
-    model = Recurse(production, aggregation, 2)
+    model = Recurse(batched.production, aggregation, 2)
     tr = model.simulate(ARGS)
     n = len(tr.nodes)
     assert counts["prod"] == D + 1  # productions still batched
@@ -362,26 +354,3 @@ def test_batch_methods_over_a_batch_of_trees_equal_the_per_row_methods():
                                                    gf.selectall())[0].score
     assert torch.isfinite(picked).all()
 
-
-def test_log_density_formula_of_the_full_tree():
-    """The score of a batched tree, written out by hand over the nodes."""
-    model, _ = make()
-    tr = model.simulate(ARGS)
-
-    def lp(x: Any, mu: Any, s: float) -> torch.Tensor:
-        return -0.5 * ((x - mu) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
-
-    total = torch.tensor(0.0)
-
-    def visit(i: int, x: Any, depth: int) -> Any:
-        nonlocal total
-        v = tr[i, "production", "v"]
-        total = total + lp(v, x, 1.0)
-        kids = [(v, depth + 1), (v + 0.5, depth + 1)] if depth < D else []
-        rs = [visit(2 * i + k + 1, cx, cd) for k, (cx, cd) in enumerate(kids)]
-        r = tr[i, "aggregation", "r"]
-        total = total + lp(r, v + sum(rs), 0.1)
-        return r
-
-    visit(0, X0, 0)
-    close(tr.score, total)

@@ -16,7 +16,7 @@ as one stacked value, slicing a block rather than stacking rows where it can.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -117,7 +117,7 @@ def merge(groups: Sequence[Rows]) -> list[Rows]:
     return out
 
 
-def gather(entries: dict[int, Entry], nodes: Sequence[int],
+def gather(entries: Mapping[int, Entry] | Any, nodes: Sequence[int],
            get: Callable[[Any], Any]) -> Any:
     """``get`` of the kernel traces of ``nodes``, stacked along a leading row axis: a slice
     (or an index) of one block where the nodes are rows of it, else the rows stacked

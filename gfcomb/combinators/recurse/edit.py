@@ -30,7 +30,14 @@ from gfcomb.combinators.recurse.batch import (
     rows_simulate,
     rows_update,
 )
-from gfcomb.combinators.recurse.trace import PARTS, Entry, NodeTable, Production, same_value
+from gfcomb.combinators.recurse.trace import (
+    PARTS,
+    Entry,
+    NodeTable,
+    Production,
+    TableEdit,
+    same_value,
+)
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import ArgumentError, MissingChoiceError
@@ -223,8 +230,8 @@ class EditPass:
         self.gf = gf
         self.edit = edit
         self.old = old
-        self.prods: dict[int, Entry] = old.productions.entries() if old is not None else {}
-        self.aggs: dict[int, Entry] = old.aggregations.entries() if old is not None else {}
+        self.prods = TableEdit(None if old is None else old.productions)
+        self.aggs = TableEdit(None if old is None else old.aggregations)
         self.nch: dict[int, int] = dict(old.num_children) if old is not None else {}
         self.weight: torch.Tensor | None = None
         self.dscore: torch.Tensor | None = None
@@ -284,6 +291,8 @@ class EditPass:
 
     def _prepare(self, level: list[Rows], part: str) -> list[Rows]:
         """The depth's groups split by edit key and joined where they can share a call."""
+        if len(level) == 1 and not level[0].stacked:
+            return level  # (one node: nothing to join it with)
         if not self.batching[part]:
             return [one for rows in level for one in rows.singles()]
         edit = self.edit
@@ -540,7 +549,7 @@ class EditPass:
         """The edited node tables and children counts."""
         sort = self.grown or self.old is None
         nch = {i: self.nch[i] for i in sorted(self.nch)} if sort else self.nch
-        return (NodeTable.build(self.prods, sort), NodeTable.build(self.aggs, sort), nch)
+        return self.prods.finish(), self.aggs.finish(), nch
 
     def root_result(self) -> Any:
         """The root aggregation's result."""

@@ -4,6 +4,7 @@ aggregation kernel trace, held in :class:`NodeTable` s whose rows may be stacked
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter
 from operator import itemgetter
 from typing import Any
 
@@ -74,22 +75,36 @@ class NodeTable(Mapping[int, Trace]):
     asked for.  ``where`` is the static structure of the pytree, ``blocks`` its dynamic part.
     """
 
-    blocks: tuple[Trace, ...]
+    blocks: tuple[Trace | None, ...]
     where: dict[int, tuple[int, int]]
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _handles: Any = attrs.field(default=None, eq=False, repr=False)
+    _live: Any = attrs.field(default=None, eq=False, repr=False)
 
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_handles", None)
+        object.__setattr__(self, "_live", None)
 
     def handles(self) -> tuple[Any, ...]:
-        """Per block: the :class:`_Block` of a stacked one, the trace itself for a lone one."""
+        """Per block: the :class:`_Block` of a stacked one, the trace itself for a lone one
+        (None for a block no node refers to any more)."""
         hs = self._handles
         if hs is None:
             rows = {b: r for b, r in self.where.values()}
-            hs = tuple(_Block(t) if rows.get(b, -1) >= 0 else t for b, t in enumerate(self.blocks))
+            hs = tuple(None if t is None else _Block(t) if rows.get(b, -1) >= 0 else t
+                       for b, t in enumerate(self.blocks))
             object.__setattr__(self, "_handles", hs)
         return hs
+
+    def live(self) -> list[int]:
+        """Per block: how many nodes it holds."""
+        counts = self._live
+        if counts is None:
+            counts = [0] * len(self.blocks)
+            for b, n in Counter(map(itemgetter(0), self.where.values())).items():
+                counts[b] = n
+            object.__setattr__(self, "_live", counts)
+        return list(counts)
 
     def entry(self, i: int) -> Entry:
         """Node ``i``'s place: ``(block handle, row)`` or ``(trace, -1)``."""
@@ -127,18 +142,91 @@ class NodeTable(Mapping[int, Trace]):
         blocks = tuple(h.trace if isinstance(h, _Block) else h for h in handles)
         return NodeTable(blocks, where, handles=tuple(handles))
 
+    def replaced(self, new: Mapping[int, Entry]) -> NodeTable:
+        """This table with the entries of some of its nodes replaced (O(changes) Python, a
+        C copy of ``where``); blocks no node refers to any more are dropped (None), and the
+        table is rebuilt once they are most of it."""
+        where = dict(self.where)
+        blocks = list(self.blocks)
+        handles = list(self.handles())
+        live = self.live()
+        numbers: dict[int, int] = {}
+        for i, (h, r) in new.items():
+            b_old = where[i][0]
+            live[b_old] -= 1
+            if not live[b_old]:
+                blocks[b_old] = handles[b_old] = None
+            b = numbers.get(id(h))
+            if b is None:
+                b = numbers[id(h)] = len(blocks)
+                blocks.append(h.trace if isinstance(h, _Block) else h)
+                handles.append(h)
+                live.append(0)
+            live[b] += 1
+            where[i] = (b, r)
+        if len(blocks) > 16 and 2 * live.count(0) > len(blocks):
+            return NodeTable.build({i: (handles[b], r) for i, (b, r) in where.items()}, False)
+        return NodeTable(tuple(blocks), where, handles=tuple(handles), live=live)
+
     def entries_of(self, nodes: Iterable[int]) -> dict[int, Entry]:
         """node -> entry for ``nodes``."""
         hs, where = self.handles(), self.where
         return {i: (hs[where[i][0]], where[i][1]) for i in nodes}
 
-    def entries(self) -> dict[int, Entry]:
-        """A mutable copy of node -> entry (to build an edited table from)."""
-        hs = self.handles()
-        return {i: (hs[b], r) for i, (b, r) in self.where.items()}
-
 
 register_record(NodeTable, dynamic=("blocks",), static=("where",))
+
+
+class TableEdit:
+    """A :class:`NodeTable` being edited: the old table (or None) and the entries set so far
+    (node -> ``(block handle, row)`` / ``(trace, -1)``)."""
+
+    __slots__ = ("old", "new", "gone")
+
+    def __init__(self, old: NodeTable | None) -> None:
+        self.old = old
+        self.new: dict[int, Entry] = {}
+        self.gone: set[int] = set()
+
+    def __getitem__(self, i: int) -> Entry:
+        e = self.new.get(i)
+        if e is not None:
+            return e
+        if self.old is None or i in self.gone:
+            raise KeyError(i)
+        return self.old.entry(i)
+
+    def __setitem__(self, i: int, e: Entry) -> None:
+        self.new[i] = e
+        self.gone.discard(i)
+
+    def update(self, entries: Mapping[int, Entry]) -> None:
+        """Set many entries."""
+        self.new.update(entries)
+        if self.gone:
+            self.gone.difference_update(entries)
+
+    def __delitem__(self, i: int) -> None:
+        self.new.pop(i, None)
+        self.gone.add(i)
+
+    def __contains__(self, i: object) -> bool:
+        if i in self.new:
+            return True
+        return self.old is not None and i in self.old.where and i not in self.gone
+
+    def finish(self) -> NodeTable:
+        """The edited table (keys in increasing order)."""
+        old = self.old
+        if old is None:
+            return NodeTable.build(self.new, sort=True)
+        if not self.new and not self.gone:
+            return old
+        if self.gone or not self.new.keys() <= old.where.keys():
+            merged = {i: old.entry(i) for i in old.where if i not in self.gone}
+            merged.update(self.new)
+            return NodeTable.build(merged, sort=True)
+        return old.replaced(self.new)
 
 
 def new_block(stacked: Trace) -> _Block:
