@@ -16,7 +16,7 @@ as one stacked value, slicing a block rather than stacking rows where it can.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -117,12 +117,10 @@ def merge(groups: Sequence[Rows]) -> list[Rows]:
     return out
 
 
-def gather(entries: Mapping[int, Entry] | Any, nodes: Sequence[int],
-           get: Callable[[Any], Any]) -> Any:
-    """``get`` of the kernel traces of ``nodes``, stacked along a leading row axis: a slice
-    (or an index) of one block where the nodes are rows of it, else the rows stacked
+def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
+    """``get`` of the kernel traces at the entries ``es``, stacked along a leading row axis:
+    a slice (or an index) of one block where they are rows of it, else the rows stacked
     (ValueError when they do not stack)."""
-    es = list(map(entries.__getitem__, nodes))
     h = es[0][0]
     rows = list(map(itemgetter(1), es))
     if rows[0] >= 0 and len(set(map(id, map(itemgetter(0), es)))) == 1:

@@ -243,6 +243,7 @@ class EditPass:
         self.levels: list[list[tuple[list[int], bool, Diff]]] = []
         self.retdiffs: dict[int, Diff] = {}
         self.grown = False
+        self.who = {part: f"{gf!r} {part}" for part in PARTS}  # (names a kernel in errors)
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, w: Any, ds: torch.Tensor) -> None:
@@ -377,12 +378,12 @@ class EditPass:
         try:
             if rows.fresh:
                 tr, w = edit.fresh_rows(gf.production, n_rows, (PerRow(rows.x),), subs,
-                                        f"{gf!r} production")  # type: ignore[arg-type]
+                                        self.who["production"])  # type: ignore[arg-type]
                 rd: Diff = UNKNOWN
                 d = None
             else:
                 assert self.old is not None and rows.diff is not None
-                olds = gather(self.old.productions.entries_of(nodes), nodes, lambda t: t)
+                olds = gather(self.old.productions.entries_of(nodes), lambda t: t)
                 tr, w, rd, d = edit.revisit_rows(gf.production, olds, (PerRow(rows.x),),
                                                  (rows.diff,), subs)  # type: ignore[arg-type]
             prod = tr.retval
@@ -513,23 +514,23 @@ class EditPass:
         try:
             old_entries = None if fresh else self.old.aggregations.entries_of(nodes)  # type: ignore[union-attr]
             if same_val and old_entries is not None:
-                value = gather(old_entries, nodes, lambda t: t.args[0])
+                value = gather(old_entries, lambda t: t.args[0])
             else:
-                value = gather(self.prods, nodes, lambda t: t.retval.value)
+                value = gather(self.prods.entries_of(nodes), lambda t: t.retval.value)
             if same_res and old_entries is not None:
-                results = gather(old_entries, nodes, lambda t: t.args[1])
+                results = gather(old_entries, lambda t: t.args[1])
             else:
-                results = tuple(gather(self.aggs, [p * b + k + 1 for p in nodes],
+                results = tuple(gather(self.aggs.entries_of([p * b + k + 1 for p in nodes]),
                                        lambda t: t.retval) for k in range(n))
             args = (per_row(value), per_row(results))
             if fresh:
                 tr, w = edit.fresh_rows(gf.aggregation, len(nodes), args, subs,  # type: ignore[arg-type]
-                                        f"{gf!r} aggregation")
+                                        self.who["aggregation"])
                 rd: Diff = UNKNOWN
                 d = None
             else:
                 assert old_entries is not None
-                olds = gather(old_entries, nodes, lambda t: t)
+                olds = gather(old_entries, lambda t: t)
                 diffs = (NO_CHANGE if same_val else UNKNOWN, NO_CHANGE if same_res else UNKNOWN)
                 tr, w, rd, d = edit.revisit_rows(gf.aggregation, olds, args, diffs, subs)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - not vmappable; a genuine error recurs per node

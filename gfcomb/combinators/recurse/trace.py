@@ -168,10 +168,10 @@ class NodeTable(Mapping[int, Trace]):
             return NodeTable.build({i: (handles[b], r) for i, (b, r) in where.items()}, False)
         return NodeTable(tuple(blocks), where, handles=tuple(handles), live=live)
 
-    def entries_of(self, nodes: Iterable[int]) -> dict[int, Entry]:
-        """node -> entry for ``nodes``."""
-        hs, where = self.handles(), self.where
-        return {i: (hs[where[i][0]], where[i][1]) for i in nodes}
+    def entries_of(self, nodes: Iterable[int]) -> list[Entry]:
+        """The entries of ``nodes``."""
+        hs = self.handles()
+        return [(hs[b], r) for b, r in map(self.where.__getitem__, nodes)]
 
 
 register_record(NodeTable, dynamic=("blocks",), static=("where",))
@@ -195,6 +195,13 @@ class TableEdit:
         if self.old is None or i in self.gone:
             raise KeyError(i)
         return self.old.entry(i)
+
+    def entries_of(self, nodes: Iterable[int]) -> list[Entry]:
+        """The entries of ``nodes``."""
+        try:
+            return list(map(self.new.__getitem__, nodes))  # (the common case, in C)
+        except KeyError:
+            return [self[i] for i in nodes]
 
     def __setitem__(self, i: int, e: Entry) -> None:
         self.new[i] = e
