@@ -354,3 +354,17 @@ def test_batch_methods_over_a_batch_of_trees_equal_the_per_row_methods():
                                                    gf.selectall())[0].score
     assert torch.isfinite(picked).all()
 
+
+
+def test_batched_tree_satisfies_the_gfi_laws():
+    """The GFI laws (gfcomb.testing) on the batched tree, the vmap law included (the
+    per-depth batches run inside an outer vmap over trees)."""
+    from hypothesis import strategies as st
+
+    from gfcomb.testing import check_gfi
+
+    model, _ = make()
+    xs = st.floats(-2.0, 2.0).map(lambda v: torch.tensor(v, dtype=torch.float64))
+    report = check_gfi(model, st.tuples(st.tuples(xs, st.just(0))), max_examples=6,
+                       require_vmap=True, derandomize=True)
+    assert {"vmap", "regenerate_weight", "update_roundtrip"} <= set(report.laws_run)

@@ -17,13 +17,12 @@ as one stacked value, slicing a block rather than stacking rows where it can.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
 import torch
 
-from gfcomb.combinators.recurse.trace import Entry, new_block
+from gfcomb.combinators.recurse.trace import Entry
 from gfcomb.core.diff import Diff
 from gfcomb.core.flat import flatten as fast_flatten
 from gfcomb.core.flat import unflatten as fast_unflatten
@@ -132,11 +131,6 @@ def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
             return tree_index(value, slice(r0, r0 + len(rows)))
         return tree_index(value, torch.tensor(rows))
     return tree_stack([get(e[0].row(e[1]) if e[1] >= 0 else e[0]) for e in es])
-
-
-def row_entries(stacked: Trace, nodes: Sequence[int]) -> dict[int, Entry]:
-    """The table entries of a new block: node ``nodes[j]`` is its row ``j``."""
-    return dict(zip(nodes, zip(repeat(new_block(stacked)), range(len(nodes)))))
 
 
 # ------------------------------------------------------------------ batched kernel calls

@@ -191,8 +191,9 @@ class Recurse(GenerativeFunction):
         weight, _ = edit.run(args[0], UnknownChange())
         self._check_visited(cons, edit.prods, method)
         prods, aggs, nch = edit.tables()
-        assert edit.dscore is not None
-        return RecurseTrace(self, args, edit.root_result(), edit.dscore, prods, aggs, nch), weight
+        score = edit.dscore()
+        assert score is not None
+        return RecurseTrace(self, args, edit.root_result(), score, prods, aggs, nch), weight
 
     def _edit(self, trace: RecurseTrace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
               edit: Constrain | Resample) -> tuple[RecurseTrace, torch.Tensor, Diff, ChoiceMap]:
@@ -201,7 +202,8 @@ class Recurse(GenerativeFunction):
         if isinstance(edit, Constrain):
             self._check_visited(edit.cons, run.prods, "update")
         prods, aggs, nch = run.tables()
-        score = trace.score if run.dscore is None else trace.score + run.dscore
+        dscore = run.dscore()
+        score = trace.score if dscore is None else trace.score + dscore
         new = RecurseTrace(self, args, run.root_result(), score, prods, aggs, nch)
         return (new, torch.zeros_like(score) if weight is None else weight, retdiff,
                 run.discards())

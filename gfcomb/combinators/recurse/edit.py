@@ -24,7 +24,6 @@ from gfcomb.combinators.recurse.batch import (
     gather,
     merge,
     per_row,
-    row_entries,
     rows_generate,
     rows_regenerate,
     rows_simulate,
@@ -37,6 +36,7 @@ from gfcomb.combinators.recurse.trace import (
     Production,
     TableEdit,
     same_value,
+    sorted_dict,
 )
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -233,8 +233,11 @@ class EditPass:
         self.prods = TableEdit(None if old is None else old.productions)
         self.aggs = TableEdit(None if old is None else old.aggregations)
         self.nch: dict[int, int] = dict(old.num_children) if old is not None else {}
-        self.weight: torch.Tensor | None = None
-        self.dscore: torch.Tensor | None = None
+        # weight and score change, summed once at the end (one op, not two per call)
+        self.w_plus: list[torch.Tensor] = []
+        self.w_minus: list[torch.Tensor] = []
+        self.s_plus: list[torch.Tensor] = []
+        self.s_minus: list[torch.Tensor] = []
         self.discard: dict[int, dict[str, ChoiceMap]] = {}
         self.must: set[int] = edit.must(gf, old) if old is not None else set()
         on = gf.batch_depths and vectorizing()
@@ -246,10 +249,37 @@ class EditPass:
         self.who = {part: f"{gf!r} {part}" for part in PARTS}  # (names a kernel in errors)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _add(self, w: Any, ds: torch.Tensor) -> None:
+    def _add(self, w: Any, new: torch.Tensor, old: torch.Tensor | None = None) -> None:
+        """Count a call's weight(s) ``w`` (None: nothing) and score(s) ``new`` in place of
+        ``old`` (per node or per row of a batch)."""
         if w is not None:
-            self.weight = w if self.weight is None else self.weight + w
-        self.dscore = ds if self.dscore is None else self.dscore + ds
+            self.w_plus.append(w)
+        self.s_plus.append(new)
+        if old is not None:
+            self.s_minus.append(old)
+
+    @staticmethod
+    def _sum(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0].sum() if parts[0].dim() else parts[0]
+        return torch.cat([p.reshape(-1) for p in parts]).sum()
+
+    def _total(self, plus: list[torch.Tensor], minus: list[torch.Tensor],
+               ) -> torch.Tensor | None:
+        a, b = self._sum(plus), self._sum(minus)
+        if a is None:
+            return None if b is None else -b
+        return a if b is None else a - b
+
+    def weight(self) -> torch.Tensor | None:
+        """The edit's weight (None: no call contributed one)."""
+        return self._total(self.w_plus, self.w_minus)
+
+    def dscore(self) -> torch.Tensor | None:
+        """The change of the score (the score itself for a tree grown afresh)."""
+        return self._total(self.s_plus, self.s_minus)
 
     def _note_discard(self, idx: int, part: str, cm: Any) -> None:
         if cm is not None and not cm.is_empty():
@@ -260,9 +290,9 @@ class EditPass:
         assert old is not None
         for j in self.gf.subtree(old.num_children, root):
             p, a = old.productions[j], old.aggregations[j]
-            s = p.score + a.score
-            self._add(-s if self.edit.counts_removed else None, -s)
+            self.s_minus += (p.score, a.score)
             if self.edit.counts_removed:
+                self.w_minus += (p.score, a.score)
                 self._note_discard(j, "production", p.choices)
                 self._note_discard(j, "aggregation", a.choices)
             del self.prods[j], self.aggs[j], self.nch[j]
@@ -288,7 +318,7 @@ class EditPass:
             level = nxt
         for done in reversed(self.levels):
             self._aggregations(done)
-        return self.weight, self.retdiffs.get(0, NO_CHANGE)
+        return self.weight(), self.retdiffs.get(0, NO_CHANGE)
 
     def _prepare(self, level: list[Rows], part: str) -> list[Rows]:
         """The depth's groups split by edit key and joined where they can share a call."""
@@ -341,7 +371,7 @@ class EditPass:
             tr, w, pdiff, d = self._call(idx, "production", edit.revisit, gf.production,
                                          old_tr, (x,), (rows.diff,), sub)
             self._note_discard(idx, "production", d)
-            self._add(w, tr.score - old_tr.score)
+            self._add(w, tr.score, old_tr.score)
             self.prods[idx] = (tr, -1)
         prod = self._production_of(idx, tr.retval)
         old_prod: Production = old_tr.retval
@@ -393,10 +423,9 @@ class EditPass:
             self.batching["production"] = False
             return False
         n = len(prod.children)
-        self.prods.update(row_entries(tr, nodes))
+        self.prods.put_block(tr, nodes)
         self.nch.update(zip(nodes, repeat(n)))
-        ws = None if w is None else w.sum()
-        self._add(ws, tr.score.sum() - (0.0 if olds is None else olds.score.sum()))
+        self._add(w, tr.score, None if olds is None else olds.score)
         done.append((nodes, rows.fresh, rd))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
@@ -500,7 +529,7 @@ class EditPass:
             tr, w, rd, d = self._call(idx, "aggregation", edit.revisit, gf.aggregation, old_tr,
                                       (value, results), diffs, sub)
             self._note_discard(idx, "aggregation", d)
-            self._add(w, tr.score - old_tr.score)
+            self._add(w, tr.score, old_tr.score)
         self.aggs[idx] = (tr, -1)
         self.retdiffs[idx] = rd
 
@@ -536,9 +565,8 @@ class EditPass:
         except Exception:  # noqa: BLE001 - not vmappable; a genuine error recurs per node
             self.batching["aggregation"] = False
             return False
-        self.aggs.update(row_entries(tr, nodes))
-        ws = None if w is None else w.sum()
-        self._add(ws, tr.score.sum() - (0.0 if olds is None else olds.score.sum()))
+        self.aggs.put_block(tr, nodes)
+        self._add(w, tr.score, None if olds is None else olds.score)
         self.retdiffs.update(zip(nodes, repeat(rd)))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
@@ -549,7 +577,7 @@ class EditPass:
     def tables(self) -> tuple[NodeTable, NodeTable, dict[int, int]]:
         """The edited node tables and children counts."""
         sort = self.grown or self.old is None
-        nch = {i: self.nch[i] for i in sorted(self.nch)} if sort else self.nch
+        nch = sorted_dict(self.nch) if sort else self.nch
         return self.prods.finish(), self.aggs.finish(), nch
 
     def root_result(self) -> Any:

@@ -3,8 +3,9 @@ aggregation kernel trace, held in :class:`NodeTable` s whose rows may be stacked
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -181,12 +182,13 @@ class TableEdit:
     """A :class:`NodeTable` being edited: the old table (or None) and the entries set so far
     (node -> ``(block handle, row)`` / ``(trace, -1)``)."""
 
-    __slots__ = ("old", "new", "gone")
+    __slots__ = ("old", "new", "gone", "added")
 
     def __init__(self, old: NodeTable | None) -> None:
         self.old = old
         self.new: dict[int, Entry] = {}
         self.gone: set[int] = set()
+        self.added: list[tuple[Any, Any]] = []  # (handle, its nodes or node), in order
 
     def __getitem__(self, i: int) -> Entry:
         e = self.new.get(i)
@@ -206,12 +208,15 @@ class TableEdit:
     def __setitem__(self, i: int, e: Entry) -> None:
         self.new[i] = e
         self.gone.discard(i)
+        self.added.append((e[0], i))
 
-    def update(self, entries: Mapping[int, Entry]) -> None:
-        """Set many entries."""
-        self.new.update(entries)
+    def put_block(self, stacked: Trace, nodes: list[int]) -> None:
+        """A new stacked block: node ``nodes[j]`` is its row ``j``."""
+        h = _Block(stacked)
+        self.new.update(zip(nodes, zip(repeat(h), range(len(nodes)))))
         if self.gone:
-            self.gone.difference_update(entries)
+            self.gone.difference_update(nodes)
+        self.added.append((h, nodes))
 
     def __delitem__(self, i: int) -> None:
         self.new.pop(i, None)
@@ -225,8 +230,16 @@ class TableEdit:
     def finish(self) -> NodeTable:
         """The edited table (keys in increasing order)."""
         old = self.old
-        if old is None:
-            return NodeTable.build(self.new, sort=True)
+        if old is None:  # every node new: the blocks in the order they came
+            where: dict[int, tuple[int, int]] = {}
+            for b, (_, nodes) in enumerate(self.added):
+                if isinstance(nodes, int):
+                    where[nodes] = (b, -1)
+                else:
+                    where.update(zip(nodes, zip(repeat(b), range(len(nodes)))))
+            handles = tuple(h for h, _ in self.added)
+            blocks = tuple(h.trace if isinstance(h, _Block) else h for h in handles)
+            return NodeTable(blocks, sorted_dict(where), handles=handles)
         if not self.new and not self.gone:
             return old
         if self.gone or not self.new.keys() <= old.where.keys():
@@ -236,9 +249,10 @@ class TableEdit:
         return old.replaced(self.new)
 
 
-def new_block(stacked: Trace) -> _Block:
-    """The handle of a new stacked block (its rows are entries ``(handle, row)``)."""
-    return _Block(stacked)
+def sorted_dict(d: dict[int, Any]) -> dict[int, Any]:
+    """``d`` with its keys in increasing order (C loops)."""
+    keys = sorted(d)
+    return dict(zip(keys, map(d.__getitem__, keys)))
 
 
 def as_table(x: Any) -> NodeTable:
