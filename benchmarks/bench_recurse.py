@@ -213,6 +213,21 @@ def main() -> None:
     ]
     for name, s_sim, s_upd in shares:
         lines.append(f"| {name} | {s_sim:.0%} | {s_upd:.0%} |")
+    sim, upd = rows[0], rows[2]
+    sim_ratio, upd_ratio = sim[2] / sim[3], upd[2] / upd[3]
+    lines += [
+        "",
+        f"**Targets (issue 12): simulate at most 3x hand-written, measured {sim_ratio:.1f}x; "
+        f"a leaf update at most 2x, measured {upd_ratio:.1f}x (`random`): not reached.** "
+        f"What remains: the kernel calls alone (one vmapped `@gen` production and one "
+        f"aggregation per depth, 16 calls of about 0.1 ms each, plus the root's two) cost "
+        f"{shares[0][1] * sim_ratio:.1f}x the whole hand-written tree, which does one tensor "
+        "op per depth; the rest is the Recurse engine (per depth: grouping, joining the "
+        "children's inputs, gathering the child results, two block entries per node in the "
+        "node tables).  A leaf update is one node per depth (nothing to batch: each depth "
+        "depends on the one below): two `@gen` updates of about 40 us each and, per depth, "
+        "the walk down the ancestors and back up, against a few tensor ops by hand.",
+    ]
     body = "\n".join(lines)
     print(body)
     save_section(SECTION, body, not (opts.quick or opts.no_write))
