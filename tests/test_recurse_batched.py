@@ -368,3 +368,63 @@ def test_batched_tree_satisfies_the_gfi_laws():
     report = check_gfi(model, st.tuples(st.tuples(xs, st.just(0))), max_examples=6,
                        require_vmap=True, derandomize=True)
     assert {"vmap", "regenerate_weight", "update_roundtrip"} <= set(report.laws_run)
+
+
+def test_batched_updates_that_prune_and_grow_subtrees():
+    """The children count follows a Python int in the root input: changing it prunes (or
+    grows) a subtree under every node of a depth at once, in batched updates."""
+    counts = {"prod": 0}
+
+    @gf.gen
+    def production(inp):
+        counts["prod"] += 1
+        x, depth, width = inp
+        v = gf.normal(x, 1.0) @ "v"
+        n = 2 if depth == 0 else width  # (the root always has two children)
+        return Production(v, [(v, depth + 1, width)] * n if depth < D else [])
+
+    @gf.gen
+    def aggregation(v, results):
+        return gf.normal(v + sum(results), 0.1) @ "r"
+
+    model = Recurse(production, aggregation, 2)
+    wide, narrow = ((X0, 0, 2),), ((X0, 0, 1),)
+    tr = model.simulate(wide)
+    assert len(tr.nodes) == 15
+    # prune: every node below the root keeps one child (one batched update per depth);
+    # deterministic, so both paths agree exactly
+    counts["prod"] = 0
+    pruned, w, _, discard = model.update(tr, narrow, (UnknownChange(),), None)
+    assert counts["prod"] == D + 1 and pruned.nodes == (0, 1, 2, 3, 5, 7, 11)
+    with vectorized(False):
+        gpruned, gw, _, gdiscard = model.update(tr, narrow, (UnknownChange(),), None)
+        back, bw, _, _ = model.update(pruned, wide, (UnknownChange(),), discard)
+    same_trace(pruned, gpruned)
+    close(w, gw)
+    same_choices(discard, gdiscard)
+    close(w, pruned.score - tr.score)
+    same_choices(back.choices, tr.choices)  # the discard restores the pruned subtrees
+    close(bw, -w)
+    # grow: new subtrees simulated under every node; weight = Δscore − log p(fresh choices)
+    counts["prod"] = 0
+    grown, gw2, _, gd = model.update(pruned, wide, (UnknownChange(),), None)
+    assert grown.nodes == tr.nodes and gd.is_empty()
+    assert counts["prod"] < len(tr.nodes)
+    fresh = [i for i in grown.nodes if i not in pruned.nodes]
+    with vectorized(False):
+        q = model.project(grown, gf.select(*fresh))
+        gback, gbw = model.generate(wide, grown.choices)
+    close(gw2, grown.score - pruned.score - q)
+    close(gbw, grown.score)
+    # the same moves as regenerate with nothing selected: removed and new nodes add nothing
+    rpruned, rw, _ = model.regenerate(tr, narrow, (UnknownChange(),), gf.Selection.none())
+    rgrown, rw2, _ = model.regenerate(pruned, wide, (UnknownChange(),), gf.Selection.none())
+    with vectorized(False):
+        grpruned, grw, _ = model.regenerate(tr, narrow, (UnknownChange(),),
+                                            gf.Selection.none())
+        kept = gf.select(*pruned.nodes)
+        expected = model.project(rgrown, kept) - model.project(pruned, kept)
+    same_trace(rpruned, grpruned)
+    close(rw, grw)
+    close(rw, model.project(rpruned, gf.selectall()) - model.project(tr, gf.select(*pruned.nodes)))
+    close(rw2, expected)
