@@ -428,3 +428,23 @@ def test_batched_updates_that_prune_and_grow_subtrees():
     close(rw, grw)
     close(rw, model.project(rpruned, gf.selectall()) - model.project(tr, gf.select(*pruned.nodes)))
     close(rw2, expected)
+
+
+def test_a_batched_trace_survives_save_and_load():
+    import io
+
+    model, _ = make()
+    tr = model.simulate(ARGS)
+    new, _, _, _ = tr.update({(9, "production", "v"): torch.tensor(0.0)})  # mixed blocks
+    for t in (tr, new):
+        buf = io.BytesIO()
+        gf.save(t, buf)
+        buf.seek(0)
+        back = gf.load(buf, gen_fns={"production": model.production,
+                                     "aggregation": model.aggregation})
+        assert back.gen_fn == model
+        same_trace(back, t)
+        a, wa, _, _ = t.update({(3, "production", "v"): torch.tensor(0.5)})
+        b, wb, _, _ = back.update({(3, "production", "v"): torch.tensor(0.5)})
+        close(wa, wb)
+        same_trace(a, b)

@@ -369,15 +369,19 @@ class EditPass:
         old = self.old
         assert old is not None and rows.diff is not None
         old_tr = old.productions[idx]
-        pdiff: Diff
         if isinstance(rows.diff, NoChange) and edit.empty(sub):  # type: ignore[arg-type]
-            tr, pdiff = old_tr, NO_CHANGE
-        else:
-            tr, w, pdiff, d = self._call(idx, "production", edit.revisit, gf.production,
-                                         old_tr, (x,), (rows.diff,), sub)
-            self._note_discard(idx, "production", d)
-            self._add(w, tr.score, old_tr.score)
-            self.prods[idx] = (tr, -1)
+            # an ancestor of an edited node: no call, only the edited children go on
+            first = idx * gf.max_branch + 1
+            for k, c in enumerate(old_tr.retval.children):
+                if first + k in self.must:
+                    nxt.append(Rows([first + k], c, False, NO_CHANGE, False))
+            done.append(([idx], False, NO_CHANGE))
+            return
+        tr, w, pdiff, d = self._call(idx, "production", edit.revisit, gf.production, old_tr,
+                                     (x,), (rows.diff,), sub)
+        self._note_discard(idx, "production", d)
+        self._add(w, tr.score, old_tr.score)
+        self.prods[idx] = (tr, -1)
         prod = self._production_of(idx, tr.retval)
         old_prod: Production = old_tr.retval
         n, n_old = len(prod.children), len(old_prod.children)
