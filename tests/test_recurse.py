@@ -678,8 +678,8 @@ def test_batch_depths_vmaps_static_productions_and_matches_the_loop():
     def aggregation(v, results):
         return gf.normal(v + sum(results), SIG_AGG) @ "r"
 
-    looped = Recurse(production, aggregation, 2)
-    batched = Recurse(production, aggregation, 2, batch_depths=True)
+    looped = Recurse(production, aggregation, 2, batch_depths=False)
+    batched = Recurse(production, aggregation, 2)  # batched by depth is the default
     tr = batched.simulate(ARGS)
     assert counts["prod"] == depth_max + 1  # one (vmapped) body run per depth
     assert tr.nodes == tuple(range(2 ** (depth_max + 1) - 1))

@@ -217,6 +217,12 @@ class _Vectorizing(threading.local):
 _VECTORIZING = _Vectorizing()
 
 
+def vectorizing() -> bool:
+    """Whether batch methods vmap their rows in this thread now (False inside
+    ``with vectorized(False):``); code that batches by itself follows the same switch."""
+    return _VECTORIZING.enabled
+
+
 class vectorized:  # noqa: N801 - used like a function: ``with vectorized(False):``
     """Within the block, batch methods vmap their rows (``True``, the default) or run them
     one row after the other (``False``: for a model that cannot run under vmap, e.g. Python

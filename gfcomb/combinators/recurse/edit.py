@@ -1,0 +1,598 @@
+"""The Recurse edit engine: one pass, top-down over the productions and bottom-up over the
+aggregations, applying an *edit* at the nodes.
+
+An edit is what a GFI method applies: :class:`Constrain` (constraints: ``simulate`` with none,
+``generate``, ``assess`` with all of them, ``update``) or :class:`Resample` (a selection:
+``regenerate``).  :class:`EditPass` decides which nodes a call must revisit (their input
+changed, or they or a node below them are edited), grows new subtrees and removes dropped
+ones; the edit says how one kernel call (or one batch of them) is made and what it adds to
+the weight.  The nodes of one depth that take the same kind of call run as one batch
+(:mod:`gfcomb.combinators.recurse.batch`), falling back to one call per node for the rest of
+the pass when the kernel cannot run under vmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gfcomb.combinators.recurse.batch import (
+    Rows,
+    gather,
+    merge,
+    per_row,
+    rows_generate,
+    rows_regenerate,
+    rows_simulate,
+    rows_update,
+)
+from gfcomb.combinators.recurse.trace import (
+    PARTS,
+    Entry,
+    NodeTable,
+    Production,
+    TableEdit,
+    same_value,
+    sorted_dict,
+)
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.errors import ArgumentError, MissingChoiceError
+from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.pytree import tree_index, tree_stack
+from gfcomb.core.selection import MaskSelection, Selection, element_selections
+from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, vectorizing
+
+if TYPE_CHECKING:
+    from gfcomb.combinators.recurse.combinator import Recurse
+    from gfcomb.combinators.recurse.trace import RecurseTrace
+
+EMPTY = ChoiceMap.empty()
+NO_CHANGE = NoChange()
+UNKNOWN = UnknownChange()
+NodeConstraints = dict[int, tuple[ChoiceMap, ChoiceMap]]
+KernelResult = tuple[Trace, Any, Diff, Any]  # (trace, weight or None, retdiff, discard or None)
+
+
+def _check_given(tr: Trace, given: ChoiceMap) -> None:
+    """MissingChoiceError at the first choice of ``tr`` that ``given`` lacks (assess)."""
+    for addr, _ in tr.choices.items():
+        if not given.get_submap(addr).is_value():
+            raise MissingChoiceError("assess: no choice given at address {addr}", addr)
+
+
+class Constrain:
+    """The edit of simulate/generate/assess/update: constraints per node.
+
+    Nodes new to the tree are generated with their constraints (simulated without); retained
+    ones are updated.  Removed nodes leave the weight (−score) and go to the discard.
+    ``strict`` (assess): every choice must be constrained.
+    """
+
+    counts_removed = True
+    nothing = EMPTY
+
+    def __init__(self, cons: NodeConstraints, strict: bool = False) -> None:
+        self.cons = cons
+        self.strict = strict
+
+    def must(self, gf: Recurse, old: RecurseTrace) -> set[int]:
+        """The nodes constrained, and their ancestors."""
+        return gf.with_ancestors(self.cons)
+
+    def touches(self, nodes: Sequence[int]) -> bool:
+        """Might some of ``nodes`` carry an edit?"""
+        cons = self.cons
+        return bool(cons) and any(i in cons for i in nodes)
+
+    def at(self, idx: int, part: str) -> ChoiceMap:
+        """Node ``idx``'s constraints for kernel ``part``."""
+        c = self.cons.get(idx)
+        return EMPTY if c is None else c[PARTS.index(part)]
+
+    @staticmethod
+    def empty(sub: ChoiceMap) -> bool:
+        """Is the sub-edit nothing at all?"""
+        return sub.is_empty()
+
+    @staticmethod
+    def key(sub: ChoiceMap) -> Hashable:
+        """Nodes whose sub-edits have equal keys may share one batched call."""
+        if sub.is_empty():
+            return ()
+        key = tuple((tuple((k.start, k.stop, k.step) if isinstance(k, slice) else k for k in a),
+                     tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (a, v)
+                    for a, v in sub.items(stacked=True))
+        try:
+            hash(key)
+        except TypeError:
+            return ("id", id(sub))  # (nothing to batch it with)
+        return key
+
+    @staticmethod
+    def _stacked(subs: Sequence[ChoiceMap]) -> Any:
+        return None if subs[0].is_empty() else PerRow(tree_stack(list(subs)))
+
+    def fresh(self, kernel: GenerativeFunction, args: tuple[Any, ...],
+              sub: ChoiceMap) -> tuple[Trace, Any]:
+        """A node new to the tree: (trace, generate weight or None)."""
+        if sub.is_empty() and not self.strict:
+            return kernel.simulate(args), None
+        tr, w = kernel.generate(args, sub)
+        if self.strict:
+            _check_given(tr, sub)
+        return tr, w
+
+    def fresh_rows(self, kernel: GenerativeFunction, n: int, args: tuple[Any, ...],
+                   subs: Sequence[ChoiceMap], who: str) -> tuple[Trace, Any]:
+        """``fresh`` for ``n`` rows of one batch."""
+        cm = self._stacked(subs)
+        if cm is None and not self.strict:
+            return rows_simulate(kernel, n, args, who), None
+        tr, w = rows_generate(kernel, n, args, cm)
+        if self.strict:
+            _check_given(tr, EMPTY if cm is None else cm.value)
+        return tr, w
+
+    def revisit(self, kernel: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+                diffs: tuple[Diff, ...], sub: ChoiceMap) -> KernelResult:
+        """A retained node whose input changed or that is constrained: ``update``."""
+        return kernel.update(old, args, diffs, sub)
+
+    def revisit_rows(self, kernel: GenerativeFunction, olds: Trace, args: tuple[Any, ...],
+                     diffs: tuple[Diff, ...], subs: Sequence[ChoiceMap]) -> KernelResult:
+        """``revisit`` for the rows of the batch ``olds``."""
+        return rows_update(kernel, olds, args, diffs, self._stacked(subs))
+
+
+class Resample:
+    """The edit of regenerate: a selection.  Retained nodes are regenerated; nodes new to
+    the tree are simulated; removed ones contribute nothing to the weight."""
+
+    counts_removed = False
+    nothing = Selection.none()
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+
+    def must(self, gf: Recurse, old: RecurseTrace) -> set[int]:
+        """The nodes with something selected, and their ancestors."""
+        nodes = list(old.productions)
+        default, special = element_selections(self.selection, nodes)
+        if not default.is_empty_static() or isinstance(self.selection, MaskSelection):
+            return set(nodes)
+        return gf.with_ancestors(k for k, s in special.items() if not s.is_empty_static())
+
+    def touches(self, nodes: Sequence[int]) -> bool:
+        """Might some of ``nodes`` carry an edit?"""
+        return not self.selection.is_empty_static()
+
+    def at(self, idx: int, part: str) -> Selection:
+        """Node ``idx``'s sub-selection for kernel ``part``."""
+        return self.selection.get_subselection(idx).get_subselection(part)
+
+    @staticmethod
+    def empty(sub: Selection) -> bool:
+        """Is the sub-edit nothing at all?"""
+        return sub.is_empty_static()
+
+    @staticmethod
+    def key(sub: Selection) -> Hashable:
+        """Batched calls share one selection: everything, nothing or the same object."""
+        if sub.is_empty_static():
+            return ()
+        if sub.is_all_static():
+            return "all"
+        return ("id", id(sub))
+
+    def fresh(self, kernel: GenerativeFunction, args: tuple[Any, ...],
+              sub: Selection) -> tuple[Trace, Any]:
+        """A node new to the tree: simulated (its choices add nothing to the weight)."""
+        return kernel.simulate(args), None
+
+    def fresh_rows(self, kernel: GenerativeFunction, n: int, args: tuple[Any, ...],
+                   subs: Sequence[Selection], who: str) -> tuple[Trace, Any]:
+        """``fresh`` for ``n`` rows of one batch."""
+        return rows_simulate(kernel, n, args, who), None
+
+    def revisit(self, kernel: GenerativeFunction, old: Trace, args: tuple[Any, ...],
+                diffs: tuple[Diff, ...], sub: Selection) -> KernelResult:
+        """A retained node: ``regenerate``."""
+        tr, w, rd = kernel.regenerate(old, args, diffs, sub)
+        return tr, w, rd, None
+
+    def revisit_rows(self, kernel: GenerativeFunction, olds: Trace, args: tuple[Any, ...],
+                     diffs: tuple[Diff, ...], subs: Sequence[Selection]) -> KernelResult:
+        """``revisit`` for the rows of the batch ``olds`` (one selection for all)."""
+        tr, w, rd = rows_regenerate(kernel, olds, args, diffs, subs[0])
+        return tr, w, rd, None
+
+
+Edit = Constrain | Resample
+
+
+def _entry_trace(e: Entry) -> Trace:
+    return e[0].row(e[1]) if e[1] >= 0 else e[0]
+
+
+class EditPass:
+    """One edit of a Recurse tree (``old`` None: a tree grown afresh).
+
+    Productions top-down, depth by depth; then the aggregations of the nodes visited,
+    bottom-up.  Works on copies of the node tables of ``old``.
+    """
+
+    def __init__(self, gf: Recurse, edit: Edit, old: RecurseTrace | None) -> None:
+        self.gf = gf
+        self.edit = edit
+        self.old = old
+        self.prods = TableEdit(None if old is None else old.productions)
+        self.aggs = TableEdit(None if old is None else old.aggregations)
+        self.nch: dict[int, int] = dict(old.num_children) if old is not None else {}
+        # weight and score change, summed once at the end (one op, not two per call)
+        self.w_plus: list[torch.Tensor] = []
+        self.w_minus: list[torch.Tensor] = []
+        self.s_plus: list[torch.Tensor] = []
+        self.s_minus: list[torch.Tensor] = []
+        self.discard: dict[int, dict[str, ChoiceMap]] = {}
+        self.must: set[int] = edit.must(gf, old) if old is not None else set()
+        on = gf.batch_depths and vectorizing()
+        self.batching = {"production": on, "aggregation": on}
+        # per depth, the nodes visited: (nodes, fresh, their production's retdiff)
+        self.levels: list[list[tuple[list[int], bool, Diff]]] = []
+        self.retdiffs: dict[int, Diff] = {}
+        self.grown = False
+        self.who = {part: f"{gf!r} {part}" for part in PARTS}  # (names a kernel in errors)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _add(self, w: Any, new: torch.Tensor, old: torch.Tensor | None = None) -> None:
+        """Count a call's weight(s) ``w`` (None: nothing) and score(s) ``new`` in place of
+        ``old`` (per node or per row of a batch)."""
+        if w is not None:
+            self.w_plus.append(w)
+        self.s_plus.append(new)
+        if old is not None:
+            self.s_minus.append(old)
+
+    @staticmethod
+    def _sum(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0].sum() if parts[0].dim() else parts[0]
+        if len(parts) <= 8 and not any(p.dim() for p in parts):  # a few nodes: just add
+            total = parts[0]
+            for p in parts[1:]:
+                total = total + p
+            return total
+        return torch.cat([p.reshape(-1) for p in parts]).sum()
+
+    def _total(self, plus: list[torch.Tensor], minus: list[torch.Tensor],
+               ) -> torch.Tensor | None:
+        a, b = self._sum(plus), self._sum(minus)
+        if a is None:
+            return None if b is None else -b
+        return a if b is None else a - b
+
+    def weight(self) -> torch.Tensor | None:
+        """The edit's weight (None: no call contributed one)."""
+        return self._total(self.w_plus, self.w_minus)
+
+    def dscore(self) -> torch.Tensor | None:
+        """The change of the score (the score itself for a tree grown afresh)."""
+        return self._total(self.s_plus, self.s_minus)
+
+    def _note_discard(self, idx: int, part: str, cm: Any) -> None:
+        if cm is not None and not cm.is_empty():
+            self.discard.setdefault(idx, {})[part] = cm
+
+    def _remove(self, root: int) -> None:
+        old = self.old
+        assert old is not None
+        for j in self.gf.subtree(old.num_children, root):
+            p, a = old.productions[j], old.aggregations[j]
+            self.s_minus += (p.score, a.score)
+            if self.edit.counts_removed:
+                self.w_minus += (p.score, a.score)
+                self._note_discard(j, "production", p.choices)
+                self._note_discard(j, "aggregation", a.choices)
+            del self.prods[j], self.aggs[j], self.nch[j]
+
+    def _call(self, idx: int, part: str, fn: Any, *args: Any) -> Any:
+        return self.gf.node_call(idx, part, fn, *args)
+
+    # ------------------------------------------------------------------ the pass
+    def run(self, root_input: Any, root_diff: Diff) -> tuple[torch.Tensor | None, Diff]:
+        """Edit the tree; returns (weight or None, the root aggregation's retdiff)."""
+        level = [Rows([0], root_input, False, root_diff, self.old is None)]
+        while level:
+            level = self._prepare(level, "production")
+            done: list[tuple[list[int], bool, Diff]] = []
+            nxt: list[Rows] = []
+            for rows in level:
+                if rows.stacked and not self._productions_batched(rows, done, nxt):
+                    for one in rows.singles():
+                        self._production(one, done, nxt)
+                elif not rows.stacked:
+                    self._production(rows, done, nxt)
+            self.levels.append(done)
+            level = nxt
+        for done in reversed(self.levels):
+            self._aggregations(done)
+        return self.weight(), self.retdiffs.get(0, NO_CHANGE)
+
+    def _prepare(self, level: list[Rows], part: str) -> list[Rows]:
+        """The depth's groups split by edit key and joined where they can share a call."""
+        if len(level) == 1 and not level[0].stacked:
+            return level  # (one node: nothing to join it with)
+        if not self.batching[part]:
+            return [one for rows in level for one in rows.singles()]
+        edit = self.edit
+        keyed: list[Rows] = []
+        for rows in level:
+            if (rows.fresh and isinstance(edit, Resample)) or not edit.touches(rows.nodes):
+                rows.key = ()
+                keyed.append(rows)
+                continue
+            by_key: dict[Hashable, list[int]] = {}
+            for j, i in enumerate(rows.nodes):
+                by_key.setdefault(edit.key(edit.at(i, part)), []).append(j)  # type: ignore[arg-type]
+            for key, positions in by_key.items():
+                sub = rows.take(positions)
+                sub.key = key
+                keyed.append(sub)
+        return merge(keyed)
+
+    # ------------------------------------------------------------------ productions
+    def _production_of(self, idx: int, retval: Any) -> Production:
+        return self.gf.production_of(idx, retval)
+
+    def _production(self, rows: Rows, done: list[Any], nxt: list[Rows]) -> None:
+        """One node's production call (or none, when nothing about it changed)."""
+        gf, edit = self.gf, self.edit
+        idx, x = rows.nodes[0], rows.x
+        sub = edit.at(idx, "production")
+        if rows.fresh:
+            tr, w = self._call(idx, "production", edit.fresh, gf.production, (x,), sub)
+            prod = self._production_of(idx, tr.retval)
+            self.prods[idx] = (tr, -1)
+            self.nch[idx] = len(prod.children)
+            self._add(w, tr.score)
+            done.append(([idx], True, UNKNOWN))
+            nxt.extend(Rows([gf.child_index(idx, k)], c, False, None, True)
+                       for k, c in enumerate(prod.children))
+            return
+        old = self.old
+        assert old is not None and rows.diff is not None
+        old_tr = old.productions[idx]
+        if isinstance(rows.diff, NoChange) and edit.empty(sub):  # type: ignore[arg-type]
+            # an ancestor of an edited node: no call, only the edited children go on
+            first = idx * gf.max_branch + 1
+            for k, c in enumerate(old_tr.retval.children):
+                if first + k in self.must:
+                    nxt.append(Rows([first + k], c, False, NO_CHANGE, False))
+            done.append(([idx], False, NO_CHANGE))
+            return
+        tr, w, pdiff, d = self._call(idx, "production", edit.revisit, gf.production, old_tr,
+                                     (x,), (rows.diff,), sub)
+        self._note_discard(idx, "production", d)
+        self._add(w, tr.score, old_tr.score)
+        self.prods[idx] = (tr, -1)
+        prod = self._production_of(idx, tr.retval)
+        old_prod: Production = old_tr.retval
+        n, n_old = len(prod.children), len(old_prod.children)
+        self.nch[idx] = n
+        done.append(([idx], False, pdiff))
+        for k in range(min(n, n_old)):
+            c, c_old = prod.children[k], old_prod.children[k]
+            ci = gf.child_index(idx, k)
+            if isinstance(pdiff, NoChange) or same_value(c, c_old):
+                if ci in self.must:
+                    nxt.append(Rows([ci], c_old, False, NO_CHANGE, False))
+            else:
+                nxt.append(Rows([ci], c, False, UNKNOWN, False))
+        nxt.extend(Rows([gf.child_index(idx, k)], prod.children[k], False, None, True)
+                   for k in range(n_old, n))
+        self._resize(idx, n, n_old)
+
+    def _resize(self, idx: int, n: int, n_old: int) -> None:
+        """Node ``idx`` went from ``n_old`` to ``n`` children: drop the subtrees past ``n``."""
+        for k in range(n, n_old):
+            self._remove(self.gf.child_index(idx, k))
+        if n > n_old:
+            self.grown = True
+
+    def _productions_batched(self, rows: Rows, done: list[Any], nxt: list[Rows]) -> bool:
+        """One batched production call over ``rows``; False (batching off from now on) when
+        the production cannot run over a batch."""
+        gf, edit, nodes = self.gf, self.edit, rows.nodes
+        b = gf.max_branch
+        subs = self._subs(nodes, "production")
+        n_rows = len(nodes)
+        olds = None
+        try:
+            if rows.fresh:
+                tr, w = edit.fresh_rows(gf.production, n_rows, (PerRow(rows.x),), subs,
+                                        self.who["production"])  # type: ignore[arg-type]
+                rd: Diff = UNKNOWN
+                d = None
+            else:
+                assert self.old is not None and rows.diff is not None
+                olds = gather(self.old.productions.entries_of(nodes), lambda t: t)
+                tr, w, rd, d = edit.revisit_rows(gf.production, olds, (PerRow(rows.x),),
+                                                 (rows.diff,), subs)  # type: ignore[arg-type]
+            prod = tr.retval
+            if not isinstance(prod, Production) or len(prod.children) > gf.max_branch:
+                raise ArgumentError("checked again node by node")
+        except Exception:  # noqa: BLE001 - not vmappable; a genuine error recurs per node
+            self.batching["production"] = False
+            return False
+        n = len(prod.children)
+        self.prods.put_block(tr, nodes)
+        self.nch.update(zip(nodes, repeat(n)))
+        self._add(w, tr.score, None if olds is None else olds.score)
+        done.append((nodes, rows.fresh, rd))
+        if d is not None and not d.is_empty():
+            for j, i in enumerate(nodes):
+                self._note_discard(i, "production", tree_index(d, j))
+        if rows.fresh:
+            for k in range(n):
+                nxt.append(Rows([p * b + k + 1 for p in nodes], prod.children[k], True,
+                                None, True))
+            return True
+        old = self.old
+        assert old is not None
+        n_old = [old.num_children[p] for p in nodes]
+        for k in range(n):
+            kids = Rows([p * b + k + 1 for p in nodes], prod.children[k], True, UNKNOWN,
+                        False)
+            kept = [j for j in range(n_rows) if n_old[j] > k]
+            if isinstance(rd, NoChange):
+                for j in kept:  # same inputs as before: only edited subtrees are visited
+                    ci = kids.nodes[j]
+                    if ci in self.must:
+                        c_old = old.productions[nodes[j]].retval.children[k]
+                        nxt.append(Rows([ci], c_old, False, NO_CHANGE, False))
+            elif kept:
+                nxt.append(kids.take(kept))
+            new = [j for j in range(n_rows) if n_old[j] <= k]
+            if new:
+                grown = kids.take(new)
+                nxt.append(Rows(grown.nodes, grown.x, grown.stacked, None, True))
+        for j, p in enumerate(nodes):
+            self._resize(p, n, n_old[j])
+        return True
+
+    # ------------------------------------------------------------------ aggregations
+    def _subs(self, nodes: list[int], part: str) -> list[Any]:
+        edit = self.edit
+        if not edit.touches(nodes):
+            return [edit.nothing] * len(nodes)
+        return [edit.at(i, part) for i in nodes]
+
+    def _aggregations(self, done: list[tuple[list[int], bool, Diff]]) -> None:
+        """The aggregations of one depth's visited nodes, batched by kind of call."""
+        gf, edit, old = self.gf, self.edit, self.old
+        batching = self.batching["aggregation"]
+        groups: dict[tuple[tuple[bool, bool, bool], int, Any], list[int]] = {}
+        fresh_plan = (True, False, False)
+        for nodes, fresh, pdiff in done:
+            touched = edit.touches(nodes)
+            if fresh and batching and not touched:  # a batch of new nodes: all alike
+                groups.setdefault((fresh_plan, self.nch[nodes[0]], ()), []).extend(nodes)
+                continue
+            for idx in nodes:
+                n = self.nch[idx]
+                sub = edit.at(idx, "aggregation") if touched else edit.nothing
+                if fresh:
+                    plan = fresh_plan
+                else:
+                    assert old is not None
+                    same_res = n == old.num_children[idx] and all(
+                        isinstance(self.retdiffs.get(c, NO_CHANGE), NoChange)
+                        for c in gf.children_range(idx, n))
+                    same_val = isinstance(pdiff, NoChange)
+                    if not same_val:
+                        e = self.prods[idx]  # (a lone trace's value may be the same object)
+                        same_val = e[1] < 0 and same_value(e[0].retval.value,
+                                                           old.productions[idx].retval.value)
+                    if same_val and same_res and edit.empty(sub):  # type: ignore[arg-type]
+                        continue
+                    plan = (False, same_val, same_res)
+                key = (plan, n, edit.key(sub) if batching else idx)  # type: ignore[arg-type]
+                groups.setdefault(key, []).append(idx)
+        for (plan, n, _), nodes in groups.items():
+            if len(nodes) > 1 and self.batching["aggregation"]:
+                if self._aggregations_batched(nodes, n, plan):
+                    continue
+            for idx in nodes:
+                self._aggregation(idx, plan)
+
+    def _agg_args(self, idx: int, plan: tuple[bool, bool, bool]) -> tuple[Any, Any]:
+        fresh, same_val, same_res = plan
+        old_agg = None if fresh or self.old is None else self.old.aggregations[idx]
+        kids = self.gf.children_range(idx, self.nch[idx])
+        value = (old_agg.args[0] if same_val and old_agg is not None
+                 else _entry_trace(self.prods[idx]).retval.value)
+        results = (old_agg.args[1] if same_res and old_agg is not None
+                   else tuple(_entry_trace(self.aggs[c]).retval for c in kids))
+        return value, results
+
+    def _aggregation(self, idx: int, plan: tuple[bool, bool, bool]) -> None:
+        gf, edit = self.gf, self.edit
+        value, results = self._agg_args(idx, plan)
+        sub = edit.at(idx, "aggregation")
+        if plan[0]:
+            tr, w = self._call(idx, "aggregation", edit.fresh, gf.aggregation, (value, results),
+                               sub)
+            self._add(w, tr.score)
+            rd: Diff = UNKNOWN
+        else:
+            assert self.old is not None
+            old_tr = self.old.aggregations[idx]
+            diffs = (NO_CHANGE if plan[1] else UNKNOWN, NO_CHANGE if plan[2] else UNKNOWN)
+            tr, w, rd, d = self._call(idx, "aggregation", edit.revisit, gf.aggregation, old_tr,
+                                      (value, results), diffs, sub)
+            self._note_discard(idx, "aggregation", d)
+            self._add(w, tr.score, old_tr.score)
+        self.aggs[idx] = (tr, -1)
+        self.retdiffs[idx] = rd
+
+    def _aggregations_batched(self, nodes: list[int], n: int,
+                              plan: tuple[bool, bool, bool]) -> bool:
+        gf, edit = self.gf, self.edit
+        b = gf.max_branch
+        fresh, same_val, same_res = plan
+        subs = self._subs(nodes, "aggregation")
+        olds = None
+        try:
+            old_entries = None if fresh else self.old.aggregations.entries_of(nodes)  # type: ignore[union-attr]
+            if same_val and old_entries is not None:
+                value = gather(old_entries, lambda t: t.args[0])
+            else:
+                value = gather(self.prods.entries_of(nodes), lambda t: t.retval.value)
+            if same_res and old_entries is not None:
+                results = gather(old_entries, lambda t: t.args[1])
+            else:
+                results = tuple(gather(self.aggs.entries_of([p * b + k + 1 for p in nodes]),
+                                       lambda t: t.retval) for k in range(n))
+            args = (per_row(value), per_row(results))
+            if fresh:
+                tr, w = edit.fresh_rows(gf.aggregation, len(nodes), args, subs,  # type: ignore[arg-type]
+                                        self.who["aggregation"])
+                rd: Diff = UNKNOWN
+                d = None
+            else:
+                assert old_entries is not None
+                olds = gather(old_entries, lambda t: t)
+                diffs = (NO_CHANGE if same_val else UNKNOWN, NO_CHANGE if same_res else UNKNOWN)
+                tr, w, rd, d = edit.revisit_rows(gf.aggregation, olds, args, diffs, subs)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - not vmappable; a genuine error recurs per node
+            self.batching["aggregation"] = False
+            return False
+        self.aggs.put_block(tr, nodes)
+        self._add(w, tr.score, None if olds is None else olds.score)
+        self.retdiffs.update(zip(nodes, repeat(rd)))
+        if d is not None and not d.is_empty():
+            for j, i in enumerate(nodes):
+                self._note_discard(i, "aggregation", tree_index(d, j))
+        return True
+
+    # ------------------------------------------------------------------ the result
+    def tables(self) -> tuple[NodeTable, NodeTable, dict[int, int]]:
+        """The edited node tables and children counts."""
+        sort = self.grown or self.old is None
+        nch = sorted_dict(self.nch) if sort else self.nch
+        return self.prods.finish(), self.aggs.finish(), nch
+
+    def root_result(self) -> Any:
+        """The root aggregation's result."""
+        return _entry_trace(self.aggs[0]).retval
+
+    def discards(self) -> ChoiceMap:
+        """What the edit discarded, by node."""
+        return ChoiceMap.node({i: ChoiceMap.node(self.discard[i]) for i in sorted(self.discard)})
