@@ -41,7 +41,13 @@ from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError, UnvisitedConstraintError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    check_trace,
+)
 from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -185,18 +191,7 @@ class Mask(GenerativeFunction):
                             f"{flag!r}")
 
     def _check_trace(self, trace: Any) -> MaskTrace:
-        if not isinstance(trace, MaskTrace) or not (trace.gen_fn is self or trace.gen_fn == self):
-            raise ArgumentError(f"{self!r} was given a trace of another generative function: "
-                                f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
-
-    @staticmethod
-    def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-        argdiffs = tuple(argdiffs)
-        if len(argdiffs) != len(args):
-            raise ArgumentError(f"Mask: argdiffs has {len(argdiffs)} entries for "
-                                f"{len(args)} arguments")
-        return argdiffs
+        return check_trace(self, trace, MaskTrace)
 
     @staticmethod
     def _refuse(cm: ChoiceMap, method: str) -> None:
@@ -275,7 +270,7 @@ class Mask(GenerativeFunction):
         """
         old = self._check_trace(trace)
         flag, inner_args = self._parse(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Mask')
         cm = as_choicemap(constraints)
         inner_diffs = argdiffs[1:]
         if isinstance(flag, bool) and not old.batched:
@@ -320,7 +315,7 @@ class Mask(GenerativeFunction):
         """
         old = self._check_trace(trace)
         flag, inner_args = self._parse(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Mask')
         inner_diffs = argdiffs[1:]
         zero = torch.zeros_like(old.score)
         if isinstance(flag, bool) and not old.batched:

@@ -22,8 +22,13 @@ import torch
 
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
-from gfcomb.core.errors import ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    check_trace,
+)
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -103,18 +108,7 @@ class Wrapper(GenerativeFunction):
 
     # ------------------------------------------------------------------ helpers
     def _check_trace(self, trace: Any) -> WrappedTrace:
-        if not isinstance(trace, WrappedTrace) or not (trace.gen_fn is self
-                                                       or trace.gen_fn == self):
-            raise ArgumentError(f"{self!r} was given a trace of another generative function: "
-                                f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
-
-    def _check_argdiffs(self, args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-        argdiffs = tuple(argdiffs)
-        if len(argdiffs) != len(args):
-            raise ArgumentError(f"{self!r}: argdiffs has {len(argdiffs)} entries for "
-                                f"{len(args)} arguments")
-        return argdiffs
+        return check_trace(self, trace, WrappedTrace)
 
     def _wrap(self, args: tuple[Any, ...], inner: Trace) -> WrappedTrace:
         return WrappedTrace(self, args, self.outer_retval(args, inner.retval), inner.score,
@@ -157,7 +151,7 @@ class Wrapper(GenerativeFunction):
         """
         old = self._check_trace(trace)
         args = check_args_tuple(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         cm = as_choicemap(constraints)
         if all_unchanged(argdiffs) and cm.is_empty():
             return old, torch.zeros_like(old.score), _NO_CHANGE, ChoiceMap.empty()
@@ -175,7 +169,7 @@ class Wrapper(GenerativeFunction):
         """
         old = self._check_trace(trace)
         args = check_args_tuple(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
         if all_unchanged(argdiffs) and selection.is_empty_static():
             return old, torch.zeros_like(old.score), _NO_CHANGE
         in_args = self.inner_args(args)
