@@ -19,160 +19,40 @@ with ``lgamma``/``log1p``/``xlogy``), differentiable in value and parameters, an
 Parameter conventions are those of ``torch.distributions``.  Python numbers are turned into
 tensors of the floating dtype and device of the tensor parameters (default dtype if none).
 
-This module also holds the small numerical helpers shared by :mod:`.discrete` and
-:mod:`.multivariate` (private names, not part of the public API).
+The numerical helpers they share with :mod:`.discrete` and :mod:`.multivariate` live in
+:mod:`.numerics`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Union
 
 import torch
 from torch._C import _functorch
 
-from gfcomb.distributions.base import (  # noqa: F401  (float_dtype: re-exported helper)
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import (
+    log_standard_gamma,
+    neg_inf_outside,
+    safe,
+    standard_gamma,
+    uniform_open,
+    xlog1py,
+    xlogy,
+)
+from gfcomb.distributions.params import (
     POSITIVE,
     REAL,
-    Distribution,
+    ArrayLike,
     broadcast_params,
     constant_tensor,
     constant_value,
-    float_dtype,
     param_tensors,
 )
-
-#: What a distribution parameter may be: a tensor, a Python number, or a nested list.
-ArrayLike = Union[torch.Tensor, float, int, bool, list]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _HALF_LOG_2PI = 0.5 * _LOG_2PI
 _LOG_PI = math.log(math.pi)
-
-
-# ===================================================================================== helpers
-def _neg_inf_outside(support: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``logp`` where ``support`` holds, ``-inf`` elsewhere (broadcast)."""
-    return torch.where(support, logp, torch.full_like(logp, -math.inf))
-
-
-def _safe(support: torch.Tensor, x: torch.Tensor, fill: float) -> torch.Tensor:
-    """Replace ``x`` outside ``support`` by a harmless in-support ``fill``.
-
-    The "double where" trick: the out-of-support branch of a later ``torch.where`` is then
-    finite, so its (discarded) gradient is 0 instead of NaN.
-    """
-    return torch.where(support, x, torch.full_like(x, fill))
-
-
-def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x * log(y)`` with ``0 * log(0) = 0``, finite gradients there (unlike ``torch.xlogy``,
-    whose gradient in ``y`` is NaN at ``x = y = 0``)."""
-    x, y = torch.broadcast_tensors(x, y)
-    both0 = (x == 0) & (y == 0)
-    return torch.xlogy(x, torch.where(both0, torch.ones_like(y), y))
-
-
-def _xlog1py(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x * log1p(y)`` with ``0 * log(0) = 0`` and finite gradients there."""
-    x, y = torch.broadcast_tensors(x, y)
-    bad = (x == 0) & (y == -1)
-    return torch.special.xlog1py(x, torch.where(bad, torch.zeros_like(y), y))
-
-
-def _to_front(t: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
-    """Move a vmap batch dim to the front (or add an expanded one) -- for custom vmap rules."""
-    if dim is None:
-        return t.unsqueeze(0).expand(batch_size, *t.shape)
-    return t.movedim(dim, 0)
-
-
-class _StandardGammaGrad(torch.autograd.Function):
-    """``torch._standard_gamma_grad`` with a real vmap rule.
-
-    PyTorch has no batching rule for ``aten::_standard_gamma_grad``; under ``vmap(grad(...))``
-    it falls back to a per-example loop (about 30x slower at 100k elements, plus a warning).
-    The op is elementwise, so the rule is: move batch dims to the front and call it once.
-    """
-
-    @staticmethod
-    def forward(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch._standard_gamma_grad(alpha, x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
-        raise NotImplementedError(
-            "gfcomb: second derivatives of gamma-based samples are not implemented"
-        )
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = _to_front(alpha, in_dims[0], info.batch_size)
-        x = _to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _StandardGammaGrad.apply(alpha, x), 0
-
-
-class _GammaReparam(torch.autograd.Function):
-    """Identity on a standard-gamma sample ``x`` that attaches the implicit reparameterization
-    gradient ``dx/dalpha`` (Figurnov et al. 2018; the same formula torch uses).
-
-    The sample itself is drawn by the native ``torch._standard_gamma`` (which handles
-    ``randomness="different"`` for batched and unbatched ``alpha``); only the gradient goes
-    through here, so that ``vmap(grad(...))`` stays vectorized.
-    """
-
-    @staticmethod
-    def forward(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
-        alpha, x = ctx.saved_tensors
-        return grad * _StandardGammaGrad.apply(alpha, x), None
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = _to_front(alpha, in_dims[0], info.batch_size)
-        x = _to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _GammaReparam.apply(alpha, x), 0
-
-
-def _standard_gamma(alpha: torch.Tensor) -> torch.Tensor:
-    """A Gamma(alpha, 1) draw, reparameterized, vmap-safe, clamped to ``finfo.tiny``.
-
-    Draws exactly what ``torch.distributions.Gamma(alpha, 1).rsample()`` draws under the same
-    seed, with the same gradient.
-    """
-    x = torch._standard_gamma(alpha.detach())
-    x = _GammaReparam.apply(alpha, x)
-    return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
-
-
-def _log_standard_gamma(alpha: torch.Tensor) -> torch.Tensor:
-    """``log`` of a Gamma(alpha, 1) draw, computed without underflow for small ``alpha``.
-
-    Uses the boosting identity ``G(alpha) = G(alpha + 1) * U ** (1 / alpha)`` (valid for every
-    alpha > 0), so ``log G = log G(alpha + 1) + log(U) / alpha`` stays finite even where
-    ``G(alpha)`` itself underflows (alpha << 1).  Reparameterized in ``alpha``.
-    """
-    u = 1.0 - torch.rand_like(alpha)  # in (0, 1]
-    return torch.log(_standard_gamma(alpha + 1.0)) + torch.log(u) / alpha
-
-
-def _uniform_open(like: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in ``(0, 1)`` (both ends excluded), shaped like ``like``."""
-    eps = torch.finfo(like.dtype).eps
-    return torch.clamp(torch.rand_like(like), min=eps, max=1.0 - eps)
 
 
 # ============================================================================= distributions
@@ -298,7 +178,7 @@ class Uniform(Distribution):
         """Elementwise log density (``-inf`` outside ``[low, high]``)."""
         x, low, high = param_tensors(value, low, high)
         support = (x >= low) & (x <= high)
-        return _neg_inf_outside(support, -torch.log(high - low))
+        return neg_inf_outside(support, -torch.log(high - low))
 
 
 
@@ -324,7 +204,7 @@ class Beta(Distribution):
     ) -> torch.Tensor:
         """Draw one Beta value via two (log-)gamma draws."""
         a, b = broadcast_params(concentration1, concentration0)
-        x = torch.sigmoid(_log_standard_gamma(a) - _log_standard_gamma(b))
+        x = torch.sigmoid(log_standard_gamma(a) - log_standard_gamma(b))
         fi = torch.finfo(x.dtype)
         return torch.clamp(x, min=fi.tiny, max=1.0 - fi.eps / 2)
 
@@ -334,10 +214,10 @@ class Beta(Distribution):
         """Elementwise log density (``-inf`` outside ``[0, 1]``)."""
         x, a, b = param_tensors(value, concentration1, concentration0)
         support = (x >= 0) & (x <= 1)
-        xs = _safe(support, x, 0.5)
+        xs = safe(support, x, 0.5)
         lbeta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-        lp = _xlogy(a - 1, xs) + _xlog1py(b - 1, -xs) - lbeta
-        return _neg_inf_outside(support, lp)
+        lp = xlogy(a - 1, xs) + xlog1py(b - 1, -xs) - lbeta
+        return neg_inf_outside(support, lp)
 
 
 
@@ -362,7 +242,7 @@ class Gamma(Distribution):
     ) -> torch.Tensor:
         """Draw ``G / rate`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
-        x = _standard_gamma(k) / rate
+        x = standard_gamma(k) / rate
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
     def logpdf(  # type: ignore[override]
@@ -371,9 +251,9 @@ class Gamma(Distribution):
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, k, rate = param_tensors(value, concentration, rate)
         support = x >= 0
-        xs = _safe(support, x, 1.0)
-        lp = k * torch.log(rate) + _xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
-        return _neg_inf_outside(support, lp)
+        xs = safe(support, x, 1.0)
+        lp = k * torch.log(rate) + xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -398,7 +278,7 @@ class InvGamma(Distribution):
     ) -> torch.Tensor:
         """Draw ``rate / G`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
-        return rate / _standard_gamma(k)
+        return rate / standard_gamma(k)
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
@@ -406,9 +286,9 @@ class InvGamma(Distribution):
         """Elementwise log density (``-inf`` for ``y <= 0``)."""
         y, k, rate = param_tensors(value, concentration, rate)
         support = y > 0
-        ys = _safe(support, y, 1.0)
+        ys = safe(support, y, 1.0)
         lp = k * torch.log(rate) - torch.lgamma(k) - (k + 1) * torch.log(ys) - rate / ys
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -435,8 +315,8 @@ class Exponential(Distribution):
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, rate = param_tensors(value, rate)
         support = x >= 0
-        xs = _safe(support, x, 1.0)
-        return _neg_inf_outside(support, torch.log(rate) - rate * xs)
+        xs = safe(support, x, 1.0)
+        return neg_inf_outside(support, torch.log(rate) - rate * xs)
 
 
 
@@ -489,7 +369,7 @@ class Cauchy(Distribution):
     def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw by inverse CDF."""
         loc, scale = broadcast_params(loc, scale)
-        return loc + scale * torch.tan(math.pi * (_uniform_open(loc) - 0.5))
+        return loc + scale * torch.tan(math.pi * (uniform_open(loc) - 0.5))
 
     def logpdf(  # type: ignore[override]
         self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
@@ -526,7 +406,7 @@ class StudentT(Distribution):
         """Draw a normal over the square root of a scaled chi-square."""
         df, loc, scale = broadcast_params(df, loc, scale)
         z = torch.randn_like(loc)
-        chi2 = 2.0 * _standard_gamma(0.5 * df)
+        chi2 = 2.0 * standard_gamma(0.5 * df)
         return loc + scale * z * torch.rsqrt(chi2 / df)
 
     def logpdf(  # type: ignore[override]
@@ -568,9 +448,9 @@ class HalfNormal(Distribution):
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
-        z = _safe(support, x, 0.0) / scale
+        z = safe(support, x, 0.0) / scale
         lp = 0.5 * (math.log(2.0) - _LOG_PI) - torch.log(scale) - 0.5 * z * z
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -600,10 +480,10 @@ class LogNormal(Distribution):
         """Elementwise log density (``-inf`` for ``x <= 0``)."""
         x, loc, scale = param_tensors(value, loc, scale)
         support = x > 0
-        logx = torch.log(_safe(support, x, 1.0))
+        logx = torch.log(safe(support, x, 1.0))
         z = (logx - loc) / scale
         lp = -0.5 * z * z - torch.log(scale) - 0.5 * _LOG_2PI - logx
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -625,15 +505,15 @@ class HalfCauchy(Distribution):
     def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw by inverse CDF."""
         (scale,) = param_tensors(scale)
-        return scale * torch.tan(0.5 * math.pi * _uniform_open(scale))
+        return scale * torch.tan(0.5 * math.pi * uniform_open(scale))
 
     def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
-        z = _safe(support, x, 0.0) / scale
+        z = safe(support, x, 0.0) / scale
         lp = math.log(2.0) - _LOG_PI - torch.log(scale) - torch.log1p(z * z)
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -667,9 +547,9 @@ class Weibull(Distribution):
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale, k = param_tensors(value, scale, concentration)
         support = x >= 0
-        z = _safe(support, x, 1.0) / scale
-        lp = torch.log(k) - torch.log(scale) + _xlogy(k - 1, z) - torch.pow(z, k)
-        return _neg_inf_outside(support, lp)
+        z = safe(support, x, 1.0) / scale
+        lp = torch.log(k) - torch.log(scale) + xlogy(k - 1, z) - torch.pow(z, k)
+        return neg_inf_outside(support, lp)
 
 
 

@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import torch
 
-from gfcomb.distributions.base import (
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import neg_inf_outside, safe, xlog1py, xlogy
+from gfcomb.distributions.params import (
     INTEGER,
     NONNEGATIVE,
     NONNEGATIVE_INTEGER,
     POSITIVE_PROBABILITY,
     PROBABILITY,
     WEIGHTS,
-    Distribution,
+    ArrayLike,
     broadcast_params,
     param_tensors,
-)
-from gfcomb.distributions.continuous import (
-    ArrayLike,
-    _neg_inf_outside,
-    _safe,
-    _xlog1py,
-    _xlogy,
 )
 
 
@@ -79,7 +74,7 @@ class Bernoulli(Distribution):
         # log p and log(1-p) only where selected, so p in {0, 1} gives no NaN gradient
         lp1 = torch.log(torch.where(is1, p, torch.ones_like(p)))
         lp0 = torch.log1p(-torch.where(is0, p, torch.zeros_like(p)))
-        return _neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
+        return neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
 
 
 
@@ -118,7 +113,7 @@ class Categorical(Distribution):
         shape = torch.broadcast_shapes(p.shape[:-1], idx.shape)
         pk = torch.gather(p.expand(*shape, n_cat), -1, idx.expand(shape).unsqueeze(-1))
         lp = torch.log(pk.squeeze(-1)) - torch.log(p.sum(dim=-1))
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -154,7 +149,7 @@ class UniformDiscrete(Distribution):
         """Elementwise log mass (``-inf`` outside the integers of ``[low, high]``)."""
         k, lo, hi = param_tensors(value, low, high)
         support = _is_integer(k) & (k >= lo) & (k <= hi)
-        return _neg_inf_outside(support, -torch.log(hi - lo + 1))
+        return neg_inf_outside(support, -torch.log(hi - lo + 1))
 
 
 
@@ -182,9 +177,9 @@ class Poisson(Distribution):
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, rate = param_tensors(value, rate)
         support = _is_integer(k) & (k >= 0)
-        ks = _safe(support, k, 0.0)
-        lp = _xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
-        return _neg_inf_outside(support, lp)
+        ks = safe(support, k, 0.0)
+        lp = xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -220,15 +215,15 @@ class Binomial(Distribution):
         """Elementwise log mass (``-inf`` off ``{0, ..., total_count}``)."""
         k, n, p = param_tensors(value, total_count, probs)
         support = _is_integer(k) & (k >= 0) & (k <= n)
-        ks = _safe(support, k, 0.0)
+        ks = safe(support, k, 0.0)
         lp = (
             torch.lgamma(n + 1)
             - torch.lgamma(ks + 1)
             - torch.lgamma(n - ks + 1)
-            + _xlogy(ks, p)
-            + _xlog1py(n - ks, -p)
+            + xlogy(ks, p)
+            + xlog1py(n - ks, -p)
         )
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
@@ -258,8 +253,8 @@ class Geometric(Distribution):
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, p = param_tensors(value, probs)
         support = _is_integer(k) & (k >= 0)
-        ks = _safe(support, k, 0.0)
-        return _neg_inf_outside(support, _xlog1py(ks, -p) + torch.log(p))
+        ks = safe(support, k, 0.0)
+        return neg_inf_outside(support, xlog1py(ks, -p) + torch.log(p))
 
 
 

@@ -15,20 +15,15 @@ from typing import Any
 import torch
 
 from gfcomb.core.errors import DistributionArgumentError
-from gfcomb.distributions.base import (
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import log_standard_gamma, neg_inf_outside, safe, xlogy
+from gfcomb.distributions.params import (
     POSITIVE_DEFINITE,
     POSITIVE_VECTOR,
     REAL_VECTOR,
-    Distribution,
-    _shape_of,
-    param_tensors,
-)
-from gfcomb.distributions.continuous import (
     ArrayLike,
-    _log_standard_gamma,
-    _neg_inf_outside,
-    _safe,
-    _xlogy,
+    param_tensors,
+    shape_of,
 )
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -98,11 +93,11 @@ class MvNormal(Distribution):
 
     def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
         """``(d,)``: one value is a vector like ``mean``'s last dimension."""
-        return _shape_of(params[0])[-1:]
+        return shape_of(params[0])[-1:]
 
     def _check_relations(self, values: dict[str, Any]) -> None:
         """``cov`` is ``(..., d, d)`` with the ``d`` of ``mean`` (``(..., d)``)."""
-        m, c = _shape_of(values["mean"]), _shape_of(values["cov"])
+        m, c = shape_of(values["mean"]), shape_of(values["cov"])
         if c[-1] != m[-1]:
             raise DistributionArgumentError(
                 f"{self.name}: argument 'cov' has shape {c}, which does not match "
@@ -134,7 +129,7 @@ class Dirichlet(Distribution):
     def sample(self, concentration: ArrayLike) -> torch.Tensor:  # type: ignore[override]
         """Draw one point of the simplex."""
         (alpha,) = param_tensors(concentration)
-        x = torch.softmax(_log_standard_gamma(alpha), dim=-1)
+        x = torch.softmax(log_standard_gamma(alpha), dim=-1)
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
     def logpdf(  # type: ignore[override]
@@ -145,17 +140,17 @@ class Dirichlet(Distribution):
         n_cat = x.shape[-1]
         tol = n_cat * math.sqrt(torch.finfo(x.dtype).eps)
         support = ((x >= 0).all(-1)) & ((x.sum(-1) - 1).abs() <= tol)
-        xs = _safe(support.unsqueeze(-1), x, 1.0 / n_cat)
+        xs = safe(support.unsqueeze(-1), x, 1.0 / n_cat)
         lp = (
-            _xlogy(alpha - 1, xs).sum(-1)
+            xlogy(alpha - 1, xs).sum(-1)
             + torch.lgamma(alpha.sum(-1))
             - torch.lgamma(alpha).sum(-1)
         )
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
     def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
         """``(K,)``: one value is a point of the simplex like ``concentration``'s last dim."""
-        return _shape_of(params[0])[-1:]
+        return shape_of(params[0])[-1:]
 
 
 __all__ = ["Dirichlet", "MvNormal"]
