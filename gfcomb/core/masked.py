@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.errors import ArgumentError
+from gfcomb.core.errors import ArgumentError, ChoiceMapMergeError
 from gfcomb.core.selection import (
     Flag,
     Selection,
@@ -284,3 +285,21 @@ def addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
     if cm.is_stacked():
         return {(":",) + a for a in addresses(cm.stacked_inner)}
     return {(k,) + a for k in cm.keys() for a in addresses(cm.get_submap(k))}
+
+
+def merge_values(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
+    """Merge two values of which at least one is masked, element by element: ``a``'s value
+    where ``a`` is present, else ``b``'s; present where either is.  An overlap (both present
+    for some element) is an error where the masks can be read; under vmap (batched masks)
+    it cannot be detected without data-dependent control flow, and ``a``'s value wins."""
+    ma, mb = a.mask, b.mask
+    overlap = mb if ma is None else (ma if mb is None else ma & mb)
+    assert overlap is not None  # (at least one of the two is masked)
+    if not is_batched(overlap) and bool(overlap.any()):
+        raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
+    if ma is None:  # b is present nowhere: a as it is
+        return a
+    if mb is None:
+        return b
+    m = ma.reshape(ma.shape + (1,) * (a.get_value().dim() - ma.dim()))
+    return ChoiceMap.value(torch.where(m, a.get_value(), b.get_value()), ma | mb)
