@@ -46,7 +46,8 @@ class Dimap(Wrapper):
     def __repr__(self) -> str:
         return f"Dimap({self.inner_fn!r})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The inner function and the two maps."""
         return (Dimap, self.inner_fn, self.pre, self.post)
 
     def inner_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator
 from gfcomb.combinators.vector import (
     VectorTrace,
     changed_elements,
@@ -43,7 +44,7 @@ from gfcomb.core.validation import check_selection, check_vmapped_scores
 from gfcomb.core.vmap import batched_call
 
 
-class Map(GenerativeFunction):
+class Map(Combinator):
     """Map a kernel over the elements of its arguments (see the module docstring).
 
     ``vectorize=False`` runs the kernel element by element in Python instead of under vmap
@@ -61,15 +62,9 @@ class Map(GenerativeFunction):
     def __repr__(self) -> str:
         return f"Map({self.kernel!r})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel, ``in_dims`` and ``vectorize``."""
         return (Map, self.kernel, self.in_dims, self.vectorize)
-
-    def __eq__(self, other: object) -> bool:
-        # Map(kernel) is often built inside a @gen body: equal parts, same function
-        return isinstance(other, Map) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ helpers
     def _dims(self, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.parts import Combinator
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -147,7 +148,7 @@ def _where(flag: torch.Tensor, a: torch.Tensor, b: Any) -> torch.Tensor:
     return torch.where(flag, a, b.to(a.dtype))
 
 
-class Mask(GenerativeFunction):
+class Mask(Combinator):
     """``gen_fn`` where ``flag`` is true, nothing where it is false (see the module
     docstring).  Arguments: ``(flag, *args)``."""
 
@@ -159,11 +160,9 @@ class Mask(GenerativeFunction):
     def __repr__(self) -> str:
         return f"Mask({self.gen_fn!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mask) and self.gen_fn == other.gen_fn
-
-    def __hash__(self) -> int:
-        return hash((Mask, self.gen_fn))
+    def parts(self) -> tuple[Any, ...]:
+        """The masked function."""
+        return (Mask, self.gen_fn)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The inner function's parameters."""

@@ -60,7 +60,8 @@ class Repeat(Wrapper):
     def __repr__(self) -> str:
         return f"Repeat({self.gen_fn!r}, {self.n})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The repeated function and the count."""
         return (Repeat, self.gen_fn, self.n)
 
     def _map_for(self, nargs: int) -> Map:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gfcomb.combinators.parts import Combinator
 from gfcomb.combinators.unfold import Unfold
 from gfcomb.combinators.wrapped import Wrapper
 from gfcomb.core.choicemap import ChoiceMap
@@ -48,7 +49,7 @@ def _changed(d: Diff) -> Diff:
     return _NO_CHANGE if isinstance(d, NoChange) else _UNKNOWN
 
 
-class _ScanStep(GenerativeFunction):
+class _ScanStep(Combinator):
     """The Unfold kernel of a Scan: ``(t, (carry, y_prev), xs, *params)`` -> the user
     kernel's ``(carry, y)`` at ``(carry, xs[t], *params)``.  Its traces ARE the user kernel's
     traces (so a step stores ``x_t``, never the whole ``xs``)."""
@@ -59,11 +60,9 @@ class _ScanStep(GenerativeFunction):
     def __repr__(self) -> str:
         return f"ScanStep({self.kernel!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ScanStep) and self.kernel == other.kernel
-
-    def __hash__(self) -> int:
-        return hash((_ScanStep, self.kernel))
+    def parts(self) -> tuple[Any, ...]:
+        """The user kernel."""
+        return (_ScanStep, self.kernel)
 
     @staticmethod
     def _args(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -134,7 +133,8 @@ class Scan(Wrapper):
     def __repr__(self) -> str:
         return f"Scan({self.kernel!r})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel and the length."""
         return (Scan, self.kernel, self.length)
 
     def _steps(self, xs: Any) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.parts import Combinator
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.gfi import (
@@ -65,23 +66,16 @@ def all_unchanged(argdiffs: tuple[Diff, ...]) -> bool:
     return all(isinstance(d, NoChange) for d in argdiffs)
 
 
-class Wrapper(GenerativeFunction):
+class Wrapper(Combinator):
     """A generative function that runs ``self.inner_fn`` on mapped arguments (see the module
     docstring).  Subclasses set ``inner_fn`` and override :meth:`inner_args` (and, as
     needed, :meth:`inner_argdiffs`, :meth:`outer_retval`, :meth:`outer_retdiff`)."""
 
     inner_fn: GenerativeFunction
 
-    def _key(self) -> tuple[Any, ...]:
-        """What makes two wrappers the same function (they are often built inside a @gen
-        body, once per run)."""
+    def parts(self) -> tuple[Any, ...]:
+        """The wrapper's class and the inner function (a subclass adds its options)."""
         return (type(self), self.inner_fn)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ the maps
     def inner_gen_fn(self, args: tuple[Any, ...]) -> GenerativeFunction:

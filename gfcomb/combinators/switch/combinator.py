@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator
 from gfcomb.combinators.switch.edit import generate_reusing, old_logp, same_flags
 from gfcomb.combinators.switch.merge import (
     Flag,
@@ -84,7 +85,7 @@ from gfcomb.dsl.parameters import unique_parameters
 _EMPTY = ChoiceMap.empty()
 
 
-class Switch(GenerativeFunction):
+class Switch(Combinator):
     """``Switch(*branches)``: args ``(index, *branch_args)``; runs ``branches[index]`` (see
     the module docstring for the batched-index mode and for changing branch)."""
 
@@ -99,15 +100,9 @@ class Switch(GenerativeFunction):
     def __repr__(self) -> str:
         return f"Switch({', '.join(repr(b) for b in self.branches)})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The branches."""
         return (Switch, self.branches)
-
-    def __eq__(self, other: object) -> bool:
-        # Switch(a, b) is often built inside a @gen body: equal parts, same function
-        return isinstance(other, Switch) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The branches' trainable parameters, each once."""

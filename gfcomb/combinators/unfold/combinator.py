@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator
 from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
@@ -69,7 +70,7 @@ _EMPTY = ChoiceMap.empty()
 _NO_CHANGE = NoChange()
 
 
-class Unfold(GenerativeFunction):
+class Unfold(Combinator):
     """Iterate a kernel over ``n`` steps, threading a state (see the module docstring).
 
     Arguments of the combinator: ``(n, init_state, *params)``; the kernel is called as
@@ -84,15 +85,9 @@ class Unfold(GenerativeFunction):
     def __repr__(self) -> str:
         return f"Unfold({self.kernel!r})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel."""
         return (Unfold, self.kernel)
-
-    def __eq__(self, other: object) -> bool:
-        # Unfold(kernel) is often built inside a @gen body: equal parts, same function
-        return isinstance(other, Unfold) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
