@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
-from gfcomb.combinators.parts import Combinator
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.vector import (
     VectorTrace,
     changed_elements,
@@ -53,14 +53,9 @@ class Map(Combinator):
 
     def __init__(self, kernel: GenerativeFunction, in_dims: Any = 0, *,
                  vectorize: bool = True) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Map needs a generative function kernel, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = gen_fn_part(kernel, "Map", "kernel")
         self.in_dims = in_dims
         self.vectorize = vectorize
-
-    def __repr__(self) -> str:
-        return f"Map({self.kernel!r})"
 
     def parts(self) -> tuple[Any, ...]:
         """The kernel, ``in_dims`` and ``vectorize``."""

@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 import torch
 
-from gfcomb.combinators.parts import Combinator
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -153,12 +153,7 @@ class Mask(Combinator):
     docstring).  Arguments: ``(flag, *args)``."""
 
     def __init__(self, gen_fn: GenerativeFunction) -> None:
-        if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"Mask wraps a generative function, got {gen_fn!r}")
-        self.gen_fn = gen_fn
-
-    def __repr__(self) -> str:
-        return f"Mask({self.gen_fn!r})"
+        self.gen_fn = gen_fn_part(gen_fn, "Mask", "gen_fn")
 
     def parts(self) -> tuple[Any, ...]:
         """The masked function."""

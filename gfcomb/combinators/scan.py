@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from gfcomb.combinators.parts import Combinator
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.unfold import Unfold
 from gfcomb.combinators.wrapped import Wrapper
 from gfcomb.core.choicemap import ChoiceMap
@@ -56,9 +56,6 @@ class _ScanStep(Combinator):
 
     def __init__(self, kernel: GenerativeFunction) -> None:
         self.kernel = kernel
-
-    def __repr__(self) -> str:
-        return f"ScanStep({self.kernel!r})"
 
     def parts(self) -> tuple[Any, ...]:
         """The user kernel."""
@@ -121,17 +118,13 @@ class Scan(Wrapper):
     module docstring).  Arguments: ``(init_carry, xs, *params)``."""
 
     def __init__(self, kernel: GenerativeFunction, length: int | None = None) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Scan needs a generative function kernel, got {kernel!r}")
+        gen_fn_part(kernel, "Scan", "kernel")
         if length is not None and (isinstance(length, bool) or not isinstance(length, int)
                                    or length < 0):
             raise TypeError(f"Scan: 'length' must be a Python int >= 0 or None, got {length!r}")
         self.kernel = kernel
         self.length = length
         self.inner_fn = Unfold(_ScanStep(kernel))
-
-    def __repr__(self) -> str:
-        return f"Scan({self.kernel!r})"
 
     def parts(self) -> tuple[Any, ...]:
         """The kernel and the length."""

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
-from gfcomb.combinators.parts import Combinator
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.switch.edit import generate_reusing, old_logp, same_flags
 from gfcomb.combinators.switch.merge import (
     Flag,
@@ -92,13 +92,8 @@ class Switch(Combinator):
     def __init__(self, *branches: GenerativeFunction) -> None:
         if not branches:
             raise ArgumentError("Switch needs at least one branch")
-        for i, b in enumerate(branches):
-            if not isinstance(b, GenerativeFunction):
-                raise TypeError(f"Switch: branch {i} is not a generative function: {b!r}")
-        self.branches: tuple[GenerativeFunction, ...] = tuple(branches)
-
-    def __repr__(self) -> str:
-        return f"Switch({', '.join(repr(b) for b in self.branches)})"
+        self.branches = tuple(gen_fn_part(b, "Switch", f"branch {i}")
+                              for i, b in enumerate(branches))
 
     def parts(self) -> tuple[Any, ...]:
         """The branches."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
-from gfcomb.combinators.parts import Combinator
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
@@ -78,12 +78,7 @@ class Unfold(Combinator):
     """
 
     def __init__(self, kernel: GenerativeFunction) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Unfold needs a generative function kernel, got {kernel!r}")
-        self.kernel = kernel
-
-    def __repr__(self) -> str:
-        return f"Unfold({self.kernel!r})"
+        self.kernel = gen_fn_part(kernel, "Unfold", "kernel")
 
     def parts(self) -> tuple[Any, ...]:
         """The kernel."""
