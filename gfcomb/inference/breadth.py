@@ -14,7 +14,6 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import AddressError, ArgumentError, VmapError
-from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import batched_call, vmap_error
@@ -48,13 +47,6 @@ def check_positive_float(x: Any, name: str, who: str) -> float:
     if not (v > 0 and v < float("inf")):
         raise ArgumentError(f"{who}: {name} must be a positive finite number, got {x!r}")
     return v
-
-
-def check_gen_fn(gen_fn: Any, name: str, who: str) -> GenerativeFunction:
-    """``gen_fn`` if it is a generative function (ArgumentError naming ``name`` otherwise)."""
-    if not isinstance(gen_fn, GenerativeFunction):
-        raise ArgumentError(f"{who}: {name} must be a generative function, got {gen_fn!r}")
-    return gen_fn
 
 
 def check_trace(trace: Any, who: str) -> Trace:
