@@ -11,29 +11,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gfcomb.core.gfi import GenerativeFunction
-from gfcomb.testing.laws.context import (
-    LawContext,
-)
-from gfcomb.testing.laws.generate import (
-    law_generate_empty,
-    law_generate_full,
-    law_generate_partial,
-    law_simulate_assess,
-)
-from gfcomb.testing.laws.regenerate import law_project, law_regenerate_empty, law_regenerate_weight
+from gfcomb.testing.laws import generate, regenerate, transforms, update
+from gfcomb.testing.laws.context import LawContext
 from gfcomb.testing.laws.report import GFIReport, LawSkipped
-from gfcomb.testing.laws.transforms import law_gradients, law_vmap
-from gfcomb.testing.laws.update import (
-    law_update_discard,
-    law_update_noop,
-    law_update_roundtrip,
-    law_update_weight,
-)
-from gfcomb.testing.strategies import (
-    Draw,
-    HypothesisDraw,
-    RandomDraw,
-)
+from gfcomb.testing.strategies import Draw, HypothesisDraw, RandomDraw
 
 LAW_NAMES: tuple[str, ...] = (
     "simulate_assess", "generate_full", "generate_empty", "generate_partial", "update_noop",
@@ -43,19 +24,19 @@ LAW_NAMES: tuple[str, ...] = (
 
 
 LAWS: dict[str, Callable[[LawContext], None]] = {
-    "simulate_assess": law_simulate_assess,
-    "generate_full": law_generate_full,
-    "generate_empty": law_generate_empty,
-    "generate_partial": law_generate_partial,
-    "update_noop": law_update_noop,
-    "update_roundtrip": law_update_roundtrip,
-    "update_weight": law_update_weight,
-    "update_discard": law_update_discard,
-    "regenerate_empty": law_regenerate_empty,
-    "regenerate_weight": law_regenerate_weight,
-    "project": law_project,
-    "gradients": law_gradients,
-    "vmap": law_vmap,
+    "simulate_assess": generate.law_simulate_assess,
+    "generate_full": generate.law_generate_full,
+    "generate_empty": generate.law_generate_empty,
+    "generate_partial": generate.law_generate_partial,
+    "update_noop": update.law_update_noop,
+    "update_roundtrip": update.law_update_roundtrip,
+    "update_weight": update.law_update_weight,
+    "update_discard": update.law_update_discard,
+    "regenerate_empty": regenerate.law_regenerate_empty,
+    "regenerate_weight": regenerate.law_regenerate_weight,
+    "project": regenerate.law_project,
+    "gradients": transforms.law_gradients,
+    "vmap": transforms.law_vmap,
 }
 
 

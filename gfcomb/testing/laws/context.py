@@ -16,11 +16,7 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection, select
 from gfcomb.core.trace import Trace
 from gfcomb.testing.laws.report import GFILawError, LawSkipped
-from gfcomb.testing.strategies import (
-    Address,
-    Draw,
-    choice_dict,
-)
+from gfcomb.testing.strategies import Address, Draw, choice_dict
 
 
 def is_close(a: Any, b: Any, rtol: float, atol: float) -> bool:
@@ -190,6 +186,14 @@ class LawContext:
     def close(self, a: Any, b: Any) -> bool:
         """Tolerance comparison with the law tolerances."""
         return is_close(a, b, self.rtol, self.atol)
+
+    def same_tree(self, a: Any, b: Any) -> bool:
+        """:func:`same_tree` with the law tolerances."""
+        return same_tree(a, b, self.rtol, self.atol)
+
+    def choice_diff(self, a: ChoiceMap, b: ChoiceMap) -> str | None:
+        """:func:`choice_diff` with the law tolerances."""
+        return choice_diff(a, b, self.rtol, self.atol)
 
     # -- GFI calls
     def call(self, method: str, *inputs: Any, allow: tuple[type[BaseException], ...] = ()) -> Any:

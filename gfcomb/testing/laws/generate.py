@@ -6,18 +6,9 @@ import torch
 
 from gfcomb.core.choicemap import ChoiceMap, short_repr
 from gfcomb.core.errors import UnvisitedConstraintError
-from gfcomb.testing.laws.context import (
-    LawContext,
-    choice_diff,
-    num,
-    same_tree,
-    select_addrs,
-)
+from gfcomb.testing.laws.context import LawContext, num, select_addrs
 from gfcomb.testing.laws.report import LawSkipped
-from gfcomb.testing.strategies import (
-    choice_dict,
-    draw_constraints,
-)
+from gfcomb.testing.strategies import choice_dict, draw_constraints
 
 
 def law_simulate_assess(ctx: LawContext) -> None:
@@ -27,7 +18,7 @@ def law_simulate_assess(ctx: LawContext) -> None:
     if not ctx.close(w, tr.score):
         raise ctx.fail(f"assess weight {num(w)} != simulate score {num(tr.score)}",
                        tr.choices)
-    if not same_tree(r, tr.retval, ctx.rtol, ctx.atol):
+    if not ctx.same_tree(r, tr.retval):
         raise ctx.fail(f"assess retval {short_repr(r)} != simulate retval {short_repr(tr.retval)}",
                        tr.choices)
 
@@ -42,10 +33,10 @@ def law_generate_full(ctx: LawContext) -> None:
     if not ctx.close(new.score, tr.score):
         raise ctx.fail(f"generate with all choices: trace score {num(new.score)} != "
                        f"{num(tr.score)}", tr.choices)
-    why = choice_diff(new.choices, tr.choices, ctx.rtol, ctx.atol)
+    why = ctx.choice_diff(new.choices, tr.choices)
     if why:
         raise ctx.fail(f"generate with all choices changed the choices: {why}", tr.choices)
-    if not same_tree(new.retval, tr.retval, ctx.rtol, ctx.atol):
+    if not ctx.same_tree(new.retval, tr.retval):
         raise ctx.fail(f"generate with all choices: retval {short_repr(new.retval)} != "
                        f"{short_repr(tr.retval)}", tr.choices)
 

@@ -7,20 +7,9 @@ import torch
 from gfcomb.core.choicemap import short_repr
 from gfcomb.core.errors import GFIError
 from gfcomb.core.selection import Selection
-from gfcomb.testing.laws.context import (
-    LawContext,
-    choice_diff,
-    nochange,
-    num,
-    select_addrs,
-    unknown,
-)
+from gfcomb.testing.laws.context import LawContext, nochange, num, select_addrs, unknown
 from gfcomb.testing.laws.report import LawSkipped, show_args
-from gfcomb.testing.strategies import (
-    choice_dict,
-    draw_selection,
-    draw_subset,
-)
+from gfcomb.testing.strategies import choice_dict, draw_selection, draw_subset
 
 
 def law_regenerate_empty(ctx: LawContext) -> None:
@@ -30,7 +19,7 @@ def law_regenerate_empty(ctx: LawContext) -> None:
     if not ctx.close(w, 0.0):
         raise ctx.fail(f"regenerate with an empty selection: weight {num(w)} != 0",
                        tr.choices)
-    why = choice_diff(new.choices, tr.choices, ctx.rtol, ctx.atol)
+    why = ctx.choice_diff(new.choices, tr.choices)
     if why:
         raise ctx.fail(f"regenerate with an empty selection changed the choices: {why}",
                        tr.choices)

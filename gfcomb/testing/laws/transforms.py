@@ -12,18 +12,9 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.choicemap import ChoiceMap, short_repr
 from gfcomb.core.errors import GFIError
 from gfcomb.core.pytree import tree_index, tree_stack
-from gfcomb.testing.laws.context import (
-    LawContext,
-    choice_diff,
-    num,
-    same_tree,
-    select_addrs,
-)
+from gfcomb.testing.laws.context import LawContext, num, select_addrs
 from gfcomb.testing.laws.report import GFILawError, LawSkipped
-from gfcomb.testing.strategies import (
-    Address,
-    choice_dict,
-)
+from gfcomb.testing.strategies import Address, choice_dict
 
 
 def _continuous(v: Any) -> bool:
@@ -172,16 +163,15 @@ def law_vmap(ctx: LawContext) -> None:
         if not ctx.close(row.score, tr_i.score):
             raise ctx.fail(f"vmapped generate (over {mode}) element {i}: score "
                            f"{num(row.score)} != per-element {num(tr_i.score)}", cm)
-        if not same_tree(row.retval, tr_i.retval, ctx.rtol, ctx.atol):
+        if not ctx.same_tree(row.retval, tr_i.retval):
             raise ctx.fail(f"vmapped generate (over {mode}) element {i}: retval "
                            f"{short_repr(row.retval)} != per-element {short_repr(tr_i.retval)}", cm)
-        why = choice_diff(row.choices, tr_i.choices, ctx.rtol, ctx.atol)
+        why = ctx.choice_diff(row.choices, tr_i.choices)
         if why:
             raise ctx.fail(f"vmapped generate (over {mode}) element {i}: choices differ: "
                            f"{why}", cm)
         wa_i, r_i = ctx.call("assess", a, cm)
-        if not ctx.close(tree_index(wa_b, i), wa_i) or not same_tree(
-                tree_index(r_b, i), r_i, ctx.rtol, ctx.atol):
+        if not ctx.close(tree_index(wa_b, i), wa_i) or not ctx.same_tree(tree_index(r_b, i), r_i):
             raise ctx.fail(f"vmapped assess (over {mode}) element {i}: weight "
                            f"{num(wa_b[i])} != per-element {num(wa_i)} (or retvals differ)",
                            cm)

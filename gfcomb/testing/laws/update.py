@@ -10,20 +10,9 @@ from gfcomb.core.choicemap import ChoiceMap, short_repr
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import GFIError, UnvisitedConstraintError
 from gfcomb.core.trace import Trace
-from gfcomb.testing.laws.context import (
-    LawContext,
-    choice_diff,
-    nochange,
-    num,
-    select_addrs,
-    unknown,
-)
+from gfcomb.testing.laws.context import LawContext, nochange, num, select_addrs, unknown
 from gfcomb.testing.laws.report import LawSkipped, show_args
-from gfcomb.testing.strategies import (
-    Address,
-    choice_dict,
-    draw_constraints,
-)
+from gfcomb.testing.strategies import Address, choice_dict, draw_constraints
 
 
 def law_update_noop(ctx: LawContext) -> None:
@@ -32,7 +21,7 @@ def law_update_noop(ctx: LawContext) -> None:
     new, w, _, d = ctx.call("update", tr, ctx.args, nochange(ctx.args), ChoiceMap.empty())
     if not ctx.close(w, 0.0):
         raise ctx.fail(f"update with no change: weight {num(w)} != 0", tr.choices)
-    why = choice_diff(new.choices, tr.choices, ctx.rtol, ctx.atol)
+    why = ctx.choice_diff(new.choices, tr.choices)
     if why:
         raise ctx.fail(f"update with no change changed the choices: {why}", tr.choices)
     if not ctx.close(new.score, tr.score):
@@ -121,7 +110,7 @@ def law_update_roundtrip(ctx: LawContext) -> None:
     back_diffs = nochange(ctx.args) if all(isinstance(x, NoChange) for x in diffs) \
         else unknown(ctx.args)
     back, w2, _, _ = ctx.call("update", new, ctx.args, back_diffs, d)
-    why = choice_diff(back.choices, tr.choices, ctx.rtol, ctx.atol)
+    why = ctx.choice_diff(back.choices, tr.choices)
     if why:
         raise ctx.fail(f"update(update(t, c), discard) did not restore the choices: {why}",
                        c, discard=d, old_choices=tr.choices, new_args=show_args(new_args))
