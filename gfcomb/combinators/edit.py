@@ -97,14 +97,10 @@ class Edit:
         raise NotImplementedError
 
     def apply(self, gen_fn: GenerativeFunction, trace: Trace, args: tuple[Any, ...],
-              argdiffs: tuple[Diff, ...]) -> EditResult:
+              argdiffs: tuple[Diff, ...], batch: bool = False) -> EditResult:
         """``gen_fn.update`` or ``gen_fn.regenerate`` of ``trace`` with this edit (the discard
-        of a regenerate is empty)."""
-        raise NotImplementedError
-
-    def batch_apply(self, gen_fn: GenerativeFunction, traces: Trace, args: tuple[Any, ...],
-                    argdiffs: tuple[Diff, ...]) -> EditResult:
-        """:meth:`apply` for a batch of traces (``batch_update`` / ``batch_regenerate``)."""
+        of a regenerate is empty); ``batch``: ``batch_update`` / ``batch_regenerate`` of a
+        batch of traces."""
         raise NotImplementedError
 
 
@@ -155,12 +151,9 @@ class Constrain(Edit):
         return masked.minus(old, self.cm)
 
     def apply(self, gen_fn: GenerativeFunction, trace: Trace, args: tuple[Any, ...],
-              argdiffs: tuple[Diff, ...]) -> EditResult:
-        return gen_fn.update(trace, args, argdiffs, self._raw)
-
-    def batch_apply(self, gen_fn: GenerativeFunction, traces: Trace, args: tuple[Any, ...],
-                    argdiffs: tuple[Diff, ...]) -> EditResult:
-        return gen_fn.batch_update(traces, args, argdiffs, self._raw)
+              argdiffs: tuple[Diff, ...], batch: bool = False) -> EditResult:
+        method = gen_fn.batch_update if batch else gen_fn.update
+        return method(trace, args, argdiffs, self._raw)
 
 
 class Resample(Edit):
@@ -198,11 +191,7 @@ class Resample(Edit):
         return masked.drop_selected(old, self.selection)
 
     def apply(self, gen_fn: GenerativeFunction, trace: Trace, args: tuple[Any, ...],
-              argdiffs: tuple[Diff, ...]) -> EditResult:
-        new, w, rd = gen_fn.regenerate(trace, args, argdiffs, self.selection)
-        return new, w, rd, _EMPTY
-
-    def batch_apply(self, gen_fn: GenerativeFunction, traces: Trace, args: tuple[Any, ...],
-                    argdiffs: tuple[Diff, ...]) -> EditResult:
-        new, w, rd = gen_fn.batch_regenerate(traces, args, argdiffs, self.selection)
+              argdiffs: tuple[Diff, ...], batch: bool = False) -> EditResult:
+        method = gen_fn.batch_regenerate if batch else gen_fn.regenerate
+        new, w, rd = method(trace, args, argdiffs, self.selection)
         return new, w, rd, _EMPTY

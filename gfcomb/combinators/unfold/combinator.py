@@ -491,8 +491,7 @@ class Unfold(Combinator):
         kernel = self.kernel
 
         def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
-            at = edit.at(t)
-            new, w, rd, disc = (at.batch_apply if batch else at.apply)(kernel, old, a, d)
+            new, w, rd, disc = edit.at(t).apply(kernel, old, a, d, batch)
             if not disc.is_empty():
                 discards[t] = disc
             return new, w, rd
