@@ -212,15 +212,23 @@ def where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
 
 def any_present(cm: ChoiceMap) -> Flag:
     """Per element: does ``cm`` hold any present value."""
+    return _presence(cm, True)
+
+
+def _presence(cm: ChoiceMap, any_: bool) -> Flag:
+    """:func:`any_present` (``any_``) or :func:`all_present`: the values' masks folded with
+    ``or`` / ``and``, stopping as soon as the answer is the same for every element."""
     if cm.is_empty():
-        return False
+        return not any_
     if cm.is_value():
-        return True if cm.mask is None else cm.mask.any()
-    acc: Flag = False
+        m = cm.mask
+        return True if m is None else (m.any() if any_ else m.all())
+    combine = flag_or if any_ else flag_and
+    acc: Flag = not any_
     for sub in children(cm):
-        acc = flag_or(acc, any_present(sub))
-        if acc is True:
-            return True
+        acc = combine(acc, _presence(sub, any_))
+        if acc is any_:
+            return acc
     return acc
 
 
@@ -247,16 +255,7 @@ def missing(made: ChoiceMap, given: ChoiceMap) -> Flag:
 
 def all_present(cm: ChoiceMap) -> Flag:
     """Per element: is every value of ``cm`` present."""
-    if cm.is_empty():
-        return True
-    if cm.is_value():
-        return True if cm.mask is None else cm.mask.all()
-    acc: Flag = True
-    for sub in children(cm):
-        acc = flag_and(acc, all_present(sub))
-        if acc is False:
-            return False
-    return acc
+    return _presence(cm, False)
 
 
 def without(cm: ChoiceMap, addr: tuple[Any, ...], depth: int = 0) -> ChoiceMap | None:
