@@ -229,72 +229,67 @@ class Complement(Selection):
         return f"~{self.inner!r}"
 
 
-class Union_(Selection):
-    """Addresses selected by either selection."""
+class _Binary(Selection):
+    """A union (``any_``) or an intersection of two selections: the two are duals, so one
+    class holds both (the union's neutral element is the empty selection and everything
+    absorbs it; the intersection's the other way round)."""
 
     __slots__ = ("a", "b")
+    any_: bool  # union: True
+    symbol: str
 
     def __init__(self, a: Selection, b: Selection) -> None:
         self.a, self.b = a, b
 
+    def _absorbing(self, s: Selection) -> bool:
+        return s.is_all_static() if self.any_ else s.is_empty_static()
+
+    def _neutral(self, s: Selection) -> bool:
+        return s.is_empty_static() if self.any_ else s.is_all_static()
+
     def get_subselection(self, key: Any) -> Selection:
         sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
-        if sa.is_empty_static():
+        if self._absorbing(sa) or self._absorbing(sb):
+            return _ALL if self.any_ else _NONE
+        if self._neutral(sa):
             return sb
-        if sb.is_empty_static():
+        if self._neutral(sb):
             return sa
-        if sa.is_all_static() or sb.is_all_static():
-            return _ALL
-        return Union_(sa, sb)
+        return type(self)(sa, sb)
 
     def leaf_flag(self) -> Flag:
-        return flag_or(self.a.leaf_flag(), self.b.leaf_flag())
+        combine = flag_or if self.any_ else flag_and
+        return combine(self.a.leaf_flag(), self.b.leaf_flag())
 
     def explicit_keys(self) -> frozenset[Any]:
         return self.a.explicit_keys() | self.b.explicit_keys()
 
     def is_all_static(self) -> bool:
-        return self.a.is_all_static() or self.b.is_all_static()
-
-    def is_empty_static(self) -> bool:
-        return self.a.is_empty_static() and self.b.is_empty_static()
-
-    def __repr__(self) -> str:
-        return f"({self.a!r} | {self.b!r})"
-
-
-class Intersection(Selection):
-    """Addresses selected by both selections."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Selection, b: Selection) -> None:
-        self.a, self.b = a, b
-
-    def get_subselection(self, key: Any) -> Selection:
-        sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
-        if sa.is_empty_static() or sb.is_empty_static():
-            return _NONE
-        if sa.is_all_static():
-            return sb
-        if sb.is_all_static():
-            return sa
-        return Intersection(sa, sb)
-
-    def leaf_flag(self) -> Flag:
-        return flag_and(self.a.leaf_flag(), self.b.leaf_flag())
-
-    def explicit_keys(self) -> frozenset[Any]:
-        return self.a.explicit_keys() | self.b.explicit_keys()
-
-    def is_all_static(self) -> bool:
+        if self.any_:
+            return self.a.is_all_static() or self.b.is_all_static()
         return self.a.is_all_static() and self.b.is_all_static()
 
     def is_empty_static(self) -> bool:
+        if self.any_:
+            return self.a.is_empty_static() and self.b.is_empty_static()
         return self.a.is_empty_static() or self.b.is_empty_static()
 
     def __repr__(self) -> str:
-        return f"({self.a!r} & {self.b!r})"
+        return f"({self.a!r} {self.symbol} {self.b!r})"
+
+
+class Union_(_Binary):
+    """Addresses selected by either selection."""
+
+    any_ = True
+    symbol = "|"
+
+
+class Intersection(_Binary):
+    """Addresses selected by both selections."""
+
+    any_ = False
+    symbol = "&"
 
 
 class MaskSelection(Selection):
