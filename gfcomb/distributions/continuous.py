@@ -56,7 +56,8 @@ _LOG_PI = math.log(math.pi)
 
 
 # ============================================================================= distributions
-class Normal(Distribution):
+class Normal(Distribution, name="normal", params={"loc": REAL, "scale": POSITIVE},
+             reparameterized=True):
     r"""Normal distribution ``normal(loc, scale)``.
 
     .. math:: \log p(x) = -\tfrac12 \left(\frac{x-\mu}{\sigma}\right)^2 - \log\sigma
@@ -65,13 +66,7 @@ class Normal(Distribution):
     Sampler: ``loc + scale * randn_like`` (reparameterized).  Support: all reals.
     """
 
-    name = "normal"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw ``loc + scale * eps`` with ``eps ~ N(0, 1)``."""
         loc, scale = param_tensors(loc, scale)
         if scale.dim() == 0:  # (a scalar scale already fits loc)
@@ -79,31 +74,26 @@ class Normal(Distribution):
         loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
-    def sample_with_logpdf(  # type: ignore[override]
-        self, loc: ArrayLike, scale: ArrayLike
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sample_with_logpdf(self, loc: ArrayLike,
+                           scale: ArrayLike) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``loc + scale * eps`` and its log density from ``eps`` itself,
         −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it): three tensor
         operations in all.  None when ``scale`` is not a scalar (then sample, then score)."""
         return self._draw_scored(*param_tensors(loc, scale))
 
-    def _draw_scored(  # type: ignore[override]
-        self, loc: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _draw_scored(self, loc: torch.Tensor,
+                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if scale.dim() != 0:
             return None
         eps, value = _shifted_noise(loc, scale)
         return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (−z²/2 − log σ − log(2π)/2 as one ``addcmul``)."""
         return self._logpdf_prepared(*param_tensors(value, loc, scale))
 
-    def _logpdf_prepared(  # type: ignore[override]
-        self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
+    def _logpdf_prepared(self, x: torch.Tensor, loc: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
         s = constant_value(scale)
         if s is not None and s > 0 and scale.dim() == 0:  # 1/σ² in Python
             z = x - loc
@@ -150,7 +140,8 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Uniform(Distribution):
+class Uniform(Distribution, name="uniform", params={"low": REAL, "high": REAL},
+              relations=(("low", "<", "high"),), reparameterized=True):
     r"""Continuous uniform distribution ``uniform(low, high)`` on the closed interval.
 
     .. math:: \log p(x) = -\log(\mathrm{high} - \mathrm{low}) \quad
@@ -160,21 +151,12 @@ class Uniform(Distribution):
     ``[low, high)``) the log density is finite at ``x == high`` too, as in Gen.jl/scipy.
     """
 
-    name = "uniform"
-    param_names = ("low", "high")
-    param_constraints = (REAL, REAL)
-    relations = (("low", "<", "high"),)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Draw ``low + (high - low) * U`` with ``U ~ U[0, 1)``."""
         low, high = broadcast_params(low, high)
         return low + (high - low) * torch.rand_like(low)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, low: ArrayLike, high: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[low, high]``)."""
         x, low, high = param_tensors(value, low, high)
         support = (x >= low) & (x <= high)
@@ -182,7 +164,8 @@ class Uniform(Distribution):
 
 
 
-class Beta(Distribution):
+class Beta(Distribution, name="beta",
+           params={"concentration1": POSITIVE, "concentration0": POSITIVE}, reparameterized=True):
     r"""Beta distribution ``beta(concentration1, concentration0)`` (torch naming: ``a, b``).
 
     .. math:: \log p(x) = (a-1)\log x + (b-1)\log(1-x) - \log B(a, b), \quad 0 \le x \le 1
@@ -193,24 +176,15 @@ class Beta(Distribution):
     Samples are clamped to ``[tiny, 1 - eps/2]`` so that the log density stays finite.
     """
 
-    name = "beta"
-    param_names = ("concentration1", "concentration0")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration1: ArrayLike, concentration0: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration1: ArrayLike, concentration0: ArrayLike) -> torch.Tensor:
         """Draw one Beta value via two (log-)gamma draws."""
         a, b = broadcast_params(concentration1, concentration0)
         x = torch.sigmoid(log_standard_gamma(a) - log_standard_gamma(b))
         fi = torch.finfo(x.dtype)
         return torch.clamp(x, min=fi.tiny, max=1.0 - fi.eps / 2)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration1: ArrayLike, concentration0: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration1: ArrayLike,
+               concentration0: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[0, 1]``)."""
         x, a, b = param_tensors(value, concentration1, concentration0)
         support = (x >= 0) & (x <= 1)
@@ -221,7 +195,8 @@ class Beta(Distribution):
 
 
 
-class Gamma(Distribution):
+class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+            reparameterized=True):
     r"""Gamma distribution ``gamma(concentration, rate)`` (shape ``k``, rate ``\beta``).
 
     .. math:: \log p(x) = k\log\beta + (k-1)\log x - \beta x - \log\Gamma(k), \quad x \ge 0
@@ -231,23 +206,13 @@ class Gamma(Distribution):
     same seed), but with a vectorized vmap rule for the gradient.  Clamped to ``finfo.tiny``.
     """
 
-    name = "gamma"
-    param_names = ("concentration", "rate")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Draw ``G / rate`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
         x = standard_gamma(k) / rate
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, k, rate = param_tensors(value, concentration, rate)
         support = x >= 0
@@ -257,7 +222,8 @@ class Gamma(Distribution):
 
 
 
-class InvGamma(Distribution):
+class InvGamma(Distribution, name="inv_gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+               reparameterized=True):
     r"""Inverse-gamma distribution ``inv_gamma(concentration, rate)``: the law of ``1/X`` for
     ``X ~ Gamma(concentration, rate)``.  (So ``rate`` is the *scale* of the inverse gamma;
     scipy: ``invgamma(a=concentration, scale=rate)``.)
@@ -267,22 +233,12 @@ class InvGamma(Distribution):
     Sampler: ``rate / G`` with ``G ~ Gamma(k, 1)`` (reparameterized).
     """
 
-    name = "inv_gamma"
-    param_names = ("concentration", "rate")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Draw ``rate / G`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
         return rate / standard_gamma(k)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``y <= 0``)."""
         y, k, rate = param_tensors(value, concentration, rate)
         support = y > 0
@@ -292,7 +248,8 @@ class InvGamma(Distribution):
 
 
 
-class Exponential(Distribution):
+class Exponential(Distribution, name="exponential", params={"rate": POSITIVE},
+                  reparameterized=True):
     r"""Exponential distribution ``exponential(rate)``.
 
     .. math:: \log p(x) = \log\lambda - \lambda x, \quad x \ge 0
@@ -300,18 +257,12 @@ class Exponential(Distribution):
     Sampler: inverse CDF ``-log1p(-U) / rate`` (reparameterized).
     """
 
-    name = "exponential"
-    param_names = ("rate",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, rate: ArrayLike) -> torch.Tensor:
         """Draw ``-log(1 - U) / rate``."""
         (rate,) = param_tensors(rate)
         return -torch.log1p(-torch.rand_like(rate)) / rate
 
-    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, rate = param_tensors(value, rate)
         support = x >= 0
@@ -320,7 +271,8 @@ class Exponential(Distribution):
 
 
 
-class Laplace(Distribution):
+class Laplace(Distribution, name="laplace", params={"loc": REAL, "scale": POSITIVE},
+              reparameterized=True):
     r"""Laplace distribution ``laplace(loc, scale)``.
 
     .. math:: \log p(x) = -\log(2b) - |x - \mu| / b
@@ -329,29 +281,22 @@ class Laplace(Distribution):
     (torch's formula, reparameterized).
     """
 
-    name = "laplace"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         loc, scale = broadcast_params(loc, scale)
         eps = torch.finfo(loc.dtype).eps
         u = torch.rand_like(loc) * (2.0 - eps) + (eps - 1.0)
         return loc - scale * torch.sign(u) * torch.log1p(-torch.abs(u))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, loc, scale = param_tensors(value, loc, scale)
         return -math.log(2.0) - torch.log(scale) - torch.abs(x - loc) / scale
 
 
 
-class Cauchy(Distribution):
+class Cauchy(Distribution, name="cauchy", params={"loc": REAL, "scale": POSITIVE},
+             reparameterized=True):
     r"""Cauchy distribution ``cauchy(loc, scale)``.
 
     .. math:: \log p(x) = -\log\pi - \log\gamma - \log\left(1 + ((x-x_0)/\gamma)^2\right)
@@ -360,20 +305,12 @@ class Cauchy(Distribution):
     (reparameterized).
     """
 
-    name = "cauchy"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.tan(math.pi * (uniform_open(loc) - 0.5))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, loc, scale = param_tensors(value, loc, scale)
         z = (x - loc) / scale
@@ -381,7 +318,8 @@ class Cauchy(Distribution):
 
 
 
-class StudentT(Distribution):
+class StudentT(Distribution, name="student_t",
+               params={"df": POSITIVE, "loc": REAL, "scale": POSITIVE}, reparameterized=True):
     r"""Student's t distribution ``student_t(df, loc, scale)`` (all three positional; use
     ``loc=0, scale=1`` for the standard one).
 
@@ -394,24 +332,15 @@ class StudentT(Distribution):
     (so ``2G`` is chi-square with ``df`` degrees of freedom); reparameterized in all three.
     """
 
-    name = "student_t"
-    param_names = ("df", "loc", "scale")
-    param_constraints = (POSITIVE, REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, df: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw a normal over the square root of a scaled chi-square."""
         df, loc, scale = broadcast_params(df, loc, scale)
         z = torch.randn_like(loc)
         chi2 = 2.0 * standard_gamma(0.5 * df)
         return loc + scale * z * torch.rsqrt(chi2 / df)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, df: ArrayLike, loc: ArrayLike,
+               scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, df, loc, scale = param_tensors(value, df, loc, scale)
         z = (x - loc) / scale
@@ -425,7 +354,8 @@ class StudentT(Distribution):
 
 
 
-class HalfNormal(Distribution):
+class HalfNormal(Distribution, name="half_normal", params={"scale": POSITIVE},
+                 reparameterized=True):
     r"""Half-normal distribution ``half_normal(scale)``: ``|X|`` for ``X ~ N(0, scale)``.
 
     .. math:: \log p(x) = \tfrac12\log(2/\pi) - \log\sigma - x^2/(2\sigma^2), \quad x \ge 0
@@ -433,18 +363,12 @@ class HalfNormal(Distribution):
     Sampler: ``|scale * randn_like|`` (reparameterized).
     """
 
-    name = "half_normal"
-    param_names = ("scale",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, scale: ArrayLike) -> torch.Tensor:
         """Draw ``|scale * eps|``."""
         (scale,) = param_tensors(scale)
         return torch.abs(scale * torch.randn_like(scale))
 
-    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
@@ -454,7 +378,8 @@ class HalfNormal(Distribution):
 
 
 
-class LogNormal(Distribution):
+class LogNormal(Distribution, name="log_normal", params={"loc": REAL, "scale": POSITIVE},
+                reparameterized=True):
     r"""Log-normal distribution ``log_normal(loc, scale)``: ``exp(X)`` for ``X ~ N(loc, scale)``.
 
     .. math:: \log p(x) = -\tfrac12\left(\frac{\log x - \mu}{\sigma}\right)^2 - \log\sigma
@@ -463,20 +388,12 @@ class LogNormal(Distribution):
     Sampler: ``exp(loc + scale * randn_like)`` (reparameterized).
     """
 
-    name = "log_normal"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw ``exp(loc + scale * eps)``."""
         loc, scale = broadcast_params(loc, scale)
         return torch.exp(loc + scale * torch.randn_like(loc))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x <= 0``)."""
         x, loc, scale = param_tensors(value, loc, scale)
         support = x > 0
@@ -487,7 +404,8 @@ class LogNormal(Distribution):
 
 
 
-class HalfCauchy(Distribution):
+class HalfCauchy(Distribution, name="half_cauchy", params={"scale": POSITIVE},
+                 reparameterized=True):
     r"""Half-Cauchy distribution ``half_cauchy(scale)``: ``|X|`` for ``X ~ Cauchy(0, scale)``.
 
     .. math:: \log p(x) = \log 2 - \log\pi - \log\gamma - \log(1 + (x/\gamma)^2), \quad x \ge 0
@@ -496,18 +414,12 @@ class HalfCauchy(Distribution):
     (reparameterized).
     """
 
-    name = "half_cauchy"
-    param_names = ("scale",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         (scale,) = param_tensors(scale)
         return scale * torch.tan(0.5 * math.pi * uniform_open(scale))
 
-    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
@@ -517,7 +429,8 @@ class HalfCauchy(Distribution):
 
 
 
-class Weibull(Distribution):
+class Weibull(Distribution, name="weibull", params={"scale": POSITIVE, "concentration": POSITIVE},
+              reparameterized=True):
     r"""Weibull distribution ``weibull(scale, concentration)`` (torch's argument order).
 
     .. math:: \log p(x) = \log k - \log\lambda + (k-1)\log(x/\lambda) - (x/\lambda)^k,
@@ -527,23 +440,13 @@ class Weibull(Distribution):
     (computed in log space; reparameterized).
     """
 
-    name = "weibull"
-    param_names = ("scale", "concentration")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, scale: ArrayLike, concentration: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, scale: ArrayLike, concentration: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         scale, k = broadcast_params(scale, concentration)
         e = torch.clamp(-torch.log1p(-torch.rand_like(scale)), min=torch.finfo(scale.dtype).tiny)
         return scale * torch.exp(torch.log(e) / k)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, scale: ArrayLike, concentration: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, scale: ArrayLike, concentration: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale, k = param_tensors(value, scale, concentration)
         support = x >= 0

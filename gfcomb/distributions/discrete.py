@@ -46,7 +46,7 @@ def _is_integer(x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x, dtype=torch.bool)
 
 
-class Bernoulli(Distribution):
+class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, discrete=True):
     r"""Bernoulli distribution ``bernoulli(probs)``; values are floating ``0.``/``1.``.
 
     .. math:: \log p(x) = x\log p + (1-x)\log(1-p), \quad x \in \{0, 1\}
@@ -54,19 +54,13 @@ class Bernoulli(Distribution):
     Sampler: ``(rand_like(p) < p)`` cast to ``p``'s dtype.
     """
 
-    name = "bernoulli"
-    param_names = ("probs",)
-    param_constraints = (PROBABILITY,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw 1. with probability ``probs``, else 0."""
         (p,) = param_tensors(probs)
         p = p.detach()
         return (torch.rand_like(p) < p).to(p.dtype)
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` for values other than 0 and 1)."""
         x, p = param_tensors(value, probs)
         is1 = x == 1
@@ -78,7 +72,7 @@ class Bernoulli(Distribution):
 
 
 
-class Categorical(Distribution):
+class Categorical(Distribution, name="categorical", params={"probs": WEIGHTS}, discrete=True):
     r"""Categorical distribution ``categorical(probs)`` over ``{0, ..., K-1}``.
 
     ``probs`` has shape ``(..., K)``; as in torch it need not be normalized (it is divided by
@@ -90,20 +84,14 @@ class Categorical(Distribution):
     (a sum of booleans; exact: zero-probability categories are never drawn).
     """
 
-    name = "categorical"
-    param_names = ("probs",)
-    param_constraints = (WEIGHTS,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw one category index (int64)."""
         (p,) = param_tensors(probs)
         cdf = torch.cumsum(p.detach(), dim=-1)
         u = torch.rand_like(cdf[..., -1:]) * cdf[..., -1:]  # u < total (round to nearest)
         return (cdf[..., :-1] <= u).sum(dim=-1)
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Log mass of the index ``value`` (``-inf`` outside ``{0, ..., K-1}``)."""
         (p,) = param_tensors(probs)
         k = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=p.device)
@@ -117,7 +105,9 @@ class Categorical(Distribution):
 
 
 
-class UniformDiscrete(Distribution):
+class UniformDiscrete(Distribution, name="uniform_discrete",
+                      params={"low": INTEGER, "high": INTEGER}, relations=(("low", "<=", "high"),),
+                      discrete=True):
     r"""Discrete uniform distribution ``uniform_discrete(low, high)`` on the integers
     ``low, ..., high`` -- *both ends included*, as Gen.jl's ``uniform_discrete``.
     Values are ``torch.int64``.
@@ -129,23 +119,14 @@ class UniformDiscrete(Distribution):
     for ranges below ``2**24`` in float32 / ``2**53`` in float64).
     """
 
-    name = "uniform_discrete"
-    param_names = ("low", "high")
-    param_constraints = (INTEGER, INTEGER)
-    relations = (("low", "<=", "high"),)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Draw one integer in ``[low, high]`` (int64)."""
         lo, hi = broadcast_params(low, high)
         lo, hi = lo.detach(), hi.detach()
         x = torch.floor(lo + torch.rand_like(lo) * (hi - lo + 1))
         return torch.minimum(x, hi).to(torch.int64)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, low: ArrayLike, high: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` outside the integers of ``[low, high]``)."""
         k, lo, hi = param_tensors(value, low, high)
         support = _is_integer(k) & (k >= lo) & (k <= hi)
@@ -153,7 +134,7 @@ class UniformDiscrete(Distribution):
 
 
 
-class Poisson(Distribution):
+class Poisson(Distribution, name="poisson", params={"rate": NONNEGATIVE}, discrete=True):
     r"""Poisson distribution ``poisson(rate)``; values are floating (torch's convention).
 
     .. math:: \log p(k) = k\log\lambda - \lambda - \log k!, \quad k \in \{0, 1, \ldots\}
@@ -162,18 +143,12 @@ class Poisson(Distribution):
     mass at 0), as in torch.
     """
 
-    name = "poisson"
-    param_names = ("rate",)
-    param_constraints = (NONNEGATIVE,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, rate: ArrayLike) -> torch.Tensor:
         """Draw one count."""
         (rate,) = param_tensors(rate)
         return torch.poisson(rate.detach())
 
-    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, rate = param_tensors(value, rate)
         support = _is_integer(k) & (k >= 0)
@@ -183,7 +158,8 @@ class Poisson(Distribution):
 
 
 
-class Binomial(Distribution):
+class Binomial(Distribution, name="binomial",
+               params={"total_count": NONNEGATIVE_INTEGER, "probs": PROBABILITY}, discrete=True):
     r"""Binomial distribution ``binomial(total_count, probs)``; values are floating.
 
     .. math:: \log p(k) = \log\binom{n}{k} + k\log p + (n-k)\log(1-p), \quad
@@ -193,15 +169,7 @@ class Binomial(Distribution):
     torch's batching rule does not broadcast an unbatched ``total_count``).
     """
 
-    name = "binomial"
-    param_names = ("total_count", "probs")
-    param_constraints = (NONNEGATIVE_INTEGER, PROBABILITY)
-    discrete = True
-    reparameterized = False
-
-    def sample(  # type: ignore[override]
-        self, total_count: ArrayLike, probs: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, total_count: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Draw one count in ``[0, total_count]``."""
         n, p = broadcast_params(total_count, probs)
         n, p = n.detach(), p.detach()
@@ -209,9 +177,7 @@ class Binomial(Distribution):
         n, p = n + torch.zeros_like(p), p + torch.zeros_like(n)
         return torch.binomial(n, p)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off ``{0, ..., total_count}``)."""
         k, n, p = param_tensors(value, total_count, probs)
         support = _is_integer(k) & (k >= 0) & (k <= n)
@@ -227,7 +193,8 @@ class Binomial(Distribution):
 
 
 
-class Geometric(Distribution):
+class Geometric(Distribution, name="geometric", params={"probs": POSITIVE_PROBABILITY},
+                discrete=True):
     r"""Geometric distribution ``geometric(probs)``: the number of *failures* before the first
     success (torch's convention, support ``0, 1, 2, ...``); values are floating.
 
@@ -236,20 +203,14 @@ class Geometric(Distribution):
     Sampler: inverse CDF ``floor(log(U) / log1p(-p))`` with ``U`` in ``(0, 1]``.
     """
 
-    name = "geometric"
-    param_names = ("probs",)
-    param_constraints = (POSITIVE_PROBABILITY,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw one count of failures."""
         (p,) = param_tensors(probs)
         p = p.detach()
         u = 1.0 - torch.rand_like(p)  # (0, 1]
         return torch.floor(torch.log(u) / torch.log1p(-p)) + 0.0  # + 0.0 turns -0. into 0.
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, p = param_tensors(value, probs)
         support = _is_integer(k) & (k >= 0)

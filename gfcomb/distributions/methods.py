@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,13 +48,41 @@ class DistributionMethods:
     discrete: bool = False
     reparameterized: bool = False
 
-    def sample(self, *params: Any) -> torch.Tensor:
-        """Draw one value (vmap-safe; reparameterized when ``self.reparameterized``)."""
-        raise NotImplementedError
+    def __init_subclass__(cls, *, name: str | None = None,
+                          params: dict[str, Constraint] | None = None,
+                          relations: tuple[tuple[str, str, str], ...] | None = None,
+                          discrete: bool | None = None, reparameterized: bool | None = None,
+                          **kwargs: Any) -> None:
+        """The class attributes above, given as class keywords: ``class Gamma(Distribution,
+        name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+        reparameterized=True)`` (``params``: the parameter names and their constraints, in
+        order).  A subclass may set the attributes in its body instead."""
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+        if params is not None:
+            cls.param_names = tuple(params)
+            cls.param_constraints = tuple(params.values())
+        if relations is not None:
+            cls.relations = relations
+        if discrete is not None:
+            cls.discrete = discrete
+        if reparameterized is not None:
+            cls.reparameterized = reparameterized
 
-    def logpdf(self, value: torch.Tensor, *params: Any) -> torch.Tensor:
-        """Elementwise log density / log mass of ``value``."""
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # each distribution takes its own parameters (``sample(loc, scale)``): to the type
+        # checker the two are callables of any signature, not methods to override exactly
+        sample: Callable[..., torch.Tensor]
+        logpdf: Callable[..., torch.Tensor]
+    else:
+        def sample(self, *params: Any) -> torch.Tensor:
+            """Draw one value (vmap-safe; reparameterized when ``self.reparameterized``)."""
+            raise NotImplementedError
+
+        def logpdf(self, value: torch.Tensor, *params: Any) -> torch.Tensor:
+            """Elementwise log density / log mass of ``value``."""
+            raise NotImplementedError
 
     # ----------------------------------------------------------------- shapes
     def event_shape(self, params: Sequence[torch.Tensor]) -> tuple[int, ...]:
