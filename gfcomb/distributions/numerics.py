@@ -47,6 +47,14 @@ def to_front(t: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
     return t.movedim(dim, 0)
 
 
+def elementwise_vmap(fn: type[torch.autograd.Function], info: Any, in_dims: Any,
+                     *args: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The vmap rule of an elementwise autograd function ``fn``: every argument's batch dim
+    to the front (:func:`to_front`), broadcast, one call of ``fn``."""
+    moved = [to_front(a, d, info.batch_size) for a, d in zip(args, in_dims)]
+    return fn.apply(*torch.broadcast_tensors(*moved)), 0
+
+
 class _StandardGammaGrad(torch.autograd.Function):
     """``torch._standard_gamma_grad`` with a real vmap rule.
 
@@ -71,10 +79,7 @@ class _StandardGammaGrad(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = to_front(alpha, in_dims[0], info.batch_size)
-        x = to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _StandardGammaGrad.apply(alpha, x), 0
+        return elementwise_vmap(_StandardGammaGrad, info, in_dims, alpha, x)
 
 
 class _GammaReparam(torch.autograd.Function):
@@ -101,10 +106,7 @@ class _GammaReparam(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = to_front(alpha, in_dims[0], info.batch_size)
-        x = to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _GammaReparam.apply(alpha, x), 0
+        return elementwise_vmap(_GammaReparam, info, in_dims, alpha, x)
 
 
 def standard_gamma(alpha: torch.Tensor) -> torch.Tensor:
