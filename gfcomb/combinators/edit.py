@@ -46,11 +46,10 @@ class Edit:
     """
 
     counts_discards: bool
-
-    @property
-    def constraints(self) -> Any:
-        """What new elements are generated against (empty for a selection)."""
-        return _EMPTY
+    #: The constraints or the selection.
+    payload: Any
+    #: What new elements are generated against (empty for a selection).
+    constraints: Any = _EMPTY
 
     def is_empty(self) -> bool:
         """True when the edit writes nothing (only argument changes remain)."""
@@ -75,11 +74,6 @@ class Edit:
         ``choices``: ``(edit, True)`` when its :attr:`payload` differs per element (it then
         travels into vmap, leading axis = ``keys``), ``(edit, False)`` when one edit serves
         every element."""
-        raise NotImplementedError
-
-    @property
-    def payload(self) -> Any:
-        """The constraints or the selection."""
         raise NotImplementedError
 
     def with_payload(self, payload: Any) -> Edit:
@@ -112,19 +106,11 @@ class Constrain(Edit):
 
     def __init__(self, constraints: Any) -> None:
         if isinstance(constraints, ChoiceMap):  # (the common case: no unwrapping)
-            self.cm = self._raw = constraints
+            self.cm = self.constraints = self.payload = constraints
             return
         cm, per_row = unwrap_rows(constraints)
         self.cm = as_choicemap(cm)
-        self._raw = constraints if per_row else self.cm
-
-    @property
-    def constraints(self) -> Any:
-        return self._raw
-
-    @property
-    def payload(self) -> Any:
-        return self._raw
+        self.constraints = self.payload = constraints if per_row else self.cm
 
     def is_empty(self) -> bool:
         return self.cm.is_empty()
@@ -136,9 +122,9 @@ class Constrain(Edit):
         return keys
 
     def at(self, key: Any) -> Edit:
-        if self._raw is self.cm:
+        if self.constraints is self.cm:
             return Constrain(self.cm.get_submap(key))
-        return Constrain(rows_submap(self._raw, key))
+        return Constrain(rows_submap(self.constraints, key))
 
     def for_elements(self, keys: Sequence[int], choices: ChoiceMap) -> tuple[Edit, bool]:
         return Constrain(stack_constraints(self.cm, keys)), True
@@ -153,7 +139,7 @@ class Constrain(Edit):
     def apply(self, gen_fn: GenerativeFunction, trace: Trace, args: tuple[Any, ...],
               argdiffs: tuple[Diff, ...], batch: bool = False) -> EditResult:
         method = gen_fn.batch_update if batch else gen_fn.update
-        return method(trace, args, argdiffs, self._raw)
+        return method(trace, args, argdiffs, self.constraints)
 
 
 class Resample(Edit):
@@ -162,11 +148,7 @@ class Resample(Edit):
     counts_discards = False
 
     def __init__(self, selection: Selection) -> None:
-        self.selection = selection
-
-    @property
-    def payload(self) -> Any:
-        return self.selection
+        self.selection = self.payload = selection
 
     def is_empty(self) -> bool:
         return self.selection.is_empty_static()
