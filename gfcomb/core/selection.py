@@ -124,46 +124,43 @@ class Selection:
         return _ALL
 
 
-class AllSelection(Selection):
+class _Constant(Selection):
+    """A selection that answers the same at every address: everything or nothing."""
+
+    __slots__ = ()
+    selects: bool
+
+    def get_subselection(self, key: Any) -> Selection:
+        return self
+
+    def leaf_flag(self) -> Flag:
+        return self.selects
+
+    def is_all_static(self) -> bool:
+        return self.selects
+
+    def is_empty_static(self) -> bool:
+        return not self.selects
+
+    def __repr__(self) -> str:
+        return "selectall()" if self.selects else "Selection.none()"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Selection.all if self.selects else Selection.none, ())
+
+
+class AllSelection(_Constant):
     """Selects every address."""
 
     __slots__ = ()
-
-    def get_subselection(self, key: Any) -> Selection:
-        return self
-
-    def leaf_flag(self) -> Flag:
-        return True
-
-    def is_all_static(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return "selectall()"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Selection.all, ())
+    selects = True
 
 
-class NoneSelection(Selection):
+class NoneSelection(_Constant):
     """Selects nothing."""
 
     __slots__ = ()
-
-    def get_subselection(self, key: Any) -> Selection:
-        return self
-
-    def leaf_flag(self) -> Flag:
-        return False
-
-    def is_empty_static(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return "Selection.none()"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Selection.none, ())
+    selects = False
 
 
 _ALL = AllSelection()
