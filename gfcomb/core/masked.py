@@ -132,21 +132,29 @@ def restrict(cm: ChoiceMap, structure: ChoiceMap,
 
 def minus(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
     """The values of ``a`` where ``b`` holds no (present) value."""
-    if a.is_empty() or b.is_empty():
-        return a
+    return _by_presence(a, b, False, depth)
+
+
+def where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
+    """The values of ``a`` where ``b`` holds a present value (element by element)."""
+    return _by_presence(a, b, True, depth)
+
+
+def _by_presence(a: ChoiceMap, b: ChoiceMap, present: bool, depth: int) -> ChoiceMap:
+    """:func:`where_present` (``present``) or :func:`minus`: the values of ``a``, each kept
+    where ``b`` does (or does not) hold a present value."""
+    if a.is_empty() or b.is_empty() or (a.is_value() != b.is_value()):
+        return _EMPTY if present else a
     if a.is_value():
-        if not b.is_value():
-            return a
         if b.mask is None:
-            return _EMPTY
-        keep = ~b.mask
+            return a if present else _EMPTY
+        keep = b.mask if present else ~b.mask
         return ChoiceMap.value(a.get_value(), keep if a.mask is None else a.mask & keep)
-    if b.is_value():
-        return a
     if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return stack_like(minus(a.stacked_inner, b.stacked_inner, depth + 1), a, depth)
+        return stack_like(_by_presence(a.stacked_inner, b.stacked_inner, present, depth + 1),
+                          a, depth)
     node = a.unstacked()
-    return ChoiceMap.node({k: minus(node.get_submap(k), b.get_submap(k), depth)
+    return ChoiceMap.node({k: _by_presence(node.get_submap(k), b.get_submap(k), present, depth)
                            for k in node.keys()})
 
 
@@ -188,26 +196,6 @@ def children(cm: ChoiceMap) -> list[ChoiceMap]:
     if cm.is_stacked():
         return [cm.stacked_inner]
     return [cm.get_submap(k) for k in cm.keys()]
-
-
-def where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
-    """The values of ``a`` where ``b`` holds a present value (element by element)."""
-    if a.is_empty() or b.is_empty():
-        return _EMPTY
-    if a.is_value():
-        if not b.is_value():
-            return _EMPTY
-        if b.mask is None:
-            return a
-        return ChoiceMap.value(a.get_value(), b.mask if a.mask is None else a.mask & b.mask)
-    if b.is_value():
-        return _EMPTY
-    if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return stack_like(where_present(a.stacked_inner, b.stacked_inner, depth + 1), a,
-                           depth)
-    node = a.unstacked()
-    return ChoiceMap.node({k: where_present(node.get_submap(k), b.get_submap(k), depth)
-                           for k in node.keys()})
 
 
 def any_present(cm: ChoiceMap) -> Flag:
