@@ -13,7 +13,8 @@ that is how Map selects element 3 but not element 4 in one batched call.  Such s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -30,27 +31,26 @@ def flag_not(f: Flag) -> Flag:
 
 
 def flag_or(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
-    if a is True or b is True:
-        return True
-    if a is False:
-        return b
-    if b is False:
-        return a
-    return a | b  # type: ignore[operator]
+    """``a or b`` of two flags (bools, or per-element bool tensors)."""
+    return _flag_op(a, b, True, operator.or_)
 
 
 def flag_and(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if a is False or b is False:
-        return False
-    if a is True:
+    """``a and b`` of two flags (bools, or per-element bool tensors)."""
+    return _flag_op(a, b, False, operator.and_)
+
+
+def _flag_op(a: Flag, b: Flag, absorbing: bool, op: Callable[[Any, Any], Any]) -> Flag:
+    """``or`` (``absorbing`` True) or ``and`` of two flags without a tensor op where a bool
+    decides: the absorbing value wins, the other bool is neutral."""
+    if a is absorbing or b is absorbing:
+        return absorbing
+    if isinstance(a, bool):
         return b
-    if b is True:
+    if isinstance(b, bool):
         return a
-    return a & b  # type: ignore[operator]
+    result: Flag = op(a, b)
+    return result
 
 
 class Selection:
