@@ -14,7 +14,7 @@ that is how Map selects element 3 but not element 4 in one batched call.  Such s
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -379,23 +379,6 @@ def element_selections(selection: Selection,
             if isinstance(k, int) and not isinstance(k, bool) and k in keyset:
                 special[k] = selection.get_subselection(k)
     return default, special
-
-
-def _flag_at(sel: Selection, path: Iterable[Any]) -> Flag:
-    """Whether the value at ``path`` is selected: the leaf flag of the sub-selection there.
-
-    (A selected prefix selects everything beneath it because its sub-selections are
-    ``selectall()``; a prefix's own leaf flag says nothing about the addresses beneath it:
-    ``~select(("y", "a"))`` has leaf flag True at ``("y",)`` yet does not select ``("y", "a")``.)
-    """
-    s = sel
-    for k in path:
-        if s.is_all_static():
-            return True
-        if s.is_empty_static():
-            return False
-        s = s.get_subselection(k)
-    return s.leaf_flag()
 
 
 def selection_flags_for_vector(selection: Selection, keys: Sequence[int],

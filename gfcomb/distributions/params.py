@@ -4,7 +4,6 @@ must satisfy (:data:`REAL`, :data:`POSITIVE`, :data:`POSITIVE_DEFINITE`, ...).""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -70,14 +69,6 @@ def constant_value(t: Any) -> float | None:
     if hit is not None and hit[0] is t:
         return hit[1]
     return None
-
-
-def float_dtype(params: Sequence[Any]) -> torch.dtype:
-    """The promoted floating dtype of the floating tensor parameters (default dtype if none)."""
-    dtypes = [p.dtype for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
-    if not dtypes:
-        return torch.get_default_dtype()
-    return functools.reduce(torch.promote_types, dtypes)
 
 
 def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:

@@ -75,12 +75,6 @@ def write(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor, ChoiceM
     return new, weight, discard
 
 
-def vmap_samples(fn: Callable[[], Any], n: int, who: str) -> Any:
-    """``n`` independent runs of ``fn()`` in one ``torch.func.vmap`` call (a leading axis of
-    ``n`` on every output leaf)."""
-    return vmapped(lambda _: fn(), who)(torch.zeros(n))
-
-
 def vmapped(fn: Callable[..., Any], who: str, in_dims: Any = 0) -> Callable[..., Any]:
     """``torch.func.vmap(fn, randomness="different")``; a function that cannot run under vmap
     gets a :class:`VmapError` naming the cause."""
