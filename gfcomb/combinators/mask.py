@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
 from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
@@ -262,43 +263,7 @@ class Mask(Combinator):
         generate weight (log p(t') − log q(fresh)); turns off: −old score; stays off: 0.
         discard = the inner discard (stays on) and the old choices (turns off).
         """
-        old = self._check_trace(trace)
-        flag, inner_args = self._parse(args)
-        argdiffs = check_argdiffs(args, argdiffs, 'Mask')
-        cm = as_choicemap(constraints)
-        inner_diffs = argdiffs[1:]
-        if isinstance(flag, bool) and not old.batched:
-            if old.inner is not None and flag:
-                inner, w, rd, d = self.gen_fn.update(old.inner, inner_args, inner_diffs, cm)
-                return self._on(args, inner), w, rd, d
-            if flag:  # turns on
-                inner, w = self.gen_fn.generate(inner_args, cm)
-                return self._on(args, inner), w, _UNKNOWN, _EMPTY
-            self._refuse(cm, "update")
-            new = self._off(args)
-            if old.active:  # turns off
-                return new, -old.score, _UNKNOWN, old.choices
-            return new, torch.zeros_like(old.score), _NO_CHANGE, _EMPTY
-        # batched: per-element cases with torch.where
-        f1 = self._as_tensor(flag)
-        if old.inner is None:  # was off everywhere: a generate where on
-            inner, w = self.gen_fn.generate(inner_args, cm)
-            w = _nan_where_unvisited(_where(f1, w, 0.0), f1, cm)
-            return self._batched(args, f1, inner), w, _UNKNOWN, _EMPTY
-        f0 = old.flag if old.batched else torch.tensor(True)
-        assert f0 is not None
-        inner, w, rd, d = self.gen_fn.update(old.inner, inner_args, inner_diffs, cm)
-        if isinstance(argdiffs[0], NoChange) and old.batched:  # the same flag: stays as it was
-            return (self._batched(args, f1, inner),
-                    _nan_where_unvisited(_where(f1, w, 0.0), f1, cm),
-                    rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
-        stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
-        fresh, wg = self.gen_fn.generate(inner_args, cm)
-        inner = tree_where(on, fresh, inner)
-        weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))
-        weight = _nan_where_unvisited(weight, f1, cm)
-        discard = masked(d, stay).merge(masked(old.inner.choices, off))
-        return self._batched(args, f1, inner), weight, _UNKNOWN, discard
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[MaskTrace, torch.Tensor, Diff]:
@@ -307,31 +272,64 @@ class Mask(Combinator):
         Math: weight = the inner regenerate weight where the flag stays true, else 0 (new and
         removed choices contribute 0).
         """
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _fresh(self, inner_args: tuple[Any, ...], edit: Edit) -> tuple[Trace, torch.Tensor]:
+        """The inner function run afresh where the flag turns true: generated against the
+        edit's constraints (an update), simulated with weight 0 (a regenerate)."""
+        if edit.counts_discards:
+            return self.gen_fn.generate(inner_args, edit.constraints)
+        tr = self.gen_fn.simulate(inner_args)
+        return tr, torch.zeros_like(tr.score)
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[MaskTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: per case of the old and the new flag,
+        ``edit`` applied to the inner trace (stays on), the inner function run afresh (turns
+        on), the inner trace dropped (turns off; an update counts its score and discards its
+        choices)."""
         old = self._check_trace(trace)
         flag, inner_args = self._parse(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Mask')
+        cm = edit.constraints
         inner_diffs = argdiffs[1:]
-        zero = torch.zeros_like(old.score)
         if isinstance(flag, bool) and not old.batched:
             if old.inner is not None and flag:
-                inner, w, rd = self.gen_fn.regenerate(old.inner, inner_args, inner_diffs,
-                                                      selection)
-                return self._on(args, inner), w, rd
-            if flag:
-                return self._on(args, self.gen_fn.simulate(inner_args)), zero, _UNKNOWN
-            return self._off(args), zero, _UNKNOWN if old.active else _NO_CHANGE
+                inner, w, rd, d = edit.apply(self.gen_fn, old.inner, inner_args, inner_diffs)
+                return self._on(args, inner), w, rd, d
+            if flag:  # turns on
+                inner, w = self._fresh(inner_args, edit)
+                return self._on(args, inner), w, _UNKNOWN, _EMPTY
+            self._refuse(cm, "update")
+            new = self._off(args)
+            if old.active and edit.counts_discards:  # turns off
+                return new, -old.score, _UNKNOWN, old.choices
+            return (new, torch.zeros_like(old.score), _UNKNOWN if old.active else _NO_CHANGE,
+                    _EMPTY)
+        # batched: per-element cases with torch.where
         f1 = self._as_tensor(flag)
-        if old.inner is None:
-            return self._batched(args, f1, self.gen_fn.simulate(inner_args)), zero, _UNKNOWN
+        if old.inner is None:  # was off everywhere: the inner function afresh where on
+            inner, w = self._fresh(inner_args, edit)
+            w = _nan_where_unvisited(_where(f1, w, 0.0), f1, cm)
+            return self._batched(args, f1, inner), w, _UNKNOWN, _EMPTY
         f0 = old.flag if old.batched else torch.tensor(True)
         assert f0 is not None
-        inner, w, rd = self.gen_fn.regenerate(old.inner, inner_args, inner_diffs, selection)
-        if isinstance(argdiffs[0], NoChange) and old.batched:
-            return (self._batched(args, f1, inner), _where(f1, w, 0.0),
-                    rd if isinstance(rd, NoChange) else _UNKNOWN)
-        stay, on = f0 & f1, ~f0 & f1
-        inner = tree_where(on, self.gen_fn.simulate(inner_args), inner)
-        return self._batched(args, f1, inner), _where(stay, w, 0.0), _UNKNOWN
+        inner, w, rd, d = edit.apply(self.gen_fn, old.inner, inner_args, inner_diffs)
+        if isinstance(argdiffs[0], NoChange) and old.batched:  # the same flag: stays as it was
+            return (self._batched(args, f1, inner),
+                    _nan_where_unvisited(_where(f1, w, 0.0), f1, cm),
+                    rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
+        stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
+        fresh, wg = self._fresh(inner_args, edit)
+        inner = tree_where(on, fresh, inner)
+        if edit.counts_discards:
+            weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))
+            discard = masked(d, stay).merge(masked(old.inner.choices, off))
+        else:  # fresh and removed choices contribute 0
+            weight, discard = _where(stay, w, 0.0), _EMPTY
+        weight = _nan_where_unvisited(weight, f1, cm)
+        return self._batched(args, f1, inner), weight, _UNKNOWN, discard
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = [flag] · the inner project(t, S)."""
