@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
 from gfcomb.combinators.parts import Combinator
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -143,16 +144,7 @@ class Wrapper(Combinator):
         Math: weight = the inner update weight = log p(t'; x') − log p(t; x) − log q(fresh);
         discard = the inner discard; retdiff mapped from the inner retdiff.
         """
-        old = self._check_trace(trace)
-        args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        cm = as_choicemap(constraints)
-        if all_unchanged(argdiffs) and cm.is_empty():
-            return old, torch.zeros_like(old.score), _NO_CHANGE, ChoiceMap.empty()
-        in_args = self.inner_args(args)
-        inner, w, rd, discard = self.inner_gen_fn(args).update(
-            old.inner, in_args, self.inner_argdiffs(args, in_args, argdiffs), cm)
-        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd), discard
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[WrappedTrace, torch.Tensor, Diff]:
@@ -161,15 +153,22 @@ class Wrapper(Combinator):
         Math: weight = the inner regenerate weight = Σ over retained, unselected choices of
         (log p' − log p).
         """
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[WrappedTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: ``edit`` applied to the inner trace with
+        the mapped arguments and argdiffs."""
         old = self._check_trace(trace)
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        if all_unchanged(argdiffs) and selection.is_empty_static():
-            return old, torch.zeros_like(old.score), _NO_CHANGE
+        if all_unchanged(argdiffs) and edit.is_empty():
+            return old, torch.zeros_like(old.score), _NO_CHANGE, ChoiceMap.empty()
         in_args = self.inner_args(args)
-        inner, w, rd = self.inner_gen_fn(args).regenerate(
-            old.inner, in_args, self.inner_argdiffs(args, in_args, argdiffs), selection)
-        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd)
+        inner, w, rd, discard = edit.apply(self.inner_gen_fn(args), old.inner, in_args,
+                                           self.inner_argdiffs(args, in_args, argdiffs))
+        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd), discard
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = the inner project(t, S)."""
