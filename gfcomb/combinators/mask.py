@@ -50,6 +50,7 @@ from gfcomb.core.gfi import (
     check_args_tuple,
     check_trace,
 )
+from gfcomb.core.masked import any_present
 from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -118,26 +119,9 @@ register_record(MaskTrace, dynamic=("args", "retval", "score", "inner", "flag"),
                 static=("gen_fn", "batched", "active"))
 
 
-def _any_present(cm: ChoiceMap) -> bool | torch.Tensor:
-    """Does ``cm`` hold a present value (per element of a batch where masks are batched)?"""
-    if cm.is_empty():
-        return False
-    if cm.is_value():
-        m = cm.mask
-        return True if m is None else m.any()
-    subs = [cm.stacked_inner] if cm.is_stacked() else [cm.get_submap(k) for k in cm.keys()]
-    out: bool | torch.Tensor = False
-    for sub in subs:
-        p = _any_present(sub)
-        if p is True:
-            return True
-        out = p if out is False else (out | p)
-    return out
-
-
 def _nan_where_unvisited(w: torch.Tensor, flag: torch.Tensor, cm: ChoiceMap) -> torch.Tensor:
     """``w`` with NaN where ``flag`` is false and ``cm`` constrains something."""
-    given = _any_present(cm)
+    given = any_present(cm)
     if given is False:
         return w
     bad = ~flag if given is True else (given & ~flag)
@@ -190,7 +174,7 @@ class Mask(Combinator):
 
     @staticmethod
     def _refuse(cm: ChoiceMap, method: str) -> None:
-        present = _any_present(cm)  # (values masked out everywhere are absent)
+        present = any_present(cm)  # (values masked out everywhere are absent)
         if isinstance(present, torch.Tensor) and not is_batched(present):
             present = bool(present)
         if present is not False:
