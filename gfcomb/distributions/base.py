@@ -29,7 +29,8 @@ Contract for subclasses
 - Class attributes: ``name`` (str), ``param_names`` (tuple of str), ``discrete`` (bool),
   ``reparameterized`` (bool); or, as the built-ins do, class keywords:
   ``class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate":
-  POSITIVE}, reparameterized=True)`` (see :class:`~gfcomb.distributions.methods.DistributionMethods`).
+  POSITIVE}, reparameterized=True)`` (see
+  :class:`~gfcomb.distributions.methods.DistributionMethods`).
 
 Parameters are converted to tensors once per GFI call (:func:`param_tensors`: one floating dtype,
 the device of the tensor parameters; Python numbers become cached constant tensors), so
