@@ -7,57 +7,9 @@
 ...     return gf.normal(slope * x, 1.0) @ "y"
 """
 
-from gfcomb import distributions
-from gfcomb.combinators import (
-    Dimap,
-    Map,
-    Mask,
-    MaskTrace,
-    Production,
-    Recurse,
-    RecurseTrace,
-    Repeat,
-    Scan,
-    Switch,
-    SwitchTrace,
-    Unfold,
-    UnfoldTrace,
-    VectorTrace,
-    WrappedTrace,
-)
-from gfcomb.core import (
-    AddressError,
-    AddressTypeError,
-    ArgumentError,
-    ArgumentTypeError,
-    ChoiceMap,
-    ChoiceMapMergeError,
-    ChoiceValueError,
-    CollectiveTimeoutError,
-    DegenerateWeightsError,
-    Diff,
-    DistributedError,
-    DistributionArgumentError,
-    DistributionArgumentTypeError,
-    DuplicateAddressError,
-    GenerativeFunction,
-    GFIError,
-    Invocation,
-    MissingChoiceError,
-    NoChange,
-    NumericalError,
-    OutsideGenBodyError,
-    PersistenceError,
-    RankFailedError,
-    Selection,
-    Trace,
-    UnknownChange,
-    UnvisitedConstraintError,
-    VectorDiff,
-    VmapError,
-    select,
-    selectall,
-)
+from gfcomb import combinators, core, distributions
+from gfcomb.combinators import *  # noqa: F403  (combinators.__all__)
+from gfcomb.core import *  # noqa: F403  (core.__all__)
 from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.core.custom import RecordTrace, trace_record
 from gfcomb.core.vmap import PerRow
@@ -69,17 +21,8 @@ from gfcomb.torch_module import DeterministicTrace, TorchGenerativeFunction
 __version__ = "0.1.0"
 
 __all__ = [
-    "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
-    "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
-    "OutsideGenBodyError", "PersistenceError", "DistributedError", "RankFailedError",
-    "CollectiveTimeoutError",
-    "ChoiceMap", "ChoiceMapMergeError",
-    "DegenerateWeightsError", "DeterministicTrace", "Diff", "DistributionArgumentError",
-    "DuplicateAddressError", "GFIError", "GenFunction", "GenTrace", "GenerativeFunction",
-    "Invocation", "MissingChoiceError", "NoChange", "Selection", "TorchGenerativeFunction",
-    "Trace", "UnknownChange", "UnvisitedConstraintError", "VectorDiff", "VmapError", "gen",
-    "select", "selectall", "select_batch", "compact_history", "PerRow", "splice", "Map", "Unfold",
-    "Switch", "Recurse", "Production", "save", "load",
-    "RecurseTrace", "SwitchTrace", "UnfoldTrace", "VectorTrace", "Scan", "Repeat", "Mask",
-    "Dimap", "MaskTrace", "WrappedTrace", "RecordTrace", "trace_record", *distributions.__all__,
+    *core.__all__, *combinators.__all__, *distributions.__all__,
+    "DeterministicTrace", "GenFunction", "GenTrace", "PerRow", "RecordTrace",
+    "TorchGenerativeFunction", "compact_history", "gen", "load", "save", "select_batch",
+    "splice", "trace_record",
 ]

@@ -375,8 +375,8 @@ def test_a_per_row_selection_is_not_taken_out_of_its_row_level():
     calls the Unfold per row instead of handing it a batch call with a batched selection."""
     from gfcomb.testing import strategies as S
 
-    pool = dict(S._kernel_pool())
-    _, model = S._recurse_node(S._repeat_node(S._unfold_node(
+    pool = dict(S.kernel_pool())
+    _, model = S.recurse_node(S.repeat_node(S.unfold_node(
         ("k_normal", pool["k_normal"]), 1), 3), 1)
     torch.manual_seed(1)
     tr = model.simulate((torch.tensor(0.0),))

@@ -1040,7 +1040,8 @@ def test_torch_wrapper_optional_params_and_check_args() -> None:
 
 # ======================================================= table-driven validation (base.py)
 def test_every_builtin_declares_its_constraints_in_the_table() -> None:
-    from gfcomb.distributions.base import Constraint, DistributionMethods
+    from gfcomb.distributions.methods import DistributionMethods
+    from gfcomb.distributions.params import Constraint
 
     for name, (dist, _) in ALL_DISTS.items():
         assert len(dist.param_constraints) == len(dist.param_names), name
@@ -1137,7 +1138,7 @@ def test_python_number_parameters_give_the_tensor_results() -> None:
 
 
 def test_constant_cache_keeps_signed_zero_dtype_and_device_apart() -> None:
-    from gfcomb.distributions.base import constant_tensor, constant_value
+    from gfcomb.distributions.params import constant_tensor, constant_value
 
     pz = constant_tensor(0.0, torch.float64, None)
     nz = constant_tensor(-0.0, torch.float64, None)
@@ -1149,19 +1150,26 @@ def test_constant_cache_keeps_signed_zero_dtype_and_device_apart() -> None:
 
 
 def test_constants_made_under_inference_mode_or_grad_are_not_cached() -> None:
-    from gfcomb.distributions.base import _CONSTANTS, constant_tensor
+    from gfcomb.distributions.params import constant_tensor, constant_value
 
     with torch.inference_mode():
-        constant_tensor(0.123456, torch.float64, None)
-    assert not any(k[0] == 0.123456 for k in _CONSTANTS)
+        made = constant_tensor(0.123456, torch.float64, None)
+    assert constant_value(made) is None  # not cached: an inference tensor would leak out
+    after = constant_tensor(0.123456, torch.float64, None)
+    assert after is not made and not after.is_inference()
+
+    seen: list[torch.Tensor] = []
 
     def f(loc: torch.Tensor) -> torch.Tensor:
+        seen.append(constant_tensor(0.654321, torch.float64, None))
         return Normal().logpdf(torch.tensor(0.1), loc, 0.654321)
 
     g = grad(f)(torch.tensor(0.2))
     assert g.item() == pytest.approx((0.1 - 0.2) / 0.654321 ** 2, rel=1e-12)
     # a constant first made under grad is not kept (it would be a wrapped tensor)
-    assert all(not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _CONSTANTS.values())
+    assert constant_value(seen[0]) is None
+    kept = constant_tensor(0.654321, torch.float64, None)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(kept)
     # and one made under inference mode does not break autograd afterwards
     with torch.inference_mode():
         Normal().simulate((0.0, 0.777))

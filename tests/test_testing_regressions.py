@@ -322,12 +322,12 @@ def test_update_roundtrip_of_map_of_nested_switch_changing_the_inner_branch():
     constraint of a branch that no longer visits it: NaN weight.  Old choices are now reused
     only where each element's new trace visits them."""
     from gfcomb.testing.laws import check_law
-    from gfcomb.testing.strategies import _map_node, _pool, _switch_node
+    from gfcomb.testing.strategies import kernel_pool, map_node, switch_node
 
-    pool = dict(_pool())
-    inner = _switch_node([("k_det", pool["k_det"]), ("k_normal", pool["k_normal"])])
-    outer = _switch_node([inner, ("k_two", pool["k_two"]), ("k_det", pool["k_det"])])
-    _, model = _map_node(outer, 2)
+    pool = dict(kernel_pool())
+    inner = switch_node([("k_det", pool["k_det"]), ("k_normal", pool["k_normal"])])
+    outer = switch_node([inner, ("k_two", pool["k_two"]), ("k_det", pool["k_det"])])
+    _, model = map_node(outer, 2)
     x = (torch.tensor(0.0),)
     start = gf.ChoiceMap({("map2", 0, "i3"): torch.tensor(1), ("map2", 1, "i3"): torch.tensor(0),
                           ("map2", 1, "switch3", "i2"): torch.tensor(1),

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gfcomb.combinators.parts import gen_fn_part
 from gfcomb.combinators.wrapped import Wrapper, all_unchanged
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import ArgumentError
@@ -34,8 +35,7 @@ class Dimap(Wrapper):
     def __init__(self, gen_fn: GenerativeFunction,
                  pre: Callable[..., tuple[Any, ...]] | None = None,
                  post: Callable[[tuple[Any, ...], Any], Any] | None = None) -> None:
-        if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"Dimap wraps a generative function, got {gen_fn!r}")
+        gen_fn_part(gen_fn, "Dimap", "gen_fn")
         for name, f in (("pre", pre), ("post", post)):
             if f is not None and not callable(f):
                 raise TypeError(f"Dimap: '{name}' must be callable or None, got {f!r}")
@@ -43,10 +43,8 @@ class Dimap(Wrapper):
         self.pre = pre
         self.post = post
 
-    def __repr__(self) -> str:
-        return f"Dimap({self.inner_fn!r})"
-
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The inner function and the two maps."""
         return (Dimap, self.inner_fn, self.pre, self.post)
 
     def inner_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:

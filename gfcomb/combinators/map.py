@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.vector import (
-    InDims,
     VectorTrace,
     changed_elements,
     concat_elements,
@@ -36,14 +37,14 @@ from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.pytree import tree_index, tree_scatter
-from gfcomb.core.selection import Selection, element_selections, has_mask_flags
+from gfcomb.core.selection import Selection, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection, check_vmapped_scores
 from gfcomb.core.vmap import batched_call
 
 
-class Map(GenerativeFunction):
+class Map(Combinator):
     """Map a kernel over the elements of its arguments (see the module docstring).
 
     ``vectorize=False`` runs the kernel element by element in Python instead of under vmap
@@ -52,24 +53,13 @@ class Map(GenerativeFunction):
 
     def __init__(self, kernel: GenerativeFunction, in_dims: Any = 0, *,
                  vectorize: bool = True) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Map needs a generative function kernel, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = gen_fn_part(kernel, "Map", "kernel")
         self.in_dims = in_dims
         self.vectorize = vectorize
 
-    def __repr__(self) -> str:
-        return f"Map({self.kernel!r})"
-
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel, ``in_dims`` and ``vectorize``."""
         return (Map, self.kernel, self.in_dims, self.vectorize)
-
-    def __eq__(self, other: object) -> bool:
-        # Map(kernel) is often built inside a @gen body: equal parts, same function
-        return isinstance(other, Map) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ helpers
     def _dims(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -151,17 +141,6 @@ class Map(GenerativeFunction):
                               cm)(stacked, *args)
         return w.sum(0), retval
 
-    def _edit_lengths(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any,
-                      ) -> tuple[VectorTrace, tuple[Any, ...], tuple[Diff, ...], InDims, int,
-                                 int]:
-        """What update and regenerate check first: (trace, args, argdiffs, in_dims, new
-        length, old length)."""
-        assert isinstance(trace, VectorTrace)
-        args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        dims = self._dims(args)
-        return trace, args, argdiffs, dims, mapped_length(args, dims, repr(self)), trace.length
-
     def update(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                constraints: ChoiceMap | None = None,
                ) -> tuple[VectorTrace, torch.Tensor, Diff, ChoiceMap]:
@@ -171,22 +150,44 @@ class Map(GenerativeFunction):
         − Σ_{removed i} score_i.  discard = the revisited elements' discards and the removed
         elements' choices.  retdiff = VectorDiff(n', n, revisited).
         """
-        trace, args, argdiffs, dims, n_new, n_old = self._edit_lengths(trace, args, argdiffs)
-        cm = as_choicemap(constraints)
-        ckeys = constrained_elements(cm, n_new, "update")
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
+
+    def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                   selection: Selection) -> tuple[VectorTrace, torch.Tensor, Diff]:
+        """Regenerate the selected choices of each element.
+
+        Math: weight = Σ_{revisited i} kernel regenerate weight_i; new elements are
+        simulated and removed ones dropped, contributing 0.
+        """
+        check_selection(selection, self, "regenerate")
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[VectorTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: drop the removed elements, apply
+        ``edit`` to the changed and touched ones (one batched kernel call), generate the new
+        ones against the edit's constraints."""
+        assert isinstance(trace, VectorTrace)
+        args = check_args_tuple(args)
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        dims = self._dims(args)
+        n_new, n_old = mapped_length(args, dims, repr(self)), trace.length
+        touched = edit.keys(n_new, "update")
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
-        revisit = _revisit(all_changed, changed, ckeys, keep)
+        revisit = _revisit(all_changed, changed, touched, keep)
         if not revisit and n_new == n_old:
             return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
         inner = trace.inner
         weight = torch.zeros_like(trace.score)
         discard = ChoiceMap.empty()
         if n_new < n_old:  # shrink: drop the tail
-            removed = tree_index(inner, slice(n_new, n_old))
-            weight = weight - removed.score.sum(0)
-            discard = ChoiceMap.from_stacked_block(removed.choices, n_old - n_new,
-                                        tuple(range(n_new, n_old)))
+            if edit.counts_discards:
+                removed = tree_index(inner, slice(n_new, n_old))
+                weight = weight - removed.score.sum(0)
+                discard = ChoiceMap.from_stacked_block(removed.choices, n_old - n_new,
+                                                       tuple(range(n_new, n_old)))
             inner = tree_index(inner, slice(0, n_new))
         if revisit:
             whole = len(revisit) == keep  # every kept element: no gather / scatter
@@ -196,10 +197,17 @@ class Map(GenerativeFunction):
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
-            sub_cm = stack_constraints(cm, revisit)
-            new_sub, w, _, d = self._run(
-                lambda tr, c, *a: self.kernel.update(tr, a, el_diffs, c),
-                (0, 0) + dims, len(revisit), revisit, cm)(old_sub, sub_cm, *sub_args)
+            sub, per_element = edit.for_elements(revisit, old_sub.choices)
+            kernel = self.kernel
+            if per_element:  # the edit travels into vmap: one element's part per call
+                run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
+                                                                            el_diffs),
+                                (0, 0) + dims, len(revisit), revisit, edit.constraints)
+                new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
+            else:
+                run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs),
+                                (0,) + dims, len(revisit), revisit)
+                new_sub, w, _, d = run(old_sub, *sub_args)
             weight = weight + w.sum(0)
             inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
@@ -209,7 +217,7 @@ class Map(GenerativeFunction):
             new_keys = list(range(n_old, n_new))
             idx = index_tensor(new_keys, trace.score)
             sub_args = select_elements(args, dims, idx)
-            sub_cm = _shift_keys(cm, new_keys)
+            sub_cm = _shift_keys(edit.constraints, new_keys)
             if sub_cm.is_empty():
                 grown = self._simulate_inner(sub_args, dims, len(new_keys))
             else:
@@ -223,55 +231,6 @@ class Map(GenerativeFunction):
             inner = concat_elements(inner, grown) if n_old > 0 else grown
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
         return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old), discard
-
-    def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                   selection: Selection) -> tuple[VectorTrace, torch.Tensor, Diff]:
-        """Regenerate the selected choices of each element.
-
-        Math: weight = Σ_{revisited i} kernel regenerate weight_i; new elements are
-        simulated and removed ones dropped, contributing 0.
-        """
-        check_selection(selection, self, "regenerate")
-        trace, args, argdiffs, dims, n_new, n_old = self._edit_lengths(trace, args, argdiffs)
-        all_changed, changed = changed_elements(argdiffs, dims, n_old)
-        keep = min(n_old, n_new)
-        default, special = element_selections(selection, range(keep))
-        if not default.is_empty_static() or has_mask_flags(selection):
-            revisit: Sequence[int] = range(keep)
-        else:
-            revisit = _revisit(all_changed, changed, [k for k, s in special.items()
-                                                      if not s.is_empty_static()], keep)
-        if not revisit and n_new == n_old:
-            return trace, torch.zeros_like(trace.score), NoChange()
-        inner = trace.inner
-        weight = torch.zeros_like(trace.score)
-        if n_new < n_old:
-            inner = tree_index(inner, slice(0, n_new))
-        if revisit:
-            whole = len(revisit) == keep
-            # (all kept elements of an unchanged length: no index tensor, gather or scatter)
-            idx: Any = None if whole and keep == n_new else index_tensor(revisit, trace.score)
-            old_sub = inner if whole else tree_index(inner, idx)
-            sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
-            el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
-                             for d in argdiffs)
-            sel = element_flags(selection, revisit, old_sub.choices)
-            if has_mask_flags(sel):
-                fn = lambda tr, s, *a: self.kernel.regenerate(tr, a, el_diffs, s)  # noqa: E731
-                new_sub, w, _ = self._run(fn, (0, 0) + dims, len(revisit), revisit)(
-                    old_sub, sel, *sub_args)
-            else:
-                fn = lambda tr, *a: self.kernel.regenerate(tr, a, el_diffs, sel)  # noqa: E731
-                new_sub, w, _ = self._run(fn, (0,) + dims, len(revisit), revisit)(
-                    old_sub, *sub_args)
-            weight = weight + w.sum(0)
-            inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
-        if n_new > n_old:
-            idx = index_tensor(range(n_old, n_new), trace.score)
-            grown = self._simulate_inner(select_elements(args, dims, idx), dims, n_new - n_old)
-            inner = concat_elements(inner, grown) if n_old > 0 else grown
-        new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
-        return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old)
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ_i kernel project(t_i, S[i])."""

@@ -37,11 +37,20 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError, UnvisitedConstraintError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    check_trace,
+)
+from gfcomb.core.masked import any_present
 from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -110,26 +119,9 @@ register_record(MaskTrace, dynamic=("args", "retval", "score", "inner", "flag"),
                 static=("gen_fn", "batched", "active"))
 
 
-def _any_present(cm: ChoiceMap) -> bool | torch.Tensor:
-    """Does ``cm`` hold a present value (per element of a batch where masks are batched)?"""
-    if cm.is_empty():
-        return False
-    if cm.is_value():
-        m = cm.mask
-        return True if m is None else m.any()
-    subs = [cm.stacked_inner] if cm.is_stacked() else [cm.get_submap(k) for k in cm.keys()]
-    out: bool | torch.Tensor = False
-    for sub in subs:
-        p = _any_present(sub)
-        if p is True:
-            return True
-        out = p if out is False else (out | p)
-    return out
-
-
 def _nan_where_unvisited(w: torch.Tensor, flag: torch.Tensor, cm: ChoiceMap) -> torch.Tensor:
     """``w`` with NaN where ``flag`` is false and ``cm`` constrains something."""
-    given = _any_present(cm)
+    given = any_present(cm)
     if given is False:
         return w
     bad = ~flag if given is True else (given & ~flag)
@@ -141,23 +133,16 @@ def _where(flag: torch.Tensor, a: torch.Tensor, b: Any) -> torch.Tensor:
     return torch.where(flag, a, b.to(a.dtype))
 
 
-class Mask(GenerativeFunction):
+class Mask(Combinator):
     """``gen_fn`` where ``flag`` is true, nothing where it is false (see the module
     docstring).  Arguments: ``(flag, *args)``."""
 
     def __init__(self, gen_fn: GenerativeFunction) -> None:
-        if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"Mask wraps a generative function, got {gen_fn!r}")
-        self.gen_fn = gen_fn
+        self.gen_fn = gen_fn_part(gen_fn, "Mask", "gen_fn")
 
-    def __repr__(self) -> str:
-        return f"Mask({self.gen_fn!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mask) and self.gen_fn == other.gen_fn
-
-    def __hash__(self) -> int:
-        return hash((Mask, self.gen_fn))
+    def parts(self) -> tuple[Any, ...]:
+        """The masked function."""
+        return (Mask, self.gen_fn)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The inner function's parameters."""
@@ -185,22 +170,11 @@ class Mask(GenerativeFunction):
                             f"{flag!r}")
 
     def _check_trace(self, trace: Any) -> MaskTrace:
-        if not isinstance(trace, MaskTrace) or not (trace.gen_fn is self or trace.gen_fn == self):
-            raise ArgumentError(f"{self!r} was given a trace of another generative function: "
-                                f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
-
-    @staticmethod
-    def _check_argdiffs(args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-        argdiffs = tuple(argdiffs)
-        if len(argdiffs) != len(args):
-            raise ArgumentError(f"Mask: argdiffs has {len(argdiffs)} entries for "
-                                f"{len(args)} arguments")
-        return argdiffs
+        return check_trace(self, trace, MaskTrace)
 
     @staticmethod
     def _refuse(cm: ChoiceMap, method: str) -> None:
-        present = _any_present(cm)  # (values masked out everywhere are absent)
+        present = any_present(cm)  # (values masked out everywhere are absent)
         if isinstance(present, torch.Tensor) and not is_batched(present):
             present = bool(present)
         if present is not False:
@@ -273,43 +247,7 @@ class Mask(GenerativeFunction):
         generate weight (log p(t') − log q(fresh)); turns off: −old score; stays off: 0.
         discard = the inner discard (stays on) and the old choices (turns off).
         """
-        old = self._check_trace(trace)
-        flag, inner_args = self._parse(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
-        cm = as_choicemap(constraints)
-        inner_diffs = argdiffs[1:]
-        if isinstance(flag, bool) and not old.batched:
-            if old.inner is not None and flag:
-                inner, w, rd, d = self.gen_fn.update(old.inner, inner_args, inner_diffs, cm)
-                return self._on(args, inner), w, rd, d
-            if flag:  # turns on
-                inner, w = self.gen_fn.generate(inner_args, cm)
-                return self._on(args, inner), w, _UNKNOWN, _EMPTY
-            self._refuse(cm, "update")
-            new = self._off(args)
-            if old.active:  # turns off
-                return new, -old.score, _UNKNOWN, old.choices
-            return new, torch.zeros_like(old.score), _NO_CHANGE, _EMPTY
-        # batched: per-element cases with torch.where
-        f1 = self._as_tensor(flag)
-        if old.inner is None:  # was off everywhere: a generate where on
-            inner, w = self.gen_fn.generate(inner_args, cm)
-            w = _nan_where_unvisited(_where(f1, w, 0.0), f1, cm)
-            return self._batched(args, f1, inner), w, _UNKNOWN, _EMPTY
-        f0 = old.flag if old.batched else torch.tensor(True)
-        assert f0 is not None
-        inner, w, rd, d = self.gen_fn.update(old.inner, inner_args, inner_diffs, cm)
-        if isinstance(argdiffs[0], NoChange) and old.batched:  # the same flag: stays as it was
-            return (self._batched(args, f1, inner),
-                    _nan_where_unvisited(_where(f1, w, 0.0), f1, cm),
-                    rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
-        stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
-        fresh, wg = self.gen_fn.generate(inner_args, cm)
-        inner = tree_where(on, fresh, inner)
-        weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))
-        weight = _nan_where_unvisited(weight, f1, cm)
-        discard = masked(d, stay).merge(masked(old.inner.choices, off))
-        return self._batched(args, f1, inner), weight, _UNKNOWN, discard
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[MaskTrace, torch.Tensor, Diff]:
@@ -318,31 +256,64 @@ class Mask(GenerativeFunction):
         Math: weight = the inner regenerate weight where the flag stays true, else 0 (new and
         removed choices contribute 0).
         """
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _fresh(self, inner_args: tuple[Any, ...], edit: Edit) -> tuple[Trace, torch.Tensor]:
+        """The inner function run afresh where the flag turns true: generated against the
+        edit's constraints (an update), simulated with weight 0 (a regenerate)."""
+        if edit.counts_discards:
+            return self.gen_fn.generate(inner_args, edit.constraints)
+        tr = self.gen_fn.simulate(inner_args)
+        return tr, torch.zeros_like(tr.score)
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[MaskTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: per case of the old and the new flag,
+        ``edit`` applied to the inner trace (stays on), the inner function run afresh (turns
+        on), the inner trace dropped (turns off; an update counts its score and discards its
+        choices)."""
         old = self._check_trace(trace)
         flag, inner_args = self._parse(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
+        argdiffs = check_argdiffs(args, argdiffs, 'Mask')
+        cm = edit.constraints
         inner_diffs = argdiffs[1:]
-        zero = torch.zeros_like(old.score)
         if isinstance(flag, bool) and not old.batched:
             if old.inner is not None and flag:
-                inner, w, rd = self.gen_fn.regenerate(old.inner, inner_args, inner_diffs,
-                                                      selection)
-                return self._on(args, inner), w, rd
-            if flag:
-                return self._on(args, self.gen_fn.simulate(inner_args)), zero, _UNKNOWN
-            return self._off(args), zero, _UNKNOWN if old.active else _NO_CHANGE
+                inner, w, rd, d = edit.apply(self.gen_fn, old.inner, inner_args, inner_diffs)
+                return self._on(args, inner), w, rd, d
+            if flag:  # turns on
+                inner, w = self._fresh(inner_args, edit)
+                return self._on(args, inner), w, _UNKNOWN, _EMPTY
+            self._refuse(cm, "update")
+            new = self._off(args)
+            if old.active and edit.counts_discards:  # turns off
+                return new, -old.score, _UNKNOWN, old.choices
+            return (new, torch.zeros_like(old.score), _UNKNOWN if old.active else _NO_CHANGE,
+                    _EMPTY)
+        # batched: per-element cases with torch.where
         f1 = self._as_tensor(flag)
-        if old.inner is None:
-            return self._batched(args, f1, self.gen_fn.simulate(inner_args)), zero, _UNKNOWN
+        if old.inner is None:  # was off everywhere: the inner function afresh where on
+            inner, w = self._fresh(inner_args, edit)
+            w = _nan_where_unvisited(_where(f1, w, 0.0), f1, cm)
+            return self._batched(args, f1, inner), w, _UNKNOWN, _EMPTY
         f0 = old.flag if old.batched else torch.tensor(True)
         assert f0 is not None
-        inner, w, rd = self.gen_fn.regenerate(old.inner, inner_args, inner_diffs, selection)
-        if isinstance(argdiffs[0], NoChange) and old.batched:
-            return (self._batched(args, f1, inner), _where(f1, w, 0.0),
-                    rd if isinstance(rd, NoChange) else _UNKNOWN)
-        stay, on = f0 & f1, ~f0 & f1
-        inner = tree_where(on, self.gen_fn.simulate(inner_args), inner)
-        return self._batched(args, f1, inner), _where(stay, w, 0.0), _UNKNOWN
+        inner, w, rd, d = edit.apply(self.gen_fn, old.inner, inner_args, inner_diffs)
+        if isinstance(argdiffs[0], NoChange) and old.batched:  # the same flag: stays as it was
+            return (self._batched(args, f1, inner),
+                    _nan_where_unvisited(_where(f1, w, 0.0), f1, cm),
+                    rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
+        stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
+        fresh, wg = self._fresh(inner_args, edit)
+        inner = tree_where(on, fresh, inner)
+        if edit.counts_discards:
+            weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))
+            discard = masked(d, stay).merge(masked(old.inner.choices, off))
+        else:  # fresh and removed choices contribute 0
+            weight, discard = _where(stay, w, 0.0), _EMPTY
+        weight = _nan_where_unvisited(weight, f1, cm)
+        return self._batched(args, f1, inner), weight, _UNKNOWN, discard
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = [flag] · the inner project(t, S)."""

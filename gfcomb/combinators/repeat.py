@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gfcomb.combinators.map import Map
+from gfcomb.combinators.parts import gen_fn_part
 from gfcomb.combinators.wrapped import Wrapper
 from gfcomb.core.batching import cached_arange
 from gfcomb.core.diff import Diff, NoChange
@@ -32,9 +33,6 @@ class _DropIndex(Wrapper):
     def __init__(self, gen_fn: GenerativeFunction) -> None:
         self.inner_fn = gen_fn
 
-    def __repr__(self) -> str:
-        return f"DropIndex({self.inner_fn!r})"
-
     def inner_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return args[1:]
 
@@ -48,8 +46,7 @@ class Repeat(Wrapper):
     docstring)."""
 
     def __init__(self, gen_fn: GenerativeFunction, n: int) -> None:
-        if not isinstance(gen_fn, GenerativeFunction):
-            raise TypeError(f"Repeat needs a generative function, got {gen_fn!r}")
+        gen_fn_part(gen_fn, "Repeat", "gen_fn")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"Repeat: 'n' must be a Python int >= 0, got {n!r}")
         self.gen_fn = gen_fn
@@ -60,7 +57,8 @@ class Repeat(Wrapper):
     def __repr__(self) -> str:
         return f"Repeat({self.gen_fn!r}, {self.n})"
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The repeated function and the count."""
         return (Repeat, self.gen_fn, self.n)
 
     def _map_for(self, nargs: int) -> Map:

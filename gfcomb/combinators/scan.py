@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.unfold import Unfold
 from gfcomb.combinators.wrapped import Wrapper
 from gfcomb.core.choicemap import ChoiceMap
@@ -48,7 +49,7 @@ def _changed(d: Diff) -> Diff:
     return _NO_CHANGE if isinstance(d, NoChange) else _UNKNOWN
 
 
-class _ScanStep(GenerativeFunction):
+class _ScanStep(Combinator):
     """The Unfold kernel of a Scan: ``(t, (carry, y_prev), xs, *params)`` -> the user
     kernel's ``(carry, y)`` at ``(carry, xs[t], *params)``.  Its traces ARE the user kernel's
     traces (so a step stores ``x_t``, never the whole ``xs``)."""
@@ -56,14 +57,9 @@ class _ScanStep(GenerativeFunction):
     def __init__(self, kernel: GenerativeFunction) -> None:
         self.kernel = kernel
 
-    def __repr__(self) -> str:
-        return f"ScanStep({self.kernel!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ScanStep) and self.kernel == other.kernel
-
-    def __hash__(self) -> int:
-        return hash((_ScanStep, self.kernel))
+    def parts(self) -> tuple[Any, ...]:
+        """The user kernel."""
+        return (_ScanStep, self.kernel)
 
     @staticmethod
     def _args(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -122,8 +118,7 @@ class Scan(Wrapper):
     module docstring).  Arguments: ``(init_carry, xs, *params)``."""
 
     def __init__(self, kernel: GenerativeFunction, length: int | None = None) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Scan needs a generative function kernel, got {kernel!r}")
+        gen_fn_part(kernel, "Scan", "kernel")
         if length is not None and (isinstance(length, bool) or not isinstance(length, int)
                                    or length < 0):
             raise TypeError(f"Scan: 'length' must be a Python int >= 0 or None, got {length!r}")
@@ -131,10 +126,8 @@ class Scan(Wrapper):
         self.length = length
         self.inner_fn = Unfold(_ScanStep(kernel))
 
-    def __repr__(self) -> str:
-        return f"Scan({self.kernel!r})"
-
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel and the length."""
         return (Scan, self.kernel, self.length)
 
     def _steps(self, xs: Any) -> int:

@@ -20,10 +20,17 @@ from typing import Any
 import attrs
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
-from gfcomb.core.errors import ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    check_trace,
+)
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -60,23 +67,16 @@ def all_unchanged(argdiffs: tuple[Diff, ...]) -> bool:
     return all(isinstance(d, NoChange) for d in argdiffs)
 
 
-class Wrapper(GenerativeFunction):
+class Wrapper(Combinator):
     """A generative function that runs ``self.inner_fn`` on mapped arguments (see the module
     docstring).  Subclasses set ``inner_fn`` and override :meth:`inner_args` (and, as
     needed, :meth:`inner_argdiffs`, :meth:`outer_retval`, :meth:`outer_retdiff`)."""
 
     inner_fn: GenerativeFunction
 
-    def _key(self) -> tuple[Any, ...]:
-        """What makes two wrappers the same function (they are often built inside a @gen
-        body, once per run)."""
+    def parts(self) -> tuple[Any, ...]:
+        """The wrapper's class and the inner function (a subclass adds its options)."""
         return (type(self), self.inner_fn)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ the maps
     def inner_gen_fn(self, args: tuple[Any, ...]) -> GenerativeFunction:
@@ -103,18 +103,7 @@ class Wrapper(GenerativeFunction):
 
     # ------------------------------------------------------------------ helpers
     def _check_trace(self, trace: Any) -> WrappedTrace:
-        if not isinstance(trace, WrappedTrace) or not (trace.gen_fn is self
-                                                       or trace.gen_fn == self):
-            raise ArgumentError(f"{self!r} was given a trace of another generative function: "
-                                f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
-
-    def _check_argdiffs(self, args: tuple[Any, ...], argdiffs: Any) -> tuple[Diff, ...]:
-        argdiffs = tuple(argdiffs)
-        if len(argdiffs) != len(args):
-            raise ArgumentError(f"{self!r}: argdiffs has {len(argdiffs)} entries for "
-                                f"{len(args)} arguments")
-        return argdiffs
+        return check_trace(self, trace, WrappedTrace)
 
     def _wrap(self, args: tuple[Any, ...], inner: Trace) -> WrappedTrace:
         return WrappedTrace(self, args, self.outer_retval(args, inner.retval), inner.score,
@@ -155,16 +144,7 @@ class Wrapper(GenerativeFunction):
         Math: weight = the inner update weight = log p(t'; x') − log p(t; x) − log q(fresh);
         discard = the inner discard; retdiff mapped from the inner retdiff.
         """
-        old = self._check_trace(trace)
-        args = check_args_tuple(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
-        cm = as_choicemap(constraints)
-        if all_unchanged(argdiffs) and cm.is_empty():
-            return old, torch.zeros_like(old.score), _NO_CHANGE, ChoiceMap.empty()
-        in_args = self.inner_args(args)
-        inner, w, rd, discard = self.inner_gen_fn(args).update(
-            old.inner, in_args, self.inner_argdiffs(args, in_args, argdiffs), cm)
-        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd), discard
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[WrappedTrace, torch.Tensor, Diff]:
@@ -173,15 +153,22 @@ class Wrapper(GenerativeFunction):
         Math: weight = the inner regenerate weight = Σ over retained, unselected choices of
         (log p' − log p).
         """
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[WrappedTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: ``edit`` applied to the inner trace with
+        the mapped arguments and argdiffs."""
         old = self._check_trace(trace)
         args = check_args_tuple(args)
-        argdiffs = self._check_argdiffs(args, argdiffs)
-        if all_unchanged(argdiffs) and selection.is_empty_static():
-            return old, torch.zeros_like(old.score), _NO_CHANGE
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        if all_unchanged(argdiffs) and edit.is_empty():
+            return old, torch.zeros_like(old.score), _NO_CHANGE, ChoiceMap.empty()
         in_args = self.inner_args(args)
-        inner, w, rd = self.inner_gen_fn(args).regenerate(
-            old.inner, in_args, self.inner_argdiffs(args, in_args, argdiffs), selection)
-        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd)
+        inner, w, rd, discard = edit.apply(self.inner_gen_fn(args), old.inner, in_args,
+                                           self.inner_argdiffs(args, in_args, argdiffs))
+        return self._wrap(args, inner), w, self.outer_retdiff(argdiffs, rd), discard
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = the inner project(t, S)."""

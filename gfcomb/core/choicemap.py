@@ -25,37 +25,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
-from gfcomb.core.errors import (
-    AddressError,
-    ArgumentError,
-    ChoiceMapMergeError,
-    ChoiceValueError,
-)
+from gfcomb.core.errors import AddressError, ArgumentError, ChoiceMapMergeError
+from gfcomb.core.values import short_repr, to_tensor
 
 if TYPE_CHECKING:
     from gfcomb.core.selection import Selection
 
 _EMPTY, _VALUE, _NODE, _STACKED = 0, 1, 2, 3
-
-
-def _to_tensor(value: Any, addr: tuple[Any, ...] = ()) -> torch.Tensor:
-    """A choice value as a tensor; :class:`ChoiceValueError` naming ``addr`` for a value
-    that is not a number, a bool, a tensor or a (nested) list of numbers."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, bool):
-        return torch.tensor(float(value))
-    if isinstance(value, float):
-        return torch.tensor(value, dtype=torch.get_default_dtype())
-    if isinstance(value, (str, bytes)) or value is None:
-        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
-                               f"{type(value).__name__} {value!r}", addr)
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ChoiceValueError(f"a choice value must be a number, a bool or a tensor, got "
-                               f"{type(value).__name__} {value!r} ({err})", addr) from None
-    return t
 
 
 class ChoiceMap:
@@ -118,7 +94,7 @@ class ChoiceMap:
     @staticmethod
     def value(value: Any, mask: torch.Tensor | None = None) -> ChoiceMap:
         """A map holding ``value`` at the empty address (present where ``mask`` is true)."""
-        return ChoiceMap._raw(_VALUE, value=_to_tensor(value), mask=mask)
+        return ChoiceMap._raw(_VALUE, value=to_tensor(value), mask=mask)
 
     @staticmethod
     def node(submaps: Mapping[Any, ChoiceMap]) -> ChoiceMap:
@@ -220,7 +196,7 @@ class ChoiceMap:
             if isinstance(val, ChoiceMap):
                 sub = val
             elif isinstance(val, torch.Tensor) or not isinstance(val, Mapping):
-                sub = ChoiceMap._raw(_VALUE, value=_to_tensor(val, path))  # (no ABC check)
+                sub = ChoiceMap._raw(_VALUE, value=to_tensor(val, path))  # (no ABC check)
             else:
                 sub = ChoiceMap._from_mapping(val)
             if not sub.is_empty():
@@ -473,7 +449,9 @@ class ChoiceMap:
         if self._kind == _VALUE or other._kind == _VALUE:
             if (self._kind == _VALUE and other._kind == _VALUE
                     and (self._mask is not None or other._mask is not None)):
-                return _merge_masked(self, other, prefix)
+                from gfcomb.core.masked import merge_values  # (masked.py builds on this module)
+
+                return merge_values(self, other, prefix)
             raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
         if self._kind == _STACKED and other._kind == _STACKED and (
                 self._length == other._length and self._indices == other._indices):
@@ -581,33 +559,6 @@ def _first_tensor(cm: ChoiceMap) -> torch.Tensor | None:
     if kind == _STACKED:
         return _first_tensor(cm._inner) if isinstance(cm._inner, ChoiceMap) else None
     return None
-
-
-def _merge_masked(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
-    """Merge two values of which at least one is masked, element by element: ``a``'s value
-    where ``a`` is present, else ``b``'s; present where either is.  An overlap (both present
-    for some element) is an error where the masks can be read; under vmap (batched masks)
-    it cannot be detected without data-dependent control flow, and ``a``'s value wins."""
-    from gfcomb.core.batching import is_batched
-
-    ma, mb = a._mask, b._mask
-    overlap = mb if ma is None else (ma if mb is None else ma & mb)
-    if not is_batched(overlap) and bool(overlap.any()):
-        raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
-    if ma is None:  # b is present nowhere: a as it is
-        return a
-    if mb is None:
-        return b
-    m = ma.reshape(ma.shape + (1,) * (a._value.dim() - ma.dim()))
-    return ChoiceMap.value(torch.where(m, a._value, b._value), ma | mb)
-
-
-def short_repr(val: Any) -> str:
-    if isinstance(val, torch.Tensor):
-        if val.numel() <= 6:
-            return repr(val.detach().cpu()).replace("\n", " ")
-        return f"tensor(shape={tuple(val.shape)}, dtype={val.dtype})"
-    return repr(val)
 
 
 _SLOT_SETTERS = tuple(ChoiceMap.__dict__[name].__set__ for name in (

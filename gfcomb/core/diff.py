@@ -9,8 +9,6 @@ elements at or beyond ``prev_length`` are new).
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from torch.utils import _pytree as pytree
 
@@ -40,11 +38,6 @@ class VectorDiff(Diff):
     prev_length: int
     updated: frozenset[int] = attrs.field(converter=lambda x: frozenset(int(i) for i in x),
                                           factory=frozenset)
-
-
-def no_change(diff: Any) -> bool:
-    """True if ``diff`` promises no change."""
-    return isinstance(diff, NoChange)
 
 
 for _cls in (NoChange, UnknownChange, VectorDiff):

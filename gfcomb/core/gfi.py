@@ -20,7 +20,7 @@ kernel: no ``.item()``, no Python branching on tensor values.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,6 +31,8 @@ from gfcomb.core.errors import ArgumentError, MissingChoiceError
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, map_rows, unwrap_rows
+
+T = TypeVar("T", bound=Trace)
 
 
 def as_choicemap(constraints: Any) -> ChoiceMap:
@@ -52,6 +54,16 @@ def check_argdiffs(args: tuple[Any, ...], argdiffs: Any, who: str) -> tuple[Diff
         raise ArgumentError(f"{who}: argdiffs has {len(argdiffs)} entries for {len(args)} "
                             "arguments")
     return argdiffs
+
+
+def check_trace(gen_fn: Any, trace: Any, trace_type: type[T]) -> T:
+    """``trace`` if it is a ``trace_type`` record made by ``gen_fn`` (or an equal function);
+    else ArgumentError naming both."""
+    if not isinstance(trace, trace_type) or not (trace.gen_fn is gen_fn
+                                                 or trace.gen_fn == gen_fn):
+        raise ArgumentError(f"{gen_fn!r} was given a trace of another generative function: "
+                            f"{getattr(trace, 'gen_fn', trace)!r}")
+    return trace
 
 
 def rows_submap(constraints: Any, key: Any) -> Any:

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.errors import ArgumentError
+from gfcomb.core.errors import ArgumentError, ChoiceMapMergeError
 from gfcomb.core.selection import (
     Flag,
     Selection,
@@ -131,21 +132,29 @@ def restrict(cm: ChoiceMap, structure: ChoiceMap,
 
 def minus(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
     """The values of ``a`` where ``b`` holds no (present) value."""
-    if a.is_empty() or b.is_empty():
-        return a
+    return _by_presence(a, b, False, depth)
+
+
+def where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
+    """The values of ``a`` where ``b`` holds a present value (element by element)."""
+    return _by_presence(a, b, True, depth)
+
+
+def _by_presence(a: ChoiceMap, b: ChoiceMap, present: bool, depth: int) -> ChoiceMap:
+    """:func:`where_present` (``present``) or :func:`minus`: the values of ``a``, each kept
+    where ``b`` does (or does not) hold a present value."""
+    if a.is_empty() or b.is_empty() or (a.is_value() != b.is_value()):
+        return _EMPTY if present else a
     if a.is_value():
-        if not b.is_value():
-            return a
         if b.mask is None:
-            return _EMPTY
-        keep = ~b.mask
+            return a if present else _EMPTY
+        keep = b.mask if present else ~b.mask
         return ChoiceMap.value(a.get_value(), keep if a.mask is None else a.mask & keep)
-    if b.is_value():
-        return a
     if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return stack_like(minus(a.stacked_inner, b.stacked_inner, depth + 1), a, depth)
+        return stack_like(_by_presence(a.stacked_inner, b.stacked_inner, present, depth + 1),
+                          a, depth)
     node = a.unstacked()
-    return ChoiceMap.node({k: minus(node.get_submap(k), b.get_submap(k), depth)
+    return ChoiceMap.node({k: _by_presence(node.get_submap(k), b.get_submap(k), present, depth)
                            for k in node.keys()})
 
 
@@ -189,37 +198,25 @@ def children(cm: ChoiceMap) -> list[ChoiceMap]:
     return [cm.get_submap(k) for k in cm.keys()]
 
 
-def where_present(a: ChoiceMap, b: ChoiceMap, depth: int = 0) -> ChoiceMap:
-    """The values of ``a`` where ``b`` holds a present value (element by element)."""
-    if a.is_empty() or b.is_empty():
-        return _EMPTY
-    if a.is_value():
-        if not b.is_value():
-            return _EMPTY
-        if b.mask is None:
-            return a
-        return ChoiceMap.value(a.get_value(), b.mask if a.mask is None else a.mask & b.mask)
-    if b.is_value():
-        return _EMPTY
-    if a.is_stacked() and b.is_stacked() and a.stacked_indices == b.stacked_indices:
-        return stack_like(where_present(a.stacked_inner, b.stacked_inner, depth + 1), a,
-                           depth)
-    node = a.unstacked()
-    return ChoiceMap.node({k: where_present(node.get_submap(k), b.get_submap(k), depth)
-                           for k in node.keys()})
-
-
 def any_present(cm: ChoiceMap) -> Flag:
     """Per element: does ``cm`` hold any present value."""
+    return _presence(cm, True)
+
+
+def _presence(cm: ChoiceMap, any_: bool) -> Flag:
+    """:func:`any_present` (``any_``) or :func:`all_present`: the values' masks folded with
+    ``or`` / ``and``, stopping as soon as the answer is the same for every element."""
     if cm.is_empty():
-        return False
+        return not any_
     if cm.is_value():
-        return True if cm.mask is None else cm.mask.any()
-    acc: Flag = False
+        m = cm.mask
+        return True if m is None else (m.any() if any_ else m.all())
+    combine = flag_or if any_ else flag_and
+    acc: Flag = not any_
     for sub in children(cm):
-        acc = flag_or(acc, any_present(sub))
-        if acc is True:
-            return True
+        acc = combine(acc, _presence(sub, any_))
+        if acc is any_:
+            return acc
     return acc
 
 
@@ -246,16 +243,7 @@ def missing(made: ChoiceMap, given: ChoiceMap) -> Flag:
 
 def all_present(cm: ChoiceMap) -> Flag:
     """Per element: is every value of ``cm`` present."""
-    if cm.is_empty():
-        return True
-    if cm.is_value():
-        return True if cm.mask is None else cm.mask.all()
-    acc: Flag = True
-    for sub in children(cm):
-        acc = flag_and(acc, all_present(sub))
-        if acc is False:
-            return False
-    return acc
+    return _presence(cm, False)
 
 
 def without(cm: ChoiceMap, addr: tuple[Any, ...], depth: int = 0) -> ChoiceMap | None:
@@ -284,3 +272,21 @@ def addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
     if cm.is_stacked():
         return {(":",) + a for a in addresses(cm.stacked_inner)}
     return {(k,) + a for k in cm.keys() for a in addresses(cm.get_submap(k))}
+
+
+def merge_values(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
+    """Merge two values of which at least one is masked, element by element: ``a``'s value
+    where ``a`` is present, else ``b``'s; present where either is.  An overlap (both present
+    for some element) is an error where the masks can be read; under vmap (batched masks)
+    it cannot be detected without data-dependent control flow, and ``a``'s value wins."""
+    ma, mb = a.mask, b.mask
+    overlap = mb if ma is None else (ma if mb is None else ma & mb)
+    assert overlap is not None  # (at least one of the two is masked)
+    if not is_batched(overlap) and bool(overlap.any()):
+        raise ChoiceMapMergeError("merge: both choice maps hold a value at {addr}", prefix)
+    if ma is None:  # b is present nowhere: a as it is
+        return a
+    if mb is None:
+        return b
+    m = ma.reshape(ma.shape + (1,) * (a.get_value().dim() - ma.dim()))
+    return ChoiceMap.value(torch.where(m, a.get_value(), b.get_value()), ma | mb)

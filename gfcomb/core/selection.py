@@ -13,7 +13,8 @@ that is how Map selects element 3 but not element 4 in one batched call.  Such s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -30,27 +31,26 @@ def flag_not(f: Flag) -> Flag:
 
 
 def flag_or(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
-    if a is True or b is True:
-        return True
-    if a is False:
-        return b
-    if b is False:
-        return a
-    return a | b  # type: ignore[operator]
+    """``a or b`` of two flags (bools, or per-element bool tensors)."""
+    return _flag_op(a, b, True, operator.or_)
 
 
 def flag_and(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if a is False or b is False:
-        return False
-    if a is True:
+    """``a and b`` of two flags (bools, or per-element bool tensors)."""
+    return _flag_op(a, b, False, operator.and_)
+
+
+def _flag_op(a: Flag, b: Flag, absorbing: bool, op: Callable[[Any, Any], Any]) -> Flag:
+    """``or`` (``absorbing`` True) or ``and`` of two flags without a tensor op where a bool
+    decides: the absorbing value wins, the other bool is neutral."""
+    if a is absorbing or b is absorbing:
+        return absorbing
+    if isinstance(a, bool):
         return b
-    if b is True:
+    if isinstance(b, bool):
         return a
-    return a & b  # type: ignore[operator]
+    result: Flag = op(a, b)
+    return result
 
 
 class Selection:
@@ -124,46 +124,43 @@ class Selection:
         return _ALL
 
 
-class AllSelection(Selection):
+class _Constant(Selection):
+    """A selection that answers the same at every address: everything or nothing."""
+
+    __slots__ = ()
+    selects: bool
+
+    def get_subselection(self, key: Any) -> Selection:
+        return self
+
+    def leaf_flag(self) -> Flag:
+        return self.selects
+
+    def is_all_static(self) -> bool:
+        return self.selects
+
+    def is_empty_static(self) -> bool:
+        return not self.selects
+
+    def __repr__(self) -> str:
+        return "selectall()" if self.selects else "Selection.none()"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Selection.all if self.selects else Selection.none, ())
+
+
+class AllSelection(_Constant):
     """Selects every address."""
 
     __slots__ = ()
-
-    def get_subselection(self, key: Any) -> Selection:
-        return self
-
-    def leaf_flag(self) -> Flag:
-        return True
-
-    def is_all_static(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return "selectall()"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Selection.all, ())
+    selects = True
 
 
-class NoneSelection(Selection):
+class NoneSelection(_Constant):
     """Selects nothing."""
 
     __slots__ = ()
-
-    def get_subselection(self, key: Any) -> Selection:
-        return self
-
-    def leaf_flag(self) -> Flag:
-        return False
-
-    def is_empty_static(self) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return "Selection.none()"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Selection.none, ())
+    selects = False
 
 
 _ALL = AllSelection()
@@ -229,72 +226,67 @@ class Complement(Selection):
         return f"~{self.inner!r}"
 
 
-class Union_(Selection):
-    """Addresses selected by either selection."""
+class _Binary(Selection):
+    """A union (``any_``) or an intersection of two selections: the two are duals, so one
+    class holds both (the union's neutral element is the empty selection and everything
+    absorbs it; the intersection's the other way round)."""
 
     __slots__ = ("a", "b")
+    any_: bool  # union: True
+    symbol: str
 
     def __init__(self, a: Selection, b: Selection) -> None:
         self.a, self.b = a, b
 
+    def _absorbing(self, s: Selection) -> bool:
+        return s.is_all_static() if self.any_ else s.is_empty_static()
+
+    def _neutral(self, s: Selection) -> bool:
+        return s.is_empty_static() if self.any_ else s.is_all_static()
+
     def get_subselection(self, key: Any) -> Selection:
         sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
-        if sa.is_empty_static():
+        if self._absorbing(sa) or self._absorbing(sb):
+            return _ALL if self.any_ else _NONE
+        if self._neutral(sa):
             return sb
-        if sb.is_empty_static():
+        if self._neutral(sb):
             return sa
-        if sa.is_all_static() or sb.is_all_static():
-            return _ALL
-        return Union_(sa, sb)
+        return type(self)(sa, sb)
 
     def leaf_flag(self) -> Flag:
-        return flag_or(self.a.leaf_flag(), self.b.leaf_flag())
+        combine = flag_or if self.any_ else flag_and
+        return combine(self.a.leaf_flag(), self.b.leaf_flag())
 
     def explicit_keys(self) -> frozenset[Any]:
         return self.a.explicit_keys() | self.b.explicit_keys()
 
     def is_all_static(self) -> bool:
-        return self.a.is_all_static() or self.b.is_all_static()
-
-    def is_empty_static(self) -> bool:
-        return self.a.is_empty_static() and self.b.is_empty_static()
-
-    def __repr__(self) -> str:
-        return f"({self.a!r} | {self.b!r})"
-
-
-class Intersection(Selection):
-    """Addresses selected by both selections."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Selection, b: Selection) -> None:
-        self.a, self.b = a, b
-
-    def get_subselection(self, key: Any) -> Selection:
-        sa, sb = self.a.get_subselection(key), self.b.get_subselection(key)
-        if sa.is_empty_static() or sb.is_empty_static():
-            return _NONE
-        if sa.is_all_static():
-            return sb
-        if sb.is_all_static():
-            return sa
-        return Intersection(sa, sb)
-
-    def leaf_flag(self) -> Flag:
-        return flag_and(self.a.leaf_flag(), self.b.leaf_flag())
-
-    def explicit_keys(self) -> frozenset[Any]:
-        return self.a.explicit_keys() | self.b.explicit_keys()
-
-    def is_all_static(self) -> bool:
+        if self.any_:
+            return self.a.is_all_static() or self.b.is_all_static()
         return self.a.is_all_static() and self.b.is_all_static()
 
     def is_empty_static(self) -> bool:
+        if self.any_:
+            return self.a.is_empty_static() and self.b.is_empty_static()
         return self.a.is_empty_static() or self.b.is_empty_static()
 
     def __repr__(self) -> str:
-        return f"({self.a!r} & {self.b!r})"
+        return f"({self.a!r} {self.symbol} {self.b!r})"
+
+
+class Union_(_Binary):
+    """Addresses selected by either selection."""
+
+    any_ = True
+    symbol = "|"
+
+
+class Intersection(_Binary):
+    """Addresses selected by both selections."""
+
+    any_ = False
+    symbol = "&"
 
 
 class MaskSelection(Selection):
@@ -387,23 +379,6 @@ def element_selections(selection: Selection,
             if isinstance(k, int) and not isinstance(k, bool) and k in keyset:
                 special[k] = selection.get_subselection(k)
     return default, special
-
-
-def _flag_at(sel: Selection, path: Iterable[Any]) -> Flag:
-    """Whether the value at ``path`` is selected: the leaf flag of the sub-selection there.
-
-    (A selected prefix selects everything beneath it because its sub-selections are
-    ``selectall()``; a prefix's own leaf flag says nothing about the addresses beneath it:
-    ``~select(("y", "a"))`` has leaf flag True at ``("y",)`` yet does not select ``("y", "a")``.)
-    """
-    s = sel
-    for k in path:
-        if s.is_all_static():
-            return True
-        if s.is_empty_static():
-            return False
-        s = s.get_subselection(k)
-    return s.leaf_flag()
 
 
 def selection_flags_for_vector(selection: Selection, keys: Sequence[int],

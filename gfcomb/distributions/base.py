@@ -27,18 +27,18 @@ Contract for subclasses
   together with the broadcast batch shape of the parameters it gives the shape of a value
   (:meth:`DistributionMethods.value_shape`), against which constrained values are checked.
 - Class attributes: ``name`` (str), ``param_names`` (tuple of str), ``discrete`` (bool),
-  ``reparameterized`` (bool).
+  ``reparameterized`` (bool); or, as the built-ins do, class keywords:
+  ``class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate":
+  POSITIVE}, reparameterized=True)`` (see
+  :class:`~gfcomb.distributions.methods.DistributionMethods`).
 
 Parameters are converted to tensors once per GFI call (:func:`param_tensors`: one floating dtype,
 the device of the tensor parameters; Python numbers become cached constant tensors), so
 ``sample`` and ``logpdf`` get tensors and their own conversion is a no-op.
 """
-
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -59,415 +59,13 @@ from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.validation import check_param_type, check_selection, checked_sample
+from gfcomb.core.validation import check_selection, checked_sample
+from gfcomb.distributions.methods import DistributionMethods
+from gfcomb.distributions.params import (
+    as_tensor,
+    shape_of,
+)
 
-_Number = (int, float)
-
-
-def as_tensor(x: Any) -> torch.Tensor:
-    """Turn a parameter into a tensor (Python numbers get the default float dtype)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, bool):
-        return torch.tensor(float(x))
-    if isinstance(x, _Number):
-        return torch.tensor(float(x), dtype=torch.get_default_dtype())
-    return torch.as_tensor(x, dtype=torch.get_default_dtype())
-
-
-# ============================================================ converting parameters to tensors
-_CONSTANTS: dict[tuple[Any, ...], torch.Tensor] = {}
-_CONSTANT_VALUES: dict[int, tuple[torch.Tensor, float]] = {}  # id(tensor) -> (tensor, number)
-_MAX_CONSTANTS = 4096
-
-
-def constant_tensor(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    """``torch.as_tensor(x, dtype=dtype, device=device)``, cached for Python numbers.
-
-    The cached tensors never leave the distribution layer (samplers and log densities only
-    compute with them), so sharing one per (value, dtype, device) is safe.  Nothing is cached
-    that a transform has wrapped (made under ``grad``; under ``vmap`` factories give plain
-    tensors), nor while inference mode or a torch function mode (``set_default_device``) is
-    active: a tensor made there could not be reused everywhere.
-    """
-    if not isinstance(x, _Number):
-        return torch.as_tensor(x, dtype=dtype, device=device)
-    key = (x, math.copysign(1.0, x), dtype, device)  # copysign: 0.0 and -0.0 compare equal
-    t = _CONSTANTS.get(key)
-    if t is not None:
-        return t
-    t = torch.as_tensor(x, dtype=dtype, device=device)
-    if (type(t) is torch.Tensor and not _functorch.is_functorch_wrapped_tensor(t)
-            and not torch.is_inference_mode_enabled()
-            and not torch._C._is_torch_function_mode_enabled()):
-        if len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.clear()
-            _CONSTANT_VALUES.clear()
-        _CONSTANTS[key] = t
-        _CONSTANT_VALUES[id(t)] = (t, float(x))
-    return t
-
-
-def constant_value(t: Any) -> float | None:
-    """The Python number a parameter tensor was made from by :func:`param_tensors` (a cached
-    constant), else None.  Lets a log density do per-constant work in Python (``math.log``
-    of a number scale) instead of as tensor operations."""
-    hit = _CONSTANT_VALUES.get(id(t))
-    if hit is not None and hit[0] is t:
-        return hit[1]
-    return None
-
-
-def float_dtype(params: Sequence[Any]) -> torch.dtype:
-    """The promoted floating dtype of the floating tensor parameters (default dtype if none)."""
-    dtypes = [p.dtype for p in params if isinstance(p, torch.Tensor) and p.is_floating_point()]
-    if not dtypes:
-        return torch.get_default_dtype()
-    return functools.reduce(torch.promote_types, dtypes)
-
-
-def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:
-    """Convert parameters to tensors of one floating dtype on the device of the tensor ones.
-
-    Python numbers follow the tensors (as in ``torch.normal(t, 1.0)``) and are cached
-    constants; integer tensors are promoted to the floating dtype.  Parameters that already
-    are floating tensors of one dtype are returned as they are (the common case once a GFI
-    method has converted them).  Works on BatchedTensors (only ``.to``/``as_tensor``).
-    """
-    dtype = None
-    device = None
-    same = True  # every parameter a floating tensor of one dtype
-    for p in params:
-        if isinstance(p, torch.Tensor):
-            if device is None:
-                device = p.device
-            if p.is_floating_point():
-                d = p.dtype
-                if dtype is None:
-                    dtype = d
-                elif d is not dtype:
-                    dtype = torch.promote_types(dtype, d)
-                    same = False
-            else:
-                same = False
-        else:
-            same = False
-    if same:
-        return params
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    return tuple((p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
-                 else constant_tensor(p, dtype, device) for p in params)
-
-
-def _broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
-    """``torch.broadcast_shapes`` for shapes (a fast path for equal/scalar shapes; raises
-    ValueError if they do not broadcast)."""
-    out = tuple(shapes[0])
-    for s in shapes[1:]:
-        if len(s) == 0 or s == out:
-            continue
-        if not out:
-            out = tuple(s)
-            continue
-        n = max(len(out), len(s))
-        a = (1,) * (n - len(out)) + out
-        b = (1,) * (n - len(s)) + tuple(s)
-        res = []
-        for x, y in zip(a, b):
-            if x == y or y == 1:
-                res.append(x)
-            elif x == 1:
-                res.append(y)
-            else:
-                raise ValueError(f"shapes {tuple(out)} and {tuple(s)} do not broadcast")
-        out = tuple(res)
-    return out
-
-
-def broadcast_params(*params: Any) -> tuple[torch.Tensor, ...]:
-    """:func:`param_tensors`, then ``torch.broadcast_tensors`` unless the shapes already agree."""
-    ts = param_tensors(*params)
-    shape = ts[0].shape
-    if all(t.shape == shape for t in ts[1:]):
-        return ts
-    return tuple(torch.broadcast_tensors(*ts))
-
-
-def _shape_of(p: Any) -> tuple[int, ...]:
-    if isinstance(p, torch.Tensor):
-        return tuple(p.shape)
-    if isinstance(p, _Number) or p is None:
-        return ()
-    return tuple(as_tensor(p).shape)
-
-
-# ================================================================ parameter constraints
-NumberCheck = Callable[[Any], "str | None"]
-TensorCheck = Callable[[torch.Tensor], "str | None"]
-
-
-class Constraint:
-    """What one distribution parameter must satisfy (besides being finite).
-
-    ``event_dim`` trailing dimensions make one value of the parameter (0: a scalar per
-    element, 1: a vector, 2: a matrix); the dimensions in front are batch dimensions, which
-    must broadcast across the parameters.  ``number`` checks a Python number (or a one-element
-    tensor read with ``.item()``), ``tensor`` checks a tensor; each returns None when the
-    value is valid, else the requirement it breaks (``"must be > 0"``).  Either may be None
-    (nothing to check beyond finiteness).
-    """
-
-    __slots__ = ("name", "event_dim", "number", "tensor")
-
-    def __init__(self, name: str, event_dim: int = 0, number: NumberCheck | None = None,
-                 tensor: TensorCheck | None = None) -> None:
-        self.name = name
-        self.event_dim = event_dim
-        self.number = number
-        self.tensor = tensor
-
-    def __repr__(self) -> str:
-        return f"Constraint({self.name!r})"
-
-
-def _elementwise(name: str, requirement: str, number: Callable[[Any], bool],
-                 tensor: Callable[[torch.Tensor], torch.Tensor]) -> Constraint:
-    """A constraint checked element by element: ``number(x)`` / ``tensor(t).all()``."""
-    return Constraint(
-        name, 0,
-        number=lambda x: None if number(x) else requirement,
-        tensor=lambda t: None if bool(tensor(t).all()) else requirement)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) or float(x).is_integer()
-
-
-def _int_tensor(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point():
-        return t == torch.floor(t)
-    return torch.ones_like(t, dtype=torch.bool)
-
-
-#: Any finite real number.
-REAL = Constraint("real")
-#: Finite and > 0.
-POSITIVE = _elementwise("positive", "must be > 0", lambda x: x > 0, lambda t: t > 0)
-#: Finite and >= 0.
-NONNEGATIVE = _elementwise("nonnegative", "must be >= 0", lambda x: x >= 0, lambda t: t >= 0)
-#: In [0, 1].
-PROBABILITY = _elementwise("probability", "must lie in [0, 1]", lambda x: 0 <= x <= 1,
-                           lambda t: (t >= 0) & (t <= 1))
-#: In (0, 1].
-POSITIVE_PROBABILITY = _elementwise("positive probability", "must lie in (0, 1]",
-                                    lambda x: 0 < x <= 1, lambda t: (t > 0) & (t <= 1))
-#: Integer-valued.
-INTEGER = _elementwise("integer", "must be integer-valued", _is_int, _int_tensor)
-#: Integer-valued and >= 0.
-NONNEGATIVE_INTEGER = _elementwise(
-    "nonnegative integer", "must be a non-negative integer (integer-valued and >= 0)",
-    lambda x: _is_int(x) and x >= 0, lambda t: _int_tensor(t) & (t >= 0))
-
-
-def _check_weights(t: torch.Tensor) -> str | None:
-    if not bool((t >= 0).all()):
-        return "must be >= 0"
-    if not bool((t.sum(dim=-1) > 0).all()):
-        return "must have a positive sum along the last dim"
-    return None
-
-
-def _check_positive(t: torch.Tensor) -> str | None:
-    return None if bool((t > 0).all()) else "must be > 0"
-
-
-def _check_spd(t: torch.Tensor) -> str | None:
-    if t.shape[-1] != t.shape[-2]:
-        return f"must be square with shape (..., d, d), got shape {tuple(t.shape)}"
-    c = t if t.is_floating_point() else t.to(torch.get_default_dtype())
-    tol = 1e3 * torch.finfo(c.dtype).eps
-    scale = torch.clamp(c.abs().amax(dim=(-2, -1), keepdim=True), min=1.0)
-    if not bool(((c - c.mT).abs() <= tol * scale).all()):
-        return "must be symmetric"
-    _, info = torch.linalg.cholesky_ex(c)
-    if not bool((info == 0).all()):
-        return "must be positive definite"
-    return None
-
-
-#: A vector of finite reals, shape (..., d).
-REAL_VECTOR = Constraint("real vector", 1)
-#: Non-negative category weights with a positive sum, shape (..., K) (need not be normalized).
-WEIGHTS = Constraint("weights", 1, tensor=_check_weights)
-#: A vector of positive reals, shape (..., K).
-POSITIVE_VECTOR = Constraint("positive vector", 1, tensor=_check_positive)
-#: A symmetric positive definite matrix, shape (..., d, d).
-POSITIVE_DEFINITE = Constraint("positive definite", 2, tensor=_check_spd)
-
-_EVENT_SHAPES = {1: "(..., d)", 2: "(..., d, d)"}
-_RELATIONS: dict[str, tuple[Callable[[Any, Any], Any], str]] = {
-    "<": (lambda a, b: a < b, ">"),
-    "<=": (lambda a, b: a <= b, ">="),
-}
-
-
-def _shown(v: Any) -> Any:
-    return v.detach().cpu() if isinstance(v, torch.Tensor) else v
-
-
-class DistributionMethods:
-    """The sampling / scoring / validation half of a distribution (see the module docstring)."""
-
-    name: str = "distribution"
-    param_names: tuple[str, ...] = ()
-    #: One :class:`Constraint` per parameter; empty means every parameter is :data:`REAL`.
-    param_constraints: tuple[Constraint, ...] = ()
-    #: Ordering constraints between parameters: ``(a, "<" or "<=", b)`` by parameter name.
-    relations: tuple[tuple[str, str, str], ...] = ()
-    discrete: bool = False
-    reparameterized: bool = False
-
-    def sample(self, *params: Any) -> torch.Tensor:
-        """Draw one value (vmap-safe; reparameterized when ``self.reparameterized``)."""
-        raise NotImplementedError
-
-    def logpdf(self, value: torch.Tensor, *params: Any) -> torch.Tensor:
-        """Elementwise log density / log mass of ``value``."""
-        raise NotImplementedError
-
-    # ----------------------------------------------------------------- shapes
-    def event_shape(self, params: Sequence[torch.Tensor]) -> tuple[int, ...]:
-        """The shape of one event (``()`` for univariate distributions)."""
-        return ()
-
-    def value_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
-        """The shape of a value: the broadcast batch shape of the parameters (each without its
-        ``event_dim`` trailing dimensions) followed by :meth:`event_shape`.  Under vmap these
-        are per-element shapes."""
-        constraints = self._constraints()
-        batch = _broadcast_shape(*[
-            s[:len(s) - c.event_dim] if c.event_dim else s
-            for s, c in ((_shape_of(p), c) for p, c in zip(params, constraints))])
-        return batch + tuple(self.event_shape(params))
-
-    @functools.cached_property
-    def _knows_shapes(self) -> bool:
-        """Whether the value shape can be derived: the distribution declares its
-        ``param_constraints`` (with their event dims) or computes :meth:`value_shape` itself.
-        A custom distribution that does neither gets no shape checks (its parameters'
-        event dims are unknown)."""
-        cls = type(self)
-        return (bool(self.param_constraints)
-                or cls.value_shape is not DistributionMethods.value_shape)
-
-    @functools.cached_property
-    def _elementwise(self) -> bool:
-        """Univariate with the default value shape: a value has the broadcast shape of the
-        (converted, tensor) parameters."""
-        cls = type(self)
-        return (all(c.event_dim == 0 for c in self._constraints())
-                and cls.event_shape is DistributionMethods.event_shape
-                and cls.value_shape is DistributionMethods.value_shape
-                and cls._prepare is DistributionMethods._prepare)
-
-    # ----------------------------------------------------------------- validation
-    def _constraints(self) -> tuple[Constraint, ...]:
-        return self.param_constraints or (REAL,) * len(self.param_names)
-
-    def _fail(self, pname: str, requirement: str, value: Any) -> DistributionArgumentError:
-        return DistributionArgumentError(
-            f"{self.name}: argument {pname!r} {requirement}, got {_shown(value)}")
-
-    def check_args(self, *params: Any) -> None:
-        """Validate parameters outside vmap; raise DistributionArgumentError naming the argument.
-
-        One routine for every distribution, driven by ``param_constraints`` and ``relations``:
-        arity; per parameter finiteness and the shape of its events; that the batch shapes
-        broadcast; per parameter its constraint; then the relations.  Python numbers (and
-        one-element tensors, read with ``.item()``) are checked in plain Python.
-        """
-        self._check_arity(params)
-        names = self.param_names
-        constraints = self._constraints()
-        values: list[Any] = []  # a Python number, or a tensor
-        tensors: list[tuple[str, Any]] = []
-        for pname, c, p in zip(names, constraints, params):
-            check_param_type(self.name, pname, p)  # (a str or None: named, not torch's error)
-            if isinstance(p, _Number):
-                if c.event_dim:
-                    raise self._fail(pname, f"must have shape {_EVENT_SHAPES[c.event_dim]}",
-                                     f"a scalar {p!r}")
-                if not math.isfinite(p):
-                    raise self._fail(pname, "must be finite", p)
-                values.append(p)
-                continue
-            t = p if isinstance(p, torch.Tensor) else as_tensor(p)
-            tensors.append((pname, p))
-            if c.event_dim and (t.dim() < c.event_dim or t.shape[-1] < 1):
-                raise DistributionArgumentError(
-                    f"{self.name}: argument {pname!r} must have shape "
-                    f"{_EVENT_SHAPES[c.event_dim]} with at least one entry, "
-                    f"got shape {tuple(t.shape)}")
-            if t.numel() == 1 and t.device.type == "cpu" and not t.is_complex():
-                x = t.item()
-                if not math.isfinite(x):
-                    raise self._fail(pname, "must be finite", t)
-                values.append(x if not c.event_dim else t)
-            else:
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise self._fail(pname, "must be finite", t)
-                values.append(t)
-        if len(tensors) > 1 and self._knows_shapes:
-            try:
-                self.value_shape(params)
-            except (ValueError, RuntimeError):
-                desc = ", ".join(f"{n}: {_shape_of(p)}" for n, p in zip(names, params))
-                raise DistributionArgumentError(
-                    f"{self.name}: argument shapes do not broadcast ({desc})") from None
-        for pname, c, v in zip(names, constraints, values):
-            if isinstance(v, torch.Tensor):
-                problem = c.tensor(v) if c.tensor is not None else None
-            else:
-                problem = c.number(v) if c.number is not None else None
-            if problem is not None:
-                raise self._fail(pname, problem, v)
-        self._check_relations(dict(zip(names, values)))
-
-    def _check_relations(self, values: dict[str, Any]) -> None:
-        """Check ``relations`` (values: Python numbers or tensors, by parameter name)."""
-        for a, op, b in self.relations:
-            fn, inverse = _RELATIONS[op]
-            va, vb = values[a], values[b]
-            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
-                ta, tb = param_tensors(va, vb)
-                ok = bool(fn(ta, tb).all())
-            else:
-                ok = bool(fn(va, vb))
-            if not ok:
-                raise DistributionArgumentError(
-                    f"{self.name}: argument {b!r} must be {inverse} {a!r}, "
-                    f"got {a}={_shown(va)}, {b}={_shown(vb)}")
-
-    # ----------------------------------------------------------------- helpers for subclasses
-    def _check_arity(self, params: Sequence[Any]) -> None:
-        if len(params) != len(self.param_names):
-            raise DistributionArgumentError(
-                f"{self.name} takes {len(self.param_names)} argument(s) "
-                f"({', '.join(self.param_names)}), got {len(params)}"
-            )
-
-    def _check_finite(self, pname: str, p: Any) -> None:
-        t = as_tensor(p)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise self._fail(pname, "must be finite", t)
-
-    def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """The parameters as tensors, converted once per GFI call (see :func:`param_tensors`)."""
-        return param_tensors(*args) if args else args
-
-
-# --------------------------------------------------------------------------------- the GFI
 _validation = {"enabled": True}
 _NO_CHANGE = NoChange()  # diffs are frozen records: one instance each serves every call
 _UNKNOWN_CHANGE = UnknownChange()
@@ -583,7 +181,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
             return
         if [d for d in shape if d != 1] == [d for d in expected if d != 1]:
             return  # only size-1 dimensions differ: the same values, scored once
-        shapes = ", ".join(f"{n}: {_shape_of(p)}" for n, p in zip(self.param_names, args))
+        shapes = ", ".join(f"{n}: {shape_of(p)}" for n, p in zip(self.param_names, args))
         what = "the given value" if given else "the kept value"
         raise DistributionArgumentError(
             f"{self.name}: {what} of shape {tuple(value.shape)} does not fit the parameters "
@@ -610,7 +208,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         except RuntimeError as err:
             if inside_functorch_transform():
                 raise
-            shapes = ", ".join(f"{n}: {_shape_of(p)}" for n, p in zip(self.param_names, args))
+            shapes = ", ".join(f"{n}: {shape_of(p)}" for n, p in zip(self.param_names, args))
             raise DistributionArgumentError(
                 f"{self.name}: the given value of shape {tuple(value.shape)} does not fit the "
                 f"parameters ({shapes}): {str(err).splitlines()[0]}") from None

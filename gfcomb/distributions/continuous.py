@@ -19,164 +19,45 @@ with ``lgamma``/``log1p``/``xlogy``), differentiable in value and parameters, an
 Parameter conventions are those of ``torch.distributions``.  Python numbers are turned into
 tensors of the floating dtype and device of the tensor parameters (default dtype if none).
 
-This module also holds the small numerical helpers shared by :mod:`.discrete` and
-:mod:`.multivariate` (private names, not part of the public API).
+The numerical helpers they share with :mod:`.discrete` and :mod:`.multivariate` live in
+:mod:`.numerics`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Union
 
 import torch
 from torch._C import _functorch
 
-from gfcomb.distributions.base import (  # noqa: F401  (float_dtype: re-exported helper)
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import (
+    log_standard_gamma,
+    neg_inf_outside,
+    safe,
+    standard_gamma,
+    uniform_open,
+    xlog1py,
+    xlogy,
+)
+from gfcomb.distributions.params import (
     POSITIVE,
     REAL,
-    Distribution,
+    ArrayLike,
     broadcast_params,
     constant_tensor,
     constant_value,
-    float_dtype,
     param_tensors,
 )
-
-#: What a distribution parameter may be: a tensor, a Python number, or a nested list.
-ArrayLike = Union[torch.Tensor, float, int, bool, list]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _HALF_LOG_2PI = 0.5 * _LOG_2PI
 _LOG_PI = math.log(math.pi)
 
 
-# ===================================================================================== helpers
-def _neg_inf_outside(support: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``logp`` where ``support`` holds, ``-inf`` elsewhere (broadcast)."""
-    return torch.where(support, logp, torch.full_like(logp, -math.inf))
-
-
-def _safe(support: torch.Tensor, x: torch.Tensor, fill: float) -> torch.Tensor:
-    """Replace ``x`` outside ``support`` by a harmless in-support ``fill``.
-
-    The "double where" trick: the out-of-support branch of a later ``torch.where`` is then
-    finite, so its (discarded) gradient is 0 instead of NaN.
-    """
-    return torch.where(support, x, torch.full_like(x, fill))
-
-
-def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x * log(y)`` with ``0 * log(0) = 0``, finite gradients there (unlike ``torch.xlogy``,
-    whose gradient in ``y`` is NaN at ``x = y = 0``)."""
-    x, y = torch.broadcast_tensors(x, y)
-    both0 = (x == 0) & (y == 0)
-    return torch.xlogy(x, torch.where(both0, torch.ones_like(y), y))
-
-
-def _xlog1py(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x * log1p(y)`` with ``0 * log(0) = 0`` and finite gradients there."""
-    x, y = torch.broadcast_tensors(x, y)
-    bad = (x == 0) & (y == -1)
-    return torch.special.xlog1py(x, torch.where(bad, torch.zeros_like(y), y))
-
-
-def _to_front(t: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
-    """Move a vmap batch dim to the front (or add an expanded one) -- for custom vmap rules."""
-    if dim is None:
-        return t.unsqueeze(0).expand(batch_size, *t.shape)
-    return t.movedim(dim, 0)
-
-
-class _StandardGammaGrad(torch.autograd.Function):
-    """``torch._standard_gamma_grad`` with a real vmap rule.
-
-    PyTorch has no batching rule for ``aten::_standard_gamma_grad``; under ``vmap(grad(...))``
-    it falls back to a per-example loop (about 30x slower at 100k elements, plus a warning).
-    The op is elementwise, so the rule is: move batch dims to the front and call it once.
-    """
-
-    @staticmethod
-    def forward(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch._standard_gamma_grad(alpha, x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
-        raise NotImplementedError(
-            "gfcomb: second derivatives of gamma-based samples are not implemented"
-        )
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = _to_front(alpha, in_dims[0], info.batch_size)
-        x = _to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _StandardGammaGrad.apply(alpha, x), 0
-
-
-class _GammaReparam(torch.autograd.Function):
-    """Identity on a standard-gamma sample ``x`` that attaches the implicit reparameterization
-    gradient ``dx/dalpha`` (Figurnov et al. 2018; the same formula torch uses).
-
-    The sample itself is drawn by the native ``torch._standard_gamma`` (which handles
-    ``randomness="different"`` for batched and unbatched ``alpha``); only the gradient goes
-    through here, so that ``vmap(grad(...))`` stays vectorized.
-    """
-
-    @staticmethod
-    def forward(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
-        alpha, x = ctx.saved_tensors
-        return grad * _StandardGammaGrad.apply(alpha, x), None
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, alpha: torch.Tensor, x: torch.Tensor) -> Any:
-        alpha = _to_front(alpha, in_dims[0], info.batch_size)
-        x = _to_front(x, in_dims[1], info.batch_size)
-        alpha, x = torch.broadcast_tensors(alpha, x)
-        return _GammaReparam.apply(alpha, x), 0
-
-
-def _standard_gamma(alpha: torch.Tensor) -> torch.Tensor:
-    """A Gamma(alpha, 1) draw, reparameterized, vmap-safe, clamped to ``finfo.tiny``.
-
-    Draws exactly what ``torch.distributions.Gamma(alpha, 1).rsample()`` draws under the same
-    seed, with the same gradient.
-    """
-    x = torch._standard_gamma(alpha.detach())
-    x = _GammaReparam.apply(alpha, x)
-    return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
-
-
-def _log_standard_gamma(alpha: torch.Tensor) -> torch.Tensor:
-    """``log`` of a Gamma(alpha, 1) draw, computed without underflow for small ``alpha``.
-
-    Uses the boosting identity ``G(alpha) = G(alpha + 1) * U ** (1 / alpha)`` (valid for every
-    alpha > 0), so ``log G = log G(alpha + 1) + log(U) / alpha`` stays finite even where
-    ``G(alpha)`` itself underflows (alpha << 1).  Reparameterized in ``alpha``.
-    """
-    u = 1.0 - torch.rand_like(alpha)  # in (0, 1]
-    return torch.log(_standard_gamma(alpha + 1.0)) + torch.log(u) / alpha
-
-
-def _uniform_open(like: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in ``(0, 1)`` (both ends excluded), shaped like ``like``."""
-    eps = torch.finfo(like.dtype).eps
-    return torch.clamp(torch.rand_like(like), min=eps, max=1.0 - eps)
-
-
 # ============================================================================= distributions
-class Normal(Distribution):
+class Normal(Distribution, name="normal", params={"loc": REAL, "scale": POSITIVE},
+             reparameterized=True):
     r"""Normal distribution ``normal(loc, scale)``.
 
     .. math:: \log p(x) = -\tfrac12 \left(\frac{x-\mu}{\sigma}\right)^2 - \log\sigma
@@ -185,13 +66,7 @@ class Normal(Distribution):
     Sampler: ``loc + scale * randn_like`` (reparameterized).  Support: all reals.
     """
 
-    name = "normal"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw ``loc + scale * eps`` with ``eps ~ N(0, 1)``."""
         loc, scale = param_tensors(loc, scale)
         if scale.dim() == 0:  # (a scalar scale already fits loc)
@@ -199,31 +74,26 @@ class Normal(Distribution):
         loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.randn_like(loc)
 
-    def sample_with_logpdf(  # type: ignore[override]
-        self, loc: ArrayLike, scale: ArrayLike
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sample_with_logpdf(self, loc: ArrayLike,
+                           scale: ArrayLike) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``loc + scale * eps`` and its log density from ``eps`` itself,
         −eps²/2 − log σ − log(2π)/2 (no subtraction and division to recover it): three tensor
         operations in all.  None when ``scale`` is not a scalar (then sample, then score)."""
         return self._draw_scored(*param_tensors(loc, scale))
 
-    def _draw_scored(  # type: ignore[override]
-        self, loc: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _draw_scored(self, loc: torch.Tensor,
+                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if scale.dim() != 0:
             return None
         eps, value = _shifted_noise(loc, scale)
         return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (−z²/2 − log σ − log(2π)/2 as one ``addcmul``)."""
         return self._logpdf_prepared(*param_tensors(value, loc, scale))
 
-    def _logpdf_prepared(  # type: ignore[override]
-        self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
+    def _logpdf_prepared(self, x: torch.Tensor, loc: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
         s = constant_value(scale)
         if s is not None and s > 0 and scale.dim() == 0:  # 1/σ² in Python
             z = x - loc
@@ -270,7 +140,8 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Uniform(Distribution):
+class Uniform(Distribution, name="uniform", params={"low": REAL, "high": REAL},
+              relations=(("low", "<", "high"),), reparameterized=True):
     r"""Continuous uniform distribution ``uniform(low, high)`` on the closed interval.
 
     .. math:: \log p(x) = -\log(\mathrm{high} - \mathrm{low}) \quad
@@ -280,29 +151,21 @@ class Uniform(Distribution):
     ``[low, high)``) the log density is finite at ``x == high`` too, as in Gen.jl/scipy.
     """
 
-    name = "uniform"
-    param_names = ("low", "high")
-    param_constraints = (REAL, REAL)
-    relations = (("low", "<", "high"),)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Draw ``low + (high - low) * U`` with ``U ~ U[0, 1)``."""
         low, high = broadcast_params(low, high)
         return low + (high - low) * torch.rand_like(low)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, low: ArrayLike, high: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[low, high]``)."""
         x, low, high = param_tensors(value, low, high)
         support = (x >= low) & (x <= high)
-        return _neg_inf_outside(support, -torch.log(high - low))
+        return neg_inf_outside(support, -torch.log(high - low))
 
 
 
-class Beta(Distribution):
+class Beta(Distribution, name="beta",
+           params={"concentration1": POSITIVE, "concentration0": POSITIVE}, reparameterized=True):
     r"""Beta distribution ``beta(concentration1, concentration0)`` (torch naming: ``a, b``).
 
     .. math:: \log p(x) = (a-1)\log x + (b-1)\log(1-x) - \log B(a, b), \quad 0 \le x \le 1
@@ -313,35 +176,27 @@ class Beta(Distribution):
     Samples are clamped to ``[tiny, 1 - eps/2]`` so that the log density stays finite.
     """
 
-    name = "beta"
-    param_names = ("concentration1", "concentration0")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration1: ArrayLike, concentration0: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration1: ArrayLike, concentration0: ArrayLike) -> torch.Tensor:
         """Draw one Beta value via two (log-)gamma draws."""
         a, b = broadcast_params(concentration1, concentration0)
-        x = torch.sigmoid(_log_standard_gamma(a) - _log_standard_gamma(b))
+        x = torch.sigmoid(log_standard_gamma(a) - log_standard_gamma(b))
         fi = torch.finfo(x.dtype)
         return torch.clamp(x, min=fi.tiny, max=1.0 - fi.eps / 2)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration1: ArrayLike, concentration0: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration1: ArrayLike,
+               concentration0: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` outside ``[0, 1]``)."""
         x, a, b = param_tensors(value, concentration1, concentration0)
         support = (x >= 0) & (x <= 1)
-        xs = _safe(support, x, 0.5)
+        xs = safe(support, x, 0.5)
         lbeta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-        lp = _xlogy(a - 1, xs) + _xlog1py(b - 1, -xs) - lbeta
-        return _neg_inf_outside(support, lp)
+        lp = xlogy(a - 1, xs) + xlog1py(b - 1, -xs) - lbeta
+        return neg_inf_outside(support, lp)
 
 
 
-class Gamma(Distribution):
+class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+            reparameterized=True):
     r"""Gamma distribution ``gamma(concentration, rate)`` (shape ``k``, rate ``\beta``).
 
     .. math:: \log p(x) = k\log\beta + (k-1)\log x - \beta x - \log\Gamma(k), \quad x \ge 0
@@ -351,33 +206,24 @@ class Gamma(Distribution):
     same seed), but with a vectorized vmap rule for the gradient.  Clamped to ``finfo.tiny``.
     """
 
-    name = "gamma"
-    param_names = ("concentration", "rate")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Draw ``G / rate`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
-        x = _standard_gamma(k) / rate
+        x = standard_gamma(k) / rate
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, k, rate = param_tensors(value, concentration, rate)
         support = x >= 0
-        xs = _safe(support, x, 1.0)
-        lp = k * torch.log(rate) + _xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
-        return _neg_inf_outside(support, lp)
+        xs = safe(support, x, 1.0)
+        lp = k * torch.log(rate) + xlogy(k - 1, xs) - rate * xs - torch.lgamma(k)
+        return neg_inf_outside(support, lp)
 
 
 
-class InvGamma(Distribution):
+class InvGamma(Distribution, name="inv_gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+               reparameterized=True):
     r"""Inverse-gamma distribution ``inv_gamma(concentration, rate)``: the law of ``1/X`` for
     ``X ~ Gamma(concentration, rate)``.  (So ``rate`` is the *scale* of the inverse gamma;
     scipy: ``invgamma(a=concentration, scale=rate)``.)
@@ -387,32 +233,23 @@ class InvGamma(Distribution):
     Sampler: ``rate / G`` with ``G ~ Gamma(k, 1)`` (reparameterized).
     """
 
-    name = "inv_gamma"
-    param_names = ("concentration", "rate")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Draw ``rate / G`` with ``G ~ Gamma(concentration, 1)``."""
         k, rate = broadcast_params(concentration, rate)
-        return rate / _standard_gamma(k)
+        return rate / standard_gamma(k)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``y <= 0``)."""
         y, k, rate = param_tensors(value, concentration, rate)
         support = y > 0
-        ys = _safe(support, y, 1.0)
+        ys = safe(support, y, 1.0)
         lp = k * torch.log(rate) - torch.lgamma(k) - (k + 1) * torch.log(ys) - rate / ys
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class Exponential(Distribution):
+class Exponential(Distribution, name="exponential", params={"rate": POSITIVE},
+                  reparameterized=True):
     r"""Exponential distribution ``exponential(rate)``.
 
     .. math:: \log p(x) = \log\lambda - \lambda x, \quad x \ge 0
@@ -420,27 +257,22 @@ class Exponential(Distribution):
     Sampler: inverse CDF ``-log1p(-U) / rate`` (reparameterized).
     """
 
-    name = "exponential"
-    param_names = ("rate",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, rate: ArrayLike) -> torch.Tensor:
         """Draw ``-log(1 - U) / rate``."""
         (rate,) = param_tensors(rate)
         return -torch.log1p(-torch.rand_like(rate)) / rate
 
-    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, rate = param_tensors(value, rate)
         support = x >= 0
-        xs = _safe(support, x, 1.0)
-        return _neg_inf_outside(support, torch.log(rate) - rate * xs)
+        xs = safe(support, x, 1.0)
+        return neg_inf_outside(support, torch.log(rate) - rate * xs)
 
 
 
-class Laplace(Distribution):
+class Laplace(Distribution, name="laplace", params={"loc": REAL, "scale": POSITIVE},
+              reparameterized=True):
     r"""Laplace distribution ``laplace(loc, scale)``.
 
     .. math:: \log p(x) = -\log(2b) - |x - \mu| / b
@@ -449,29 +281,22 @@ class Laplace(Distribution):
     (torch's formula, reparameterized).
     """
 
-    name = "laplace"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         loc, scale = broadcast_params(loc, scale)
         eps = torch.finfo(loc.dtype).eps
         u = torch.rand_like(loc) * (2.0 - eps) + (eps - 1.0)
         return loc - scale * torch.sign(u) * torch.log1p(-torch.abs(u))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, loc, scale = param_tensors(value, loc, scale)
         return -math.log(2.0) - torch.log(scale) - torch.abs(x - loc) / scale
 
 
 
-class Cauchy(Distribution):
+class Cauchy(Distribution, name="cauchy", params={"loc": REAL, "scale": POSITIVE},
+             reparameterized=True):
     r"""Cauchy distribution ``cauchy(loc, scale)``.
 
     .. math:: \log p(x) = -\log\pi - \log\gamma - \log\left(1 + ((x-x_0)/\gamma)^2\right)
@@ -480,20 +305,12 @@ class Cauchy(Distribution):
     (reparameterized).
     """
 
-    name = "cauchy"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         loc, scale = broadcast_params(loc, scale)
-        return loc + scale * torch.tan(math.pi * (_uniform_open(loc) - 0.5))
+        return loc + scale * torch.tan(math.pi * (uniform_open(loc) - 0.5))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, loc, scale = param_tensors(value, loc, scale)
         z = (x - loc) / scale
@@ -501,7 +318,8 @@ class Cauchy(Distribution):
 
 
 
-class StudentT(Distribution):
+class StudentT(Distribution, name="student_t",
+               params={"df": POSITIVE, "loc": REAL, "scale": POSITIVE}, reparameterized=True):
     r"""Student's t distribution ``student_t(df, loc, scale)`` (all three positional; use
     ``loc=0, scale=1`` for the standard one).
 
@@ -514,24 +332,15 @@ class StudentT(Distribution):
     (so ``2G`` is chi-square with ``df`` degrees of freedom); reparameterized in all three.
     """
 
-    name = "student_t"
-    param_names = ("df", "loc", "scale")
-    param_constraints = (POSITIVE, REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, df: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw a normal over the square root of a scaled chi-square."""
         df, loc, scale = broadcast_params(df, loc, scale)
         z = torch.randn_like(loc)
-        chi2 = 2.0 * _standard_gamma(0.5 * df)
+        chi2 = 2.0 * standard_gamma(0.5 * df)
         return loc + scale * z * torch.rsqrt(chi2 / df)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, df: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, df: ArrayLike, loc: ArrayLike,
+               scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density."""
         x, df, loc, scale = param_tensors(value, df, loc, scale)
         z = (x - loc) / scale
@@ -545,7 +354,8 @@ class StudentT(Distribution):
 
 
 
-class HalfNormal(Distribution):
+class HalfNormal(Distribution, name="half_normal", params={"scale": POSITIVE},
+                 reparameterized=True):
     r"""Half-normal distribution ``half_normal(scale)``: ``|X|`` for ``X ~ N(0, scale)``.
 
     .. math:: \log p(x) = \tfrac12\log(2/\pi) - \log\sigma - x^2/(2\sigma^2), \quad x \ge 0
@@ -553,28 +363,23 @@ class HalfNormal(Distribution):
     Sampler: ``|scale * randn_like|`` (reparameterized).
     """
 
-    name = "half_normal"
-    param_names = ("scale",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, scale: ArrayLike) -> torch.Tensor:
         """Draw ``|scale * eps|``."""
         (scale,) = param_tensors(scale)
         return torch.abs(scale * torch.randn_like(scale))
 
-    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
-        z = _safe(support, x, 0.0) / scale
+        z = safe(support, x, 0.0) / scale
         lp = 0.5 * (math.log(2.0) - _LOG_PI) - torch.log(scale) - 0.5 * z * z
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class LogNormal(Distribution):
+class LogNormal(Distribution, name="log_normal", params={"loc": REAL, "scale": POSITIVE},
+                reparameterized=True):
     r"""Log-normal distribution ``log_normal(loc, scale)``: ``exp(X)`` for ``X ~ N(loc, scale)``.
 
     .. math:: \log p(x) = -\tfrac12\left(\frac{\log x - \mu}{\sigma}\right)^2 - \log\sigma
@@ -583,31 +388,24 @@ class LogNormal(Distribution):
     Sampler: ``exp(loc + scale * randn_like)`` (reparameterized).
     """
 
-    name = "log_normal"
-    param_names = ("loc", "scale")
-    param_constraints = (REAL, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Draw ``exp(loc + scale * eps)``."""
         loc, scale = broadcast_params(loc, scale)
         return torch.exp(loc + scale * torch.randn_like(loc))
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x <= 0``)."""
         x, loc, scale = param_tensors(value, loc, scale)
         support = x > 0
-        logx = torch.log(_safe(support, x, 1.0))
+        logx = torch.log(safe(support, x, 1.0))
         z = (logx - loc) / scale
         lp = -0.5 * z * z - torch.log(scale) - 0.5 * _LOG_2PI - logx
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class HalfCauchy(Distribution):
+class HalfCauchy(Distribution, name="half_cauchy", params={"scale": POSITIVE},
+                 reparameterized=True):
     r"""Half-Cauchy distribution ``half_cauchy(scale)``: ``|X|`` for ``X ~ Cauchy(0, scale)``.
 
     .. math:: \log p(x) = \log 2 - \log\pi - \log\gamma - \log(1 + (x/\gamma)^2), \quad x \ge 0
@@ -616,28 +414,23 @@ class HalfCauchy(Distribution):
     (reparameterized).
     """
 
-    name = "half_cauchy"
-    param_names = ("scale",)
-    param_constraints = (POSITIVE,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, scale: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         (scale,) = param_tensors(scale)
-        return scale * torch.tan(0.5 * math.pi * _uniform_open(scale))
+        return scale * torch.tan(0.5 * math.pi * uniform_open(scale))
 
-    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, scale: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale = param_tensors(value, scale)
         support = x >= 0
-        z = _safe(support, x, 0.0) / scale
+        z = safe(support, x, 0.0) / scale
         lp = math.log(2.0) - _LOG_PI - torch.log(scale) - torch.log1p(z * z)
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class Weibull(Distribution):
+class Weibull(Distribution, name="weibull", params={"scale": POSITIVE, "concentration": POSITIVE},
+              reparameterized=True):
     r"""Weibull distribution ``weibull(scale, concentration)`` (torch's argument order).
 
     .. math:: \log p(x) = \log k - \log\lambda + (k-1)\log(x/\lambda) - (x/\lambda)^k,
@@ -647,29 +440,19 @@ class Weibull(Distribution):
     (computed in log space; reparameterized).
     """
 
-    name = "weibull"
-    param_names = ("scale", "concentration")
-    param_constraints = (POSITIVE, POSITIVE)
-    discrete = False
-    reparameterized = True
-
-    def sample(  # type: ignore[override]
-        self, scale: ArrayLike, concentration: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, scale: ArrayLike, concentration: ArrayLike) -> torch.Tensor:
         """Draw by inverse CDF."""
         scale, k = broadcast_params(scale, concentration)
         e = torch.clamp(-torch.log1p(-torch.rand_like(scale)), min=torch.finfo(scale.dtype).tiny)
         return scale * torch.exp(torch.log(e) / k)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, scale: ArrayLike, concentration: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, scale: ArrayLike, concentration: ArrayLike) -> torch.Tensor:
         """Elementwise log density (``-inf`` for ``x < 0``)."""
         x, scale, k = param_tensors(value, scale, concentration)
         support = x >= 0
-        z = _safe(support, x, 1.0) / scale
-        lp = torch.log(k) - torch.log(scale) + _xlogy(k - 1, z) - torch.pow(z, k)
-        return _neg_inf_outside(support, lp)
+        z = safe(support, x, 1.0) / scale
+        lp = torch.log(k) - torch.log(scale) + xlogy(k - 1, z) - torch.pow(z, k)
+        return neg_inf_outside(support, lp)
 
 
 

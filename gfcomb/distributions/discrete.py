@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import torch
 
-from gfcomb.distributions.base import (
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import neg_inf_outside, safe, xlog1py, xlogy
+from gfcomb.distributions.params import (
     INTEGER,
     NONNEGATIVE,
     NONNEGATIVE_INTEGER,
     POSITIVE_PROBABILITY,
     PROBABILITY,
     WEIGHTS,
-    Distribution,
+    ArrayLike,
     broadcast_params,
     param_tensors,
-)
-from gfcomb.distributions.continuous import (
-    ArrayLike,
-    _neg_inf_outside,
-    _safe,
-    _xlog1py,
-    _xlogy,
 )
 
 
@@ -51,7 +46,7 @@ def _is_integer(x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x, dtype=torch.bool)
 
 
-class Bernoulli(Distribution):
+class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, discrete=True):
     r"""Bernoulli distribution ``bernoulli(probs)``; values are floating ``0.``/``1.``.
 
     .. math:: \log p(x) = x\log p + (1-x)\log(1-p), \quad x \in \{0, 1\}
@@ -59,19 +54,13 @@ class Bernoulli(Distribution):
     Sampler: ``(rand_like(p) < p)`` cast to ``p``'s dtype.
     """
 
-    name = "bernoulli"
-    param_names = ("probs",)
-    param_constraints = (PROBABILITY,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw 1. with probability ``probs``, else 0."""
         (p,) = param_tensors(probs)
         p = p.detach()
         return (torch.rand_like(p) < p).to(p.dtype)
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` for values other than 0 and 1)."""
         x, p = param_tensors(value, probs)
         is1 = x == 1
@@ -79,11 +68,11 @@ class Bernoulli(Distribution):
         # log p and log(1-p) only where selected, so p in {0, 1} gives no NaN gradient
         lp1 = torch.log(torch.where(is1, p, torch.ones_like(p)))
         lp0 = torch.log1p(-torch.where(is0, p, torch.zeros_like(p)))
-        return _neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
+        return neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
 
 
 
-class Categorical(Distribution):
+class Categorical(Distribution, name="categorical", params={"probs": WEIGHTS}, discrete=True):
     r"""Categorical distribution ``categorical(probs)`` over ``{0, ..., K-1}``.
 
     ``probs`` has shape ``(..., K)``; as in torch it need not be normalized (it is divided by
@@ -95,20 +84,14 @@ class Categorical(Distribution):
     (a sum of booleans; exact: zero-probability categories are never drawn).
     """
 
-    name = "categorical"
-    param_names = ("probs",)
-    param_constraints = (WEIGHTS,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw one category index (int64)."""
         (p,) = param_tensors(probs)
         cdf = torch.cumsum(p.detach(), dim=-1)
         u = torch.rand_like(cdf[..., -1:]) * cdf[..., -1:]  # u < total (round to nearest)
         return (cdf[..., :-1] <= u).sum(dim=-1)
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Log mass of the index ``value`` (``-inf`` outside ``{0, ..., K-1}``)."""
         (p,) = param_tensors(probs)
         k = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=p.device)
@@ -118,11 +101,13 @@ class Categorical(Distribution):
         shape = torch.broadcast_shapes(p.shape[:-1], idx.shape)
         pk = torch.gather(p.expand(*shape, n_cat), -1, idx.expand(shape).unsqueeze(-1))
         lp = torch.log(pk.squeeze(-1)) - torch.log(p.sum(dim=-1))
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class UniformDiscrete(Distribution):
+class UniformDiscrete(Distribution, name="uniform_discrete",
+                      params={"low": INTEGER, "high": INTEGER}, relations=(("low", "<=", "high"),),
+                      discrete=True):
     r"""Discrete uniform distribution ``uniform_discrete(low, high)`` on the integers
     ``low, ..., high`` -- *both ends included*, as Gen.jl's ``uniform_discrete``.
     Values are ``torch.int64``.
@@ -134,31 +119,22 @@ class UniformDiscrete(Distribution):
     for ranges below ``2**24`` in float32 / ``2**53`` in float64).
     """
 
-    name = "uniform_discrete"
-    param_names = ("low", "high")
-    param_constraints = (INTEGER, INTEGER)
-    relations = (("low", "<=", "high"),)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Draw one integer in ``[low, high]`` (int64)."""
         lo, hi = broadcast_params(low, high)
         lo, hi = lo.detach(), hi.detach()
         x = torch.floor(lo + torch.rand_like(lo) * (hi - lo + 1))
         return torch.minimum(x, hi).to(torch.int64)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, low: ArrayLike, high: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, low: ArrayLike, high: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` outside the integers of ``[low, high]``)."""
         k, lo, hi = param_tensors(value, low, high)
         support = _is_integer(k) & (k >= lo) & (k <= hi)
-        return _neg_inf_outside(support, -torch.log(hi - lo + 1))
+        return neg_inf_outside(support, -torch.log(hi - lo + 1))
 
 
 
-class Poisson(Distribution):
+class Poisson(Distribution, name="poisson", params={"rate": NONNEGATIVE}, discrete=True):
     r"""Poisson distribution ``poisson(rate)``; values are floating (torch's convention).
 
     .. math:: \log p(k) = k\log\lambda - \lambda - \log k!, \quad k \in \{0, 1, \ldots\}
@@ -167,28 +143,23 @@ class Poisson(Distribution):
     mass at 0), as in torch.
     """
 
-    name = "poisson"
-    param_names = ("rate",)
-    param_constraints = (NONNEGATIVE,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, rate: ArrayLike) -> torch.Tensor:
         """Draw one count."""
         (rate,) = param_tensors(rate)
         return torch.poisson(rate.detach())
 
-    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, rate: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, rate = param_tensors(value, rate)
         support = _is_integer(k) & (k >= 0)
-        ks = _safe(support, k, 0.0)
-        lp = _xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
-        return _neg_inf_outside(support, lp)
+        ks = safe(support, k, 0.0)
+        lp = xlogy(ks, rate) - rate - torch.lgamma(ks + 1)
+        return neg_inf_outside(support, lp)
 
 
 
-class Binomial(Distribution):
+class Binomial(Distribution, name="binomial",
+               params={"total_count": NONNEGATIVE_INTEGER, "probs": PROBABILITY}, discrete=True):
     r"""Binomial distribution ``binomial(total_count, probs)``; values are floating.
 
     .. math:: \log p(k) = \log\binom{n}{k} + k\log p + (n-k)\log(1-p), \quad
@@ -198,15 +169,7 @@ class Binomial(Distribution):
     torch's batching rule does not broadcast an unbatched ``total_count``).
     """
 
-    name = "binomial"
-    param_names = ("total_count", "probs")
-    param_constraints = (NONNEGATIVE_INTEGER, PROBABILITY)
-    discrete = True
-    reparameterized = False
-
-    def sample(  # type: ignore[override]
-        self, total_count: ArrayLike, probs: ArrayLike
-    ) -> torch.Tensor:
+    def sample(self, total_count: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Draw one count in ``[0, total_count]``."""
         n, p = broadcast_params(total_count, probs)
         n, p = n.detach(), p.detach()
@@ -214,25 +177,24 @@ class Binomial(Distribution):
         n, p = n + torch.zeros_like(p), p + torch.zeros_like(n)
         return torch.binomial(n, p)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, total_count: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off ``{0, ..., total_count}``)."""
         k, n, p = param_tensors(value, total_count, probs)
         support = _is_integer(k) & (k >= 0) & (k <= n)
-        ks = _safe(support, k, 0.0)
+        ks = safe(support, k, 0.0)
         lp = (
             torch.lgamma(n + 1)
             - torch.lgamma(ks + 1)
             - torch.lgamma(n - ks + 1)
-            + _xlogy(ks, p)
-            + _xlog1py(n - ks, -p)
+            + xlogy(ks, p)
+            + xlog1py(n - ks, -p)
         )
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
 
 
-class Geometric(Distribution):
+class Geometric(Distribution, name="geometric", params={"probs": POSITIVE_PROBABILITY},
+                discrete=True):
     r"""Geometric distribution ``geometric(probs)``: the number of *failures* before the first
     success (torch's convention, support ``0, 1, 2, ...``); values are floating.
 
@@ -241,25 +203,19 @@ class Geometric(Distribution):
     Sampler: inverse CDF ``floor(log(U) / log1p(-p))`` with ``U`` in ``(0, 1]``.
     """
 
-    name = "geometric"
-    param_names = ("probs",)
-    param_constraints = (POSITIVE_PROBABILITY,)
-    discrete = True
-    reparameterized = False
-
-    def sample(self, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, probs: ArrayLike) -> torch.Tensor:
         """Draw one count of failures."""
         (p,) = param_tensors(probs)
         p = p.detach()
         u = 1.0 - torch.rand_like(p)  # (0, 1]
         return torch.floor(torch.log(u) / torch.log1p(-p)) + 0.0  # + 0.0 turns -0. into 0.
 
-    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def logpdf(self, value: ArrayLike, probs: ArrayLike) -> torch.Tensor:
         """Elementwise log mass (``-inf`` off the non-negative integers)."""
         k, p = param_tensors(value, probs)
         support = _is_integer(k) & (k >= 0)
-        ks = _safe(support, k, 0.0)
-        return _neg_inf_outside(support, _xlog1py(ks, -p) + torch.log(p))
+        ks = safe(support, k, 0.0)
+        return neg_inf_outside(support, xlog1py(ks, -p) + torch.log(p))
 
 
 

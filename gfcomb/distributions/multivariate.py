@@ -15,26 +15,22 @@ from typing import Any
 import torch
 
 from gfcomb.core.errors import DistributionArgumentError
-from gfcomb.distributions.base import (
+from gfcomb.distributions.base import Distribution
+from gfcomb.distributions.numerics import log_standard_gamma, neg_inf_outside, safe, xlogy
+from gfcomb.distributions.params import (
     POSITIVE_DEFINITE,
     POSITIVE_VECTOR,
     REAL_VECTOR,
-    Distribution,
-    _shape_of,
-    param_tensors,
-)
-from gfcomb.distributions.continuous import (
     ArrayLike,
-    _log_standard_gamma,
-    _neg_inf_outside,
-    _safe,
-    _xlogy,
+    param_tensors,
+    shape_of,
 )
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class MvNormal(Distribution):
+class MvNormal(Distribution, name="mv_normal",
+               params={"mean": REAL_VECTOR, "cov": POSITIVE_DEFINITE}, reparameterized=True):
     r"""Multivariate normal distribution ``mv_normal(mean, cov)``.
 
     ``mean`` has shape ``(..., d)``, ``cov`` shape ``(..., d, d)`` (symmetric positive
@@ -47,13 +43,7 @@ class MvNormal(Distribution):
     ``cov``).  ``logpdf`` returns one value per event (shape: the broadcast batch shape).
     """
 
-    name = "mv_normal"
-    param_names = ("mean", "cov")
-    param_constraints = (REAL_VECTOR, POSITIVE_DEFINITE)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, mean: ArrayLike, cov: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, mean: ArrayLike, cov: ArrayLike) -> torch.Tensor:
         """Draw ``mean + L @ eps``."""
         mean, cov = param_tensors(mean, cov)
         chol = torch.linalg.cholesky(cov)
@@ -62,16 +52,14 @@ class MvNormal(Distribution):
         eps = torch.randn_like(mean)
         return mean + (chol @ eps.unsqueeze(-1)).squeeze(-1)
 
-    def sample_with_logpdf(  # type: ignore[override]
-        self, mean: ArrayLike, cov: ArrayLike
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_with_logpdf(self, mean: ArrayLike,
+                           cov: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         """``mean + L @ eps`` and its log density from ``eps`` itself (``z = eps``): one
         Cholesky factorization, no triangular solve."""
         return self._draw_scored(*param_tensors(mean, cov))
 
-    def _draw_scored(  # type: ignore[override]
-        self, mean: torch.Tensor, cov: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_scored(self, mean: torch.Tensor,
+                     cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         chol = torch.linalg.cholesky(cov)
         batch = torch.broadcast_shapes(mean.shape[:-1], chol.shape[:-2])
         d = mean.shape[-1]
@@ -81,9 +69,7 @@ class MvNormal(Distribution):
         half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
         return value, -0.5 * (eps * eps).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, mean: ArrayLike, cov: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, mean: ArrayLike, cov: ArrayLike) -> torch.Tensor:
         """Log density per event (the last dim of ``value`` is the event dim)."""
         x, mean, cov = param_tensors(value, mean, cov)
         chol = torch.linalg.cholesky(cov)
@@ -98,11 +84,11 @@ class MvNormal(Distribution):
 
     def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
         """``(d,)``: one value is a vector like ``mean``'s last dimension."""
-        return _shape_of(params[0])[-1:]
+        return shape_of(params[0])[-1:]
 
     def _check_relations(self, values: dict[str, Any]) -> None:
         """``cov`` is ``(..., d, d)`` with the ``d`` of ``mean`` (``(..., d)``)."""
-        m, c = _shape_of(values["mean"]), _shape_of(values["cov"])
+        m, c = shape_of(values["mean"]), shape_of(values["cov"])
         if c[-1] != m[-1]:
             raise DistributionArgumentError(
                 f"{self.name}: argument 'cov' has shape {c}, which does not match "
@@ -110,7 +96,8 @@ class MvNormal(Distribution):
 
 
 
-class Dirichlet(Distribution):
+class Dirichlet(Distribution, name="dirichlet", params={"concentration": POSITIVE_VECTOR},
+                reparameterized=True):
     r"""Dirichlet distribution ``dirichlet(concentration)`` on the simplex.
 
     ``concentration`` has shape ``(..., K)``; values have the same shape.
@@ -125,37 +112,29 @@ class Dirichlet(Distribution):
     than ``K * sqrt(eps)`` of the dtype.
     """
 
-    name = "dirichlet"
-    param_names = ("concentration",)
-    param_constraints = (POSITIVE_VECTOR,)
-    discrete = False
-    reparameterized = True
-
-    def sample(self, concentration: ArrayLike) -> torch.Tensor:  # type: ignore[override]
+    def sample(self, concentration: ArrayLike) -> torch.Tensor:
         """Draw one point of the simplex."""
         (alpha,) = param_tensors(concentration)
-        x = torch.softmax(_log_standard_gamma(alpha), dim=-1)
+        x = torch.softmax(log_standard_gamma(alpha), dim=-1)
         return torch.clamp(x, min=torch.finfo(x.dtype).tiny)
 
-    def logpdf(  # type: ignore[override]
-        self, value: ArrayLike, concentration: ArrayLike
-    ) -> torch.Tensor:
+    def logpdf(self, value: ArrayLike, concentration: ArrayLike) -> torch.Tensor:
         """Log density per event (the last dim is the simplex dim)."""
         x, alpha = param_tensors(value, concentration)
         n_cat = x.shape[-1]
         tol = n_cat * math.sqrt(torch.finfo(x.dtype).eps)
         support = ((x >= 0).all(-1)) & ((x.sum(-1) - 1).abs() <= tol)
-        xs = _safe(support.unsqueeze(-1), x, 1.0 / n_cat)
+        xs = safe(support.unsqueeze(-1), x, 1.0 / n_cat)
         lp = (
-            _xlogy(alpha - 1, xs).sum(-1)
+            xlogy(alpha - 1, xs).sum(-1)
             + torch.lgamma(alpha.sum(-1))
             - torch.lgamma(alpha).sum(-1)
         )
-        return _neg_inf_outside(support, lp)
+        return neg_inf_outside(support, lp)
 
     def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
         """``(K,)``: one value is a point of the simplex like ``concentration``'s last dim."""
-        return _shape_of(params[0])[-1:]
+        return shape_of(params[0])[-1:]
 
 
 __all__ = ["Dirichlet", "MvNormal"]

@@ -36,6 +36,7 @@ from gfcomb.core.gfi import (
     as_choicemap,
     check_argdiffs,
     check_args_tuple,
+    check_trace,
     weight_like,
 )
 from gfcomb.core.pytree import register_record
@@ -374,11 +375,7 @@ class GenFunction(GenerativeFunction):
 
 
 def _check_own_trace(gen_fn: GenFunction, trace: Any) -> GenTrace:
-    if not isinstance(trace, GenTrace) or not (trace.gen_fn is gen_fn
-                                                or trace.gen_fn == gen_fn):
-        raise ArgumentError(f"{gen_fn!r} was given a trace of another generative function: "
-                            f"{getattr(trace, 'gen_fn', trace)!r}")
-    return trace
+    return check_trace(gen_fn, trace, GenTrace)
 
 
 @overload

@@ -14,7 +14,6 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import AddressError, ArgumentError, VmapError
-from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import batched_call, vmap_error
@@ -50,13 +49,6 @@ def check_positive_float(x: Any, name: str, who: str) -> float:
     return v
 
 
-def check_gen_fn(gen_fn: Any, name: str, who: str) -> GenerativeFunction:
-    """``gen_fn`` if it is a generative function (ArgumentError naming ``name`` otherwise)."""
-    if not isinstance(gen_fn, GenerativeFunction):
-        raise ArgumentError(f"{who}: {name} must be a generative function, got {gen_fn!r}")
-    return gen_fn
-
-
 def check_trace(trace: Any, who: str) -> Trace:
     """``trace`` if it is a gfcomb Trace (ArgumentError otherwise)."""
     if not isinstance(trace, Trace):
@@ -81,12 +73,6 @@ def write(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor, ChoiceM
     """``update`` keeping the arguments: ``(trace', weight, discard)``."""
     new, weight, _, discard = trace.gen_fn.update(trace, trace.args, no_change(trace), values)
     return new, weight, discard
-
-
-def vmap_samples(fn: Callable[[], Any], n: int, who: str) -> Any:
-    """``n`` independent runs of ``fn()`` in one ``torch.func.vmap`` call (a leading axis of
-    ``n`` on every output leaf)."""
-    return vmapped(lambda _: fn(), who)(torch.zeros(n))
 
 
 def vmapped(fn: Callable[..., Any], who: str, in_dims: Any = 0) -> Callable[..., Any]:

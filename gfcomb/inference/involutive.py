@@ -20,7 +20,8 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, check_args_tuple
 from gfcomb.core.trace import Trace
-from gfcomb.inference.breadth import accept, check_gen_fn, check_trace, over_chains
+from gfcomb.inference.breadth import accept, check_trace, over_chains
+from gfcomb.inference.importance import check_gen_fn
 
 __all__ = ["involutive_mcmc", "log_abs_det_jacobian"]
 

@@ -20,16 +20,9 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, check_args_tuple
-from gfcomb.inference.breadth import check_gen_fn, check_positive_int
-from gfcomb.inference.particle_filter import (
-    ParticleFilterState,
-    effective_sample_size,
-    log_ml_estimate,
-    pf_initialize,
-    pf_rejuvenate,
-    pf_resample,
-    pf_update,
-)
+from gfcomb.inference import particle_filter as pf
+from gfcomb.inference.breadth import check_positive_int
+from gfcomb.inference.importance import check_gen_fn
 from gfcomb.inference.progress import progress_bar
 from gfcomb.inference.resampling import Resampler
 
@@ -50,7 +43,7 @@ class SMCResult:
     resampling happened.
     """
 
-    state: ParticleFilterState
+    state: pf.ParticleFilterState
     log_ml: torch.Tensor
     ess: list[float]
     resampled: list[int]
@@ -138,25 +131,25 @@ def smc(model: GenerativeFunction, args_fn: ArgsFn, observations: Sequence[Obser
     ess: list[float] = []
     resampled: list[int] = []
     bar = progress_bar(n_steps, desc=desc, progress=progress)
-    state: ParticleFilterState | None = None
+    state: pf.ParticleFilterState | None = None
     for t in bar:
         args = check_args_tuple(args_fn(t), "args_fn(t)")
         if state is None:
-            state = pf_initialize(model, args, observations[t], n, proposal, p_args(t))
+            state = pf.pf_initialize(model, args, observations[t], n, proposal, p_args(t))
         else:
             did = False
             if threshold > 0 and ess[-1] < threshold * n:
-                state = pf_resample(state, resample_method)
+                state = pf.pf_resample(state, resample_method)
                 resampled.append(t - 1)
                 did = True
             if rejuvenation is not None and (did or rejuvenate == "always"):
-                state = pf_rejuvenate(state, rejuvenation, t)
-            state = pf_update(state, args, diffs(state.args, args), observations[t], proposal,
+                state = pf.pf_rejuvenate(state, rejuvenation, t)
+            state = pf.pf_update(state, args, diffs(state.args, args), observations[t], proposal,
                               p_args(t))
-        ess.append(float(effective_sample_size(state)))
+        ess.append(float(pf.effective_sample_size(state)))
         if (t + 1) % 10 == 0 or t + 1 == n_steps:
-            lml = float(log_ml_estimate(state))
+            lml = float(pf.log_ml_estimate(state))
             bar.set_postfix(ess=f"{ess[-1]:.0f}", log_ml=f"{lml:.4g}")
     bar.close()
     assert state is not None
-    return SMCResult(state, log_ml_estimate(state), ess, resampled)
+    return SMCResult(state, pf.log_ml_estimate(state), ess, resampled)

@@ -41,12 +41,11 @@ from gfcomb.core.selection import Selection
 from gfcomb.core.vmap import PerRow
 from gfcomb.inference.breadth import (
     PatternSelection,
-    check_gen_fn,
     check_positive_int,
     show_address,
     vmapped,
 )
-from gfcomb.inference.importance import merged_rows
+from gfcomb.inference.importance import check_gen_fn, merged_rows
 from gfcomb.inference.progress import progress_bar
 
 __all__ = ["ESTIMATORS", "VIResult", "elbo", "fit_vi", "iwae_bound"]

@@ -332,14 +332,20 @@ _POOL: list[tuple[str, Any]] | None = None
 UNFOLD_MASKED_STEPS = True
 
 
-def _pool() -> list[tuple[str, Any]]:
+def kernel_pool() -> list[tuple[str, Any]]:
+    """The leaf kernels of :func:`random_models`, ``(name, gen_fn)`` pairs (built once): small
+    ``@gen`` functions of one scalar tensor returning one."""
     global _POOL
     if _POOL is None:
         _POOL = _kernel_pool()
     return _POOL
 
 
-def _map_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
+def map_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
+    """The node ``Map[n](child)``: a ``@gen`` function of ``x`` mapping the child kernel over
+    ``n`` shifted copies of ``x`` at address ``f"map{n}"`` (its mean is the return value).
+    ``child`` and the result are ``(description, gen_fn)`` pairs, as :func:`random_models`
+    builds them, so a tree it reports can be rebuilt by hand."""
     import gfcomb as gf
 
     name, kernel = child
@@ -354,7 +360,9 @@ def _map_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
     return f"Map[{n}]({name})", node
 
 
-def _unfold_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
+def unfold_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
+    """The node ``Unfold[steps](child)``: the child kernel as the step of an Unfold at address
+    ``f"unfold{steps}"`` (see :func:`map_node` for the pairs)."""
     import gfcomb as gf
 
     name, kernel = child
@@ -374,7 +382,9 @@ def _unfold_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
     return f"Unfold[{steps}]({name})", node
 
 
-def _switch_node(children: Sequence[tuple[str, Any]]) -> tuple[str, Any]:
+def switch_node(children: Sequence[tuple[str, Any]]) -> tuple[str, Any]:
+    """The node ``Switch(children...)``: a uniform categorical index at ``f"i{k}"`` picks one of
+    the ``k`` children at address ``f"switch{k}"`` (see :func:`map_node` for the pairs)."""
     import gfcomb as gf
 
     k = len(children)
@@ -390,7 +400,9 @@ def _switch_node(children: Sequence[tuple[str, Any]]) -> tuple[str, Any]:
     return f"Switch({', '.join(c[0] for c in children)})", node
 
 
-def _recurse_node(child: tuple[str, Any], max_branch: int) -> tuple[str, Any]:
+def recurse_node(child: tuple[str, Any], max_branch: int) -> tuple[str, Any]:
+    """The node ``Recurse[max_branch](child)``: a tree of depth <= 2 whose productions call the
+    child kernel, at address ``f"rec{max_branch}"`` (see :func:`map_node` for the pairs)."""
     import gfcomb as gf
     from gfcomb.combinators.recurse import Production
 
@@ -420,7 +432,9 @@ def _recurse_node(child: tuple[str, Any], max_branch: int) -> tuple[str, Any]:
     return f"Recurse[{max_branch}]({name})", node
 
 
-def _scan_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
+def scan_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
+    """The node ``Scan[steps](child)``: the child kernel as a Scan step over ``steps`` inputs at
+    address ``f"scan{steps}"`` (see :func:`map_node` for the pairs)."""
     import gfcomb as gf
 
     name, kernel = child
@@ -441,7 +455,9 @@ def _scan_node(child: tuple[str, Any], steps: int) -> tuple[str, Any]:
     return f"Scan[{steps}]({name})", node
 
 
-def _repeat_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
+def repeat_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
+    """The node ``Repeat[n](child)`` at address ``f"rep{n}"`` (see :func:`map_node` for the
+    pairs)."""
     import gfcomb as gf
 
     name, kernel = child
@@ -456,7 +472,9 @@ def _repeat_node(child: tuple[str, Any], n: int) -> tuple[str, Any]:
     return f"Repeat[{n}]({name})", node
 
 
-def _mask_node(child: tuple[str, Any]) -> tuple[str, Any]:
+def mask_node(child: tuple[str, Any]) -> tuple[str, Any]:
+    """The node ``Mask(child)``: the child kernel under a Bernoulli flag at ``"on"``, at address
+    ``"mask"`` (see :func:`map_node` for the pairs)."""
     import gfcomb as gf
 
     name, kernel = child
@@ -473,7 +491,9 @@ def _mask_node(child: tuple[str, Any]) -> tuple[str, Any]:
     return f"Mask({name})", node
 
 
-def _dimap_node(child: tuple[str, Any]) -> tuple[str, Any]:
+def dimap_node(child: tuple[str, Any]) -> tuple[str, Any]:
+    """The node ``Dimap(child)`` (an affine ``pre`` and ``post``) at address ``"dimap"`` (see
+    :func:`map_node` for the pairs)."""
     import gfcomb as gf
 
     name, kernel = child
@@ -494,7 +514,7 @@ def _tree(draw: Any, depth: int, vmapped: bool, fixed: bool = False) -> tuple[st
     data-dependent Python).  ``fixed``: the tree is an Unfold step, which must keep the same
     address structure at every step (no Recurse; a Switch only with UNFOLD_MASKED_STEPS).
     """
-    pool = _pool()
+    pool = kernel_pool()
     kinds = ["leaf"]
     if depth > 0:
         kinds += ["map", "unfold"]
@@ -508,26 +528,27 @@ def _tree(draw: Any, depth: int, vmapped: bool, fixed: bool = False) -> tuple[st
     kind = draw(st.sampled_from(kinds))
     if kind == "leaf":
         return draw(st.sampled_from(pool))
-    if kind == "map":
-        n = draw(st.integers(0, 3))
-        return _map_node(draw(_tree(depth - 1, True, fixed)), n)
-    if kind == "unfold":
-        steps = draw(st.integers(0, 3))
-        return _unfold_node(draw(_tree(depth - 1, vmapped, True)), steps)
     if kind == "switch":
         k = draw(st.integers(2, 3))
-        return _switch_node([draw(_tree(depth - 1, vmapped, fixed)) for _ in range(k)])
-    if kind == "scan":
-        steps = draw(st.integers(0, 3))
-        return _scan_node(draw(_tree(depth - 1, vmapped, True)), steps)
-    if kind == "repeat":
-        n = draw(st.integers(0, 3))
-        return _repeat_node(draw(_tree(depth - 1, True, fixed)), n)
-    if kind == "dimap":
-        return _dimap_node(draw(_tree(depth - 1, vmapped, fixed)))
-    if kind == "mask":
-        return _mask_node(draw(_tree(depth - 1, vmapped, fixed)))
-    return _recurse_node(draw(_tree(depth - 1, False, fixed)), draw(st.integers(1, 2)))
+        return switch_node([draw(_tree(depth - 1, vmapped, fixed)) for _ in range(k)])
+    if kind == "recurse":
+        return recurse_node(draw(_tree(depth - 1, False, fixed)), draw(st.integers(1, 2)))
+    build, in_map, is_step, sized = _NODES[kind]
+    size = [draw(st.integers(0, 3))] if sized else []
+    child = draw(_tree(depth - 1, vmapped or in_map, fixed or is_step))
+    return build(child, *size)
+
+
+#: The one-child node kinds of :func:`_tree`: (builder, the child runs inside a Map's vmap,
+#: the child is an Unfold step, the node draws a size 0..3 before its child).
+_NODES: dict[str, tuple[Callable[..., tuple[str, Any]], bool, bool, bool]] = {
+    "map": (map_node, True, False, True),
+    "unfold": (unfold_node, False, True, True),
+    "scan": (scan_node, False, True, True),
+    "repeat": (repeat_node, True, False, True),
+    "dimap": (dimap_node, False, False, False),
+    "mask": (mask_node, False, False, False),
+}
 
 
 def random_models(max_depth: int = 3) -> st.SearchStrategy[ModelSpec]:

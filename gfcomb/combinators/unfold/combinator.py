@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from gfcomb.combinators.edit import Constrain, Edit, Resample
+from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
@@ -56,21 +58,19 @@ from gfcomb.core.gfi import (
     as_choicemap,
     check_argdiffs,
     check_args_tuple,
-    rows_submap,
     weight_like,
 )
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_scatter, tree_stack
-from gfcomb.core.selection import MaskSelection, Selection, element_selections
+from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
-from gfcomb.core.vmap import unwrap_rows
 
 _EMPTY = ChoiceMap.empty()
 _NO_CHANGE = NoChange()
 
 
-class Unfold(GenerativeFunction):
+class Unfold(Combinator):
     """Iterate a kernel over ``n`` steps, threading a state (see the module docstring).
 
     Arguments of the combinator: ``(n, init_state, *params)``; the kernel is called as
@@ -78,22 +78,11 @@ class Unfold(GenerativeFunction):
     """
 
     def __init__(self, kernel: GenerativeFunction) -> None:
-        if not isinstance(kernel, GenerativeFunction):
-            raise TypeError(f"Unfold needs a generative function kernel, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = gen_fn_part(kernel, "Unfold", "kernel")
 
-    def __repr__(self) -> str:
-        return f"Unfold({self.kernel!r})"
-
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The kernel."""
         return (Unfold, self.kernel)
-
-    def __eq__(self, other: object) -> bool:
-        # Unfold(kernel) is often built inside a @gen body: equal parts, same function
-        return isinstance(other, Unfold) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -361,54 +350,7 @@ class Unfold(GenerativeFunction):
         discard = the revisited steps' discards (overwritten values) and the removed steps'
         choices.  retdiff = VectorDiff(n', n, steps whose state changed), or NoChange.
         """
-        trace = self._check_trace(trace)
-        n_new, init, params = self.unpack(args)
-        argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
-        cm = as_choicemap(constraints)
-        ckeys = constrained_elements(cm, n_new, "update")
-        n_old = trace.length
-        first = self._first_touched(argdiffs, ckeys, n_old, n_new)
-        if first >= n_old:
-            new_trace, w = self._extend(trace, args, n_new, params, cm, ckeys)
-            return (new_trace, weight_like(w, new_trace.score),
-                    retdiff_of(n_new, n_old, []), _EMPTY)
-        # steps < h stay in the shared history; steps h.. are gathered into ``window``
-        prefix, rows, window, h = trace.split(first)
-        keep = min(n_old, n_new)
-        weight: Any = 0.0
-        score: Any = trace.score  # kept up to date step by step: O(revisited + new steps)
-        removed = _EMPTY
-        if n_new < n_old:  # shrink: drop the tail, subtract its score
-            assert window is not None
-            tail = tree_index(window, slice(n_new - h, n_old - h))
-            weight = weight - tail.score.sum(0)
-            score = score - tail.score.sum(0)
-            removed = ChoiceMap.from_stacked_block(tail.choices, n_old - n_new,
-                                                   tuple(range(n_new, n_old)))
-            window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
-        kernel = self.kernel
-        discards: dict[int, ChoiceMap] = {}
-
-        def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
-            new, w, rd, disc = kernel.update(old, a, d, cm.get_submap(t))
-            if not disc.is_empty():
-                discards[t] = disc
-            return new, w, rd
-
-        changed: list[int] = []
-        if window is not None and keep > h:
-            before = self._stored_state(None, h, h, prefix, rows, init)
-            window, w, ds, changed = self._sweep(window, keep, init, params, argdiffs[1],
-                                                 argdiffs[2:], [k for k in ckeys if k < keep],
-                                                 step, h, before)
-            weight, score = weight + w, score + ds
-        last = self._stored_state(window, h, keep, prefix, rows, init)
-        window, w, ds = self._grow(window, keep, n_new, last, params, cm, ckeys)
-        weight, score = weight + w, score + ds
-        new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
-        discard = ChoiceMap.node(discards).merge(removed) if discards else removed
-        return (new_trace, weight_like(weight, new_trace.score),
-                retdiff_of(n_new, n_old, changed), discard)
+        return self._edit(trace, args, argdiffs, Constrain(as_choicemap(constraints)))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                    selection: Selection) -> tuple[UnfoldTrace, torch.Tensor, Diff]:
@@ -423,50 +365,56 @@ class Unfold(GenerativeFunction):
         0 (the MH log acceptance ratio for the prior proposal).
         """
         check_selection(selection, self, "regenerate")
+        new, w, rd, _ = self._edit(trace, args, argdiffs, Resample(selection))
+        return new, w, rd
+
+    def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
+              ) -> tuple[UnfoldTrace, torch.Tensor, Diff, ChoiceMap]:
+        """The edit engine of update and regenerate: drop the removed steps, sweep the
+        stored steps from the first touched one on applying ``edit`` (:meth:`_sweep`), append
+        the new steps (generated against the edit's constraints)."""
         trace = self._check_trace(trace)
         n_new, init, params = self.unpack(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
+        touched = edit.keys(n_new, "update")
+        grown = edit.generated(touched)
         n_old = trace.length
-        keep = min(n_old, n_new)
-        touched = self._selected_steps(selection, keep)
         first = self._first_touched(argdiffs, touched, n_old, n_new)
         if first >= n_old:
-            new_trace, _ = self._extend(trace, args, n_new, params, _EMPTY, ())
-            return (new_trace, torch.zeros_like(new_trace.score),
-                    retdiff_of(n_new, n_old, []))
+            new_trace, w = self._extend(trace, args, n_new, params, edit.constraints, grown)
+            return (new_trace, weight_like(w, new_trace.score),
+                    retdiff_of(n_new, n_old, []), _EMPTY)
+        # steps < h stay in the shared history; steps h.. are gathered into ``window``
         prefix, rows, window, h = trace.split(first)
-        score: Any = trace.score
-        if n_new < n_old:
-            assert window is not None
-            score = score - window.score[n_new - h:n_old - h].sum(0)
-            window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
-        kernel = self.kernel
-        changed: list[int] = []
+        keep = min(n_old, n_new)
         weight: Any = 0.0
+        score: Any = trace.score  # kept up to date step by step: O(revisited + new steps)
+        removed = _EMPTY
+        if n_new < n_old:  # shrink: drop the tail, subtract its score
+            assert window is not None
+            tail = tree_index(window, slice(n_new - h, n_old - h))
+            score = score - tail.score.sum(0)
+            if edit.counts_discards:
+                weight = weight - tail.score.sum(0)
+                removed = ChoiceMap.from_stacked_block(tail.choices, n_old - n_new,
+                                                       tuple(range(n_new, n_old)))
+            window = tree_index(window, slice(0, n_new - h)) if n_new > h else None
+        discards: dict[int, ChoiceMap] = {}
+        step = self._step_editor(edit, False, discards)
+        changed: list[int] = []
         if window is not None and keep > h:
-
-            def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
-                return kernel.regenerate(old, a, d, selection.get_subselection(t))
-
             before = self._stored_state(None, h, h, prefix, rows, init)
-            window, weight, ds, changed = self._sweep(window, keep, init, params, argdiffs[1],
-                                                      argdiffs[2:], touched, step, h, before)
-            score = score + ds
+            window, w, ds, changed = self._sweep(window, keep, init, params, argdiffs[1],
+                                                 argdiffs[2:], [k for k in touched if k < keep],
+                                                 step, h, before)
+            weight, score = weight + w, score + ds
         last = self._stored_state(window, h, keep, prefix, rows, init)
-        window, _, ds = self._grow(window, keep, n_new, last, params, _EMPTY, ())
-        new_trace = self._window_trace(args, n_new, score + ds, window, rows, prefix)
+        window, w, ds = self._grow(window, keep, n_new, last, params, edit.constraints, grown)
+        weight, score = weight + w, score + ds
+        new_trace = self._window_trace(args, n_new, score, window, rows, prefix)
+        discard = ChoiceMap.node(discards).merge(removed) if discards else removed
         return (new_trace, weight_like(weight, new_trace.score),
-                retdiff_of(n_new, n_old, changed))
-
-    @staticmethod
-    def _selected_steps(selection: Selection, n: int) -> list[int]:
-        """The steps below ``n`` whose sub-selection may select something (sorted)."""
-        if selection.is_empty_static():
-            return []
-        default, special = element_selections(selection, range(n))
-        if not default.is_empty_static() or isinstance(selection, MaskSelection):
-            return list(range(n))
-        return sorted(k for k, s in special.items() if not s.is_empty_static())
+                retdiff_of(n_new, n_old, changed), discard)
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Log density of the selected choices, step by step.
@@ -481,7 +429,7 @@ class Unfold(GenerativeFunction):
         inner = trace.inner if trace.length else None
         if inner is None:
             return total
-        for t in self._selected_steps(selection, trace.length):
+        for t in Resample(selection).keys(trace.length, "project"):
             sub = selection.get_subselection(t)
             if sub.is_empty_static():
                 continue
@@ -502,23 +450,10 @@ class Unfold(GenerativeFunction):
         Math: as :meth:`update`, row by row: weight_i = Σ_{revisited t} kernel update
         weight + Σ_{new t} kernel generate weight of row i.
         """
-        cm, _ = unwrap_rows(constraints)
-        cm = as_choicemap(cm)
-        plan = batch_plan(self, traces, args, argdiffs, lambda n: constrained_elements(
-            cm, n, "update"))
-        if plan is None:
+        done = self._batch_edit(traces, args, argdiffs, Constrain(constraints))
+        if done is None:
             return super().batch_update(traces, args, argdiffs, constraints)
-        discards: dict[int, Any] = {}
-
-        def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
-            new, w, rd, disc = self.kernel.batch_update(old, a, d, rows_submap(constraints, t))
-            if not disc.is_empty():
-                discards[t] = disc
-            return new, w, rd
-
-        assert isinstance(traces, UnfoldTrace)
-        new, w, rd = batch_edit(self, traces, args, plan, step, constraints)
-        return new, w, rd, ChoiceMap.node(discards) if discards else _EMPTY
+        return done
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
                          argdiffs: tuple[Diff, ...],
@@ -530,16 +465,38 @@ class Unfold(GenerativeFunction):
         Math: as :meth:`regenerate`, row by row (new steps contribute 0 to the weight).
         """
         check_selection(selection, self, "batch_regenerate")
-        plan = batch_plan(self, traces, args, argdiffs,
-                                lambda n: self._selected_steps(selection, n))
-        if plan is None:
+        done = self._batch_edit(traces, args, argdiffs, Resample(selection))
+        if done is None:
             return super().batch_regenerate(traces, args, argdiffs, selection)
+        return done[:3]
+
+    def _batch_edit(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                    edit: Edit) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap] | None:
+        """The batch edit engine (:func:`~gfcomb.combinators.unfold.batch.batch_edit`) with
+        ``edit`` applied at each revisited step; None when the edit must run per row."""
+        plan = batch_plan(self, traces, args, argdiffs, lambda n: edit.keys(n, "update"))
+        if plan is None:
+            return None
+        discards: dict[int, ChoiceMap] = {}
+        step = self._step_editor(edit, True, discards)
+        assert isinstance(traces, UnfoldTrace)
+        new, w, rd = batch_edit(self, traces, args, plan, step, edit.constraints)
+        return new, w, rd, ChoiceMap.node(discards) if discards else _EMPTY
+
+    def _step_editor(self, edit: Edit, batch: bool, discards: dict[int, ChoiceMap],
+                     ) -> Callable[[int, Trace, tuple[Any, ...], tuple[Diff, ...]], StepResult]:
+        """``step(t, old, args, argdiffs)`` for the sweeps: ``edit``'s part at step ``t``
+        applied to the kernel (to a batch of step traces if ``batch``), its discard kept in
+        ``discards[t]``."""
+        kernel = self.kernel
 
         def step(t: int, old: Trace, a: tuple[Any, ...], d: tuple[Diff, ...]) -> StepResult:
-            return self.kernel.batch_regenerate(old, a, d, selection.get_subselection(t))
+            new, w, rd, disc = edit.at(t).apply(kernel, old, a, d, batch)
+            if not disc.is_empty():
+                discards[t] = disc
+            return new, w, rd
 
-        assert isinstance(traces, UnfoldTrace)
-        return batch_edit(self, traces, args, plan, step, None)
+        return step
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
