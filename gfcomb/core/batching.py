@@ -17,12 +17,10 @@ def inside_functorch_transform() -> bool:
 
 def is_batched(x: Any) -> bool:
     """True if ``x`` is a tensor carrying a vmap batch dimension (a BatchedTensor)."""
-    if not isinstance(x, torch.Tensor):
-        return False
-    return bool(_functorch.is_batchedtensor(x)) or (
-        _functorch.is_functorch_wrapped_tensor(x)
-        and bool(_functorch.is_batchedtensor(_functorch.get_unwrapped(x)))
-    )
+    if not isinstance(x, torch.Tensor) or not _functorch.is_functorch_wrapped_tensor(x):
+        return False  # (a plain tensor: one C call; batched tensors are functorch-wrapped)
+    return bool(_functorch.is_batchedtensor(x)) or bool(
+        _functorch.is_batchedtensor(_functorch.get_unwrapped(x)))
 
 
 _EXPANDED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

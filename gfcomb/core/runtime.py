@@ -75,4 +75,6 @@ def trace_call(gen_fn: GenerativeFunction, args: tuple[Any, ...], addr: Any) -> 
     handler = _get_current()
     if handler is None:
         handler = current_handler()  # (raises)
-    return handler.visit(addr if type(addr) is tuple else normalize(addr), gen_fn, args)
+    t = type(addr)
+    return handler.visit(addr if t is tuple else (addr,) if t is str else normalize(addr),
+                         gen_fn, args)

@@ -266,10 +266,11 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
         Math: v ~ p(·; θ); score = log p(v; θ).
         """
-        args = check_args_tuple(args)
-        self._validate(args)
-        params = self._prepare(args)
-        value, score = self._sample_scored(params)
+        if type(args) is not tuple:
+            args = check_args_tuple(args)  # (raises)
+        if _validation["enabled"] and _functorch.peek_interpreter_stack() is None:
+            self.check_args(*args)
+        value, score = self._sample_scored(self._prepare(args))
         return ChoiceTrace(self, args, value, score)
 
     def generate(self, args: tuple[Any, ...],
@@ -326,7 +327,10 @@ class Distribution(DistributionMethods, GenerativeFunction):
         args = check_args_tuple(args)
         cm = _value_constraint(self, constraints, "update")
         if cm is None:
-            if all(isinstance(d, NoChange) for d in argdiffs):
+            for d in argdiffs:
+                if not isinstance(d, NoChange):
+                    break
+            else:
                 return trace, torch.zeros_like(trace.score), _NO_CHANGE, ChoiceMap.empty()
             self._validate(args)
             params = self._prepare(args)

@@ -18,6 +18,7 @@ from gfcomb.core.validation import check_param_type
 from gfcomb.distributions.params import (
     REAL,
     Constraint,
+    NumberCheck,
     as_tensor,
     broadcast_shape,
     param_tensors,
@@ -135,6 +136,9 @@ class DistributionMethods:
         broadcast; per parameter its constraint; then the relations.  Python numbers (and
         one-element tensors, read with ``.item()``) are checked in plain Python.
         """
+        checks = self._scalar_checks()
+        if checks is not None and len(params) == len(checks) and _scalars_pass(params, checks):
+            return  # (every check below would pass: the common case, in plain Python)
         self._check_arity(params)
         names = self.param_names
         constraints = self._constraints()
@@ -182,6 +186,19 @@ class DistributionMethods:
                 raise self._fail(pname, problem, v)
         self._check_relations(dict(zip(names, values)))
 
+    def _scalar_checks(self) -> tuple[NumberCheck | None, ...] | None:
+        """Per parameter its number check when every parameter is a scalar per element and
+        no relations tie them (None otherwise: only the full check applies); kept once made."""
+        try:
+            return self.__dict__["_scalar_number_checks"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        constraints = self._constraints()
+        checks = None if self.relations or any(c.event_dim for c in constraints) else \
+            tuple(c.number for c in constraints)
+        self.__dict__["_scalar_number_checks"] = checks
+        return checks
+
     def _check_relations(self, values: dict[str, Any]) -> None:
         """Check ``relations`` (values: Python numbers or tensors, by parameter name)."""
         for a, op, b in self.relations:
@@ -213,3 +230,20 @@ class DistributionMethods:
     def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """The parameters as tensors, converted once per GFI call (see :func:`param_tensors`)."""
         return param_tensors(*args) if args else args
+
+
+def _scalars_pass(params: Sequence[Any], checks: Sequence[NumberCheck | None]) -> bool:
+    """True when every parameter is a Python float/int or a 0-dim floating CPU tensor whose
+    value is finite and passes its number check: then :meth:`DistributionMethods.check_args`
+    would accept them.  False sends them through the full check (which names the problem)."""
+    for p, check in zip(params, checks):
+        tp = type(p)
+        if tp is float or tp is int:
+            v = p
+        elif tp is torch.Tensor and p.dim() == 0 and p.is_cpu and p.is_floating_point():
+            v = p.item()
+        else:
+            return False
+        if not math.isfinite(v) or (check is not None and check(v) is not None):
+            return False
+    return True

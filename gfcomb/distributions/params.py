@@ -101,8 +101,8 @@ def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:
         return params
     if dtype is None:
         dtype = torch.get_default_dtype()
-    return tuple((p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
-                 else constant_tensor(p, dtype, device) for p in params)
+    return tuple([(p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
+                  else constant_tensor(p, dtype, device) for p in params])
 
 
 def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
