@@ -2,8 +2,8 @@
 
 Garbage that only the cyclic collector frees sets off collections in the middle of a long
 filter (a recursive closure per trace read did, and torch's pytree walk makes one per call):
-here, a few steps of the wrapped model (extend, weigh, resample, read the choices and the
-return value), run with the collector off and ``DEBUG_SAVEALL``, must leave ``gc.garbage``
+here, a few steps of the wrapped model (extend, weigh, resample, an MH move on the newest
+state, read the choices and the return value), run with the collector off and ``DEBUG_SAVEALL``, must leave ``gc.garbage``
 empty.
 """
 
@@ -14,7 +14,7 @@ import gc
 import torch
 
 import gfcomb as gf
-from gfcomb.inference import pf_initialize, pf_resample, pf_update
+from gfcomb.inference import mh, pf_initialize, pf_rejuvenate, pf_resample, pf_update
 
 
 @gf.gen
@@ -46,6 +46,7 @@ def test_filter_steps_make_no_cyclic_garbage():
             state = pf_update(state, (t + 1,), (gf.UnknownChange(),),
                               {("steps", t, "y"): ys[t]})
             state = pf_resample(state)
+            state = pf_rejuvenate(state, mh, gf.select(("steps", t, "x")))
             _ = state.traces.choices  # reading the choices and the states: no cycle either
             _ = state.traces.retval
         gc.collect()

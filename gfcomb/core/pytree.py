@@ -387,6 +387,16 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in flat]))
 
 
+def same_tree_structure(a: Any, b: Any) -> bool:
+    """Do ``a`` and ``b`` have the same structure: the same nodes, records with equal static
+    fields (uncompared bookkeeping aside), equal non-tensor leaves?  (The test of
+    ``tree_structure(a) == tree_structure(b)``, a little stricter on plain non-tensor
+    leaves, by gfcomb's own walk: torch's leaves a reference cycle per call.)"""
+    if a is b:
+        return True
+    return _same(_walk(a, []), _walk(b, []))
+
+
 def tree_concat(trees: Sequence[Any], dim: int) -> Any:
     """Concatenate trees of one structure leafwise along ``dim`` (static parts from
     ``trees[0]``; Python numbers kept static may differ).  Trees of other structures raise
@@ -409,4 +419,6 @@ def tree_concat(trees: Sequence[Any], dim: int) -> Any:
 
 def tree_tensors(tree: Any) -> list[torch.Tensor]:
     """The tensor leaves of ``tree``, in pytree order."""
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    leaves: list[Any] = []
+    _walk(tree, leaves)
+    return leaves

@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import NoChange
 from gfcomb.core.errors import AddressError, ArgumentError, VmapError
+from gfcomb.core.pytree import same_tree_structure
 from gfcomb.core.selection import Selection, selectall
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import batched_call, vmap_error
@@ -121,7 +122,7 @@ def accept(current: Trace, proposed: Trace, log_alpha: torch.Tensor,
     """MH accept step (:func:`gfcomb.inference.accept_reject`) that also works when the
     proposal's record structure differs from the current trace's under vmap."""
     if inside_functorch_transform() and (
-            pytree.tree_structure(proposed) != pytree.tree_structure(current)):
+            not same_tree_structure(proposed, current)):
         current, _, _ = write(current, old_values())
     return accept_reject(current, proposed, log_alpha, log_u)
 

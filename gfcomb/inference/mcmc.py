@@ -50,7 +50,7 @@ from gfcomb.core.gradients import (
     has_default_gradients,
     is_row_batch,
 )
-from gfcomb.core.pytree import tree_where
+from gfcomb.core.pytree import same_tree_structure, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, batched_call, own_args
@@ -252,12 +252,11 @@ def _accept(trace: Trace, move: tuple[Trace, torch.Tensor, Callable[[], ChoiceMa
     score) -- so that the two can be merged per chain."""
     proposed, log_alpha, old_values = move
     if inside_functorch_transform():
-        spec = pytree.tree_structure(proposed)
-        if pytree.tree_structure(trace) != spec:
+        if not same_tree_structure(trace, proposed):
             trace = trace.with_layout_of(proposed)  # (a history split where the move's is)
-        if pytree.tree_structure(trace) != spec:
+        if not same_tree_structure(trace, proposed):
             twin, _, _ = _write_values(trace, old_values())
-            if pytree.tree_structure(twin) != spec:
+            if not same_tree_structure(twin, proposed):
                 raise ArgumentError(
                     f"{type(trace.gen_fn).__name__}: the proposed trace and the current trace "
                     "have different structures (different addresses per chain?), so the "

@@ -48,10 +48,10 @@ from gfcomb.inference import distributed as dist_
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
     Resampler,
-    _systematic,
     check_finite_max,
     exp_normalized,
     get_resampler,
+    systematic_from_cdf,
     systematic_resample,
 )
 from gfcomb.inference.resampling import effective_sample_size as weights_ess
@@ -278,7 +278,7 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
         cdf = torch.cumsum((log_w - m).exp_(), 0)
         mean_w = cdf[-1] / n  # (the mean weight, scaled by exp(-m): shared with the points)
         banked = (m + torch.log(mean_w)).add_(state.log_ml_base)
-        ancestors = _systematic(cdf, n, mean=mean_w)
+        ancestors = systematic_from_cdf(cdf, n, mean=mean_w)
     else:
         weights, lse = exp_normalized(log_w, who, state.step)
         ancestors = resampler(weights, n)

@@ -157,13 +157,14 @@ def systematic_resample(weights: torch.Tensor, n: int | None = None,
     unnormalized (they are divided by their sum).
     """
     n = _check(weights, n, "systematic_resample")
-    return _systematic(torch.cumsum(weights, 0), n, generator)
+    return systematic_from_cdf(torch.cumsum(weights, 0), n, generator)
 
 
-def _systematic(cdf: torch.Tensor, n: int, generator: torch.Generator | None = None,
+def systematic_from_cdf(cdf: torch.Tensor, n: int, generator: torch.Generator | None = None,
                 mean: torch.Tensor | None = None) -> torch.Tensor:
-    """Systematic ancestors from the unnormalized cumulative weights ``cdf`` (``mean``:
-    ``cdf[-1] / n``, if the caller has it)."""
+    """Systematic ancestors (as :func:`systematic_resample`) from the unnormalized cumulative
+    weights ``cdf``, for a caller that has them already (``mean``: ``cdf[-1] / n``, if the
+    caller has that too)."""
     u = torch.rand(1, dtype=cdf.dtype, device=cdf.device, generator=generator)
     if mean is None:
         mean = cdf[-1] / n

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from gfcomb.core.errors import GFIError
-from gfcomb.core.pytree import tree_map2_tensors, tree_where
+from gfcomb.core.pytree import same_tree_structure, tree_map2_tensors, tree_where
 from gfcomb.core.trace import Trace
 
 
@@ -40,7 +39,7 @@ def accept_rows(traces: Trace, make_move: Callable[[], tuple[Trace, torch.Tensor
         log_u = torch.log(torch.rand_like(log_alpha))
     accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
     old = traces.with_layout_of(proposed)
-    if pytree.tree_structure(old) != pytree.tree_structure(proposed):
+    if not same_tree_structure(old, proposed):
         return per_chain()
     return tree_where(accepted, proposed, tree_map2_tensors(same_view_as, old, proposed)), \
         accepted
