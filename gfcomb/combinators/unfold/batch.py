@@ -11,7 +11,6 @@ on the newest steps costs the same at any length.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,8 +119,8 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
             if has_masks(choices):  # (absent values would be drawn afresh: keep the trace)
                 block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
             else:
-                rebuild = partial(rebuilt_step, unfold.kernel, rows, t, params, args[1],
-                                  block, prows, choices)
+                rebuild = StepRebuild(unfold.kernel, rows, params,
+                                      args[1] if block is None else None)
                 block = StepBlock.stored(choices, last, rebuild, prows, block, t)
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
@@ -131,16 +130,35 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     weight = weight_like(0.0 if weight is None else weight, score)
     return new_traces, weight, retdiff_of(n_new, n_old, changed)
 
-def rebuilt_step(kernel: Any, rows: int, t: int, params: tuple[Any, ...], init: Any,
-                 parent: StepBlock | None, parent_rows: torch.Tensor | None,
-                 choices: Any) -> Trace:
-    """Step ``t``'s kernel trace of every row made again from its stored choices and the
-    state before it (the parent block's, or ``init_state``): a fully constrained batch
-    generate, which draws nothing (the same trace: scores, arguments and return value).
-    Only choice maps without presence masks are stored this way."""
-    state = state_before(init, parent, parent_rows)
-    step, _ = kernel.batch_generate(rows, (t, state) + params, PerRow(choices))
-    return step
+class StepRebuild:
+    """How a stored step's kernel trace is made again (:meth:`StepBlock.stored`): from the
+    block's choices and the state before it (the parent block's, or ``init``, for the first
+    step), by a fully constrained batch generate, which draws nothing (the same trace:
+    scores, arguments and return value).  Only choice maps without presence masks are stored
+    this way.  Equal (the same kernel, row count, parameters and initial state) for the steps
+    of one filter, which then share one."""
+
+    __slots__ = ("kernel", "rows", "params", "init")
+
+    def __init__(self, kernel: Any, rows: int, params: tuple[Any, ...], init: Any) -> None:
+        self.kernel = kernel
+        self.rows = rows
+        self.params = params
+        self.init = init
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, StepRebuild) and other.kernel is self.kernel
+                and other.rows == self.rows and other.init is self.init
+                and len(other.params) == len(self.params)
+                and all(a is b for a, b in zip(other.params, self.params)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, block: StepBlock) -> Trace:
+        state = state_before(self.init, block.parent, block.parent_rows)
+        step, _ = self.kernel.batch_generate(self.rows, (block.start, state) + self.params,
+                                             PerRow(block.choices))
+        return step
 
 
 def stored_window(traces: UnfoldTrace, first: int,

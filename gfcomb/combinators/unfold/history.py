@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.flat import flatten, unflatten
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import reconcile, tree_concat, tree_map_tensors
 
@@ -47,8 +48,8 @@ class StepBlock:
     (``rebuild``).  Compared by identity (it sits in pytree contexts).
     """
 
-    __slots__ = ("_steps", "_choices", "_rebuild", "parent_rows", "parent", "start", "stop",
-                 "single", "_state", "_gathered")
+    __slots__ = ("_steps", "_choices", "_choice_spec", "_rebuild", "parent_rows", "parent",
+                 "start", "stop", "single", "_state", "_gathered")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
@@ -56,8 +57,9 @@ class StepBlock:
         if single and stop - start != 1:
             raise ValueError(f"a single-step block holds one step, not {start}..{stop - 1}")
         self._steps = steps
-        self._choices: Any = None
-        self._rebuild: Callable[[], Any] | None = None
+        self._choices: tuple[torch.Tensor, ...] | None = None  # (stored: the choice leaves)
+        self._choice_spec: Any = None
+        self._rebuild: Callable[[StepBlock], Any] | None = None
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
@@ -67,13 +69,26 @@ class StepBlock:
         self._gathered: Any = None  # (rows, after, parts, block, rows there): the last gather
 
     @classmethod
-    def stored(cls, choices: Any, state: Any, rebuild: Callable[[], Any],
+    def stored(cls, choices: Any, state: Any, rebuild: Callable[[StepBlock], Any],
                parent_rows: torch.Tensor | None, parent: StepBlock | None,
                t: int) -> StepBlock:
         """A single-step block holding step ``t``'s ``choices`` (a choice map, leaves [R,
-        ...]) and ``state`` only; ``rebuild()`` makes the step's kernel trace from them."""
+        ...]) and ``state`` only; ``rebuild(block)`` makes the step's kernel trace from them.
+
+        Few Python objects per step (a long filter keeps every block, and each object kept
+        brings Python's garbage collector round sooner): the choice map is kept as its
+        tensor leaves and a spec (the parent's when equal), and ``rebuild`` is the parent's
+        when it compares equal."""
         block = cls(None, parent_rows, parent, t, t + 1, single=True, state=state)
-        block._choices = choices
+        leaves: list[torch.Tensor] = []
+        spec = flatten(choices, leaves)
+        if parent is not None and parent._choices is not None:
+            if parent._choice_spec == spec:
+                spec = parent._choice_spec
+            if parent._rebuild == rebuild:
+                rebuild = parent._rebuild
+        block._choices = tuple(leaves)
+        block._choice_spec = spec
         block._rebuild = rebuild
         return block
 
@@ -83,7 +98,7 @@ class StepBlock:
         :meth:`stored`)."""
         if self._steps is None:
             assert self._rebuild is not None
-            self._steps = self._rebuild()
+            self._steps = self._rebuild(self)
         return self._steps
 
     def read_steps(self) -> Any:
@@ -92,13 +107,13 @@ class StepBlock:
         if self._steps is not None:
             return self._steps
         assert self._rebuild is not None
-        return self._rebuild()
+        return self._rebuild(self)
 
     @property
     def choices(self) -> Any:
         """The stored steps' choices (leaves [R, ...], or [R, steps, ...])."""
         if self._choices is not None:
-            return self._choices
+            return unflatten(self._choice_spec, iter(self._choices))
         return self._steps.choices
 
     def __repr__(self) -> str:
