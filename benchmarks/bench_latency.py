@@ -112,7 +112,7 @@ A bootstrap filter of the wrapped model (`@gen` drawing x0 and calling `Unfold(s
 Every step leaves about 16 small Python objects in the history (its block, choice map and
 state tensors), so now and then Python's full ("generation 2") collection runs; it walks
 every object alive, torch's own included, and is the maximum step.  A filter step makes no
-reference cycles (tests/test_step_garbage.py), so no collection ever frees anything from it.
+reference cycles (tests/inference/test_step_garbage.py), so no collection ever frees anything from it.
 `gc.freeze()` after setup leaves the objects alive then out of every later collection.
 """
     save_section(SECTION, body, write=not (opts.quick or opts.no_write))

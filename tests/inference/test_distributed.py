@@ -343,7 +343,7 @@ def test_group_without_torch_distributed_is_refused():
 
 # ------------------------------------------------------------------ the example
 def _example(*launcher):
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     proc = subprocess.run([*launcher, str(root / "examples" / "distributed_tracking.py")],
                           capture_output=True, text=True, env=env, timeout=JOIN_TIMEOUT)
