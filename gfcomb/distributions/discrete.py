@@ -64,11 +64,10 @@ class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, d
         """Elementwise log mass (``-inf`` for values other than 0 and 1)."""
         x, p = param_tensors(value, probs)
         is1 = x == 1
-        is0 = x == 0
-        # log p and log(1-p) only where selected, so p in {0, 1} gives no NaN gradient
-        lp1 = torch.log(torch.where(is1, p, torch.ones_like(p)))
-        lp0 = torch.log1p(-torch.where(is0, p, torch.zeros_like(p)))
-        return neg_inf_outside(is1 | is0, torch.where(is1, lp1, lp0))
+        # one log of the probability of the value (p or 1 - p): p in {0, 1} gives no NaN
+        # gradient, and two wheres instead of four (their backward is what a gradient-based
+        # move over many chains spends its time in)
+        return neg_inf_outside(is1 | (x == 0), torch.log(torch.where(is1, p, 1 - p)))
 
 
 
