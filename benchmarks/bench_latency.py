@@ -109,11 +109,12 @@ A bootstrap filter of the wrapped model (`@gen` drawing x0 and calling `Unfold(s
 
 {chr(10).join(rows)}
 
-Every step leaves about 16 small Python objects in the history (its block, choice map and
-state tensors), so now and then Python's full ("generation 2") collection runs; it walks
-every object alive, torch's own included, and is the maximum step.  A filter step makes no
-reference cycles (tests/inference/test_step_garbage.py), so no collection ever frees anything from it.
-`gc.freeze()` after setup leaves the objects alive then out of every later collection.
+Every step leaves about 9 small Python objects in the history (its block, choice leaves
+and state), so now and then Python's young-generation collections run (about one step in
+90) and, rarely, a full one, which walks every object alive, torch's own included.  A
+filter step makes no reference cycles (tests/inference/test_step_garbage.py), so no
+collection frees anything from it.  `gc.freeze()` after setup leaves the objects alive then
+out of every later collection.
 """
     save_section(SECTION, body, write=not (opts.quick or opts.no_write))
 

@@ -12,7 +12,7 @@ from gfcomb.combinators import *  # noqa: F403  (combinators.__all__)
 from gfcomb.core import *  # noqa: F403  (core.__all__)
 from gfcomb.core.batched import compact_history, select_batch
 from gfcomb.core.custom import RecordTrace, trace_record
-from gfcomb.core.vmap import PerRow
+from gfcomb.core.vmap import PerRow, RowView
 from gfcomb.distributions import *  # noqa: F403
 from gfcomb.dsl import GenFunction, GenTrace, gen, splice
 from gfcomb.persistence import load, save
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *core.__all__, *combinators.__all__, *distributions.__all__,
-    "DeterministicTrace", "GenFunction", "GenTrace", "PerRow", "RecordTrace",
+    "DeterministicTrace", "GenFunction", "GenTrace", "PerRow", "RecordTrace", "RowView",
     "TorchGenerativeFunction", "compact_history", "gen", "load", "save", "select_batch",
     "splice", "trace_record",
 ]

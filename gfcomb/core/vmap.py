@@ -50,6 +50,67 @@ class PerRow:
     value: Any
 
 
+class RowView:
+    """A batch (a batched trace, say) passed to a batch method so that row i sees row i of
+    it, read lazily: what the function reads -- ``view[addr]``, an attribute, the result of
+    a method -- is that row's value, and only that crosses into the vmap over the rows.
+
+    :class:`PerRow` would carry the whole batch into the vmap (every leaf of a trace, its
+    step history included); a proposal that reads one particle's previous state needs only
+    that.  ``proposal.batch_generate(n, (gf.RowView(traces), t))``: inside, ``trace["x"]``
+    is the particle's own ``x``.  Outside any row level a read gives the row-stacked value;
+    inside a transform that is not a row level (a user's own vmap or grad) a read is refused,
+    since which row is meant is unknown there.
+    """
+
+    __slots__ = ("_batch", "_row")
+
+    def __init__(self, batch: Any, row: int | None = None) -> None:
+        object.__setattr__(self, "_batch", batch)
+        object.__setattr__(self, "_row", row)
+
+    def __repr__(self) -> str:
+        which = "every row" if self._row is None else f"row {self._row}"
+        return f"RowView({type(self._batch).__name__}, {which})"
+
+    def row(self, i: int) -> RowView:
+        """The view of row ``i`` alone (what a per-row loop hands row ``i``)."""
+        return RowView(self._batch, i)
+
+    def _read(self, value: Any) -> Any:
+        if self._row is not None:
+            return tree_index(value, self._row)
+        where = current_row_level()
+        if where is None:
+            if _functorch.peek_interpreter_stack() is not None:
+                raise ArgumentError("RowView: read inside a transform that is not a row "
+                                    "level of its batch method (which row is meant?)")
+            return value
+        level, n = where
+        leaves: list[torch.Tensor] = []
+        spec = fast_flatten(value, leaves)
+        add_dim = _active_primitives()[0]
+        for x in leaves:
+            if x.dim() == 0 or x.shape[0] != n:
+                raise ArgumentError(f"RowView: a value read from the batch has shape "
+                                    f"{tuple(x.shape)}, not a leading row axis of {n}")
+        return fast_unflatten(spec, iter([add_dim(x, 0, level) for x in leaves]))
+
+    def __getitem__(self, addr: Any) -> Any:
+        return self._read(self._batch[addr])
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._batch, name)
+        if callable(value) and not isinstance(value, torch.Tensor):
+            method = value
+
+            def read_result(*args: Any, **kwargs: Any) -> Any:
+                return self._read(method(*args, **kwargs))
+
+            return read_result
+        return self._read(value)
+
+
 def unwrap_rows(x: Any) -> tuple[Any, bool]:
     """``(value, per_row)``: the value inside a :class:`PerRow`, or ``x`` itself, shared."""
     if type(x) is PerRow:
@@ -254,7 +315,7 @@ def map_rows(fn: Callable[..., Any], length: int, *items: Any, who: str = "batch
     for x in items:
         v, per_row = unwrap_rows(x)
         values.append(v)
-        dims.append(0 if per_row else None)
+        dims.append(0 if per_row or type(v) is RowView else None)
     return batched_call(fn, tuple(dims), vectorize=_VECTORIZING.enabled, length=length,
                         who=who)(*values)
 
@@ -386,9 +447,18 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
 
     def loop(*args: Any) -> Any:
         outs = []
-        for i in range(length):
-            el = tuple(_index_arg(a, d, i) for a, d in zip(args, in_dims))
-            outs.append(fn(*el))
+        # a RowView is handed to every element as it is, reading the element's row meanwhile
+        # (one object: the elements' traces that keep it as an argument stay alike)
+        views = [a for a, d in zip(args, in_dims) if d is not None and type(a) is RowView]
+        try:
+            for i in range(length):
+                for v in views:
+                    object.__setattr__(v, "_row", i)
+                el = tuple(_index_arg(a, d, i) for a, d in zip(args, in_dims))
+                outs.append(fn(*el))
+        finally:
+            for v in views:
+                object.__setattr__(v, "_row", None)
         spec0 = pytree.tree_structure(outs[0])
         for i, out in enumerate(outs[1:], 1):
             # tree_stack keeps element 0's static parts (addresses, Python numbers): elements
@@ -405,7 +475,7 @@ def batched_call(fn: Callable[..., Any], in_dims: InDims, *, vectorize: bool, le
 
 
 def _index_arg(a: Any, dim: Any, i: int) -> Any:
-    if dim is None:
+    if dim is None or type(a) is RowView:
         return a
     return pytree.tree_map(
         lambda x: x.select(dim, i) if isinstance(x, torch.Tensor) else x, a)

@@ -43,7 +43,7 @@ from gfcomb.core.diff import Diff
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, vectorized
+from gfcomb.core.vmap import RowView, vectorized
 from gfcomb.inference import distributed as dist_
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
@@ -213,7 +213,7 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
                 traces, inc, _rd, _disc = model.batch_update(state.traces, new_args,
                                                              argdiffs, obs)
             else:
-                proposed, _ = proposal.batch_generate(n, (PerRow(state.traces),)
+                proposed, _ = proposal.batch_generate(n, (RowView(state.traces),)
                                                       + proposal_args)
                 traces, w, _rd, _disc = model.batch_update(
                     state.traces, new_args, argdiffs, merged_rows(obs, proposed.choices, n))

@@ -3,8 +3,8 @@
 Garbage that only the cyclic collector frees sets off collections in the middle of a long
 filter (a recursive closure per trace read did, and torch's pytree walk makes one per call):
 here, a few steps of the wrapped model (extend, weigh, resample, an MH move on the newest
-state, read the choices and the return value), run with the collector off and ``DEBUG_SAVEALL``, must leave ``gc.garbage``
-empty.
+state, read the choices and the return value), run with the collector off and
+``DEBUG_SAVEALL``, must leave ``gc.garbage`` empty.
 """
 
 from __future__ import annotations
