@@ -220,9 +220,9 @@ sum over chains.  "per-chain vmap": the kernel run per chain under one `torch.fu
 
 {chr(10).join(table)}
 
-What remains: every gradient evaluation runs `gf.bernoulli`'s log-density on [C, N], written
-with masked `torch.where`s (so that p ∈ {{0, 1}} gives no NaN gradient and values outside
-{{0, 1}} get −inf); forward + backward it takes {bern['gfcomb']:.2f} ms against
+What remains: every gradient evaluation runs `gf.bernoulli`'s log-density on [C, N] (two
+`torch.where`s, so that p ∈ {{0, 1}} gives no NaN gradient and values outside {{0, 1}} get
+−inf); forward + backward it takes {bern['gfcomb']:.2f} ms against
 {bern['formula']:.2f} ms for `y log p + (1 − y) log(1 − p)` (what the hand-written moves use),
 once per gradient (11 times per HMC move).  `mala` and `hmc` also keep every chain's trace
 (a `batch_update` at the proposal, the row-wise accept of the Bernoulli's [C, N] parameter).
