@@ -13,21 +13,11 @@ import gc
 
 import torch
 
+# the wrapped linear-Gaussian model of the model-shape tests
+from test_pf_shapes import wrapped as model  # noqa: E402
+
 import gfcomb as gf
 from gfcomb.inference import mh, pf_initialize, pf_rejuvenate, pf_resample, pf_update
-
-
-@gf.gen
-def step(t, x):
-    x = gf.normal(0.9 * x, 0.5) @ "x"
-    gf.normal(x, 1.0) @ "y"
-    return x
-
-
-@gf.gen
-def model(T):
-    x0 = gf.normal(0.0, 1.0) @ "x0"
-    return gf.Unfold(step)(T, x0) @ "steps"
 
 
 def test_filter_steps_make_no_cyclic_garbage():
