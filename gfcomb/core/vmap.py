@@ -100,6 +100,8 @@ class RowView:
         return self._read(self._batch[addr])
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_batch", "_row"):  # (copy, pickle: not reads)
+            raise AttributeError(name)
         value = getattr(self._batch, name)
         if callable(value) and not isinstance(value, torch.Tensor):
             method = value
