@@ -135,21 +135,8 @@ def reconcile(spec: Any, others: Sequence[Any]) -> Any:
         return spec
     ctx = spec.context
     new_ctx = ctx
-    if (isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], tuple)
-            and any(isinstance(v, _Uncompared) for v in ctx[1])):
-        statics = list(ctx[1])
-        changed = False
-        for k, v in enumerate(statics):
-            if not isinstance(v, _Uncompared) or v.value is _CONFLICT:
-                continue
-            for o in others:
-                ov = o.context[1][k]
-                if not isinstance(ov, _Uncompared) or not _same(ov.value, v.value):
-                    statics[k] = _Uncompared(_CONFLICT)
-                    changed = True
-                    break
-        if changed:
-            new_ctx = (ctx[0], tuple(statics))
+    for o in others:
+        new_ctx = _reconcile_statics(new_ctx, o.context)
     children = list(spec.children())
     if not children and new_ctx is ctx:
         return spec

@@ -74,7 +74,9 @@ class RowView:
         return f"RowView({type(self._batch).__name__}, {which})"
 
     def row(self, i: int) -> RowView:
-        """The view of row ``i`` alone (what a per-row loop hands row ``i``)."""
+        """The view of row ``i`` alone (reads give row ``i``'s values, inside a row level or
+        not).  A per-row loop (``vectorized(False)``) does not need it: it hands every
+        element the one view and points it at the element's row meanwhile."""
         return RowView(self._batch, i)
 
     def _read(self, value: Any) -> Any:
