@@ -30,7 +30,7 @@ from gfcomb.core.diff import Diff, UnknownChange
 from gfcomb.core.errors import ArgumentError, MissingChoiceError
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, map_rows, unwrap_rows
+from gfcomb.core.vmap import PerRow, map_rows, unwrap_rows, vectorizing
 
 T = TypeVar("T", bound=Trace)
 
@@ -268,9 +268,11 @@ class GenerativeFunction:
             retdiffs.append(rd)
             return new, w, discard
 
-        new, w, discard = map_rows(one, batch_size(traces), PerRow(traces), constraints, *args,
+        n = batch_size(traces)
+        crossing = traces.entering_rows() if vectorizing() else traces
+        new, w, discard = map_rows(one, n, PerRow(crossing), constraints, *args,
                                    who=f"{self!r}.batch_update")
-        return new, w, retdiffs[-1], discard
+        return new.leaving_rows(), w, retdiffs[-1], discard
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
                          argdiffs: tuple[Diff, ...],
@@ -288,9 +290,10 @@ class GenerativeFunction:
             retdiffs.append(rd)
             return new, w
 
-        new, w = map_rows(one, batch_size(traces), PerRow(traces), *args,
-                          who=f"{self!r}.batch_regenerate")
-        return new, w, retdiffs[-1]
+        n = batch_size(traces)
+        crossing = traces.entering_rows() if vectorizing() else traces
+        new, w = map_rows(one, n, PerRow(crossing), *args, who=f"{self!r}.batch_regenerate")
+        return new.leaving_rows(), w, retdiffs[-1]
 
     def batch_select(self, traces: Trace, rows: torch.Tensor) -> Trace:
         """Rows ``rows`` (a 1-d long tensor) of the batch ``traces``: resampling.

@@ -97,6 +97,19 @@ class Trace:
         :class:`~gfcomb.core.deferred.Deferred` that builds it on first use."""
         return self.retval
 
+    def entering_rows(self) -> Trace:
+        """This batch as it crosses into a vmap over its rows (a default batch method): parts
+        that a batch method takes whole -- the sub-trace of a callee with batch methods of
+        its own -- held as :class:`~gfcomb.core.vmap.RowView` s, so they cross unwalked and
+        each row reads its own row of them lazily.  Default: ``self``."""
+        return self
+
+    def leaving_rows(self) -> Trace:
+        """The inverse of :meth:`entering_rows` on a result that left the vmap: each
+        :class:`~gfcomb.core.vmap.RowView` of a whole batch replaced by that batch.
+        Default: ``self``."""
+        return self
+
     def compacted(self) -> Trace:
         """An equal trace whose storage is laid out for a batch: recently appended steps of a
         batched Unfold closed into its shared history (no data copied).  Default: ``self``."""

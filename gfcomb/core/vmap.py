@@ -22,6 +22,7 @@ naming the cause when a function cannot be vmapped, and the per-element loop
 from __future__ import annotations
 
 import threading
+from types import MethodType
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch._C import _functorch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import expanded_rows
+from gfcomb.core.deferred import Deferred
 from gfcomb.core.errors import ArgumentError, VmapError
 from gfcomb.core.flat import flatten as fast_flatten
 from gfcomb.core.flat import unflatten as fast_unflatten
@@ -80,6 +82,8 @@ class RowView:
         return RowView(self._batch, i)
 
     def _read(self, value: Any) -> Any:
+        if type(value) is Deferred and not value.built:  # (read when used, not now)
+            return Deferred(lambda: self._read(value.value()))
         if self._row is not None:
             return tree_index(value, self._row)
         where = current_row_level()
@@ -105,7 +109,7 @@ class RowView:
         if name.startswith("__") or name in ("_batch", "_row"):  # (copy, pickle: not reads)
             raise AttributeError(name)
         value = getattr(self._batch, name)
-        if callable(value) and not isinstance(value, torch.Tensor):
+        if type(value) is MethodType:  # (a method: its result is what is read)
             method = value
 
             def read_result(*args: Any, **kwargs: Any) -> Any:
@@ -113,6 +117,22 @@ class RowView:
 
             return read_result
         return self._read(value)
+
+
+def row_value(x: Any) -> Any:
+    """``x`` as the current row sees it: a :class:`RowView` read whole (every tensor leaf of
+    its batch, as this row's value); anything else as it is."""
+    if type(x) is RowView:
+        return x._read(x._batch)
+    return x
+
+
+def batch_value(x: Any) -> Any:
+    """The batch behind a :class:`RowView` of every row (its row-stacked value); anything else
+    as it is."""
+    if type(x) is RowView and x._row is None:
+        return x._batch
+    return x
 
 
 def unwrap_rows(x: Any) -> tuple[Any, bool]:
@@ -336,7 +356,10 @@ def _row_stacked(x: torch.Tensor, level: int, n: int) -> tuple[torch.Tensor, boo
 
 def _rows_of(tree: Any, level: int, n: int, always: bool) -> Any:
     """``tree`` (seen inside the level) with every tensor leaf row-stacked: a
-    :class:`PerRow` if any leaf varies per row (or ``always``), else ``tree`` as it is."""
+    :class:`PerRow` if any leaf varies per row (or ``always``), else ``tree`` as it is.  A
+    :class:`RowView` of every row steps out as its batch (no leaf crosses the level)."""
+    if type(tree) is RowView and tree._row is None:
+        return PerRow(tree._batch)
     if isinstance(tree, torch.Tensor):
         value, varies = _row_stacked(tree, level, n)
         return PerRow(value) if varies or always else tree

@@ -44,6 +44,7 @@ from gfcomb.core.runtime import running
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
+from gfcomb.core.vmap import RowView, batch_value
 from gfcomb.dsl.argdiffs import Source
 from gfcomb.dsl.handlers import (
     AssessHandler,
@@ -158,6 +159,20 @@ class GenTrace(Trace):
         theirs = other.subtraces
         return self._with_subtraces({a: t.with_layout_of(theirs[a])
                                      for a, t in self.subtraces.items()})
+
+    def entering_rows(self) -> GenTrace:
+        """Sub-traces of callees with batch methods of their own held as RowViews (the body's
+        handler hands such a callee the whole batch, so its sub-trace need not cross the vmap
+        leaf by leaf); the others' own :meth:`Trace.entering_rows`."""
+        return self._with_subtraces({
+            a: t.entering_rows() if t.gen_fn.batch_methods_are_default() else RowView(t)
+            for a, t in self.subtraces.items()})
+
+    def leaving_rows(self) -> GenTrace:
+        """RowViews of whole batches among the sub-traces replaced by those batches."""
+        return self._with_subtraces({
+            a: batch_value(t) if type(t) is RowView else t.leaving_rows()
+            for a, t in self.subtraces.items()})
 
     def _with_subtraces(self, subtraces: dict[Address, Trace]) -> GenTrace:
         if all(subtraces[a] is t for a, t in self.subtraces.items()):

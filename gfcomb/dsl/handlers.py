@@ -24,7 +24,14 @@ from gfcomb.core.errors import (
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import current_row_level, outside_rows, varies_per_row
+from gfcomb.core.vmap import (
+    PerRow,
+    RowView,
+    current_row_level,
+    outside_rows,
+    row_value,
+    varies_per_row,
+)
 from gfcomb.dsl.argdiffs import Source, SourceTracker
 
 if TYPE_CHECKING:
@@ -357,12 +364,12 @@ class Calls:
     @staticmethod
     def update(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
                argdiffs: tuple[Diff, ...], cm: ChoiceMap) -> tuple[Trace, Any, Diff, ChoiceMap]:
-        return gen_fn.update(old, args, argdiffs, cm)
+        return gen_fn.update(row_value(old), args, argdiffs, cm)
 
     @staticmethod
     def regenerate(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
                    argdiffs: tuple[Diff, ...], sel: Selection) -> tuple[Trace, Any, Diff]:
-        return gen_fn.regenerate(old, args, argdiffs, sel)
+        return gen_fn.regenerate(row_value(old), args, argdiffs, sel)
 
 
 class BatchCalls(Calls):
@@ -378,19 +385,31 @@ class BatchCalls(Calls):
         n = _rows()
         return outside_rows(lambda c, *a: gen_fn.batch_generate(n, a, c), cm, *args)
 
+    # An old sub-trace that crossed into the row level whole (a RowView: see
+    # Trace.entering_rows) steps out as it is, and the new one stays whole in the same way.
     @staticmethod
     def update(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
                argdiffs: tuple[Diff, ...], cm: ChoiceMap) -> tuple[Trace, Any, Diff, ChoiceMap]:
-        return outside_rows(lambda tr, c, *a: gen_fn.batch_update(tr.value, a, argdiffs, c),
-                            old, cm, *args, batched=(True,))
+        whole = type(old) is RowView
+
+        def batch(tr: PerRow, c: Any, *a: Any) -> tuple[Any, ...]:
+            new, w, retdiff, discard = gen_fn.batch_update(tr.value, a, argdiffs, c)
+            return (RowView(new) if whole else new), w, retdiff, discard
+
+        return outside_rows(batch, old, cm, *args, batched=(True,))
 
     @staticmethod
     def regenerate(gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],
                    argdiffs: tuple[Diff, ...], sel: Selection) -> tuple[Trace, Any, Diff]:
         if varies_per_row(sel):  # (per-row selection flags: a batch call takes one selection)
-            return gen_fn.regenerate(old, args, argdiffs, sel)
-        return outside_rows(lambda tr, *a: gen_fn.batch_regenerate(tr.value, a, argdiffs, sel),
-                            old, *args, batched=(True,))
+            return gen_fn.regenerate(row_value(old), args, argdiffs, sel)
+        whole = type(old) is RowView
+
+        def batch(tr: PerRow, *a: Any) -> tuple[Any, ...]:
+            new, w, retdiff = gen_fn.batch_regenerate(tr.value, a, argdiffs, sel)
+            return (RowView(new) if whole else new), w, retdiff
+
+        return outside_rows(batch, old, *args, batched=(True,))
 
 
 def _rows() -> int:
