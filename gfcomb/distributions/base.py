@@ -254,7 +254,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
     def _sample_scored(self, params: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh value and its score (simulate's work)."""
-        both = self._draw_scored(*params) if self._fused and self.reparameterized else None
+        # (a fused sampler of a distribution that is not reparameterized leaves its value
+        # without gradient itself, as the no_grad of _sample would)
+        both = self._draw_scored(*params) if self._fused else None
         if both is None:
             value = self._sample(params)
             return value, self._score(value, params)

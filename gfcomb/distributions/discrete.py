@@ -22,6 +22,8 @@ differentiable in the parameters.  None of these samplers is reparameterized; th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gfcomb.distributions.base import Distribution
@@ -35,6 +37,7 @@ from gfcomb.distributions.params import (
     WEIGHTS,
     ArrayLike,
     broadcast_params,
+    constant_value,
     param_tensors,
 )
 
@@ -68,6 +71,39 @@ class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, d
         # gradient, and two wheres instead of four (their backward is what a gradient-based
         # move over many chains spends its time in)
         return neg_inf_outside(is1 | (x == 0), torch.log(torch.where(is1, p, 1 - p)))
+
+    def sample_with_logpdf(self, probs: ArrayLike,
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The draw and its log mass from one comparison, for a constant ``probs`` strictly
+        between 0 and 1 (log p and log(1 − p) taken in Python); None otherwise (then sample,
+        then score).  The value carries no gradient, as ``sample``'s does not."""
+        return self._draw_scored(*param_tensors(probs))
+
+    def _draw_scored(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        logs = _constant_logs(p)
+        if logs is None:
+            return None
+        hit = torch.rand_like(p) < p
+        return hit.to(p.dtype), _as_dtype(torch.where(hit, *logs), p)
+
+    def _logpdf_prepared(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        logs = _constant_logs(p)
+        if logs is None:
+            return self.logpdf(x, p)
+        log_p, log_q = logs
+        return _as_dtype(torch.where(x == 1, log_p, torch.where(x == 0, log_q, -math.inf)), p)
+
+
+def _constant_logs(p: torch.Tensor) -> tuple[float, float] | None:
+    """(log p, log(1 − p)) of a constant probability strictly inside (0, 1), else None."""
+    c = constant_value(p)
+    if c is None or not 0.0 < c < 1.0:
+        return None
+    return math.log(c), math.log1p(-c)
+
+
+def _as_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 
