@@ -256,7 +256,30 @@ def tree_map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
 
     leaves: list[torch.Tensor] = []
     spec = flatten(tree, leaves)
-    return unflatten(spec, iter([fn(x) for x in leaves]))
+    return unflatten(spec, iter(_map_once(fn, leaves)))
+
+
+def _map_once(fn: Callable[..., Any], leaves: list[Any], others: list[Any] | None = None,
+              ) -> list[Any]:
+    """``fn`` of each leaf (pair of leaves), computed once per distinct tensor (pair): a
+    tensor held in several places of a trace (a choice that is also the return value and the
+    next call's argument) maps to one result, so the result shares it the same way."""
+    done: dict[Any, Any] = {}
+    out = []
+    if others is None:
+        for x in leaves:
+            y = done.get(id(x))
+            if y is None:
+                y = done[id(x)] = fn(x)
+            out.append(y)
+        return out
+    for x, z in zip(leaves, others):
+        key = (id(x), id(z))
+        y = done.get(key)
+        if y is None:
+            y = done[key] = fn(x, z)
+        out.append(y)
+    return out
 
 
 def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b: Any) -> Any:
@@ -270,7 +293,7 @@ def tree_map2_tensors(fn: Callable[[torch.Tensor, torch.Tensor], Any], a: Any, b
     spec, spec_b = _walk(a, la), _walk(b, lb)  # (not torch's walk: no reference cycle)
     if len(la) != len(lb):
         raise ValueError("trees have different structures")
-    return _build(_reconcile_walk(spec, spec_b), iter([fn(x, y) for x, y in zip(la, lb)]))
+    return _build(_reconcile_walk(spec, spec_b), iter(_map_once(fn, la, lb)))
 
 
 def tree_index(tree: Any, index: Any, dim: int = 0) -> Any:

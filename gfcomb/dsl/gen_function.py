@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, overload
+from typing import Any, overload, cast
 
 import attrs
 import torch
@@ -165,7 +165,8 @@ class GenTrace(Trace):
         handler hands such a callee the whole batch, so its sub-trace need not cross the vmap
         leaf by leaf); the others' own :meth:`Trace.entering_rows`."""
         return self._with_subtraces({
-            a: t.entering_rows() if t.gen_fn.batch_methods_are_default() else RowView(t)
+            a: t.entering_rows() if t.gen_fn.batch_methods_are_default()
+            else cast(Trace, RowView(t))  # (read as the trace it views)
             for a, t in self.subtraces.items()})
 
     def leaving_rows(self) -> GenTrace:

@@ -160,6 +160,16 @@ class StepRebuild:
                                              PerRow(block.choices))
         return step
 
+    def at_rows(self, block: StepBlock, choices: Any, parent_rows: torch.Tensor) -> Trace:
+        """The step trace of some rows of ``block`` (which has a parent) from their
+        ``choices`` and their rows in the parent block."""
+        assert block.parent is not None
+        state = state_before(None, block.parent, parent_rows)
+        step, _ = self.kernel.batch_generate(parent_rows.shape[0],
+                                             (block.start, state) + self.params,
+                                             PerRow(choices))
+        return step
+
 
 def stored_window(traces: UnfoldTrace, first: int,
                    ) -> tuple[list[Trace], StepBlock | None, torch.Tensor | None, int]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils import _pytree as pytree
@@ -34,6 +34,16 @@ from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.flat import flatten, unflatten
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import reconcile, tree_concat, tree_map_tensors
+
+
+class Rebuild(Protocol):
+    """How a stored block's kernel trace is made again from its choices (see
+    :meth:`StepBlock.stored`): for all its rows, or for some (from their choices and their
+    rows in the parent block)."""
+
+    def __call__(self, block: StepBlock) -> Any: ...
+
+    def at_rows(self, block: StepBlock, choices: Any, parent_rows: torch.Tensor) -> Any: ...
 
 
 class StepBlock:
@@ -59,7 +69,7 @@ class StepBlock:
         self._steps = steps
         self._choices: tuple[torch.Tensor, ...] | None = None  # (stored: the choice leaves)
         self._choice_spec: Any = None
-        self._rebuild: Callable[[StepBlock], Any] | None = None
+        self._rebuild: Rebuild | None = None
         self.parent_rows = parent_rows
         self.parent = parent
         self.start = start
@@ -69,7 +79,7 @@ class StepBlock:
         self._gathered: Any = None  # (rows, after, parts, block, rows there): the last gather
 
     @classmethod
-    def stored(cls, choices: Any, state: Any, rebuild: Callable[[StepBlock], Any],
+    def stored(cls, choices: Any, state: Any, rebuild: Rebuild,
                parent_rows: torch.Tensor | None, parent: StepBlock | None,
                t: int) -> StepBlock:
         """A single-step block holding step ``t``'s ``choices`` (a choice map, leaves [R,
@@ -109,6 +119,17 @@ class StepBlock:
         assert self._rebuild is not None
         return self._rebuild(self)
 
+    def read_steps_at(self, rows: torch.Tensor) -> Any:
+        """The kernel trace of rows ``rows`` (a 1-d long tensor) of this block, leaves
+        ``[len(rows), ...]``; a stored block rebuilds only those rows (its choices and the
+        parent's states gathered first), not all of them."""
+        if self._steps is not None or self.parent is None:
+            return tree_map_tensors(partial(_rows, r=rows), self.read_steps())
+        assert self._rebuild is not None and self.parent_rows is not None
+        assert self._choices is not None
+        choices = unflatten(self._choice_spec, iter([_rows(x, rows) for x in self._choices]))
+        return self._rebuild.at_rows(self, choices, self.parent_rows[rows])
+
     @property
     def choices(self) -> Any:
         """The stored steps' choices (leaves [R, ...], or [R, steps, ...])."""
@@ -144,9 +165,14 @@ class StepBlock:
 
         while block is not None and block.stop > after:
             assert r is not None
-            pick = take_single if block.single else take
-            stored = block.steps if after else block.read_steps()
-            parts.append(tree_map_tensors(partial(pick, r=r), stored))
+            if block.single and block._steps is None and r.dim() == 1 \
+                    and not inside_functorch_transform():
+                parts.append(tree_map_tensors(partial(torch.unsqueeze, dim=1),
+                                              block.read_steps_at(r)))
+            else:
+                pick = take_single if block.single else take
+                stored = block.steps if after else block.read_steps()
+                parts.append(tree_map_tensors(partial(pick, r=r), stored))
             if block.parent is not None:
                 assert block.parent_rows is not None
                 r = block.parent_rows[r]
