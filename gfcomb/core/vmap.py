@@ -22,8 +22,8 @@ naming the cause when a function cannot be vmapped, and the per-element loop
 from __future__ import annotations
 
 import threading
-from types import MethodType
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any
 
 import attrs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, overload, cast
+from typing import Any, cast, overload
 
 import attrs
 import torch

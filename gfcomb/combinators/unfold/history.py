@@ -23,7 +23,7 @@ an update that revisits old steps) gathers it: O(steps), only when asked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
 
