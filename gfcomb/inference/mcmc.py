@@ -50,7 +50,7 @@ from gfcomb.core.gradients import (
     has_default_gradients,
     is_row_batch,
 )
-from gfcomb.core.pytree import same_tree_structure, tree_where
+from gfcomb.core.pytree import same_tree_structure, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, batched_call, own_args
@@ -150,6 +150,35 @@ def _write_values(trace: Trace, values: ChoiceMap) -> tuple[Trace, torch.Tensor,
         new, weight, _, discard = trace.gen_fn.update(trace, trace.args, _no_change(trace),
                                                       values)
     return new, weight, discard
+
+
+def _moved(trace: Trace, selection: Selection,
+           values: ChoiceMap) -> tuple[Trace, torch.Tensor, ChoiceMap]:
+    """``(trace', weight, ∇ log p(trace'))`` with the selected choices set to ``values``.  On
+    the batch path the gradient comes from the ``batch_update``'s own graph (one forward
+    pass, not a second one to differentiate); per chain, update then gradients."""
+    if not _rows_path(trace):
+        new, weight, _ = _write_values(trace, values)
+        return new, weight, _gradients(new, selection)[1]
+    leaves, spec = pytree.tree_flatten(values)
+    live = [x.detach().requires_grad_(True) if _is_float(x) else x for x in leaves]
+    wants = [x for x in live if _is_float(x)]
+    with torch.enable_grad():
+        new, weight, _ = _write_values(trace, pytree.tree_unflatten(live, spec))
+        found = torch.autograd.grad(new.score.sum(), wants, allow_unused=True) \
+            if new.score.requires_grad else (None,) * len(wants)
+    it = iter(found)
+    grads = [_zero_if_none(next(it), x) if _is_float(x) else x for x in live]
+    return (tree_map_tensors(_detached, new), weight.detach(),
+            pytree.tree_unflatten(grads, spec))
+
+
+def _zero_if_none(g: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x).detach() if g is None else g
+
+
+def _detached(x: torch.Tensor) -> torch.Tensor:
+    return x.detach() if x.requires_grad else x
 
 
 def _rows_path(trace: Trace) -> bool:
@@ -423,8 +452,7 @@ def _mala_move(t: Trace, selection: Selection, tau: float,
     proposed = _map_values(lambda m, e: m + std * e, fwd_mu, eps)
     fwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), proposed, fwd_mu,
                             rows=rows)
-    new, weight, _ = _write_values(t, proposed)
-    _, bwd_grads = _gradients(new, selection)
+    new, weight, bwd_grads = _moved(t, selection, proposed)
     bwd_mu = _map_values(lambda p, g: p + tau * g, proposed, bwd_grads)
     bwd_score = _sum_values(lambda x, m: _normal_logpdf(x, m, std), values, bwd_mu,
                             rows=rows)
@@ -494,8 +522,7 @@ def _hmc_move(t: Trace, selection: Selection, n_steps: int, eps: float,
         if rows and step < n_steps - 1:  # inner leapfrog points need no trace
             _, grads = batch_gradients_at(t, selection, values)
         else:
-            new, _, _ = _write_values(new, values)
-            _, grads = _gradients(new, selection)
+            new, _, grads = _moved(new, selection, values)
         p = _map_values(lambda m, g: m + (eps / 2) * g, p, grads)
     kinetic_old = _sum_values(lambda m: 0.5 * m * m, p0, rows=rows)
     kinetic_new = _sum_values(lambda m: 0.5 * m * m, p, rows=rows)

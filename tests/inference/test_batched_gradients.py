@@ -12,6 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import gfcomb as gf
+from gfcomb.core.flat import flatten
 from gfcomb.core.batched import compact_history
 from gfcomb.core.gradients import batch_gradients_at, choice_value_gradients
 from gfcomb.core.pytree import tree_index
@@ -257,6 +258,10 @@ def test_gradient_moves_on_a_batch_equal_the_per_chain_route(kernel, problem):
     want_p, want_la = per_row(prop, traces, noise)
     torch.testing.assert_close(log_alpha, want_la, **TOL)
     torch.testing.assert_close(proposed.score, want_p.score, **TOL)
+    # (the gradient at the proposal came from its update's own graph: none of it is kept)
+    leaves = []
+    flatten((new, proposed, log_alpha), leaves)
+    assert not any(x.requires_grad for x in leaves)
     # a row of the batch equals the single-trace move
     i = 3
     one, one_acc = move(tree_index(traces, i), tree_index(noise, i), log_u[i])
