@@ -12,8 +12,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 import gfcomb as gf
-from gfcomb.core.flat import flatten
 from gfcomb.core.batched import compact_history
+from gfcomb.core.flat import flatten
 from gfcomb.core.gradients import batch_gradients_at, choice_value_gradients
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.vmap import batched_call
