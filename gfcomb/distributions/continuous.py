@@ -129,11 +129,12 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
         return hit[2]
     s = constant_value(scale)
     if s is not None and s > 0:
-        return constant_tensor(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
-    if (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
+        out = constant_tensor(-(math.log(s) + _HALF_LOG_2PI), scale.dtype, scale.device)
+    elif (scale.requires_grad or _functorch.is_functorch_wrapped_tensor(scale)
             or torch.is_inference_mode_enabled() or scale.is_inference()):
         return torch.log(scale).add_(_HALF_LOG_2PI).neg_()
-    out = torch.log(scale).add_(_HALF_LOG_2PI).neg_()
+    else:
+        out = torch.log(scale).add_(_HALF_LOG_2PI).neg_()
     if len(_NEG_LOG_NORMALIZERS) > 256:
         _NEG_LOG_NORMALIZERS.clear()
     _NEG_LOG_NORMALIZERS[id(scale)] = (scale, scale._version, out)
