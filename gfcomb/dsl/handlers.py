@@ -308,6 +308,8 @@ class UpdateHandler(_IncrementalHandler):
             self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
+        if sub.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
+            return self._record(addr, args, old, NoChange())  # (nothing to do: weight 0)
         tr, w, retdiff, discard = gfi.update(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         if not discard.is_empty():
