@@ -323,6 +323,30 @@ def tree_where(mask: torch.Tensor, a: Any, b: Any) -> Any:
     return tree_map2_tensors(pick, a, b)
 
 
+def tree_where_alike(mask: torch.Tensor, a: Any, b: Any) -> Any:
+    """:func:`tree_where` of two trees of the same structure (as :func:`same_tree_structure`
+    tests; ValueError otherwise), in one walk of each.  A leaf that is one tensor in both, or
+    two views of the same memory laid out alike (a shared argument or observation expanded
+    to every row), passes through from ``a``: merging its rows would only copy it."""
+    la: list[Any] = []
+    lb: list[Any] = []
+    sa, sb = _walk(a, la), _walk(b, lb)
+    if a is not b and not _same(sa, sb):
+        raise ValueError("tree_where_alike: the trees have different structures")
+    shaped: dict[int, torch.Tensor] = {}
+
+    def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x is y or (x.data_ptr() == y.data_ptr() and x.stride() == y.stride()
+                      and x.shape == y.shape and x.dtype == y.dtype and x.device == y.device):
+            return x
+        m = shaped.get(x.dim())
+        if m is None:
+            m = shaped[x.dim()] = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
+        return torch.where(m, x, y)
+
+    return _build(_reconcile_walk(sa, sb), iter(_map_once(pick, la, lb)))
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

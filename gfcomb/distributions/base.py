@@ -63,6 +63,7 @@ from gfcomb.core.validation import check_selection, checked_sample
 from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
+    constant_tensor,
     shape_of,
 )
 
@@ -371,8 +372,10 @@ class Distribution(DistributionMethods, GenerativeFunction):
         params = self._prepare(args)
         if flag is True:
             value, score = self._sample_scored(params)
-            return ChoiceTrace(self, args, value, score), torch.zeros_like(trace.score), \
-                _UNKNOWN_CHANGE
+            # (a 0-d score: under vmap, one unbatched zero for every row, not a tensor of them)
+            zero = constant_tensor(0.0, score.dtype, score.device) if score.dim() == 0 \
+                else torch.zeros_like(score)
+            return ChoiceTrace(self, args, value, score), zero, _UNKNOWN_CHANGE
         self._check_value(trace.value, args, params, given=False)
         sampled = self._sample(params)
         value = torch.where(_expand_mask(flag, sampled), sampled, trace.value)

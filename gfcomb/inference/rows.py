@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gfcomb.core.errors import GFIError
-from gfcomb.core.pytree import same_tree_structure, tree_map2_tensors, tree_where
+from gfcomb.core.pytree import tree_where_alike
 from gfcomb.core.trace import Trace
 
 
@@ -39,19 +39,7 @@ def accept_rows(traces: Trace, make_move: Callable[[], tuple[Trace, torch.Tensor
         log_u = torch.log(torch.rand_like(log_alpha))
     accepted = log_u < log_alpha  # (a NaN or -inf log α rejects)
     old = traces.with_layout_of(proposed)
-    if not same_tree_structure(old, proposed):
+    try:  # (a shared leaf -- an expanded [C, N, D] design matrix -- is passed through)
+        return tree_where_alike(accepted, proposed, old), accepted
+    except ValueError:
         return per_chain()
-    return tree_where(accepted, proposed, tree_map2_tensors(same_view_as, old, proposed)), \
-        accepted
-
-
-def same_view_as(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``new`` when it views the same memory as ``old`` the same way (so the two hold the
-    same values: a shared argument or observation, expanded to every row), else ``old``;
-    :func:`tree_where` then passes such a leaf through instead of merging its rows (an
-    expanded [C, N, D] design matrix would be materialized)."""
-    if (old.data_ptr() == new.data_ptr() and old.stride() == new.stride()
-            and old.shape == new.shape and old.dtype == new.dtype
-            and old.device == new.device):
-        return new
-    return old

@@ -81,8 +81,10 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
         parts, block, prows, h = stored_window(traces, touched[0])
         window = [tree_index(part, j, dim=1) for part in parts
                   for j in range(part.score.shape[1])]
-    # the state going into step h, and the revisited steps h..n_old-1
-    state: Any = state_before(args[1], block, prows)
+    # the state going into step h (the one its stored trace was called with, when revisited:
+    # the same tensors, which a merge of the old and new traces then need not pick between),
+    # and the revisited steps h..n_old-1
+    state: Any = PerRow(window[0].args[1]) if window else state_before(args[1], block, prows)
     state_diff: Diff = _NO_CHANGE
     todo = set(touched)
     for t in range(h, n_old):
@@ -121,7 +123,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
             else:
                 rebuild = StepRebuild(unfold.kernel, rows, params,
                                       args[1] if block is None else None)
-                block = StepBlock.stored(choices, last, rebuild, prows, block, t)
+                block = StepBlock.stored(choices, last, rebuild, prows, block, t, new)
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
     stored_args = tuple(stored_arg(a, rows) for a in args)

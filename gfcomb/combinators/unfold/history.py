@@ -81,15 +81,19 @@ class StepBlock:
     @classmethod
     def stored(cls, choices: Any, state: Any, rebuild: Rebuild,
                parent_rows: torch.Tensor | None, parent: StepBlock | None,
-               t: int) -> StepBlock:
+               t: int, steps: Any = None) -> StepBlock:
         """A single-step block holding step ``t``'s ``choices`` (a choice map, leaves [R,
         ...]) and ``state`` only; ``rebuild(block)`` makes the step's kernel trace from them.
 
         Few Python objects per step (a long filter keeps every block, and each object kept
         brings Python's garbage collector round sooner): the choice map is kept as its
         tensor leaves and a spec (the parent's when equal), and ``rebuild`` is the parent's
-        when it compares equal."""
-        block = cls(None, parent_rows, parent, t, t + 1, single=True, state=state)
+        when it compares equal.  ``steps``, the step's kernel trace when at hand, is kept
+        while the block is the newest (what a rejuvenation move reads), and let go when a
+        block is stored after it: the history keeps one kernel trace, not one per step."""
+        block = cls(steps, parent_rows, parent, t, t + 1, single=True, state=state)
+        if parent is not None and parent._rebuild is not None:
+            parent._steps = None  # (a cache: rebuilt from the choices if read again)
         leaves: list[torch.Tensor] = []
         spec = flatten(choices, leaves)
         if parent is not None and parent._choices is not None:
