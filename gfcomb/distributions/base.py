@@ -63,7 +63,6 @@ from gfcomb.core.validation import check_selection, checked_sample
 from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
-    constant_tensor,
     shape_of,
 )
 
@@ -373,8 +372,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
         if flag is True:
             value, score = self._sample_scored(params)
             # (a 0-d score: under vmap, one unbatched zero for every row, not a tensor of them)
-            zero = constant_tensor(0.0, score.dtype, score.device) if score.dim() == 0 \
-                else torch.zeros_like(score)
+            zero = torch.zeros((), dtype=score.dtype, device=score.device) \
+                if score.dim() == 0 else torch.zeros_like(score)
             return ChoiceTrace(self, args, value, score), zero, _UNKNOWN_CHANGE
         self._check_value(trace.value, args, params, given=False)
         sampled = self._sample(params)

@@ -37,6 +37,7 @@ from gfcomb.distributions.params import (
     WEIGHTS,
     ArrayLike,
     broadcast_params,
+    constant_tensor,
     constant_value,
     param_tensors,
 )
@@ -84,14 +85,15 @@ class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, d
         if logs is None:
             return None
         hit = torch.rand_like(p) < p
-        return hit.to(p.dtype), _as_dtype(torch.where(hit, *logs), p)
+        log_p, log_q = (constant_tensor(v, p.dtype, p.device) for v in logs)
+        return hit.to(p.dtype), torch.where(hit, log_p, log_q)
 
     def _logpdf_prepared(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         logs = _constant_logs(p)
         if logs is None:
             return self.logpdf(x, p)
-        log_p, log_q = logs
-        return _as_dtype(torch.where(x == 1, log_p, torch.where(x == 0, log_q, -math.inf)), p)
+        log_p, log_q, no = (constant_tensor(v, p.dtype, p.device) for v in logs + (-math.inf,))
+        return torch.where(x == 1, log_p, torch.where(x == 0, log_q, no))
 
 
 def _constant_logs(p: torch.Tensor) -> tuple[float, float] | None:
@@ -100,10 +102,6 @@ def _constant_logs(p: torch.Tensor) -> tuple[float, float] | None:
     if c is None or not 0.0 < c < 1.0:
         return None
     return math.log(c), math.log1p(-c)
-
-
-def _as_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 
