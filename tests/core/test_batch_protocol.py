@@ -358,6 +358,39 @@ def test_a_filter_history_stores_choices_states_and_row_pointers_only():
     assert kept == 0
 
 
+def test_a_rejuvenated_filter_history_stays_as_small():
+    """With an MH move on the newest x after every resample, the wrapped model's history
+    still holds x and a row pointer per particle-step (each moved step is closed into a
+    stored block like an appended one), and every particle's score is the sum of its
+    rebuilt steps' and x0's."""
+    from gfcomb.core.pytree import tree_tensors
+    from gfcomb.inference import mh, pf_initialize, pf_rejuvenate, pf_resample, pf_update
+
+    n, T = 200, 30
+    state = pf_initialize(wrapped, (0, A), None, n)
+    for t in range(T):
+        state = pf_update(state, (t + 1, A), (UC, NC), {("steps", t, "y"): torch.tensor(0.1 * t)})
+        state = pf_resample(state)
+        state = pf_rejuvenate(state, mh, gf.select(("steps", t, "x")))
+    state = pf_update(state, (T + 1, A), (UC, NC), {("steps", T, "y"): torch.tensor(0.0)})
+    unfold = state.traces.subtraces[("steps",)]
+    seen, held = set(), 0
+    block = unfold.history.parent  # (the newest block also keeps its kernel trace)
+    while block is not None:
+        assert block._steps is None or block.start == 0  # (step 0: before any block)
+        for x in tree_tensors([block._choices, block._state, block.parent_rows]):
+            if x.dim() and x.stride(0) == 0:
+                continue  # the shared observation, expanded
+            if x.untyped_storage().data_ptr() not in seen:
+                seen.add(x.untyped_storage().data_ptr())
+                held += x.untyped_storage().nbytes()
+        block = block.parent
+    assert held <= 2 * 16 * n * T
+    inner = unfold.inner
+    x0_score = state.traces.subtraces[("x0",)].score
+    close(inner.score.sum(-1) + x0_score, state.traces.score, 1e-9)
+
+
 @pytest.mark.parametrize("name", ["map", "switch", "unfold"])
 def test_combinators_name_a_selection_that_is_not_one(name):
     gen_fn, args, cm, row_args = cases()[name]

@@ -67,10 +67,10 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     the steps after the last history boundary before ``touched[0]`` are the new
     ``recent`` (the layout a per-row update gives, so that an MCMC accept step can merge
     the old and the new trace row by row).  Returns (traces, weights, retdiff)."""
-    traces = traces.compacted()
     rows = batch_size(traces)
     n_old, n_new = traces.length, args[0]
     params = tuple(args[2:])
+    traces = compacted(unfold, traces, params)
     weight: Any = None  # (None: nothing added yet; a 0.0 start would cost an op per step)
     score = traces.score
     changed: list[int] = []
@@ -131,6 +131,27 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
     weight = weight_like(0.0 if weight is None else weight, score)
     return new_traces, weight, retdiff_of(n_new, n_old, changed)
+
+def compacted(unfold: Unfold, traces: UnfoldTrace, params: tuple[Any, ...]) -> UnfoldTrace:
+    """``traces`` with its ``recent`` steps closed into the shared history
+    (:meth:`UnfoldTrace.compacted`), one recent step after a history block (what an MCMC
+    move on the newest step leaves) as a stored block -- its choices and state, like an
+    appended step -- rather than its whole kernel trace."""
+    recent, block = traces.recent, traces.history
+    if (recent is None or block is None or traces.rows is None or traces.score.dim() != 1
+            or traces.length - traces.history_length != 1):
+        return traces.compacted()
+    step = tree_index(recent, 0, dim=1)
+    choices = step.choices
+    if has_masks(choices):
+        return traces.compacted()
+    n, t = batch_size(traces), traces.history_length
+    rebuild = StepRebuild(unfold.kernel, n, params, None)
+    stored = StepBlock.stored(choices, resolve(step.retval), rebuild, traces.rows, block, t,
+                              step)
+    rows = cached_arange(n, torch.long, traces.score.device)
+    return UnfoldTrace(unfold, traces.args, traces.score, traces.length, None, rows, stored)
+
 
 class StepRebuild:
     """How a stored step's kernel trace is made again (:meth:`StepBlock.stored`): from the
