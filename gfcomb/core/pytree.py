@@ -28,6 +28,8 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.batching import stack_tensors
+
 T = TypeVar("T")
 
 _LAYOUT = "_layout"
@@ -354,24 +356,35 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     Static parts come from ``trees[0]``; uncompared bookkeeping fields on which the trees
     disagree become unknown (``None``); Python numbers kept static may differ (``trees[0]``'s
     are kept).  Trees of other structures (other addresses, a Switch on another branch)
-    raise ValueError.
+    raise ValueError.  gfcomb's own walk (:func:`_walk`, a lookup for a record flattened
+    before), not torch's TreeSpec per node: an Unfold stacks its steps' traces with it.
     """
-    leaves0, spec = pytree.tree_flatten(trees[0])
-    flat = [pytree.tree_flatten(t) for t in trees[1:]]
-    for i, (_, s) in enumerate(flat, 1):
-        if not same_structure(spec, s):
+    columns: list[list[Any]] = []
+    specs = []
+    for tree in trees:
+        leaves: list[Any] = []
+        specs.append(_walk(tree, leaves))
+        columns.append(leaves)
+    spec = specs[0]
+    for i, other in enumerate(specs[1:], 1):
+        if not _same_walk(spec, other):
             raise ValueError(
                 f"tree_stack: tree {i} has a different structure from tree 0 (other "
                 "addresses, other static values, or a Switch on another branch), so the trees "
                 "cannot be stacked into one record")
-    columns = [leaves0] + [leaves for leaves, _ in flat]
-    out = []
-    for j, leaf in enumerate(leaves0):
-        if isinstance(leaf, torch.Tensor):
-            out.append(torch.stack([c[j] for c in columns], dim))
-        else:
-            out.append(leaf)
-    return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in flat]))
+        spec = _reconcile_walk(spec, other)
+    # a tensor held in several places of every tree (a choice's value that is also the
+    # return value and the next choice's argument) is stacked once and shared
+    out: list[torch.Tensor] = []
+    done: dict[tuple[int, ...], torch.Tensor] = {}
+    for j in range(len(columns[0])):
+        col = [c[j] for c in columns]
+        key = tuple(map(id, col))
+        stacked = done.get(key)
+        if stacked is None:
+            stacked = done[key] = stack_tensors(col, dim)
+        out.append(stacked)
+    return _build(spec, iter(out))
 
 
 def same_tree_structure(a: Any, b: Any) -> bool:
