@@ -6,6 +6,13 @@ mapped dimension.  Element i's choices live under key ``i``; the return value is
 kernel return values.  All kernel calls run as ONE ``torch.func.vmap`` call (torch modules
 inside the kernel see the whole batch); the trace holds one batched kernel trace.
 
+A kernel with batch methods of its own (a combinator: an ``Unfold`` edits a batch of its
+traces step by step, appending new steps to the whole batch at once) is called through them
+instead, with the elements as the rows (:meth:`Map._batch_call`): every method the kernel
+overrides (``batch_generate``, ``batch_update``, ``batch_regenerate``) replaces Map's vmap of
+the per-element method, the others fall back to it.  Same results (the batch methods'
+contract: row i equals the per-row method).
+
 Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent given x.
 """
 
@@ -36,12 +43,12 @@ from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
-from gfcomb.core.pytree import tree_index, tree_scatter
+from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.selection import Selection, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection, check_vmapped_scores
-from gfcomb.core.vmap import batched_call
+from gfcomb.core.vmap import PerRow, batched_call
 
 
 class Map(Combinator):
@@ -80,17 +87,47 @@ class Map(Combinator):
 
         return run
 
+    def _batch_call(self, method: str, fn: Any, in_dims: tuple[Any, ...], n: int,
+                    keys: Sequence[int] | None = None, cm: ChoiceMap | None = None) -> Any:
+        """``fn`` (a call of the kernel's ``batch_<method>`` on the elements as rows) when the
+        kernel overrides that batch method, else None (the caller vmaps the per-element
+        method).  ``fn(*args)`` is called with the mapped arguments as :class:`PerRow`
+        values (mapped axis first); address errors get the element key in front, as
+        :meth:`_run`'s do."""
+        if not self.vectorize or n == 0 or not _overrides(self.kernel, method):
+            return None
+
+        def run(*args: Any) -> Any:
+            rows = tuple(a if d is None else
+                         PerRow(a if d == 0 else tree_map_tensors(lambda x: x.movedim(d, 0), a))
+                         for a, d in zip(args, in_dims))
+            try:
+                return fn(*rows)
+            except AddressError as err:
+                raise _at_element(err, range(n) if keys is None else keys, cm) from None
+
+        return run
+
     def _trace(self, args: tuple[Any, ...], inner: Trace, n: int) -> VectorTrace:
         return VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n)
 
     def _simulate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int) -> Trace:
-        return self._run(lambda *a: self.kernel.simulate(a), dims, n)(*args)
+        kernel = self.kernel
+        batch = self._batch_call("generate", lambda *a: kernel.batch_generate(n, a)[0], dims, n)
+        if batch is not None:
+            return batch(*args)
+        return self._run(lambda *a: kernel.simulate(a), dims, n)(*args)
 
     def _generate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int,
                         cm: ChoiceMap, keys: Sequence[int]) -> tuple[Trace, torch.Tensor]:
         """Generate elements ``keys`` (0..n-1 of ``args``) with constraints ``cm``."""
         stacked = stack_constraints(cm, keys)
-        return self._run(lambda c, *a: self.kernel.generate(a, c), (0,) + dims, n, keys, cm)(
+        kernel = self.kernel
+        batch = self._batch_call("generate", lambda c, *a: kernel.batch_generate(n, a, c),
+                                 (0,) + dims, n, keys, cm)
+        if batch is not None:
+            return batch(stacked, *args)
+        return self._run(lambda c, *a: kernel.generate(a, c), (0,) + dims, n, keys, cm)(
             stacked, *args)
 
     # ------------------------------------------------------------------ the GFI
@@ -197,17 +234,8 @@ class Map(Combinator):
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
-            sub, per_element = edit.for_elements(revisit, old_sub.choices)
-            kernel = self.kernel
-            if per_element:  # the edit travels into vmap: one element's part per call
-                run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
-                                                                            el_diffs),
-                                (0, 0) + dims, len(revisit), revisit, edit.constraints)
-                new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
-            else:
-                run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs),
-                                (0,) + dims, len(revisit), revisit)
-                new_sub, w, _, d = run(old_sub, *sub_args)
+            new_sub, w, d = self._edit_elements(edit, revisit, old_sub, sub_args, dims,
+                                                el_diffs)
             weight = weight + w.sum(0)
             inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
@@ -232,6 +260,42 @@ class Map(Combinator):
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
         return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old), discard
 
+    def _edit_elements(self, edit: Edit, revisit: Sequence[int], old_sub: Trace,
+                       sub_args: tuple[Any, ...], dims: tuple[Any, ...],
+                       el_diffs: tuple[Diff, ...]) -> tuple[Trace, torch.Tensor, ChoiceMap]:
+        """``edit`` applied to the elements ``revisit`` (their stacked kernel traces
+        ``old_sub``, arguments ``sub_args``): one batch call of the kernel's batch edit
+        where it has one, else one vmap of the per-element edit.  Returns (the new stacked
+        traces, per-element weights, stacked discards)."""
+        sub, per_element = edit.for_elements(revisit, old_sub.choices)
+        kernel = self.kernel
+        n = len(revisit)
+        method = "update" if edit.counts_discards else "regenerate"
+        if per_element:  # the edit travels into vmap: one element's part per call
+            if method == "update":  # (a batch update takes per-row constraints)
+                batch = self._batch_call(
+                    method, lambda tr, p, *a: sub.with_payload(p).apply(
+                        kernel, tr.value, a, el_diffs, batch=True),
+                    (0, 0) + dims, n, revisit, edit.constraints)
+                if batch is not None:
+                    new_sub, w, _, d = batch(old_sub, sub.payload, *sub_args)
+                    return new_sub, w, d
+            run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
+                                                                        el_diffs),
+                            (0, 0) + dims, n, revisit, edit.constraints)
+            new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
+            return new_sub, w, d
+        batch = self._batch_call(
+            method, lambda tr, *a: sub.apply(kernel, tr.value, a, el_diffs, batch=True),
+            (0,) + dims, n, revisit)
+        if batch is not None:
+            new_sub, w, _, d = batch(old_sub, *sub_args)
+            return new_sub, w, d
+        run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs), (0,) + dims, n,
+                        revisit)
+        new_sub, w, _, d = run(old_sub, *sub_args)
+        return new_sub, w, d
+
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ_i kernel project(t_i, S[i])."""
         check_selection(selection, self, "project")
@@ -253,6 +317,12 @@ class Map(Combinator):
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
         return self.kernel.parameters()
+
+
+def _overrides(gen_fn: GenerativeFunction, method: str) -> bool:
+    """Whether ``gen_fn`` has its own ``batch_<method>`` (not the vmapped per-row default)."""
+    name = "batch_" + method
+    return getattr(type(gen_fn), name) is not getattr(GenerativeFunction, name)
 
 
 def _at_element(err: AddressError, keys: Sequence[int], cm: ChoiceMap | None) -> AddressError:
