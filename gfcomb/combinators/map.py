@@ -98,9 +98,7 @@ class Map(Combinator):
             return None
 
         def run(*args: Any) -> Any:
-            rows = tuple(a if d is None else
-                         PerRow(a if d == 0 else tree_map_tensors(lambda x: x.movedim(d, 0), a))
-                         for a, d in zip(args, in_dims))
+            rows = tuple(_as_rows(a, d) for a, d in zip(args, in_dims))
             try:
                 return fn(*rows)
             except AddressError as err:
@@ -237,7 +235,11 @@ class Map(Combinator):
             new_sub, w, d = self._edit_elements(edit, revisit, old_sub, sub_args, dims,
                                                 el_diffs)
             weight = weight + w.sum(0)
-            inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
+            if whole:
+                inner = new_sub
+            else:  # (a batch edit may store its steps otherwise: one layout for both)
+                inner, new_sub = _one_layout(inner, new_sub)
+                inner = tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
                 discard = discard.merge(ChoiceMap.from_stacked_block(
                     d, len(revisit), None if whole else tuple(revisit)))
@@ -256,7 +258,11 @@ class Map(Combinator):
                     k, rest = err.address[0], err.address[1:]
                     raise type(err)(err.what, (new_keys[k],) + tuple(rest)) from None
                 weight = weight + w.sum(0)
-            inner = concat_elements(inner, grown) if n_old > 0 else grown
+            if n_old > 0:
+                inner, grown = _one_layout(inner, grown)
+                inner = concat_elements(inner, grown)
+            else:
+                inner = grown
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
         return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old), discard
 
@@ -317,6 +323,22 @@ class Map(Combinator):
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
         return self.kernel.parameters()
+
+
+def _one_layout(a: Trace, b: Trace) -> tuple[Trace, Trace]:
+    """``a`` and ``b`` (stacked kernel traces) re-expressed in one record layout so that
+    they can be combined leaf by leaf (:meth:`Trace.with_layout_of`: a batch edit of an
+    Unfold may keep its steps in a shared history the other does not have)."""
+    b = b.with_layout_of(a)
+    return a.with_layout_of(b), b
+
+
+def _as_rows(a: Any, dim: Any) -> Any:
+    """A Map argument as a batch-method argument: mapped along ``dim`` -> a :class:`PerRow`
+    with the mapped axis first; shared (``dim`` None) -> as it is."""
+    if dim is None:
+        return a
+    return PerRow(a if dim == 0 else tree_map_tensors(lambda x: x.movedim(dim, 0), a))
 
 
 def _overrides(gen_fn: GenerativeFunction, method: str) -> bool:

@@ -91,6 +91,8 @@ def stack_tensors(xs: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         if _functorch.maybe_get_level(x) != level:
             return torch.stack(xs, dim)  # (an unbatched or outer-level tensor among them)
         v, bdim = _functorch._unwrap_batched(x, level)
+        if bdim is None:
+            return torch.stack(xs, dim)
         values.append(v if bdim == 0 else v.movedim(bdim, 0))
     # stacked along a new leading axis (contiguous writes, several times faster than
     # writing every row's entries strided), that axis then moved behind the batch axis
