@@ -69,6 +69,14 @@ class Map(Combinator):
         return (Map, self.kernel, self.in_dims, self.vectorize)
 
     # ------------------------------------------------------------------ helpers
+    def _who(self) -> str:
+        """``repr(self)``, for error messages: built once (every call names the Map to the
+        vmap layer, ~10 µs a time for a nested combinator)."""
+        name = self.__dict__.get("_name")
+        if name is None:
+            name = self.__dict__["_name"] = repr(self)
+        return name
+
     def _dims(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return normalize_in_dims(self.in_dims, len(args), "Map")
 
@@ -77,11 +85,11 @@ class Map(Combinator):
         """``fn`` batched over ``n`` elements (keys ``keys``, default 0..n-1).  An address
         error raised by the kernel gets the key of the element it concerns in front (the
         first one whose constraints ``cm`` hold that address, else the first element)."""
-        call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=repr(self))
+        call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=self._who())
 
         def run(*args: Any) -> Any:
             try:  # (NaN/+inf element scores over concrete tensors: a named error)
-                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, repr(self))
+                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, self._who())
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
 
@@ -133,7 +141,7 @@ class Map(Combinator):
         """Math: t_i ~ p_kernel(·; x_i) independently; score = Σ_i score_i."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         return self._trace(args, self._simulate_inner(args, dims, n), n)
 
     def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
@@ -141,7 +149,7 @@ class Map(Combinator):
         """Math: weight = Σ_i generate weight of element i (0 for unconstrained elements)."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         cm = as_choicemap(constraints)
         constrained_elements(cm, n, "generate")
         if cm.is_empty():
@@ -154,7 +162,7 @@ class Map(Combinator):
         """Math: weight = Σ_i log p_kernel(t_i; x_i); every element's choices must be given."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
         if n == 0:  # no elements, no choices: log p = 0
@@ -205,9 +213,9 @@ class Map(Combinator):
         ones against the edit's constraints."""
         assert isinstance(trace, VectorTrace)
         args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        argdiffs = check_argdiffs(args, argdiffs, self._who())
         dims = self._dims(args)
-        n_new, n_old = mapped_length(args, dims, repr(self)), trace.length
+        n_new, n_old = mapped_length(args, dims, self._who()), trace.length
         touched = edit.keys(n_new, "update")
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
