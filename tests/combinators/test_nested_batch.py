@@ -98,16 +98,27 @@ def test_the_fast_path_is_taken():
     assert SLOW.kernel.batch_methods_are_default()
 
 
-def test_update_of_stored_steps_equals_the_general_path(pair):
+CONSTRAINTS = [
+    # a new x at step 1 changes every later state: steps 1.. revisited
+    {(1, T - 1, "y"): 0.7, (3, 1, "x"): -0.2, (3, 2, "y"): 1.5},
+    # a y at step 0, then an x at step 2: step 1 is skipped, step 2 reads the stored state
+    {(0, 0, "y"): 0.3, (3, 2, "x"): -0.2},
+    # one y in the middle: one step revisited, the stored steps around it kept
+    {(2, 1, "y"): 1.1},
+]
+
+
+@pytest.mark.parametrize("values", CONSTRAINTS)
+def test_update_of_stored_steps_equals_the_general_path(pair, values):
     fast, slow, args = pair
-    cm = gf.ChoiceMap({(1, T - 1, "y"): torch.tensor(0.7), (3, 1, "x"): torch.tensor(-0.2),
-                       (3, 2, "y"): torch.tensor(1.5)})
+    cm = gf.ChoiceMap({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
     f = FAST.update(fast, args, (NC, NC, NC), cm)
     s = SLOW.update(slow, args, (NC, NC, NC), cm)
     torch.testing.assert_close(f[1], s[1], **TOL)
     same(f[0], s[0])
     same_discard(f[3], s[3])
-    assert float(f[0][3, 1, "x"]) == -0.2
+    for k, v in values.items():
+        assert float(f[0][k]) == v
     torch.testing.assert_close(f[0].score, exact_score(args[1], f[0][:, :, "x"],
                                                        f[0][:, :, "y"]), **TOL)
 
