@@ -356,28 +356,28 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     Static parts come from ``trees[0]``; uncompared bookkeeping fields on which the trees
     disagree become unknown (``None``); Python numbers kept static may differ (``trees[0]``'s
     are kept).  Trees of other structures (other addresses, a Switch on another branch)
-    raise ValueError.  gfcomb's own walk (:func:`_walk`, a lookup for a record flattened
-    before), not torch's TreeSpec per node: an Unfold stacks its steps' traces with it.
+    raise ValueError.  ``trees[0]`` is walked with gfcomb's own walk (:func:`_walk`), every
+    other tree along its spec (:func:`_follow`: leaves, structure check and bookkeeping in
+    one pass, no spec built): an Unfold stacks its steps' traces with it.
     """
-    columns: list[list[Any]] = []
-    specs = []
-    for tree in trees:
+    first: list[Any] = []
+    spec = _walk(trees[0], first)
+    columns = [first]
+    for i, tree in enumerate(trees[1:], 1):
         leaves: list[Any] = []
-        specs.append(_walk(tree, leaves))
-        columns.append(leaves)
-    spec = specs[0]
-    for i, other in enumerate(specs[1:], 1):
-        if not _same_walk(spec, other):
+        try:
+            spec = _follow(tree, spec, leaves)
+        except _Mismatch:
             raise ValueError(
                 f"tree_stack: tree {i} has a different structure from tree 0 (other "
                 "addresses, other static values, or a Switch on another branch), so the trees "
-                "cannot be stacked into one record")
-        spec = _reconcile_walk(spec, other)
+                "cannot be stacked into one record") from None
+        columns.append(leaves)
     # a tensor held in several places of every tree (a choice's value that is also the
     # return value and the next choice's argument) is stacked once and shared
     out: list[torch.Tensor] = []
     done: dict[tuple[int, ...], torch.Tensor] = {}
-    for j in range(len(columns[0])):
+    for j in range(len(first)):
         col = [c[j] for c in columns]
         key = tuple(map(id, col))
         stacked = done.get(key)
@@ -385,6 +385,67 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
             stacked = done[key] = stack_tensors(col, dim)
         out.append(stacked)
     return _build(spec, iter(out))
+
+
+class _Mismatch(Exception):
+    """A tree that :func:`_follow` found to differ from the spec it follows."""
+
+
+def _follow(x: Any, spec: Any, leaves: list[Any]) -> Any:
+    """Append the tensor leaves of ``x`` to ``leaves`` walking along ``spec`` (a
+    :func:`_walk` spec of a tree of the same structure); return ``spec`` with the
+    uncompared bookkeeping on which ``x`` disagrees marked (:func:`reconcile`), or raise
+    :class:`_Mismatch`.  The check of ``_same_walk(spec, _walk(x))`` without building
+    ``x``'s spec (nor its records' layouts)."""
+    kind = spec[0]
+    if kind == _W_TENSOR:
+        if not isinstance(x, torch.Tensor):
+            raise _Mismatch
+        leaves.append(x)
+        return spec
+    if kind == _W_NODE:
+        t = spec[1]
+        if type(x) is not t:
+            raise _Mismatch
+        fields = RECORD_FIELDS.get(t)
+        if fields is None or pytree.SUPPORTED_NODES[t].flatten_fn is not fields[2]:
+            children, ctx = pytree.SUPPORTED_NODES[t].flatten_fn(x)
+            if len(children) != len(spec[3]) or not (
+                    _same(ctx, spec[2]) or _same_context(t, spec[2], ctx)):
+                raise _Mismatch
+            kids = tuple([_follow(c, s, leaves) for c, s in zip(children, spec[3])])
+            return spec if all(a is b for a, b in zip(kids, spec[3])) else spec[:3] + (kids,)
+        dynamic, static, _ = fields
+        fspecs, statics = spec[2]
+        new_fspecs = tuple([_follow(getattr(x, f), fs, leaves)
+                            for f, fs in zip(dynamic, fspecs)])
+        new_statics = statics
+        for k, f in enumerate(static):
+            v0, v = statics[k], getattr(x, f)
+            if isinstance(v0, _Uncompared):
+                if v0.value is not _CONFLICT and not _same(v, v0.value):
+                    new_statics = new_statics[:k] + (_Uncompared(_CONFLICT),) + new_statics[k + 1:]
+            elif not _same(v, v0):
+                raise _Mismatch
+        if new_statics is statics and all(a is b for a, b in zip(new_fspecs, fspecs)):
+            return spec
+        return (kind, t, (new_fspecs, new_statics), spec[3])
+    if kind == _W_TUPLE or kind == _W_LIST:
+        if type(x) is not (tuple if kind == _W_TUPLE else list) or len(x) != len(spec[1]):
+            raise _Mismatch
+        kids = tuple([_follow(v, s, leaves) for v, s in zip(x, spec[1])])
+        return spec if all(a is b for a, b in zip(kids, spec[1])) else (kind, kids)
+    if kind == _W_DICT:
+        if type(x) is not dict or tuple(x) != spec[1]:
+            raise _Mismatch
+        kids = tuple([_follow(v, s, leaves) for v, s in zip(x.values(), spec[2])])
+        return spec if all(a is b for a, b in zip(kids, spec[2])) else (kind, spec[1], kids)
+    mine: list[Any] = []  # a static leaf or another node: walk it and compare
+    other = _walk(x, mine)
+    if not _same_walk(spec, other):
+        raise _Mismatch
+    leaves.extend(mine)
+    return _reconcile_walk(spec, other)
 
 
 def same_tree_structure(a: Any, b: Any) -> bool:

@@ -272,3 +272,25 @@ def test_stack_tensors_inside_vmap_is_torch_stack(dim):
     mixed = torch.func.vmap(lambda v: stack_tensors([v, torch.ones(3, 2, dtype=v.dtype)], dim))(x)
     assert torch.equal(mixed, torch.func.vmap(
         lambda v: torch.stack([v, torch.ones(3, 2, dtype=v.dtype)], dim))(x))
+
+
+def test_tree_stack_follows_the_first_trees_structure():
+    """tree_stack walks the first tree and follows its spec through the others: numbers
+    kept static may differ (the first one's kept), anything else that differs is refused,
+    and a tensor held in several places is stacked once."""
+    from gfcomb.core.pytree import tree_stack
+
+    a, b = torch.randn(3), torch.randn(3)
+    out = tree_stack([(a, {"k": a, "n": 0}), (b, {"k": b, "n": 1})])
+    assert out[0] is out[1]["k"] and out[1]["n"] == 0
+    assert torch.equal(out[0], torch.stack([a, b]))
+    traces = [step.simulate((t, torch.tensor(0.1 * t), torch.tensor(A))) for t in range(3)]
+    stacked = tree_stack(traces)
+    torch.testing.assert_close(stacked.score, torch.stack([tr.score for tr in traces]), **TOL)
+    torch.testing.assert_close(stacked["y"], torch.stack([tr["y"] for tr in traces]), **TOL)
+    for bad in ([(a, "u"), (b, "v")], [(a,), (b, b)], [{"k": a}, {"j": b}], [(a, 1), (b, b)]):
+        with pytest.raises(ValueError, match="different structure"):
+            tree_stack(bad)
+    other = gf.Unfold(step).simulate((2, torch.tensor(0.0), torch.tensor(A)))
+    with pytest.raises(ValueError, match="different structure"):
+        tree_stack([traces[0], other])
