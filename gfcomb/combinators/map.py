@@ -281,7 +281,10 @@ class Map(Combinator):
         ``old_sub``, arguments ``sub_args``): one batch call of the kernel's batch edit
         where it has one, else one vmap of the per-element edit.  Returns (the new stacked
         traces, per-element weights, stacked discards)."""
-        sub, per_element = edit.for_elements(revisit, old_sub.choices)
+        if len(revisit) == 1:  # one element: its own edit, static (a selection of one step
+            sub, per_element = edit.at(revisit[0]), False  # stays one step, not flags)
+        else:
+            sub, per_element = edit.for_elements(revisit, old_sub.choices)
         kernel = self.kernel
         n = len(revisit)
         method = "update" if edit.counts_discards else "regenerate"
