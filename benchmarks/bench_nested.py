@@ -21,21 +21,19 @@ repeats; the load average is printed.
 
     python benchmarks/bench_nested.py            # full run; rewrites its section of RESULTS.md
     python benchmarks/bench_nested.py --quick    # smoke run (seconds); RESULTS.md untouched
-    python benchmarks/bench_nested.py --profile  # also print the cProfile of each gfcomb call
+
+(``python -m cProfile -s tottime benchmarks/bench_nested.py --quick`` shows where the time
+of the gfcomb calls goes.)
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import math
 import os
 import platform
-import pstats
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,18 +191,6 @@ def check(p: dict[str, Any]) -> None:
     close(weight, weight_ref, "hand generate weight")
 
 
-def profile(fn: Callable[[], object], calls: int = 5, top: int = 20) -> str:
-    """cProfile of ``fn`` (internal time), as text."""
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(calls):
-        fn()
-    pr.disable()
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
-    return out.getvalue()
-
-
 CASES = ("map_unfold simulate", "map_unfold generate", "unfold_map simulate",
          "unfold_map generate")
 LABELS = {
@@ -215,7 +201,7 @@ LABELS = {
 }
 
 
-def run(quick: bool, show_profile: bool) -> str:
+def run(quick: bool) -> str:
     n, T = 1_000, 100
     inner, repeats, warmup = (1, 3, 1) if quick else (2, 15, 3)
     load0 = load_average()
@@ -233,8 +219,6 @@ def run(quick: bool, show_profile: bool) -> str:
                   f"{t_kernel * 1e3:7.2f} ms, hand-written {t_hand * 1e3:7.2f} ms, ratio "
                   f"{t_gf / t_hand:.2f}x (kernel calls alone {t_kernel / t_hand:.2f}x)",
                   flush=True)
-            if show_profile:
-                print(profile(p[case]))
     load1 = load_average()
     print(f"load average: {load0:.2f} at the start, {load1:.2f} at the end")
     flag = " --quick (smoke run, not real figures)" if quick else ""
@@ -270,15 +254,13 @@ def run(quick: bool, show_profile: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="few repeats, for a smoke run; does not touch RESULTS.md")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--profile", action="store_true",
-                        help="print the cProfile of each gfcomb call")
+    for flag, text in (("--quick", "few repeats, a smoke run; RESULTS.md untouched"),
+                       ("--no-write", "print only")):
+        parser.add_argument(flag, action="store_true", help=text)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    body = run(opts.quick, opts.profile)
+    body = run(opts.quick)
     print(f"## {SECTION}\n\n{body}")
     save_section(SECTION, body, write=not (opts.quick or opts.no_write))
 

@@ -65,13 +65,16 @@ def exact_score(x0, xs, ys, a=A):
     return (lp(xs, a * prev, S) + lp(ys, xs, 1.0)).sum()
 
 
+def inputs(seed):
+    """``(T, x0s, a)``: the arguments of both nested shapes, drawn with ``seed``."""
+    torch.manual_seed(seed)
+    return (T, torch.randn(N, dtype=torch.float64), torch.tensor(A, dtype=torch.float64))
+
+
 @pytest.fixture
 def pair():
     """The same traces on both paths (the general one generated from the fast one's choices)."""
-    torch.manual_seed(0)
-    x0 = torch.randn(N, dtype=torch.float64)
-    a = torch.tensor(A, dtype=torch.float64)
-    args = (T, x0, a)
+    args = inputs(0)
     fast = FAST.simulate(args)
     slow, w = SLOW.generate(args, fast.choices)
     torch.testing.assert_close(w, fast.score, **TOL)
@@ -230,10 +233,8 @@ UNFOLD_OF_MAP = gf.Unfold(gf.Map(step, in_dims=(None, 0, None)))
 
 
 def test_unfold_of_map_scores_updates_and_regenerates():
-    torch.manual_seed(1)
-    x0 = torch.randn(N, dtype=torch.float64)
-    a = torch.tensor(A, dtype=torch.float64)
-    args = (T, x0, a)
+    args = inputs(1)
+    x0 = args[1]
     tr = UNFOLD_OF_MAP.simulate(args)
     xs, ys = tr[:, :, "x"].T, tr[:, :, "y"].T
     torch.testing.assert_close(tr.score, exact_score(x0, xs, ys), **TOL)
