@@ -403,6 +403,11 @@ def _follow(x: Any, spec: Any, leaves: list[Any]) -> Any:
             raise _Mismatch
         leaves.append(x)
         return spec
+    if kind == _W_STATIC and type(x) in _PLAIN_STATIC:
+        v0 = spec[1]
+        if x is v0 or (type(x) is type(v0) and (_is_number(x) or x == v0)):
+            return spec  # (numbers may differ: trees[0]'s are kept)
+        raise _Mismatch
     if kind == _W_NODE:
         t = spec[1]
         if type(x) is not t:
@@ -413,39 +418,59 @@ def _follow(x: Any, spec: Any, leaves: list[Any]) -> Any:
             if len(children) != len(spec[3]) or not (
                     _same(ctx, spec[2]) or _same_context(t, spec[2], ctx)):
                 raise _Mismatch
-            kids = tuple([_follow(c, s, leaves) for c, s in zip(children, spec[3])])
-            return spec if all(a is b for a, b in zip(kids, spec[3])) else spec[:3] + (kids,)
+            kids = _follow_all(children, spec[3], leaves)
+            return spec if kids is None else spec[:3] + (kids,)
         dynamic, static, _ = fields
         fspecs, statics = spec[2]
-        new_fspecs = tuple([_follow(getattr(x, f), fs, leaves)
-                            for f, fs in zip(dynamic, fspecs)])
+        new_fspecs = _follow_all([getattr(x, f) for f in dynamic], fspecs, leaves)
         new_statics = statics
         for k, f in enumerate(static):
             v0, v = statics[k], getattr(x, f)
-            if isinstance(v0, _Uncompared):
+            if type(v0) is _Uncompared:
                 if v0.value is not _CONFLICT and not _same(v, v0.value):
                     new_statics = new_statics[:k] + (_Uncompared(_CONFLICT),) + new_statics[k + 1:]
-            elif not _same(v, v0):
+            elif not (v is v0 or _same(v, v0)):
                 raise _Mismatch
-        if new_statics is statics and all(a is b for a, b in zip(new_fspecs, fspecs)):
+        if new_statics is statics and new_fspecs is None:
             return spec
-        return (kind, t, (new_fspecs, new_statics), spec[3])
+        return (kind, t, (fspecs if new_fspecs is None else new_fspecs, new_statics), spec[3])
     if kind == _W_TUPLE or kind == _W_LIST:
         if type(x) is not (tuple if kind == _W_TUPLE else list) or len(x) != len(spec[1]):
             raise _Mismatch
-        kids = tuple([_follow(v, s, leaves) for v, s in zip(x, spec[1])])
-        return spec if all(a is b for a, b in zip(kids, spec[1])) else (kind, kids)
+        kids = _follow_all(x, spec[1], leaves)
+        return spec if kids is None else (kind, kids)
     if kind == _W_DICT:
         if type(x) is not dict or tuple(x) != spec[1]:
             raise _Mismatch
-        kids = tuple([_follow(v, s, leaves) for v, s in zip(x.values(), spec[2])])
-        return spec if all(a is b for a, b in zip(kids, spec[2])) else (kind, spec[1], kids)
-    mine: list[Any] = []  # a static leaf or another node: walk it and compare
+        kids = _follow_all(list(x.values()), spec[2], leaves)
+        return spec if kids is None else (kind, spec[1], kids)
+    mine: list[Any] = []  # another leaf or node: walk it and compare
     other = _walk(x, mine)
     if not _same_walk(spec, other):
         raise _Mismatch
     leaves.extend(mine)
     return _reconcile_walk(spec, other)
+
+
+def _follow_all(xs: Sequence[Any], specs: tuple[Any, ...], leaves: list[Any],
+                ) -> tuple[Any, ...] | None:
+    """:func:`_follow` of each of ``xs`` along ``specs`` (of equal length); None when every
+    spec came back unchanged, else the new specs."""
+    out: list[Any] | None = None
+    for j, (v, sp) in enumerate(zip(xs, specs)):
+        if sp is _TENSOR_SPEC and isinstance(v, torch.Tensor):  # (most children)
+            leaves.append(v)
+            if out is not None:
+                out.append(sp)
+            continue
+        got = _follow(v, sp, leaves)
+        if got is not sp:
+            if out is None:
+                out = list(specs[:j])
+            out.append(got)
+        elif out is not None:
+            out.append(sp)
+    return None if out is None else tuple(out)
 
 
 def same_tree_structure(a: Any, b: Any) -> bool:

@@ -295,3 +295,29 @@ def test_tree_stack_follows_the_first_trees_structure():
     other = gf.Unfold(step).simulate((2, torch.tensor(0.0), torch.tensor(A)))
     with pytest.raises(ValueError, match="different structure"):
         tree_stack([traces[0], other])
+
+
+@gf.gen
+def flip_sign(x):
+    c = gf.bernoulli(0.5) @ "c"
+    m = x if float(c) == 1.0 else -x  # "y" gets the argument itself, or a new object
+    return gf.normal(m, 1.0) @ "y"
+
+
+def test_tree_stack_marks_the_bookkeeping_the_trees_disagree_on():
+    """An uncompared field (a @gen trace's argument sources) that differs between the trees
+    is unknown (None) in the stacked record, wherever it sits among tensor leaves; equal
+    ones are kept."""
+    from gfcomb.core.pytree import tree_stack
+
+    t0, _ = flip_sign.generate((torch.tensor(1.0),), {"c": 1.0, "y": 0.5})
+    t1, _ = flip_sign.generate((torch.tensor(2.0),), {"c": 1.0, "y": 0.7})
+    t2, _ = flip_sign.generate((torch.tensor(3.0),), {"c": 0.0, "y": 0.1})
+    assert t0.sources != t2.sources
+    a, b = torch.ones(2), torch.zeros(2)
+    kept = tree_stack([(a, t0, b), (b, t1, a)])
+    assert kept[1].sources == t0.sources
+    mixed = tree_stack([(a, t0, b), (b, t2, a)])
+    assert mixed[1].sources is None
+    assert torch.equal(mixed[0], torch.stack([a, b])) and torch.equal(mixed[2], torch.stack([b, a]))
+    assert torch.equal(mixed[1]["y"], torch.tensor([0.5, 0.1]))
