@@ -39,6 +39,7 @@ from gfcomb.combinators.vector import (
     select_elements,
     stack_constraints,
 )
+from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
@@ -98,11 +99,15 @@ class Map(Combinator):
     def _batch_call(self, method: str, fn: Any, in_dims: tuple[Any, ...], n: int,
                     keys: Sequence[int] | None = None, cm: ChoiceMap | None = None) -> Any:
         """``fn`` (a call of the kernel's ``batch_<method>`` on the elements as rows) when the
-        kernel overrides that batch method, else None (the caller vmaps the per-element
-        method).  ``fn(*args)`` is called with the mapped arguments as :class:`PerRow`
-        values (mapped axis first); address errors get the element key in front, as
-        :meth:`_run`'s do."""
-        if not self.vectorize or n == 0 or not _overrides(self.kernel, method):
+        kernel overrides that batch method and no torch.func transform is running, else
+        None (the caller vmaps the per-element method).  ``fn(*args)`` is called with the
+        mapped arguments as :class:`PerRow` values (mapped axis first); address errors get
+        the element key in front, as :meth:`_run`'s do."""
+        if (not self.vectorize or n == 0 or not _overrides(self.kernel, method)
+                or inside_functorch_transform()):
+            # (inside a transform -- a batch of models' rows, a user's vmap or grad -- the
+            # per-element method: a batch edit may keep tensors in static storage, such
+            # as Unfold's shared history, which must not hold the transform's tensors)
             return None
 
         def run(*args: Any) -> Any:

@@ -321,3 +321,38 @@ def test_tree_stack_marks_the_bookkeeping_the_trees_disagree_on():
     assert mixed[1].sources is None
     assert torch.equal(mixed[0], torch.stack([a, b])) and torch.equal(mixed[2], torch.stack([b, a]))
     assert torch.equal(mixed[1]["y"], torch.tensor([0.5, 0.1]))
+
+
+def wrapped(nested):
+    """A @gen model calling ``nested`` (a Map over Unfolds) at "series"."""
+    @gf.gen
+    def model(n, x0s, a):
+        return nested(n, x0s, a) @ "series"
+
+    return model
+
+
+def test_inside_a_batch_of_models():
+    """A @gen model holding Map(Unfold), run as a batch (a particle filter's rows): inside
+    the rows' vmap the Map vmaps Unfold's per-element methods (Unfold's batch edit keeps
+    tensors in its shared history, static storage that must not hold a vmap's tensors);
+    results equal the general path's, row by row."""
+    rows = 3
+    n, x0, a = inputs(2)
+    full = gf.ChoiceMap({"series": gf.ChoiceMap.stacked(gf.ChoiceMap.stacked(gf.ChoiceMap({
+        "x": torch.randn(N, T + 1, dtype=torch.float64),
+        "y": torch.randn(N, T + 1, dtype=torch.float64)}), T + 1, batch_ndim=1))})
+    first = full.get_submap("series")
+    prefix = gf.ChoiceMap({"series": gf.ChoiceMap({i: first.get_submap(i).filter(
+        gf.select(*range(T))) for i in range(N)})})
+    grow = gf.ChoiceMap({("series", i, T, addr): first[i, T, addr]
+                         for i in range(N) for addr in ("x", "y")})
+    out = []
+    for nested in (FAST, SLOW):
+        model = wrapped(nested)
+        traces, w0 = model.batch_generate(rows, (n, x0, a), prefix)
+        new, w, _, _ = model.batch_update(traces, (n + 1, x0, a), (UC, NC, NC), grow)
+        out.append((w0, w, new.score, new["series", :, :, "x"]))
+    for u, v in zip(*out):
+        torch.testing.assert_close(u, v, **TOL)
+    assert out[0][1].shape == (rows,)
