@@ -356,3 +356,49 @@ def test_inside_a_batch_of_models():
     for u, v in zip(*out):
         torch.testing.assert_close(u, v, **TOL)
     assert out[0][1].shape == (rows,)
+
+
+@gf.gen
+def calm(x, a):
+    return gf.normal(a * x, S) @ "x"
+
+
+@gf.gen
+def wild(x, a):
+    return gf.normal(0.5 * x, 1.0) @ "x"
+
+
+@gf.gen
+def regime_step(t, x, a):
+    z = gf.bernoulli(0.3) @ "z"
+    x = gf.Switch(calm, wild)(z.long(), x, a) @ "dyn"
+    gf.normal(x, 1.0) @ "y"
+    return x
+
+
+def test_a_switch_in_the_unfold_kernel():
+    """Steps on different Switch branches (harmonized when stacked): the fast path's edits
+    (a branch change among them) equal the general path's."""
+    fast_model = gf.Map(gf.Unfold(regime_step), in_dims=(None, 0, None))
+    slow_model = gf.Map(PlainUnfold(regime_step), in_dims=(None, 0, None))
+    args = inputs(4)
+    fast = fast_model.simulate(args)
+    slow, w = slow_model.generate(args, fast.choices)
+    torch.testing.assert_close(w, fast.score, **TOL)
+    flip = 1.0 - fast[1, 2, "z"]
+    cm = gf.ChoiceMap({(1, 2, "z"): flip, (1, 2, "dyn", "x"): torch.tensor(0.2),
+                       (3, T - 1, "y"): torch.tensor(-0.4)})
+    f = fast_model.update(fast, args, (NC, NC, NC), cm)
+    s = slow_model.update(slow, args, (NC, NC, NC), cm)
+    torch.testing.assert_close(f[1], s[1], **TOL)
+    torch.testing.assert_close(f[0].score, s[0].score, **TOL)
+    torch.testing.assert_close(f[0].retval, s[0].retval, **TOL)
+    assert float(f[0][1, 2, "z"]) == float(flip)
+    new = gf.ChoiceMap.stacked(gf.ChoiceMap({T: gf.ChoiceMap({
+        "z": torch.ones(N, dtype=torch.float64), "dyn": gf.ChoiceMap({"x": torch.zeros(N)}),
+        "y": torch.zeros(N)})}))
+    grown = (T + 1,) + args[1:]
+    f = fast_model.update(f[0], grown, (UC, NC, NC), new)
+    s = slow_model.update(s[0], grown, (UC, NC, NC), new)
+    torch.testing.assert_close(f[1], s[1], **TOL)
+    torch.testing.assert_close(f[0].score, s[0].score, **TOL)
