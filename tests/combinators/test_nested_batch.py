@@ -298,10 +298,9 @@ def test_tree_stack_follows_the_first_trees_structure():
 
 
 @gf.gen
-def flip_sign(x):
-    c = gf.bernoulli(0.5) @ "c"
-    m = x if float(c) == 1.0 else -x  # "y" gets the argument itself, or a new object
-    return gf.normal(m, 1.0) @ "y"
+def pass_on(x, keep):
+    """``"y"`` gets the argument ``x`` itself when ``keep``, else a new tensor."""
+    return gf.normal(x if bool(keep) else x * 1.0, 1.0) @ "y"
 
 
 def test_tree_stack_marks_the_bookkeeping_the_trees_disagree_on():
@@ -310,9 +309,10 @@ def test_tree_stack_marks_the_bookkeeping_the_trees_disagree_on():
     ones are kept."""
     from gfcomb.core.pytree import tree_stack
 
-    t0, _ = flip_sign.generate((torch.tensor(1.0),), {"c": 1.0, "y": 0.5})
-    t1, _ = flip_sign.generate((torch.tensor(2.0),), {"c": 1.0, "y": 0.7})
-    t2, _ = flip_sign.generate((torch.tensor(3.0),), {"c": 0.0, "y": 0.1})
+    yes, no = torch.tensor(True), torch.tensor(False)
+    t0, _ = pass_on.generate((torch.tensor(1.0), yes), {"y": 0.5})
+    t1, _ = pass_on.generate((torch.tensor(2.0), yes), {"y": 0.7})
+    t2, _ = pass_on.generate((torch.tensor(3.0), no), {"y": 0.1})
     assert t0.sources != t2.sources
     a, b = torch.ones(2), torch.zeros(2)
     kept = tree_stack([(a, t0, b), (b, t1, a)])
