@@ -6,6 +6,13 @@ mapped dimension.  Element i's choices live under key ``i``; the return value is
 kernel return values.  All kernel calls run as ONE ``torch.func.vmap`` call (torch modules
 inside the kernel see the whole batch); the trace holds one batched kernel trace.
 
+A kernel with batch methods of its own (a combinator: an ``Unfold`` edits a batch of its
+traces step by step, appending new steps to the whole batch at once) is called through them
+instead, with the elements as the rows (:meth:`Map._batch_call`): every method the kernel
+overrides (``batch_generate``, ``batch_update``, ``batch_regenerate``) replaces Map's vmap of
+the per-element method, the others fall back to it.  Same results (the batch methods'
+contract: row i equals the per-row method).
+
 Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent given x.
 """
 
@@ -32,16 +39,17 @@ from gfcomb.combinators.vector import (
     select_elements,
     stack_constraints,
 )
+from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
-from gfcomb.core.pytree import tree_index, tree_scatter
+from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.selection import Selection, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection, check_vmapped_scores
-from gfcomb.core.vmap import batched_call
+from gfcomb.core.vmap import PerRow, batched_call
 
 
 class Map(Combinator):
@@ -62,6 +70,14 @@ class Map(Combinator):
         return (Map, self.kernel, self.in_dims, self.vectorize)
 
     # ------------------------------------------------------------------ helpers
+    def _who(self) -> str:
+        """``repr(self)``, for error messages: built once (every call names the Map to the
+        vmap layer, ~10 µs a time for a nested combinator)."""
+        name = self.__dict__.get("_name")
+        if name is None:
+            name = self.__dict__["_name"] = repr(self)
+        return name
+
     def _dims(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return normalize_in_dims(self.in_dims, len(args), "Map")
 
@@ -70,11 +86,34 @@ class Map(Combinator):
         """``fn`` batched over ``n`` elements (keys ``keys``, default 0..n-1).  An address
         error raised by the kernel gets the key of the element it concerns in front (the
         first one whose constraints ``cm`` hold that address, else the first element)."""
-        call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=repr(self))
+        call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=self._who())
 
         def run(*args: Any) -> Any:
             try:  # (NaN/+inf element scores over concrete tensors: a named error)
-                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, repr(self))
+                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, self._who())
+            except AddressError as err:
+                raise _at_element(err, range(n) if keys is None else keys, cm) from None
+
+        return run
+
+    def _batch_call(self, method: str, fn: Any, in_dims: tuple[Any, ...], n: int,
+                    keys: Sequence[int] | None = None, cm: ChoiceMap | None = None) -> Any:
+        """``fn`` (a call of the kernel's ``batch_<method>`` on the elements as rows) when the
+        kernel overrides that batch method and no torch.func transform is running, else
+        None (the caller vmaps the per-element method).  ``fn(*args)`` is called with the
+        mapped arguments as :class:`PerRow` values (mapped axis first); address errors get
+        the element key in front, as :meth:`_run`'s do."""
+        if (not self.vectorize or n == 0 or not _overrides(self.kernel, method)
+                or inside_functorch_transform()):
+            # (inside a transform -- a batch of models' rows, a user's vmap or grad -- the
+            # per-element method: a batch edit may keep tensors in static storage, such
+            # as Unfold's shared history, which must not hold the transform's tensors)
+            return None
+
+        def run(*args: Any) -> Any:
+            rows = tuple(_as_rows(a, d) for a, d in zip(args, in_dims))
+            try:
+                return fn(*rows)
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
 
@@ -84,13 +123,22 @@ class Map(Combinator):
         return VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n)
 
     def _simulate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int) -> Trace:
-        return self._run(lambda *a: self.kernel.simulate(a), dims, n)(*args)
+        kernel = self.kernel
+        batch = self._batch_call("generate", lambda *a: kernel.batch_generate(n, a)[0], dims, n)
+        if batch is not None:
+            return batch(*args)
+        return self._run(lambda *a: kernel.simulate(a), dims, n)(*args)
 
     def _generate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int,
                         cm: ChoiceMap, keys: Sequence[int]) -> tuple[Trace, torch.Tensor]:
         """Generate elements ``keys`` (0..n-1 of ``args``) with constraints ``cm``."""
         stacked = stack_constraints(cm, keys)
-        return self._run(lambda c, *a: self.kernel.generate(a, c), (0,) + dims, n, keys, cm)(
+        kernel = self.kernel
+        batch = self._batch_call("generate", lambda c, *a: kernel.batch_generate(n, a, c),
+                                 (0,) + dims, n, keys, cm)
+        if batch is not None:
+            return batch(stacked, *args)
+        return self._run(lambda c, *a: kernel.generate(a, c), (0,) + dims, n, keys, cm)(
             stacked, *args)
 
     # ------------------------------------------------------------------ the GFI
@@ -98,7 +146,7 @@ class Map(Combinator):
         """Math: t_i ~ p_kernel(·; x_i) independently; score = Σ_i score_i."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         return self._trace(args, self._simulate_inner(args, dims, n), n)
 
     def generate(self, args: tuple[Any, ...], constraints: ChoiceMap | None = None,
@@ -106,7 +154,7 @@ class Map(Combinator):
         """Math: weight = Σ_i generate weight of element i (0 for unconstrained elements)."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         cm = as_choicemap(constraints)
         constrained_elements(cm, n, "generate")
         if cm.is_empty():
@@ -119,7 +167,7 @@ class Map(Combinator):
         """Math: weight = Σ_i log p_kernel(t_i; x_i); every element's choices must be given."""
         args = check_args_tuple(args)
         dims = self._dims(args)
-        n = mapped_length(args, dims, repr(self))
+        n = mapped_length(args, dims, self._who())
         cm = as_choicemap(choices)
         constrained_elements(cm, n, "assess")
         if n == 0:  # no elements, no choices: log p = 0
@@ -170,9 +218,9 @@ class Map(Combinator):
         ones against the edit's constraints."""
         assert isinstance(trace, VectorTrace)
         args = check_args_tuple(args)
-        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        argdiffs = check_argdiffs(args, argdiffs, self._who())
         dims = self._dims(args)
-        n_new, n_old = mapped_length(args, dims, repr(self)), trace.length
+        n_new, n_old = mapped_length(args, dims, self._who()), trace.length
         touched = edit.keys(n_new, "update")
         all_changed, changed = changed_elements(argdiffs, dims, n_old)
         keep = min(n_old, n_new)
@@ -197,19 +245,14 @@ class Map(Combinator):
             sub_args = args if whole and keep == n_new else select_elements(args, dims, idx)
             el_diffs = tuple(UnknownChange() if not isinstance(d, NoChange) else d
                              for d in argdiffs)
-            sub, per_element = edit.for_elements(revisit, old_sub.choices)
-            kernel = self.kernel
-            if per_element:  # the edit travels into vmap: one element's part per call
-                run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
-                                                                            el_diffs),
-                                (0, 0) + dims, len(revisit), revisit, edit.constraints)
-                new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
-            else:
-                run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs),
-                                (0,) + dims, len(revisit), revisit)
-                new_sub, w, _, d = run(old_sub, *sub_args)
+            new_sub, w, d = self._edit_elements(edit, revisit, old_sub, sub_args, dims,
+                                                el_diffs)
             weight = weight + w.sum(0)
-            inner = new_sub if whole else tree_scatter(inner, idx, new_sub)
+            if whole:
+                inner = new_sub
+            else:  # (a batch edit may store its steps otherwise: one layout for both)
+                inner, new_sub = _one_layout(inner, new_sub)
+                inner = tree_scatter(inner, idx, new_sub)
             if not d.is_empty():
                 discard = discard.merge(ChoiceMap.from_stacked_block(
                     d, len(revisit), None if whole else tuple(revisit)))
@@ -228,9 +271,52 @@ class Map(Combinator):
                     k, rest = err.address[0], err.address[1:]
                     raise type(err)(err.what, (new_keys[k],) + tuple(rest)) from None
                 weight = weight + w.sum(0)
-            inner = concat_elements(inner, grown) if n_old > 0 else grown
+            if n_old > 0:
+                inner, grown = _one_layout(inner, grown)
+                inner = concat_elements(inner, grown)
+            else:
+                inner = grown
         new_trace = VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n_new)
         return new_trace, weight, _retdiff(all_changed, revisit, n_new, n_old), discard
+
+    def _edit_elements(self, edit: Edit, revisit: Sequence[int], old_sub: Trace,
+                       sub_args: tuple[Any, ...], dims: tuple[Any, ...],
+                       el_diffs: tuple[Diff, ...]) -> tuple[Trace, torch.Tensor, ChoiceMap]:
+        """``edit`` applied to the elements ``revisit`` (their stacked kernel traces
+        ``old_sub``, arguments ``sub_args``): one batch call of the kernel's batch edit
+        where it has one, else one vmap of the per-element edit.  Returns (the new stacked
+        traces, per-element weights, stacked discards)."""
+        if len(revisit) == 1:  # one element: its own edit, static (a selection of one step
+            sub, per_element = edit.at(revisit[0]), False  # stays one step, not flags)
+        else:
+            sub, per_element = edit.for_elements(revisit, old_sub.choices)
+        kernel = self.kernel
+        n = len(revisit)
+        method = "update" if edit.counts_discards else "regenerate"
+        if per_element:  # the edit travels into vmap: one element's part per call
+            if method == "update":  # (a batch update takes per-row constraints)
+                batch = self._batch_call(
+                    method, lambda tr, p, *a: sub.with_payload(p).apply(
+                        kernel, tr.value, a, el_diffs, batch=True),
+                    (0, 0) + dims, n, revisit, edit.constraints)
+                if batch is not None:
+                    new_sub, w, _, d = batch(old_sub, sub.payload, *sub_args)
+                    return new_sub, w, d
+            run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
+                                                                        el_diffs),
+                            (0, 0) + dims, n, revisit, edit.constraints)
+            new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
+            return new_sub, w, d
+        batch = self._batch_call(
+            method, lambda tr, *a: sub.apply(kernel, tr.value, a, el_diffs, batch=True),
+            (0,) + dims, n, revisit)
+        if batch is not None:
+            new_sub, w, _, d = batch(old_sub, *sub_args)
+            return new_sub, w, d
+        run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs), (0,) + dims, n,
+                        revisit)
+        new_sub, w, _, d = run(old_sub, *sub_args)
+        return new_sub, w, d
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ_i kernel project(t_i, S[i])."""
@@ -253,6 +339,28 @@ class Map(Combinator):
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
         return self.kernel.parameters()
+
+
+def _one_layout(a: Trace, b: Trace) -> tuple[Trace, Trace]:
+    """``a`` and ``b`` (stacked kernel traces) re-expressed in one record layout so that
+    they can be combined leaf by leaf (:meth:`Trace.with_layout_of`: a batch edit of an
+    Unfold may keep its steps in a shared history the other does not have)."""
+    b = b.with_layout_of(a)
+    return a.with_layout_of(b), b
+
+
+def _as_rows(a: Any, dim: Any) -> Any:
+    """A Map argument as a batch-method argument: mapped along ``dim`` -> a :class:`PerRow`
+    with the mapped axis first; shared (``dim`` None) -> as it is."""
+    if dim is None:
+        return a
+    return PerRow(a if dim == 0 else tree_map_tensors(lambda x: x.movedim(dim, 0), a))
+
+
+def _overrides(gen_fn: GenerativeFunction, method: str) -> bool:
+    """Whether ``gen_fn`` has its own ``batch_<method>`` (not the vmapped per-row default)."""
+    name = "batch_" + method
+    return getattr(type(gen_fn), name) is not getattr(GenerativeFunction, name)
 
 
 def _at_element(err: AddressError, keys: Sequence[int], cm: ChoiceMap | None) -> AddressError:

@@ -20,7 +20,7 @@ from gfcomb.core.errors import (
     MissingChoiceError,
     UnvisitedConstraintError,
 )
-from gfcomb.core.pytree import register_record, tree_index
+from gfcomb.core.pytree import register_record, tree_index, tree_tensors
 from gfcomb.core.trace import Trace
 
 InDims = tuple[Any, ...]
@@ -42,7 +42,7 @@ def mapped_length(args: Sequence[Any], in_dims: InDims, who: str) -> int:
     for i, (a, d) in enumerate(zip(args, in_dims)):
         if d is None:
             continue
-        leaves = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+        leaves = [a] if isinstance(a, torch.Tensor) else tree_tensors(a)
         if not leaves:
             raise ArgumentError(f"{who}: argument {i} is mapped (in_dims={d}) but holds no tensor")
         for x in leaves:

@@ -73,3 +73,31 @@ def zero_rows(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if zero is None:
         zero = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
     return expanded_rows(zero, n)
+
+
+def stack_tensors(xs: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.stack(xs, dim)``, cheaper inside a vmap when every tensor is batched at the
+    innermost level: the values under the batch dimension are stacked as plain tensors and
+    batched again (torch's batching rule for ``stack`` costs ~5 µs a tensor; an Unfold
+    stacks each leaf of its steps' traces, 100 steps at a time).  The same result and
+    gradients either way."""
+    top = _functorch.peek_interpreter_stack()
+    if (top is None or len(xs) < 2 or top.key() != _VMAP_KEY
+            or torch._C._is_torch_function_mode_enabled()):
+        return torch.stack(xs, dim)
+    level = top.level()
+    values = []
+    for x in xs:
+        if _functorch.maybe_get_level(x) != level:
+            return torch.stack(xs, dim)  # (an unbatched or outer-level tensor among them)
+        v, bdim = _functorch._unwrap_batched(x, level)
+        if bdim is None:
+            return torch.stack(xs, dim)
+        values.append(v if bdim == 0 else v.movedim(bdim, 0))
+    # stacked along a new leading axis (contiguous writes, several times faster than
+    # writing every row's entries strided), that axis then moved behind the batch axis
+    inner = dim + 1 if dim >= 0 else dim
+    return _functorch._add_batch_dim(torch.stack(values).movedim(0, inner), 0, level)
+
+
+_VMAP_KEY = _functorch.TransformType.Vmap

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
 from gfcomb.core.errors import AddressError, ArgumentError, ChoiceMapMergeError
+from gfcomb.core.pytree import tree_map_tensors
 from gfcomb.core.values import short_repr, to_tensor
 
 if TYPE_CHECKING:
@@ -321,9 +322,8 @@ class ChoiceMap:
                 return _EMPTY_MAP
             axis = self._element_axis()
             sl = (slice(None),) * axis + (j,)
-            return pytree.tree_map(
-                lambda x: x[sl] if isinstance(x, torch.Tensor) else x, self._inner
-            )
+            # (gfcomb's own walk: an Unfold reads its constraints step by step this way)
+            return tree_map_tensors(lambda x: x[sl], self._inner)
         return _EMPTY_MAP
 
     def get_submap(self, addr: Any) -> ChoiceMap:

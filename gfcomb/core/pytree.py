@@ -28,6 +28,8 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
+from gfcomb.core.batching import stack_tensors
+
 T = TypeVar("T")
 
 _LAYOUT = "_layout"
@@ -401,24 +403,121 @@ def tree_stack(trees: Sequence[Any], dim: int = 0) -> Any:
     Static parts come from ``trees[0]``; uncompared bookkeeping fields on which the trees
     disagree become unknown (``None``); Python numbers kept static may differ (``trees[0]``'s
     are kept).  Trees of other structures (other addresses, a Switch on another branch)
-    raise ValueError.
+    raise ValueError.  ``trees[0]`` is walked with gfcomb's own walk (:func:`_walk`), every
+    other tree along its spec (:func:`_follow`: leaves, structure check and bookkeeping in
+    one pass, no spec built): an Unfold stacks its steps' traces with it.
     """
-    leaves0, spec = pytree.tree_flatten(trees[0])
-    flat = [pytree.tree_flatten(t) for t in trees[1:]]
-    for i, (_, s) in enumerate(flat, 1):
-        if not same_structure(spec, s):
+    first: list[Any] = []
+    spec = _walk(trees[0], first)
+    columns = [first]
+    for i, tree in enumerate(trees[1:], 1):
+        leaves: list[Any] = []
+        try:
+            spec = _follow(tree, spec, leaves)
+        except _Mismatch:
             raise ValueError(
                 f"tree_stack: tree {i} has a different structure from tree 0 (other "
                 "addresses, other static values, or a Switch on another branch), so the trees "
-                "cannot be stacked into one record")
-    columns = [leaves0] + [leaves for leaves, _ in flat]
-    out = []
-    for j, leaf in enumerate(leaves0):
-        if isinstance(leaf, torch.Tensor):
-            out.append(torch.stack([c[j] for c in columns], dim))
-        else:
-            out.append(leaf)
-    return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in flat]))
+                "cannot be stacked into one record") from None
+        columns.append(leaves)
+    # a tensor held in several places of every tree (a choice's value that is also the
+    # return value and the next choice's argument) is stacked once and shared
+    out: list[torch.Tensor] = []
+    done: dict[tuple[int, ...], torch.Tensor] = {}
+    for j in range(len(first)):
+        col = [c[j] for c in columns]
+        key = tuple(map(id, col))
+        stacked = done.get(key)
+        if stacked is None:
+            stacked = done[key] = stack_tensors(col, dim)
+        out.append(stacked)
+    return _build(spec, iter(out))
+
+
+class _Mismatch(Exception):
+    """A tree that :func:`_follow` found to differ from the spec it follows."""
+
+
+def _follow(x: Any, spec: Any, leaves: list[Any]) -> Any:
+    """Append the tensor leaves of ``x`` to ``leaves`` walking along ``spec`` (a
+    :func:`_walk` spec of a tree of the same structure); return ``spec`` with the
+    uncompared bookkeeping on which ``x`` disagrees marked (:func:`reconcile`), or raise
+    :class:`_Mismatch`.  The check of ``_same_walk(spec, _walk(x))`` without building
+    ``x``'s spec (nor its records' layouts)."""
+    kind = spec[0]
+    if kind == _W_TENSOR:
+        if not isinstance(x, torch.Tensor):
+            raise _Mismatch
+        leaves.append(x)
+        return spec
+    if kind == _W_STATIC and type(x) in _PLAIN_STATIC:
+        v0 = spec[1]
+        if x is v0 or (type(x) is type(v0) and (_is_number(x) or x == v0)):
+            return spec  # (numbers may differ: trees[0]'s are kept)
+        raise _Mismatch
+    if kind == _W_NODE:
+        t = spec[1]
+        if type(x) is not t:
+            raise _Mismatch
+        fields = RECORD_FIELDS.get(t)
+        if fields is None or pytree.SUPPORTED_NODES[t].flatten_fn is not fields[2]:
+            children, ctx = pytree.SUPPORTED_NODES[t].flatten_fn(x)
+            if len(children) != len(spec[3]) or not (
+                    _same(ctx, spec[2]) or _same_context(t, spec[2], ctx)):
+                raise _Mismatch
+            kids = _follow_all(children, spec[3], leaves)
+            return spec if kids is None else spec[:3] + (kids,)
+        dynamic, static, _ = fields
+        fspecs, statics = spec[2]
+        new_fspecs = _follow_all([getattr(x, f) for f in dynamic], fspecs, leaves)
+        new_statics = statics
+        for k, f in enumerate(static):
+            v0, v = statics[k], getattr(x, f)
+            if type(v0) is _Uncompared:
+                if v0.value is not _CONFLICT and not _same(v, v0.value):
+                    new_statics = new_statics[:k] + (_Uncompared(_CONFLICT),) + new_statics[k + 1:]
+            elif not (v is v0 or _same(v, v0)):
+                raise _Mismatch
+        if new_statics is statics and new_fspecs is None:
+            return spec
+        return (kind, t, (fspecs if new_fspecs is None else new_fspecs, new_statics), spec[3])
+    if kind == _W_TUPLE or kind == _W_LIST:
+        if type(x) is not (tuple if kind == _W_TUPLE else list) or len(x) != len(spec[1]):
+            raise _Mismatch
+        kids = _follow_all(x, spec[1], leaves)
+        return spec if kids is None else (kind, kids)
+    if kind == _W_DICT:
+        if type(x) is not dict or tuple(x) != spec[1]:
+            raise _Mismatch
+        kids = _follow_all(list(x.values()), spec[2], leaves)
+        return spec if kids is None else (kind, spec[1], kids)
+    mine: list[Any] = []  # another leaf or node: walk it and compare
+    other = _walk(x, mine)
+    if not _same_walk(spec, other):
+        raise _Mismatch
+    leaves.extend(mine)
+    return _reconcile_walk(spec, other)
+
+
+def _follow_all(xs: Sequence[Any], specs: tuple[Any, ...], leaves: list[Any],
+                ) -> tuple[Any, ...] | None:
+    """:func:`_follow` of each of ``xs`` along ``specs`` (of equal length); None when every
+    spec came back unchanged, else the new specs."""
+    out: list[Any] | None = None
+    for j, (v, sp) in enumerate(zip(xs, specs)):
+        if sp is _TENSOR_SPEC and isinstance(v, torch.Tensor):  # (most children)
+            leaves.append(v)
+            if out is not None:
+                out.append(sp)
+            continue
+        got = _follow(v, sp, leaves)
+        if got is not sp:
+            if out is None:
+                out = list(specs[:j])
+            out.append(got)
+        elif out is not None:
+            out.append(sp)
+    return None if out is None else tuple(out)
 
 
 def same_tree_structure(a: Any, b: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfcomb.combinators.unfold.history import StepBlock
+from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
     UnfoldTrace,
     retdiff_of,
@@ -30,7 +30,8 @@ from gfcomb.core.deferred import resolve
 from gfcomb.core.diff import Diff, NoChange
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weight_like
-from gfcomb.core.pytree import tree_index
+from gfcomb.core.harmonize import harmonize
+from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, unwrap_rows
 
@@ -67,29 +68,43 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     the steps after the last history boundary before ``touched[0]`` are the new
     ``recent`` (the layout a per-row update gives, so that an MCMC accept step can merge
     the old and the new trace row by row).  Returns (traces, weights, retdiff)."""
+    params = tuple(args[2:])
+    if not touched or traces.history is not None:
+        # (a batch without a shared history -- all its steps stacked, as under a Map -- is
+        # edited where it lies: closing it into a block would gather it back per row)
+        traces = compacted(unfold, traces, params)
     rows = batch_size(traces)
     n_old, n_new = traces.length, args[0]
-    params = tuple(args[2:])
-    traces = compacted(unfold, traces, params)
     weight: Any = None  # (None: nothing added yet; a 0.0 start would cost an op per step)
     score = traces.score
     changed: list[int] = []
+    stored: Trace | None = None  # the stored steps first..n_old-1, stacked (axis 1)
+    head: Trace | None = None  # stored steps h..first-1: not revisited, kept stacked
     if not touched:  # appending only
-        block, prows, h, window = traces.history, traces.rows, n_old, []
+        block, prows, first = traces.history, traces.rows, n_old
     else:
-        assert traces.history is not None and traces.rows is not None
-        parts, block, prows, h = stored_window(traces, touched[0])
-        window = [tree_index(part, j, dim=1) for part in parts
-                  for j in range(part.score.shape[1])]
-    # the state going into step h (the one its stored trace was called with, when revisited:
-    # the same tensors, which a merge of the old and new traces then need not pick between),
-    # and the revisited steps h..n_old-1
-    state: Any = PerRow(window[0].args[1]) if window else state_before(args[1], block, prows)
-    state_diff: Diff = _NO_CHANGE
-    todo = set(touched)
-    for t in range(h, n_old):
-        old = window[t - h]
-        if t in todo or not isinstance(state_diff, NoChange):
+        first = touched[0]
+        parts, block, prows, h = stored_window(traces, first)
+        (stored,) = parts
+        if first > h:
+            head = tree_index(stored, slice(0, first - h), dim=1)
+            stored = tree_index(stored, slice(first - h, None), dim=1)
+    # the revisited steps first..n_old-1: one batch call each, the others left where they
+    # are in ``stored``; a step whose incoming state is unchanged is called with the state
+    # its stored trace holds (the same tensors, which a merge of the old and the new trace
+    # then need not pick between)
+    state: Any = None if stored is not None else state_before(args[1], block, prows)
+    revisited: dict[int, Trace] = {}
+    if stored is not None:
+        state_diff: Diff = _NO_CHANGE
+        todo = set(touched)
+        for t in range(first, n_old):
+            if not (t in todo or not isinstance(state_diff, NoChange)):
+                state = None  # (the stored state: read only if the next step is revisited)
+                continue
+            old = tree_index(stored, t - first, dim=1)
+            if state is None:
+                state = PerRow(old.args[1])
             try:
                 new, w, rd = step(t, old, (t, state) + params,
                                   (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
@@ -97,12 +112,15 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                 raise err.prefixed((t,)) from None
             weight = w if weight is None else weight + w
             score = score + (new.score - old.score)
-            window[t - h] = new
+            revisited[t] = new
             if not isinstance(rd, NoChange):
                 changed.append(t)
             state_diff = rd
-            old = new
-        state = PerRow(resolve(old.retval))
+            state = PerRow(resolve(new.retval))
+        if state is None:
+            state = PerRow(_step_of(resolve(stored.retval), -1))
+        stored = _with_steps(stored, first, revisited)
+    window: list[Trace] = []
     # the appended steps
     kernel = unfold.kernel
     for t in range(n_old, n_new):
@@ -127,7 +145,10 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
     stored_args = tuple(stored_arg(a, rows) for a in args)
-    recent = stack_steps(window, axis=1) if window else None
+    segments = [part for part in (head, stored) if part is not None]
+    if window:
+        segments.append(stack_steps(window, axis=1))
+    recent = concat_steps(segments, 1) if segments else None
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
     weight = weight_like(0.0 if weight is None else weight, score)
     return new_traces, weight, retdiff_of(n_new, n_old, changed)
@@ -151,6 +172,24 @@ def compacted(unfold: Unfold, traces: UnfoldTrace, params: tuple[Any, ...]) -> U
                               step)
     rows = cached_arange(n, torch.long, traces.score.device)
     return UnfoldTrace(unfold, traces.args, traces.score, traces.length, None, rows, stored)
+
+
+def _step_of(states: Any, j: int) -> Any:
+    """Step ``j``'s states out of stacked states (leaves [rows, steps, ...])."""
+    return tree_map_tensors(lambda x: x[:, j], states)
+
+
+def _with_steps(stored: Trace, first: int, revisited: dict[int, Trace]) -> Trace:
+    """The stacked steps ``stored`` (steps first.., axis 1) with the revisited ones put in."""
+    if not revisited:
+        return stored
+    keys = sorted(revisited)
+    new = stack_steps([revisited[t] for t in keys], axis=1)
+    if len(keys) == stored.score.shape[1]:
+        return new  # every step revisited
+    idx = torch.tensor([t - first for t in keys], dtype=torch.long, device=stored.score.device)
+    stored, new = harmonize([stored, new])
+    return tree_scatter(stored, idx, new, dim=1)
 
 
 class StepRebuild:

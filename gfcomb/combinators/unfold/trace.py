@@ -101,7 +101,10 @@ def stack_steps(steps: Sequence[Trace], axis: int = 0) -> Trace:
     """Stack step traces along a new step axis (``axis``: after any batch axes)."""
     if len(steps) == 1:
         return tree_map_tensors(lambda x: x.unsqueeze(axis), steps[0])
-    return tree_stack(harmonize(steps), axis)  # (a Switch on different branches: widened)
+    try:  # (one walk per step: the common case, every step of one structure)
+        return tree_stack(steps, axis)
+    except ValueError:  # a Switch on different branches: widened to one structure
+        return tree_stack(harmonize(steps), axis)
 
 
 @attrs.frozen(repr=False)
