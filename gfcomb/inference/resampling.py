@@ -102,6 +102,53 @@ def check_finite_max(log_weights: torch.Tensor, who: str, step: int | str | None
         _raise_degenerate(log_weights, who, step)
 
 
+# -- the degeneracy check kept on the device (pf_initialize(check_every=k), k > 1)
+Flag = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_every_arg(check_every: object, who: str) -> int:
+    """``check_every`` as a positive int, else :class:`ArgumentError` naming it."""
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ArgumentError(f"{who}: check_every must be a positive int (the number of steps "
+                            f"between host reads of the degeneracy check), got {check_every!r}")
+    return check_every
+
+
+def no_flag(log_weights: torch.Tensor) -> Flag:
+    """A clear degeneracy flag on the device of ``log_weights``: (first bad step = -1, the
+    maximum log weight at that step = 0)."""
+    return (torch.full((), -1, dtype=torch.long, device=log_weights.device),
+            log_weights.new_zeros(()))
+
+
+def mark_flag(flag: Flag, max_log_weight: torch.Tensor, step: int | torch.Tensor) -> Flag:
+    """``flag`` with ``step`` recorded if it is the first whose maximum log weight is not
+    finite (all -inf, or a NaN or +inf among the weights).  Device ops only, no host read."""
+    bad_step, bad_max = flag
+    first = (bad_step < 0) & ~torch.isfinite(max_log_weight)
+    return torch.where(first, step, bad_step), torch.where(first, max_log_weight, bad_max)
+
+
+def raise_flagged(flag: Flag, n: int, who: str) -> None:
+    """Read ``flag`` (one host sync when it is clear) and raise
+    :class:`DegenerateWeightsError` naming the first degenerate step, as
+    :func:`check_finite_max` would have at that step."""
+    bad_step = int(flag[0])
+    if bad_step < 0:
+        return
+    bad_max = float(flag[1])
+    if math.isnan(bad_max):
+        what = f"some of the {n} log weights are NaN"
+    elif bad_max > 0:
+        what = f"some of the {n} log weights are +inf"
+    else:
+        what = f"all {n} log weights are -inf (no particle is consistent with the observations)"
+    raise DegenerateWeightsError(
+        f"{who}{_where(bad_step)}: degenerate importance weights: {what} (found by the "
+        "deferred check, pf_initialize(check_every=...)). Check the observations against the "
+        "model's support, or use a proposal that reaches the data.")
+
+
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     """Kish's effective sample size of unnormalized log weights.
 
