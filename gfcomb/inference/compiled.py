@@ -54,7 +54,7 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.vmap import PerRow
 from gfcomb.inference.importance import check_gen_fn, check_n
-from gfcomb.inference.resampling import Flag, mark_flag, systematic_from_cdf
+from gfcomb.inference.resampling import Flag, mark_flag, static_shapes, systematic_from_cdf
 
 __all__ = ["CaptureError", "CompiledStep", "compile_step", "kernel_filter_step"]
 
@@ -199,7 +199,8 @@ class CompiledStep:
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):  # the capture run's draws are undone
             try:
-                gm = make_fx(flat, tracing_mode="real")(*tensors)
+                with static_shapes():
+                    gm = make_fx(flat, tracing_mode="real")(*tensors)
             except RuntimeError as err:
                 if "_local_scalar_dense" not in str(err) and "data-dependent" not in str(err):
                     raise
@@ -236,8 +237,16 @@ class CompiledStep:
             # its guards, ~100 us a call, more than the whole step at small N
             import torch._inductor
 
-            with torch._inductor.config.patch(self.options):
-                return torch._inductor.compile(gm, list[Any](tensors))
+            example: list[Any] = list(tensors)
+            try:
+                with torch._inductor.config.patch(self.options):
+                    return torch._inductor.compile(gm, example)
+            except Exception as err:  # (inductor raises many kinds; say what to do instead)
+                raise CaptureError(
+                    f"compile_step({getattr(self.step, '__name__', 'the step')}): inductor "
+                    f"could not compile the captured graph ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); backend='none' replays "
+                    "it uncompiled, backend='aot_eager' through torch.compile.") from err
         return torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=False)
 
 

@@ -55,6 +55,7 @@ from gfcomb.inference.resampling import (
     mark_flag,
     no_flag,
     raise_flagged,
+    static_shapes,
     systematic_from_cdf,
     systematic_resample,
 )
@@ -335,13 +336,14 @@ def _resample_on_device(state: ParticleFilterState, resampler: Resampler,
     flag = mark_flag(state._flag, m, state.step)
     ok = torch.isfinite(m)
     w = torch.where(ok, log_w - m, 0.0).exp_()
-    if resampler is systematic_resample:
-        cdf = torch.cumsum(w, 0)
-        mean_w = cdf[-1] / n
-        ancestors = systematic_from_cdf(cdf, n, mean=mean_w)
-    else:
-        mean_w = w.sum() / n
-        ancestors = resampler(w, n)
+    with static_shapes():  # (no output size read from the data: no sync on a GPU either)
+        if resampler is systematic_resample:
+            cdf = torch.cumsum(w, 0)
+            mean_w = cdf[-1] / n
+            ancestors = systematic_from_cdf(cdf, n, mean=mean_w)
+        else:
+            mean_w = w.sum() / n
+            ancestors = resampler(w, n)
     banked = (m + torch.log(mean_w)).add_(base)
     zeros = zero_rows(n, log_w.dtype, log_w.device)
     if ess_threshold is None:

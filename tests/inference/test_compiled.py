@@ -31,7 +31,7 @@ from gfcomb.inference import (
     pf_update,
 )
 from gfcomb.inference.compiled import kernel_filter_step
-from gfcomb.inference.resampling import no_flag, raise_flagged
+from gfcomb.inference.resampling import RESAMPLERS, no_flag, raise_flagged, static_shapes
 
 A, S, N = 0.9, 0.5, 64
 
@@ -125,6 +125,30 @@ def test_compiled_filter_step_keeps_the_degeneracy_check():
     step = compile_step(kernel_filter_step(lg_step, N), backend="none")
     with pytest.raises(DegenerateWeightsError, match="kernel filter at step 3: .*NaN"):
         run_kernel_filter(step, obs, N)
+
+
+@pytest.mark.parametrize("method", ["systematic", "stratified", "multinomial"])
+def test_static_shapes_draws_the_same_ancestors(method):
+    """The scatter_add form (static output shapes) gives the bincount form's ancestors."""
+    w = torch.rand(1000, generator=torch.Generator().manual_seed(4)) ** 4
+    torch.manual_seed(9)
+    plain = RESAMPLERS[method](w, 700)
+    torch.manual_seed(9)
+    with static_shapes():
+        static = RESAMPLERS[method](w, 700)
+    assert torch.equal(plain, static)
+
+
+def test_compiled_filter_step_at_many_particles():
+    """N above the resamplers' small-N form: the O(N) resampling is captured too."""
+    obs, n = ys(4), 1000
+    step = kernel_filter_step(lg_step, n)
+    torch.manual_seed(8)
+    x0, lml0 = run_kernel_filter(step, obs, n)
+    torch.manual_seed(8)
+    x1, lml1 = run_kernel_filter(compile_step(step), obs, n)
+    assert torch.equal(x0, x1)
+    assert float(lml1) == pytest.approx(float(lml0), abs=1e-12)
 
 
 # ------------------------------------------------------------------ MCMC steps
