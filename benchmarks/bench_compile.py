@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _results
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for gfcomb
 
 from _results import load_average, save_section, time_calls  # noqa: E402
+from bench_pf import MODEL, A, S, kalman_log_ml, lg_step, simulate_data  # noqa: E402
 
 import gfcomb as gf  # noqa: E402
 from gfcomb.inference import (  # noqa: E402
@@ -65,18 +66,7 @@ from gfcomb.inference.compiled import kernel_filter_step  # noqa: E402
 from gfcomb.inference.resampling import no_flag, raise_flagged  # noqa: E402
 
 SECTION = "Compiled step (issue 12)"
-A, S, SIGMA, N_OBS = 0.9, 0.5, 0.5, 10
-
-
-@gf.gen
-def lg_step(t, x, a, s):
-    """One step of the linear-Gaussian SSM: x_t ~ N(a x_{t-1}, s), y_t ~ N(x_t, 1)."""
-    x = gf.normal(a * x, s) @ "x"
-    gf.normal(x, 1.0) @ "y"
-    return x
-
-
-MODEL = gf.Unfold(lg_step)
+SIGMA, N_OBS = 0.5, 10
 DIFFS = (gf.UnknownChange(), gf.NoChange(), gf.NoChange(), gf.NoChange())
 
 
@@ -98,26 +88,6 @@ def mean_model_written_out(n):
 
 
 MCMC_MODELS = {"vector ys": mean_model, f"{N_OBS} choices": mean_model_written_out}
-
-
-def simulate_data(T: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x, ys = 0.0, []
-    for _ in range(T):
-        x = A * x + S * torch.randn((), generator=g).item()
-        ys.append(x + torch.randn((), generator=g).item())
-    return torch.tensor(ys, dtype=torch.float64)
-
-
-def kalman_log_ml(ys: torch.Tensor) -> float:
-    m, p, ll = 0.0, 0.0, 0.0
-    for y in ys.tolist():
-        m, p = A * m, A * A * p + S * S
-        v = p + 1.0
-        ll += -0.5 * (math.log(2 * math.pi * v) + (y - m) ** 2 / v)
-        k = p / v
-        m, p = m + k * (y - m), (1 - k) * p
-    return ll
 
 
 # ------------------------------------------------------------------ filters (one run: T steps)
@@ -345,7 +315,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     T = 20 if args.quick else 100
     repeats = 3 if args.quick else 15
-    ys = simulate_data(T)
+    ys = simulate_data(T, "cpu")
     obs = [gf.ChoiceMap({"y": y}) for y in ys]
     exact = kalman_log_ml(ys)
     lines = []
