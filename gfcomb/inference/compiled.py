@@ -218,17 +218,16 @@ class CompiledStep:
             raise CaptureError(
                 f"compile_step({name}): the step's outputs keep {len(made)} tensor(s) in "
                 "their static part (or in a record that is not a pytree) that the step did not "
-                "receive (e.g. the step history of a "
-                "batched Unfold trace, which grows at every pf_update), so a replayed graph "
-                "could not rebuild them. Compile a step over fixed-shape state: for a filter, "
+                "receive (e.g. the step history of a batched Unfold trace, which grows at "
+                "every pf_update), so a replayed graph could not rebuild them. Compile a step over fixed-shape state: for a filter, "
                 "the kernel's current state (docs/compiling.md).")
         run = self._compiled(gm, tensors)
         graph = _Graph(key, run, out_spec, out_statics)
         self.graphs.append(graph)
         return graph
 
-
     def _compiled(self, gm: torch.fx.GraphModule, tensors: list[torch.Tensor]) -> Any:
+        """The captured graph, compiled by the chosen backend."""
         if self.backend == "none":
             return gm
         if self.backend == "inductor":

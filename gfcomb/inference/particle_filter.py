@@ -168,7 +168,9 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     tensor ops, no sync), ``pf_resample(ess_threshold=...)`` decides on the device too, and
     the same :class:`DegenerateWeightsError`, naming the step where the weights went bad, is
     raised by the ``pf_update`` of every k-th step and by :func:`pf_check` -- call it at the
-    end (see docs/compiling.md).  Not with a ``group`` (its checks are collective).
+    end (see docs/compiling.md).  Not with a ``group`` (its checks are collective).  ``gf.save``
+    keeps neither the setting nor a pending flag (a loaded state checks every step): call
+    :func:`pf_check` before saving.
     """
     who = "pf_initialize"
     check_gen_fn(model, "model", who)
