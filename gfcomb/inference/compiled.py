@@ -219,8 +219,9 @@ class CompiledStep:
                 f"compile_step({name}): the step's outputs keep {len(made)} tensor(s) in "
                 "their static part (or in a record that is not a pytree) that the step did not "
                 "receive (e.g. the step history of a batched Unfold trace, which grows at "
-                "every pf_update), so a replayed graph could not rebuild them. Compile a step over fixed-shape state: for a filter, "
-                "the kernel's current state (docs/compiling.md).")
+                "every pf_update), so a replayed graph could not rebuild them. Compile a step "
+                "over fixed-shape state: for a filter, the kernel's current state "
+                "(docs/compiling.md).")
         run = self._compiled(gm, tensors)
         graph = _Graph(key, run, out_spec, out_statics)
         self.graphs.append(graph)
