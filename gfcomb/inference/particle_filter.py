@@ -29,6 +29,7 @@ with or without a proposal -- costs the same per step after 1,000 steps as after
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -333,12 +334,14 @@ def _resample_on_device(state: ParticleFilterState, resampler: Resampler,
     """pf_resample without a host read (``check_every`` > 1): the degeneracy check goes into
     the state's flag; weights that fail it resample uniformly until the check raises."""
     log_w, n, base = state.log_weights, state.n_particles, state.log_ml_base
-    m = torch.amax(log_w, 0) if state._max is None else state._max
     assert state._flag is not None
-    flag = mark_flag(state._flag, m, state.step)
-    ok = torch.isfinite(m)
-    w = torch.where(ok, log_w - m, 0.0).exp_()
-    with static_shapes():  # (no output size read from the data: no sync on a GPU either)
+    flag, m = state._flag, state._max
+    if m is None:  # (else pf_update has computed the max and marked the flag with it)
+        m = torch.amax(log_w, 0)
+        flag = mark_flag(flag, m, state.step)
+    w = torch.where(torch.isfinite(m), log_w - m, 0.0).exp_()
+    # bincount reads its output size from the data: a sync on a GPU (not on a CPU)
+    with static_shapes() if log_w.device.type != "cpu" else contextlib.nullcontext():
         if resampler is systematic_resample:
             cdf = torch.cumsum(w, 0)
             mean_w = cdf[-1] / n

@@ -171,8 +171,9 @@ def test_host_read_is_refused():
         compile_step(step, backend="none")(torch.ones(3))
 
 
-def test_pf_with_per_step_check_is_refused():
-    """pf_update's check_every=1 reads the weights' max on the host: refused, not baked."""
+def test_host_read_after_a_gfi_call_is_refused():
+    """The per-step check of pf_update's check_every=1 (float of the weights' max) inside a
+    step of batch GFI calls: refused, not baked into the graph."""
     state = pf_initialize(two_normals, (1,), {"y": 0.3}, N)
 
     def step(traces):
@@ -211,6 +212,11 @@ def test_changing_structure_is_refused_after_max_graphs():
 
 
 def test_unregistered_record_with_tensors_is_refused():
+    """(A ParticleFilterState is such a record: pf_* steps cannot be passed one.)"""
+    state = pf_initialize(two_normals, (1,), {"y": 0.3}, N)
+    with pytest.raises(CaptureError, match="ParticleFilterState holds tensors"):
+        compile_step(lambda st: st.log_weights + 1, backend="none")(state)
+
     class Box:
         def __init__(self, t):
             self.t = t
