@@ -30,6 +30,7 @@ from gfcomb.inference.particle_filter import (
     ParticleFilterState,
     effective_sample_size,
     log_ml_estimate,
+    pf_check,
     pf_initialize,
     pf_rejuvenate,
     pf_resample,
@@ -44,6 +45,10 @@ from gfcomb.inference.resampling import (
     stratified_resample,
     systematic_resample,
 )
+
+# isort: split
+# compiled steps (issue 12)
+from gfcomb.inference.compiled import CaptureError, compile_step
 
 # isort: split
 # variational inference, more MCMC, SMC, diagnostics (issue 13)
@@ -69,4 +74,6 @@ __all__ = [
     "elliptical_slice", "fit_vi", "gibbs", "involutive_mcmc", "iwae_bound",
     "log_abs_det_jacobian", "map_optimize", "select_pattern", "smc", "to_inference_data",
     "variable_name",
+    # compiled steps (issue 12)
+    "CaptureError", "compile_step", "pf_check",
 ]

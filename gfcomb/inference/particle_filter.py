@@ -29,6 +29,7 @@ with or without a proposal -- costs the same per step after 1,000 steps as after
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -48,9 +49,14 @@ from gfcomb.inference import distributed as dist_
 from gfcomb.inference.importance import batched_generate, check_gen_fn, check_n, merged_rows
 from gfcomb.inference.resampling import (
     Resampler,
+    check_every_arg,
     check_finite_max,
     exp_normalized,
     get_resampler,
+    mark_flag,
+    no_flag,
+    raise_flagged,
+    static_shapes,
     systematic_from_cdf,
     systematic_resample,
 )
@@ -91,6 +97,11 @@ class ParticleFilterState:
     _max: torch.Tensor | None = attrs.field(default=None, eq=False, repr=False)
     _group: dist_.Group | None = attrs.field(default=None, eq=False, repr=False)
     _n_total: int | None = attrs.field(default=None, eq=False, repr=False)
+    # pf_initialize(check_every=k): the degeneracy check reads the device only every k steps
+    _check_every: int = attrs.field(default=1, eq=False, repr=False)
+    # with k > 1: (first degenerate step or -1, max log weight then), kept on the device
+    _flag: tuple[torch.Tensor, torch.Tensor] | None = attrs.field(default=None, eq=False,
+                                                                   repr=False)
 
     @property
     def n_particles(self) -> int:
@@ -130,7 +141,8 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
                   observations: ChoiceMap | dict[Any, Any] | None, n_particles: int,
                   proposal: GenerativeFunction | None = None,
                   proposal_args: tuple[Any, ...] = (), *,
-                  vectorize: bool = True, group: Any = None) -> ParticleFilterState:
+                  vectorize: bool = True, group: Any = None,
+                  check_every: int = 1) -> ParticleFilterState:
     """Start a particle filter: ``n_particles`` traces of ``model(*args)`` with
     ``observations`` as constraints, generated in one vmapped call.
 
@@ -149,6 +161,17 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     its ranks -- ``n_particles`` is the global count, each rank generates its share
     (:func:`gfcomb.inference.distributed.share`), and every later ``pf_*`` call on the state
     is collective (every rank must make it).  See docs/distributed.md.
+
+    ``check_every`` (a positive int, default 1): how often the later ``pf_update`` calls read
+    the degeneracy check on the host.  With 1 every :func:`pf_update` and :func:`pf_resample`
+    checks at once (one host sync each) and raises before returning.  With k > 1 they keep
+    the check on the device (the first degenerate step and its maximum log weight, a few
+    tensor ops, no sync), ``pf_resample(ess_threshold=...)`` decides on the device too, and
+    the same :class:`DegenerateWeightsError`, naming the step where the weights went bad, is
+    raised by the ``pf_update`` of every k-th step and by :func:`pf_check` -- call it at the
+    end (see docs/compiling.md).  Not with a ``group`` (its checks are collective).  ``gf.save``
+    keeps neither the setting nor a pending flag (a loaded state checks every step): call
+    :func:`pf_check` before saving.
     """
     who = "pf_initialize"
     check_gen_fn(model, "model", who)
@@ -157,6 +180,10 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
     if proposal is not None:
         check_gen_fn(proposal, "proposal", who)
     proposal_args = check_args_tuple(proposal_args, "proposal_args")
+    k = check_every_arg(check_every, who)
+    if group is not None and k != 1:
+        raise ArgumentError(f"{who}: check_every must be 1 with a group (its degeneracy "
+                            f"checks are collective), got {check_every!r}")
     g = dist_.as_group(group, who)
     if g is not None and n < g.size:
         raise ArgumentError(f"{who}: n_particles ({n}) must be at least the number of ranks "
@@ -175,7 +202,9 @@ def pf_initialize(model: GenerativeFunction, args: tuple[Any, ...],
                                    None, False, None, g, n)
     log_w, traces = generate()
     check_finite_max(log_w, who, 0)
-    return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args)
+    flag = None if k == 1 else no_flag(log_w)
+    return ParticleFilterState(traces, log_w, log_w.new_zeros(()), 0, model, args,
+                               check_every=k, flag=flag)
 
 
 def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
@@ -194,7 +223,8 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
     log p(t_i'; x') − log p(t_i; x) − log q(fresh choices) (prior proposal: the likelihood of
     the new observations); with a proposal, − log q(u_i; t_i, ...) as well.  Raises
     :class:`DegenerateWeightsError` naming the step when every new weight is -inf or one is
-    NaN (the input state is left as it was).
+    NaN (the input state is left as it was); with ``pf_initialize(check_every=k)``, k > 1,
+    only at every k-th step, naming the first step that went bad.
     """
     who = "pf_update"
     state = _check_state(state, who)
@@ -227,10 +257,16 @@ def pf_update(state: ParticleFilterState, new_args: tuple[Any, ...],
                                    None, False, None, state._group, state._n_total)
     log_w, traces = advance()
     m = torch.amax(log_w, 0)
-    if not math.isfinite(float(m)):
-        check_finite_max(log_w, who, step)
+    flag = state._flag
+    if flag is None:
+        if not math.isfinite(float(m)):
+            check_finite_max(log_w, who, step)
+    else:
+        flag = mark_flag(flag, m, step)
+        if step % state._check_every == 0:
+            raise_flagged(flag, n, who)
     return ParticleFilterState(traces, log_w, state.log_ml_base, step, model, new_args, None,
-                               False, m)
+                               False, m, check_every=state._check_every, flag=flag)
 
 
 def pf_resample(state: ParticleFilterState, method: str | Resampler = "systematic",
@@ -246,7 +282,10 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
     The traces are re-indexed with the model's ``batch_select`` (Unfold histories are not
     copied).  With a group the draw is global (ancestors from the weights of every rank, one
     shared offset) and only the rows that must change rank are sent
-    (:func:`gfcomb.inference.distributed.resample_rows`).
+    (:func:`gfcomb.inference.distributed.resample_rows`).  With
+    ``pf_initialize(check_every=k)``, k > 1, nothing is read on the host: degenerate weights
+    are flagged for the next check and ``ess_threshold`` is applied per row on the device
+    (every row is re-indexed, to itself where the ESS is high enough).
     """
     who = "pf_resample"
     state = _check_state(state, who)
@@ -264,6 +303,8 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
         return ParticleFilterState(new, zero_rows(mine, log_w.dtype, log_w.device),
                                    state.log_ml_base + (lse_all - math.log(n)), state.step,
                                    state.model, state.args, None, True, None, state._group, n)
+    if state._flag is not None:
+        return _resample_on_device(state, resampler, ess_threshold)
     if ess_threshold is not None:
         if state._max is None:
             check_finite_max(log_w, who, state.step)
@@ -286,6 +327,51 @@ def pf_resample(state: ParticleFilterState, method: str | Resampler = "systemati
     return ParticleFilterState(select_batch(state.traces, ancestors),
                                zero_rows(n, log_w.dtype, log_w.device),
                                banked, state.step, state.model, state.args, None, True)
+
+
+def _resample_on_device(state: ParticleFilterState, resampler: Resampler,
+                        ess_threshold: float | None) -> ParticleFilterState:
+    """pf_resample without a host read (``check_every`` > 1): the degeneracy check goes into
+    the state's flag; weights that fail it resample uniformly until the check raises."""
+    log_w, n, base = state.log_weights, state.n_particles, state.log_ml_base
+    assert state._flag is not None
+    flag, m = state._flag, state._max
+    if m is None:  # (else pf_update has computed the max and marked the flag with it)
+        m = torch.amax(log_w, 0)
+        flag = mark_flag(flag, m, state.step)
+    w = torch.where(torch.isfinite(m), log_w - m, 0.0).exp_()
+    # bincount reads its output size from the data: a sync on a GPU (not on a CPU)
+    with static_shapes() if log_w.device.type != "cpu" else contextlib.nullcontext():
+        if resampler is systematic_resample:
+            cdf = torch.cumsum(w, 0)
+            mean_w = cdf[-1] / n
+            ancestors = systematic_from_cdf(cdf, n, mean=mean_w)
+        else:
+            mean_w = w.sum() / n
+            ancestors = resampler(w, n)
+    banked = (m + torch.log(mean_w)).add_(base)
+    zeros = zero_rows(n, log_w.dtype, log_w.device)
+    if ess_threshold is None:
+        return ParticleFilterState(select_batch(state.traces, ancestors), zeros, banked,
+                                   state.step, state.model, state.args, None, True,
+                                   check_every=state._check_every, flag=flag)
+    low = weights_ess(log_w) < ess_threshold  # (False for flagged weights: NaN ESS)
+    ancestors = torch.where(low, ancestors, torch.arange(n, device=ancestors.device))
+    return ParticleFilterState(select_batch(state.traces, ancestors),
+                               torch.where(low, zeros, log_w), torch.where(low, banked, base),
+                               state.step, state.model, state.args, None, False,
+                               check_every=state._check_every, flag=flag)
+
+
+def pf_check(state: ParticleFilterState) -> ParticleFilterState:
+    """Read the degeneracy check of a filter started with ``pf_initialize(check_every=k)``
+    (one host sync) and raise :class:`DegenerateWeightsError`, naming the first step whose
+    weights were all -inf or had a NaN or +inf, if there was one; return ``state`` otherwise.
+    A no-op for ``check_every=1`` (those filters raise at once)."""
+    state = _check_state(state, "pf_check")
+    if state._flag is not None:
+        raise_flagged(state._flag, state.n_particles, "pf_check")
+    return state
 
 
 def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,
@@ -323,7 +409,8 @@ def pf_rejuvenate(state: ParticleFilterState, kernel: Kernel,
         dist_.guarded(state._group, who, move)
     return ParticleFilterState(out, state.log_weights, state.log_ml_base,
                                state.step, state.model, state.args, accepted, state._uniform,
-                               state._max, state._group, state._n_total)
+                               state._max, state._group, state._n_total,
+                               check_every=state._check_every, flag=state._flag)
 
 
 def log_ml_estimate(state: ParticleFilterState) -> torch.Tensor:
