@@ -42,7 +42,7 @@ class Rows:
 
     __slots__ = ("nodes", "x", "stacked", "diff", "fresh", "key")
 
-    def __init__(self, nodes: list[int], x: Any, stacked: bool, diff: Diff | None,
+    def __init__(self, nodes: Sequence[int], x: Any, stacked: bool, diff: Diff | None,
                  fresh: bool, key: Hashable = None) -> None:
         self.nodes = nodes
         self.x = x
@@ -114,6 +114,28 @@ def merge(groups: Sequence[Rows]) -> list[Rows]:
         out.append(Rows(nodes, fast_unflatten(specs[key], iter(cat)), True, first.diff,
                         first.fresh, first.key))
     return out
+
+
+def children_rows(nodes: Sequence[int], children: tuple[Any, ...], b: int) -> list[Rows]:
+    """The children of a batch of new nodes ``nodes`` (``children[k]``: every parent's child
+    ``k``, stacked): one group of them all, in increasing index order (child ``k`` of the
+    parent in row ``j`` is row ``j * n + k``), when the ``n`` child slots have one input
+    structure; else one group per slot."""
+    n = len(children)
+    if n == 0:
+        return []
+    sigs = [_signature(c, True) for c in children] if n > 1 else []
+    if n == 1 or any(s is None or s[0] != sigs[0][0] for s in sigs):  # type: ignore[index]
+        return [Rows([p * b + k + 1 for p in nodes], c, True, None, True)
+                for k, c in enumerate(children)]
+    if type(nodes) is range and nodes.step == 1 and n == b:
+        kids: Sequence[int] = range(nodes.start * b + 1, nodes.stop * b + 1)
+    else:
+        kids = [p * b + k + 1 for p in nodes for k in range(n)]
+    columns = zip(*[s[1] for s in sigs])  # type: ignore[index]
+    leaves = [torch.stack(col, 1).flatten(0, 1) for col in columns]
+    return [Rows(kids, fast_unflatten(sigs[0][0][0], iter(leaves)), True, None,  # type: ignore[index]
+                 True)]
 
 
 def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:

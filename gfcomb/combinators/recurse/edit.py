@@ -21,6 +21,7 @@ import torch
 
 from gfcomb.combinators.recurse.batch import (
     Rows,
+    children_rows,
     gather,
     merge,
     per_row,
@@ -87,7 +88,7 @@ class Constrain:
     def touches(self, nodes: Sequence[int]) -> bool:
         """Might some of ``nodes`` carry an edit?"""
         cons = self.cons
-        return bool(cons) and any(i in cons for i in nodes)
+        return bool(cons) and not cons.keys().isdisjoint(nodes)
 
     def at(self, idx: int, part: str) -> ChoiceMap:
         """Node ``idx``'s constraints for kernel ``part``."""
@@ -219,6 +220,15 @@ def _entry_trace(e: Entry) -> Trace:
     return e[0].row(e[1]) if e[1] >= 0 else e[0]
 
 
+def entry_retval(e: Entry) -> Any:
+    """The return value at entry ``e``: a row of a stacked block's return value is read
+    from it (its row trace is not built for that)."""
+    if e[1] < 0:
+        return e[0].retval
+    tr = e[0].rows.get(e[1])
+    return tr.retval if tr is not None else tree_index(e[0].trace.retval, e[1])
+
+
 class EditPass:
     """One edit of a Recurse tree (``old`` None: a tree grown afresh).
 
@@ -308,7 +318,7 @@ class EditPass:
     # ------------------------------------------------------------------ the pass
     def run(self, root_input: Any, root_diff: Diff) -> tuple[torch.Tensor | None, Diff]:
         """Edit the tree; returns (weight or None, the root aggregation's retdiff)."""
-        level = [Rows([0], root_input, False, root_diff, self.old is None)]
+        level = [Rows(range(1), root_input, False, root_diff, self.old is None)]
         while level:
             level = self._prepare(level, "production")
             done: list[tuple[list[int], bool, Diff]] = []
@@ -345,7 +355,7 @@ class EditPass:
                 sub = rows.take(positions)
                 sub.key = key
                 keyed.append(sub)
-        return merge(keyed)
+        return keyed if len(keyed) == 1 else merge(keyed)
 
     # ------------------------------------------------------------------ productions
     def _production_of(self, idx: int, retval: Any) -> Production:
@@ -440,9 +450,7 @@ class EditPass:
             for j, i in enumerate(nodes):
                 self._note_discard(i, "production", tree_index(d, j))
         if rows.fresh:
-            for k in range(n):
-                nxt.append(Rows([p * b + k + 1 for p in nodes], prod.children[k], True,
-                                None, True))
+            nxt.extend(children_rows(nodes, prod.children, b))
             return True
         old = self.old
         assert old is not None
@@ -519,7 +527,7 @@ class EditPass:
         value = (old_agg.args[0] if same_val and old_agg is not None
                  else _entry_trace(self.prods[idx]).retval.value)
         results = (old_agg.args[1] if same_res and old_agg is not None
-                   else tuple(_entry_trace(self.aggs[c]).retval for c in kids))
+                   else tuple(entry_retval(self.aggs[c]) for c in kids))
         return value, results
 
     def _aggregation(self, idx: int, plan: tuple[bool, bool, bool]) -> None:
@@ -576,7 +584,8 @@ class EditPass:
             return False
         self.aggs.put_block(tr, nodes)
         self._add(w, tr.score, None if olds is None else olds.score)
-        self.retdiffs.update(zip(nodes, repeat(rd)))
+        if self.old is not None:  # (a tree grown afresh asks for no retdiff below the root)
+            self.retdiffs.update(zip(nodes, repeat(rd)))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
                 self._note_discard(i, "aggregation", tree_index(d, j))
