@@ -124,18 +124,34 @@ def children_rows(nodes: Sequence[int], children: tuple[Any, ...], b: int) -> li
     n = len(children)
     if n == 0:
         return []
-    sigs = [_signature(c, True) for c in children] if n > 1 else []
-    if n == 1 or any(s is None or s[0] != sigs[0][0] for s in sigs):  # type: ignore[index]
+    flat = []
+    for c in children:
+        leaves: list[torch.Tensor] = []
+        flat.append((fast_flatten(c, leaves), leaves))
+    spec, first = flat[0]
+    if n == 1 or not first or any(
+            s != spec or len(ls) != len(first)
+            or any(a.shape != f.shape or a.dtype != f.dtype for a, f in zip(ls, first))
+            for s, ls in flat[1:]):
         return [Rows([p * b + k + 1 for p in nodes], c, True, None, True)
                 for k, c in enumerate(children)]
+    nodes = as_range(nodes)
     if type(nodes) is range and nodes.step == 1 and n == b:
         kids: Sequence[int] = range(nodes.start * b + 1, nodes.stop * b + 1)
     else:
         kids = [p * b + k + 1 for p in nodes for k in range(n)]
-    columns = zip(*[s[1] for s in sigs])  # type: ignore[index]
-    leaves = [torch.stack(col, 1).flatten(0, 1) for col in columns]
-    return [Rows(kids, fast_unflatten(sigs[0][0][0], iter(leaves)), True, None,  # type: ignore[index]
-                 True)]
+    leaves = [torch.stack(col, 1).flatten(0, 1) for col in zip(*[ls for _, ls in flat])]
+    return [Rows(kids, fast_unflatten(spec, iter(leaves)), True, None, True)]
+
+
+def as_range(nodes: Sequence[int]) -> Sequence[int]:
+    """``nodes`` as a ``range`` when they are consecutive increasing indices (the nodes of
+    a full depth), else as they are."""
+    if type(nodes) is list and nodes:
+        first, last = nodes[0], nodes[-1]
+        if last - first + 1 == len(nodes) and nodes == list(range(first, last + 1)):
+            return range(first, last + 1)
+    return nodes
 
 
 def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:

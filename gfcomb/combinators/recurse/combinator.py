@@ -71,6 +71,14 @@ class Recurse(GenerativeFunction):
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def kernel_name(self, part: str) -> str:
+        """``"<this Recurse> production"`` / ``"... aggregation"`` (names a kernel in errors;
+        formatted once)."""
+        names = self.__dict__.get("_names")
+        if names is None:
+            names = self.__dict__["_names"] = {p: f"{self!r} {p}" for p in PARTS}
+        return names[part]
+
     # ------------------------------------------------------------------ tree arithmetic
     def child_index(self, parent: int, k: int) -> int:
         """The index of child ``k`` (0-based) of node ``parent``."""

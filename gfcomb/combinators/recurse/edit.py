@@ -13,7 +13,7 @@ the pass when the kernel cannot run under vmap.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,11 @@ from gfcomb.combinators.recurse.batch import (
 from gfcomb.combinators.recurse.trace import (
     PARTS,
     Entry,
+    LazyMap,
     NodeTable,
     Production,
     TableEdit,
+    as_dict,
     same_value,
     sorted_dict,
 )
@@ -56,7 +58,8 @@ EMPTY = ChoiceMap.empty()
 NO_CHANGE = NoChange()
 UNKNOWN = UnknownChange()
 NodeConstraints = dict[int, tuple[ChoiceMap, ChoiceMap]]
-KernelResult = tuple[Trace, Any, Diff, Any]  # (trace, weight or None, retdiff, discard or None)
+KernelResult = tuple[Trace, Any, Diff, Any]
+Done = tuple[Sequence[int], bool, Diff, "int | None"]  # (trace, weight or None, retdiff, discard or None)
 
 
 def _check_given(tr: Trace, given: ChoiceMap) -> None:
@@ -242,7 +245,9 @@ class EditPass:
         self.old = old
         self.prods = TableEdit(None if old is None else old.productions)
         self.aggs = TableEdit(None if old is None else old.aggregations)
-        self.nch: dict[int, int] = dict(old.num_children) if old is not None else {}
+        self.old_nch: dict[int, int] = {} if old is None else as_dict(old.num_children)
+        self.nch: dict[int, int] = dict(self.old_nch)
+        self.nch_pending: list[tuple[Sequence[int], int]] = []  # (fresh batches, see count)
         # weight and score change, summed once at the end (one op, not two per call)
         self.w_plus: list[torch.Tensor] = []
         self.w_minus: list[torch.Tensor] = []
@@ -252,11 +257,31 @@ class EditPass:
         self.must: set[int] = edit.must(gf, old) if old is not None else set()
         on = gf.batch_depths and vectorizing()
         self.batching = {"production": on, "aggregation": on}
-        # per depth, the nodes visited: (nodes, fresh, their production's retdiff)
-        self.levels: list[list[tuple[list[int], bool, Diff]]] = []
+        # per depth, the nodes visited: (nodes, fresh, their production's retdiff, their
+        # children count if they are one batch, else None)
+        self.levels: list[list[Done]] = []
         self.retdiffs: dict[int, Diff] = {}
         self.grown = False
-        self.who = {part: f"{gf!r} {part}" for part in PARTS}  # (names a kernel in errors)
+        self.kids: dict[int, Sequence[int]] = {}  # id(production block) -> its children
+
+    def who(self, part: str) -> str:
+        """Names a kernel in errors."""
+        return self.gf.kernel_name(part)
+
+    def count(self, i: int) -> int:
+        """Node ``i``'s number of children (batches of new nodes are entered node by node
+        only when a single node's count is asked for)."""
+        n = self.nch.get(i)
+        if n is None:
+            self._flush_counts()
+            n = self.nch[i]
+        return n
+
+    def _flush_counts(self) -> dict[int, int]:
+        for nodes, n in self.nch_pending:
+            self.nch.update(zip(nodes, repeat(n)))
+        self.nch_pending.clear()
+        return self.nch
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, w: Any, new: torch.Tensor, old: torch.Tensor | None = None) -> None:
@@ -303,7 +328,7 @@ class EditPass:
     def _remove(self, root: int) -> None:
         old = self.old
         assert old is not None
-        for j in self.gf.subtree(old.num_children, root):
+        for j in self.gf.subtree(self.old_nch, root):
             p, a = old.productions[j], old.aggregations[j]
             self.s_minus += (p.score, a.score)
             if self.edit.counts_removed:
@@ -321,7 +346,7 @@ class EditPass:
         level = [Rows(range(1), root_input, False, root_diff, self.old is None)]
         while level:
             level = self._prepare(level, "production")
-            done: list[tuple[list[int], bool, Diff]] = []
+            done: list[Done] = []
             nxt: list[Rows] = []
             for rows in level:
                 if rows.stacked and not self._productions_batched(rows, done, nxt):
@@ -372,7 +397,7 @@ class EditPass:
             self.prods[idx] = (tr, -1)
             self.nch[idx] = len(prod.children)
             self._add(w, tr.score)
-            done.append(([idx], True, UNKNOWN))
+            done.append(([idx], True, UNKNOWN, None))
             nxt.extend(Rows([gf.child_index(idx, k)], c, False, None, True)
                        for k, c in enumerate(prod.children))
             return
@@ -385,7 +410,7 @@ class EditPass:
             for k, c in enumerate(old_tr.retval.children):
                 if first + k in self.must:
                     nxt.append(Rows([first + k], c, False, NO_CHANGE, False))
-            done.append(([idx], False, NO_CHANGE))
+            done.append(([idx], False, NO_CHANGE, None))
             return
         tr, w, pdiff, d = self._call(idx, "production", edit.revisit, gf.production, old_tr,
                                      (x,), (rows.diff,), sub)
@@ -396,7 +421,7 @@ class EditPass:
         old_prod: Production = old_tr.retval
         n, n_old = len(prod.children), len(old_prod.children)
         self.nch[idx] = n
-        done.append(([idx], False, pdiff))
+        done.append(([idx], False, pdiff, None))
         for k in range(min(n, n_old)):
             c, c_old = prod.children[k], old_prod.children[k]
             ci = gf.child_index(idx, k)
@@ -427,7 +452,7 @@ class EditPass:
         try:
             if rows.fresh:
                 tr, w = edit.fresh_rows(gf.production, n_rows, (PerRow(rows.x),), subs,
-                                        self.who["production"])  # type: ignore[arg-type]
+                                        self.who("production"))  # type: ignore[arg-type]
                 rd: Diff = UNKNOWN
                 d = None
             else:
@@ -443,18 +468,24 @@ class EditPass:
             return False
         n = len(prod.children)
         self.prods.put_block(tr, nodes)
-        self.nch.update(zip(nodes, repeat(n)))
+        if self.old is None:
+            self.nch_pending.append((nodes, n))
+        else:
+            self.nch.update(zip(nodes, repeat(n)))
         self._add(w, tr.score, None if olds is None else olds.score)
-        done.append((nodes, rows.fresh, rd))
+        done.append((nodes, rows.fresh, rd, n))
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
                 self._note_discard(i, "production", tree_index(d, j))
         if rows.fresh:
-            nxt.extend(children_rows(nodes, prod.children, b))
+            kids = children_rows(nodes, prod.children, b)
+            if len(kids) == 1:  # (the aggregations read the children's results from it)
+                self.kids[id(self.prods.added[-1][0])] = kids[0].nodes
+            nxt.extend(kids)
             return True
         old = self.old
         assert old is not None
-        n_old = [old.num_children[p] for p in nodes]
+        n_old = [self.old_nch[p] for p in nodes]
         for k in range(n):
             kids = Rows([p * b + k + 1 for p in nodes], prod.children[k], True, UNKNOWN,
                         False)
@@ -482,25 +513,27 @@ class EditPass:
             return [edit.nothing] * len(nodes)
         return [edit.at(i, part) for i in nodes]
 
-    def _aggregations(self, done: list[tuple[list[int], bool, Diff]]) -> None:
+    def _aggregations(self, done: list[Done]) -> None:
         """The aggregations of one depth's visited nodes, batched by kind of call."""
         gf, edit, old = self.gf, self.edit, self.old
         batching = self.batching["aggregation"]
-        groups: dict[tuple[tuple[bool, bool, bool], int, Any], list[int]] = {}
+        # key -> the node sequences of the group (a batch's own sequence kept as it is)
+        groups: dict[tuple[tuple[bool, bool, bool], int, Any], list[Sequence[int]]] = {}
         fresh_plan = (True, False, False)
-        for nodes, fresh, pdiff in done:
+        for nodes, fresh, pdiff, n_batch in done:
             touched = edit.touches(nodes)
             if fresh and batching and not touched:  # a batch of new nodes: all alike
-                groups.setdefault((fresh_plan, self.nch[nodes[0]], ()), []).extend(nodes)
+                n = self.count(nodes[0]) if n_batch is None else n_batch
+                groups.setdefault((fresh_plan, n, ()), []).append(nodes)
                 continue
             for idx in nodes:
-                n = self.nch[idx]
+                n = self.count(idx)
                 sub = edit.at(idx, "aggregation") if touched else edit.nothing
                 if fresh:
                     plan = fresh_plan
                 else:
                     assert old is not None
-                    same_res = n == old.num_children[idx] and all(
+                    same_res = n == self.old_nch[idx] and all(
                         isinstance(self.retdiffs.get(c, NO_CHANGE), NoChange)
                         for c in gf.children_range(idx, n))
                     same_val = isinstance(pdiff, NoChange)
@@ -512,8 +545,9 @@ class EditPass:
                         continue
                     plan = (False, same_val, same_res)
                 key = (plan, n, edit.key(sub) if batching else idx)  # type: ignore[arg-type]
-                groups.setdefault(key, []).append(idx)
-        for (plan, n, _), nodes in groups.items():
+                groups.setdefault(key, []).append([idx])
+        for (plan, n, _), seqs in groups.items():
+            nodes = seqs[0] if len(seqs) == 1 else [i for s in seqs for i in s]
             if len(nodes) > 1 and self.batching["aggregation"]:
                 if self._aggregations_batched(nodes, n, plan):
                     continue
@@ -523,7 +557,7 @@ class EditPass:
     def _agg_args(self, idx: int, plan: tuple[bool, bool, bool]) -> tuple[Any, Any]:
         fresh, same_val, same_res = plan
         old_agg = None if fresh or self.old is None else self.old.aggregations[idx]
-        kids = self.gf.children_range(idx, self.nch[idx])
+        kids = self.gf.children_range(idx, self.count(idx))
         value = (old_agg.args[0] if same_val and old_agg is not None
                  else _entry_trace(self.prods[idx]).retval.value)
         results = (old_agg.args[1] if same_res and old_agg is not None
@@ -550,7 +584,7 @@ class EditPass:
         self.aggs[idx] = (tr, -1)
         self.retdiffs[idx] = rd
 
-    def _aggregations_batched(self, nodes: list[int], n: int,
+    def _aggregations_batched(self, nodes: Sequence[int], n: int,
                               plan: tuple[bool, bool, bool]) -> bool:
         gf, edit = self.gf, self.edit
         b = gf.max_branch
@@ -559,19 +593,21 @@ class EditPass:
         olds = None
         try:
             old_entries = None if fresh else self.old.aggregations.entries_of(nodes)  # type: ignore[union-attr]
+            ph = self.prods.block_of(nodes)
             if same_val and old_entries is not None:
                 value = gather(old_entries, lambda t: t.args[0])
+            elif ph is not None:  # the nodes' own production batch: its values as they are
+                value = ph.trace.retval.value
             else:
                 value = gather(self.prods.entries_of(nodes), lambda t: t.retval.value)
             if same_res and old_entries is not None:
                 results = gather(old_entries, lambda t: t.args[1])
             else:
-                results = tuple(gather(self.aggs.entries_of([p * b + k + 1 for p in nodes]),
-                                       lambda t: t.retval) for k in range(n))
+                results = self._child_results(nodes, n, ph)
             args = (per_row(value), per_row(results))
             if fresh:
                 tr, w = edit.fresh_rows(gf.aggregation, len(nodes), args, subs,  # type: ignore[arg-type]
-                                        self.who["aggregation"])
+                                        self.who("aggregation"))
                 rd: Diff = UNKNOWN
                 d = None
             else:
@@ -591,11 +627,29 @@ class EditPass:
                 self._note_discard(i, "aggregation", tree_index(d, j))
         return True
 
+    def _child_results(self, nodes: Sequence[int], n: int, ph: Any) -> tuple[Any, ...]:
+        """The children's results of ``nodes`` (``n`` children each), per child slot,
+        stacked: strided slices of one aggregation block when the children are the one
+        group (in index order) that the nodes' production batch handed on, else gathered
+        node by node."""
+        b = self.gf.max_branch
+        kids = self.kids.get(id(ph)) if ph is not None else None
+        ah = self.aggs.block_of(kids) if kids is not None and len(kids) == n * len(nodes) \
+            else None
+        if ah is not None:
+            r = ah.trace.retval
+            return tuple(tree_index(r, slice(k, None, n)) for k in range(n))
+        return tuple(gather(self.aggs.entries_of([p * b + k + 1 for p in nodes]),
+                            lambda t: t.retval) for k in range(n))
+
     # ------------------------------------------------------------------ the result
-    def tables(self) -> tuple[NodeTable, NodeTable, dict[int, int]]:
+    def tables(self) -> tuple[NodeTable, NodeTable, Mapping[int, int]]:
         """The edited node tables and children counts."""
-        sort = self.grown or self.old is None
-        nch = sorted_dict(self.nch) if sort else self.nch
+        nch: Mapping[int, int]
+        if self.old is None:  # (a tree grown afresh: indexed when first asked for)
+            nch = LazyMap(lambda: sorted_dict(self._flush_counts()))
+        else:
+            nch = sorted_dict(self.nch) if self.grown else self.nch
         return self.prods.finish(), self.aggs.finish(), nch
 
     def root_result(self) -> Any:
