@@ -88,6 +88,11 @@ class Constrain:
         """The nodes constrained, and their ancestors."""
         return gf.with_ancestors(self.cons)
 
+    def edited(self, old: RecurseTrace, part: str) -> list[int]:
+        """The nodes whose ``part`` kernel is constrained."""
+        j = PARTS.index(part)
+        return [i for i, c in self.cons.items() if not c[j].is_empty()]
+
     def touches(self, nodes: Sequence[int]) -> bool:
         """Might some of ``nodes`` carry an edit?"""
         cons = self.cons
@@ -170,6 +175,14 @@ class Resample:
         if not default.is_empty_static() or isinstance(self.selection, MaskSelection):
             return set(nodes)
         return gf.with_ancestors(k for k, s in special.items() if not s.is_empty_static())
+
+    def edited(self, old: RecurseTrace, part: str) -> list[int]:
+        """The nodes whose ``part`` kernel has something selected."""
+        nodes = list(old.productions)
+        default, special = element_selections(self.selection, nodes)
+        if default.is_empty_static() and not isinstance(self.selection, MaskSelection):
+            nodes = list(special)
+        return [i for i in nodes if not self.at(i, part).is_empty_static()]
 
     def touches(self, nodes: Sequence[int]) -> bool:
         """Might some of ``nodes`` carry an edit?"""
@@ -254,7 +267,6 @@ class EditPass:
         self.s_plus: list[torch.Tensor] = []
         self.s_minus: list[torch.Tensor] = []
         self.discard: dict[int, dict[str, ChoiceMap]] = {}
-        self.must: set[int] = edit.must(gf, old) if old is not None else set()
         on = gf.batch_depths and vectorizing()
         self.batching = {"production": on, "aggregation": on}
         # per depth, the nodes visited: (nodes, fresh, their production's retdiff, their
@@ -263,6 +275,10 @@ class EditPass:
         self.retdiffs: dict[int, Diff] = {}
         self.grown = False
         self.kids: dict[int, Sequence[int]] = {}  # id(production block) -> its children
+        # whether ancestors hand their must-visit children down (else: _with_edited)
+        self.pass_must = True
+        self.must: set[int] = set()
+        self.changed: list[int] = []  # nodes of the depth done whose result changed
 
     def who(self, part: str) -> str:
         """Names a kernel in errors."""
@@ -343,10 +359,28 @@ class EditPass:
     # ------------------------------------------------------------------ the pass
     def run(self, root_input: Any, root_diff: Diff) -> tuple[torch.Tensor | None, Diff]:
         """Edit the tree; returns (weight or None, the root aggregation's retdiff)."""
-        level = [Rows(range(1), root_input, False, root_diff, self.old is None)]
-        while level:
-            level = self._prepare(level, "production")
+        old = self.old
+        self.pass_must = old is None or not isinstance(root_diff, NoChange)
+        level = [Rows(range(1), root_input, False, root_diff, old is None)]
+        # the root input unchanged: only the edited nodes and what their calls change are
+        # visited (at their depths, found directly), not the ancestors that make no call
+        prod_edits: list[list[int]] = []
+        agg_edits: list[list[int]] = []
+        if old is not None and not self.pass_must:
+            prod_edits = self._by_depth(self.edit.edited(old, "production"))
+            agg_edits = self._by_depth(self.edit.edited(old, "aggregation"))
+        else:
+            self.must = self.edit.must(self.gf, old) if old is not None else set()
+        depth = 0
+        while level or depth < len(prod_edits):
+            if depth < len(prod_edits) and prod_edits[depth]:
+                level = self._with_edited(level, prod_edits[depth])
+            depth += 1
             done: list[Done] = []
+            self.levels.append(done)
+            if not level:
+                continue
+            level = self._prepare(level, "production")
             nxt: list[Rows] = []
             for rows in level:
                 if rows.stacked and not self._productions_batched(rows, done, nxt):
@@ -354,10 +388,17 @@ class EditPass:
                         self._production(one, done, nxt)
                 elif not rows.stacked:
                     self._production(rows, done, nxt)
-            self.levels.append(done)
             level = nxt
-        for done in reversed(self.levels):
-            self._aggregations(done)
+        while len(self.levels) < len(agg_edits):
+            self.levels.append([])
+        for d in range(len(self.levels) - 1, -1, -1):
+            extra = agg_edits[d] if d < len(agg_edits) else []
+            if self.changed:  # (their parents must look at the new results)
+                gf = self.gf
+                extra = extra + sorted({gf.parent_index(i) for i in self.changed if i})
+                self.changed = []
+            if extra or self.levels[d]:
+                self._aggregations(self.levels[d], extra)
         return self.weight(), self.retdiffs.get(0, NO_CHANGE)
 
     def _prepare(self, level: list[Rows], part: str) -> list[Rows]:
@@ -383,6 +424,34 @@ class EditPass:
         return keyed if len(keyed) == 1 else merge(keyed)
 
     # ------------------------------------------------------------------ productions
+    def _by_depth(self, nodes: list[int]) -> list[list[int]]:
+        """``nodes`` by depth (increasing order within a depth)."""
+        if not nodes:
+            return []
+        b = self.gf.max_branch
+        out: list[list[int]] = []
+        for i in sorted(nodes):
+            d, j = 0, i
+            while j:
+                j = (j - 1) // b
+                d += 1
+            while len(out) <= d:
+                out.append([])
+            out[d].append(i)
+        return out
+
+    def _with_edited(self, level: list[Rows], edited: list[int]) -> list[Rows]:
+        """The depth's groups and the depth's nodes with a production edit that no group
+        holds (with their old input, unchanged)."""
+        if not edited:
+            return level
+        held = {i for rows in level for i in rows.nodes} if level else ()
+        old = self.old
+        assert old is not None
+        extra = [Rows([i], old.productions[i].args[0], False, NO_CHANGE, False)
+                 for i in edited if i not in held and i in self.prods]
+        return level + extra if extra else level
+
     def _production_of(self, idx: int, retval: Any) -> Production:
         return self.gf.production_of(idx, retval)
 
@@ -408,7 +477,7 @@ class EditPass:
             # an ancestor of an edited node: no call, only the edited children go on
             first = idx * gf.max_branch + 1
             for k, c in enumerate(old_tr.retval.children):
-                if first + k in self.must:
+                if self.pass_must and first + k in self.must:
                     nxt.append(Rows([first + k], c, False, NO_CHANGE, False))
             done.append(([idx], False, NO_CHANGE, None))
             return
@@ -426,7 +495,7 @@ class EditPass:
             c, c_old = prod.children[k], old_prod.children[k]
             ci = gf.child_index(idx, k)
             if isinstance(pdiff, NoChange) or same_value(c, c_old):
-                if ci in self.must:
+                if self.pass_must and ci in self.must:
                     nxt.append(Rows([ci], c_old, False, NO_CHANGE, False))
             else:
                 nxt.append(Rows([ci], c, False, UNKNOWN, False))
@@ -493,7 +562,7 @@ class EditPass:
             if isinstance(rd, NoChange):
                 for j in kept:  # same inputs as before: only edited subtrees are visited
                     ci = kids.nodes[j]
-                    if ci in self.must:
+                    if self.pass_must and ci in self.must:
                         c_old = old.productions[nodes[j]].retval.children[k]
                         nxt.append(Rows([ci], c_old, False, NO_CHANGE, False))
             elif kept:
@@ -513,9 +582,14 @@ class EditPass:
             return [edit.nothing] * len(nodes)
         return [edit.at(i, part) for i in nodes]
 
-    def _aggregations(self, done: list[Done]) -> None:
-        """The aggregations of one depth's visited nodes, batched by kind of call."""
+    def _aggregations(self, done: list[Done], extra: Sequence[int] = ()) -> None:
+        """The aggregations of one depth's visited nodes and of the ``extra`` nodes (with an
+        aggregation edit, or a child whose result changed), batched by kind of call."""
         gf, edit, old = self.gf, self.edit, self.old
+        if extra:
+            seen = {i for nodes, *_ in done for i in nodes}
+            done = done + [([i], False, NO_CHANGE, None) for i in dict.fromkeys(extra)
+                           if i not in seen and i in self.prods]
         batching = self.batching["aggregation"]
         # key -> the node sequences of the group (a batch's own sequence kept as it is)
         groups: dict[tuple[tuple[bool, bool, bool], int, Any], list[Sequence[int]]] = {}
@@ -583,6 +657,8 @@ class EditPass:
             self._add(w, tr.score, old_tr.score)
         self.aggs[idx] = (tr, -1)
         self.retdiffs[idx] = rd
+        if not (self.pass_must or isinstance(rd, NoChange)):
+            self.changed.append(idx)
 
     def _aggregations_batched(self, nodes: Sequence[int], n: int,
                               plan: tuple[bool, bool, bool]) -> bool:
@@ -622,6 +698,8 @@ class EditPass:
         self._add(w, tr.score, None if olds is None else olds.score)
         if self.old is not None:  # (a tree grown afresh asks for no retdiff below the root)
             self.retdiffs.update(zip(nodes, repeat(rd)))
+            if not (self.pass_must or isinstance(rd, NoChange)):
+                self.changed.extend(nodes)
         if d is not None and not d.is_empty():
             for j, i in enumerate(nodes):
                 self._note_discard(i, "aggregation", tree_index(d, j))
