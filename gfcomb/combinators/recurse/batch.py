@@ -29,7 +29,7 @@ from gfcomb.core.flat import unflatten as fast_unflatten
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index, tree_stack
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, map_rows
+from gfcomb.core.vmap import PerRow, unwrap_rows, vmap_rows
 
 
 class Rows:
@@ -173,9 +173,16 @@ def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
 
 # ------------------------------------------------------------------ batched kernel calls
 def rows_simulate(kernel: GenerativeFunction, n: int, args: tuple[Any, ...], who: str) -> Trace:
-    """``simulate`` of ``n`` rows (PerRow arguments per row)."""
+    """``simulate`` of ``n`` rows (PerRow arguments per row): the per-row method under one
+    vmap over the rows for a kernel with the default batch methods (the caller falls back
+    node by node on any error, so there is no error naming to add here)."""
     if kernel.batch_methods_are_default():
-        return map_rows(lambda *a: kernel.simulate(a), n, *args, who=who)
+        values, dims = [], []
+        for a in args:
+            v, rowwise = unwrap_rows(a)
+            values.append(v)
+            dims.append(0 if rowwise else None)
+        return vmap_rows(lambda *a: kernel.simulate(a), tuple(dims), values, n)
     return kernel.batch_generate(n, args, None)[0]
 
 

@@ -58,8 +58,8 @@ EMPTY = ChoiceMap.empty()
 NO_CHANGE = NoChange()
 UNKNOWN = UnknownChange()
 NodeConstraints = dict[int, tuple[ChoiceMap, ChoiceMap]]
-KernelResult = tuple[Trace, Any, Diff, Any]
-Done = tuple[Sequence[int], bool, Diff, "int | None"]  # (trace, weight or None, retdiff, discard or None)
+KernelResult = tuple[Trace, Any, Diff, Any]  # (trace, weight or None, retdiff, discard or None)
+Done = tuple[Sequence[int], bool, Diff, "int | None"]
 
 
 def _check_given(tr: Trace, given: ChoiceMap) -> None:
@@ -547,10 +547,10 @@ class EditPass:
             for j, i in enumerate(nodes):
                 self._note_discard(i, "production", tree_index(d, j))
         if rows.fresh:
-            kids = children_rows(nodes, prod.children, b)
-            if len(kids) == 1:  # (the aggregations read the children's results from it)
-                self.kids[id(self.prods.added[-1][0])] = kids[0].nodes
-            nxt.extend(kids)
+            groups = children_rows(nodes, prod.children, b)
+            if len(groups) == 1:  # (the aggregations read the children's results from it)
+                self.kids[id(self.prods.added[-1][0])] = groups[0].nodes
+            nxt.extend(groups)
             return True
         old = self.old
         assert old is not None
@@ -576,7 +576,7 @@ class EditPass:
         return True
 
     # ------------------------------------------------------------------ aggregations
-    def _subs(self, nodes: list[int], part: str) -> list[Any]:
+    def _subs(self, nodes: Sequence[int], part: str) -> list[Any]:
         edit = self.edit
         if not edit.touches(nodes):
             return [edit.nothing] * len(nodes)
@@ -663,7 +663,6 @@ class EditPass:
     def _aggregations_batched(self, nodes: Sequence[int], n: int,
                               plan: tuple[bool, bool, bool]) -> bool:
         gf, edit = self.gf, self.edit
-        b = gf.max_branch
         fresh, same_val, same_res = plan
         subs = self._subs(nodes, "aggregation")
         olds = None
