@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from gfcomb.combinators.recurse.edit import Constrain, EditPass, NodeConstraints, Resample
+from gfcomb.combinators.recurse.edit import EditPass
+from gfcomb.combinators.recurse.edits import Constrain, NodeConstraints, Resample
 from gfcomb.combinators.recurse.trace import (
     PARTS,
     Production,
