@@ -557,3 +557,27 @@ def test_sparse_edits_visit_only_the_edited_nodes_and_changed_results(random_agg
         expected = uw - (model.project(unew, sel) - model.project(tr, sel))
     same_trace(new, unew)
     close(w, expected)
+
+
+def test_regenerate_batches_nodes_whose_selections_are_built_alike():
+    """select((i, "production", "v") for every node of a depth) gives every node its own
+    sub-selection object; equal ones share one batched regenerate (one production call for
+    the depth), with the weight of the general path's move."""
+    from gfcomb.combinators.recurse.edits import selection_key
+
+    model, counts = make()
+    tr = model.simulate(ARGS)
+    sel = gf.select(*[(i, "production", "v") for i in depth_nodes(D)])
+    subs = [sel.get_subselection(i).get_subselection("production") for i in depth_nodes(D)]
+    assert subs[0] is not subs[1] and selection_key(subs[0]) == selection_key(subs[1])
+    assert selection_key(gf.select("v")) != selection_key(gf.select("w"))
+    assert selection_key(~gf.select("v")) == selection_key(~gf.select("v"))
+    counts["prod"] = counts["agg"] = 0
+    new, w, _ = tr.regenerate(sel)
+    assert counts["prod"] == 1  # the leaf depth: one batched call
+    picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
+    with vectorized(False):
+        unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
+        expected = uw - (model.project(unew, sel) - model.project(tr, sel))
+    same_trace(new, unew)
+    close(w, expected)

@@ -174,12 +174,14 @@ class Resample:
 
     @staticmethod
     def key(sub: Selection) -> Hashable:
-        """Batched calls share one selection: everything, nothing or the same object."""
+        """Nodes share a batched call when their selections are equal: everything,
+        nothing, or built alike from the same addresses (a selection holding tensors only
+        with itself)."""
         if sub.is_empty_static():
             return ()
         if sub.is_all_static():
             return "all"
-        return ("id", id(sub))
+        return selection_key(sub)
 
     def fresh(self, kernel: GenerativeFunction, args: tuple[Any, ...],
               sub: Selection) -> tuple[Trace, Any]:
@@ -205,3 +207,31 @@ class Resample:
 
 
 Edit = Constrain | Resample
+
+
+def selection_key(sel: Selection) -> Hashable:
+    """A key that is equal for selections built alike (same classes, same addresses, equal
+    parts), so they select the same; a selection holding anything else (tensor masks) is
+    its own key (kept alive in it, so its id is not reused meanwhile)."""
+    if sel.is_empty_static():
+        return ()
+    if sel.is_all_static():
+        return "all"
+    cls, args = sel.reduce_parts()
+    parts: list[Hashable] = []
+    for a in args:
+        if isinstance(a, Selection):
+            parts.append(selection_key(a))
+        elif type(a) is dict:
+            parts.append(tuple((k, selection_key(v) if isinstance(v, Selection) else v)
+                               for k, v in a.items()))
+        elif a is None or isinstance(a, (int, float, str, tuple)):
+            parts.append(a)
+        else:
+            return ("object", sel)
+    key = (cls, tuple(parts))
+    try:
+        hash(key)
+    except TypeError:
+        return ("object", sel)
+    return key
