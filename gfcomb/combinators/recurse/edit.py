@@ -77,7 +77,7 @@ class EditPass:
         self.prods = TableEdit(None if old is None else old.productions)
         self.aggs = TableEdit(None if old is None else old.aggregations)
         self.old_nch: dict[int, int] = {} if old is None else as_dict(old.num_children)
-        self.nch: dict[int, int] = dict(self.old_nch)
+        self.nch: dict[int, int] = self.old_nch  # (copied on the first change: counts())
         self.nch_pending: list[tuple[Sequence[int], int]] = []  # (fresh batches, see count)
         # weight and score change, summed once at the end (one op, not two per call)
         self.w_plus: list[torch.Tensor] = []
@@ -110,6 +110,12 @@ class EditPass:
             self._flush_counts()
             n = self.nch[i]
         return n
+
+    def counts(self) -> dict[int, int]:
+        """The children counts, to be changed (the old trace's dict is copied first)."""
+        if self.nch is self.old_nch and self.old is not None:
+            self.nch = dict(self.old_nch)
+        return self.nch
 
     def _flush_counts(self) -> dict[int, int]:
         for nodes, n in self.nch_pending:
@@ -169,7 +175,7 @@ class EditPass:
                 self.w_minus += (p.score, a.score)
                 self._note_discard(j, "production", p.choices)
                 self._note_discard(j, "aggregation", a.choices)
-            del self.prods[j], self.aggs[j], self.nch[j]
+            del self.prods[j], self.aggs[j], self.counts()[j]
 
     def _call(self, idx: int, part: str, fn: Any, *args: Any) -> Any:
         return self.gf.node_call(idx, part, fn, *args)
@@ -282,7 +288,7 @@ class EditPass:
             tr, w = self._call(idx, "production", edit.fresh, gf.production, (x,), sub)
             prod = self._production_of(idx, tr.retval)
             self.prods[idx] = (tr, -1)
-            self.nch[idx] = len(prod.children)
+            self.counts()[idx] = len(prod.children)
             self._add(w, tr.score)
             done.append(([idx], True, UNKNOWN, None))
             nxt.extend(Rows([gf.child_index(idx, k)], c, False, None, True)
@@ -307,7 +313,8 @@ class EditPass:
         prod = self._production_of(idx, tr.retval)
         old_prod: Production = old_tr.retval
         n, n_old = len(prod.children), len(old_prod.children)
-        self.nch[idx] = n
+        if self.nch.get(idx) != n:
+            self.counts()[idx] = n
         done.append(([idx], False, pdiff, None))
         for k in range(min(n, n_old)):
             c, c_old = prod.children[k], old_prod.children[k]
@@ -358,7 +365,7 @@ class EditPass:
         if self.old is None:
             self.nch_pending.append((nodes, n))
         else:
-            self.nch.update(zip(nodes, repeat(n)))
+            self.counts().update(zip(nodes, repeat(n)))
         self._add(w, tr.score, None if olds is None else olds.score)
         done.append((nodes, rows.fresh, rd, n))
         if d is not None and not d.is_empty():
