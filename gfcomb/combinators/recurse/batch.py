@@ -206,6 +206,8 @@ def rows_regenerate(kernel: GenerativeFunction, olds: Trace, args: tuple[Any, ..
 
 def per_row(x: Any) -> Any:
     """``x`` marked as one value per row (when it holds a tensor)."""
+    if isinstance(x, torch.Tensor):
+        return PerRow(x)
     leaves: list[torch.Tensor] = []
     fast_flatten(x, leaves)
     return PerRow(x) if leaves else x

@@ -540,6 +540,8 @@ class EditPass:
             else None
         if ah is not None:
             r = ah.trace.retval
+            if isinstance(r, torch.Tensor):
+                return tuple(r[k::n] for k in range(n))
             return tuple(tree_index(r, slice(k, None, n)) for k in range(n))
         return tuple(gather(self.aggs.entries_of([p * b + k + 1 for p in nodes]),
                             lambda t: t.retval) for k in range(n))
