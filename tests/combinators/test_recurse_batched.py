@@ -76,6 +76,19 @@ def same_trace(a: RecurseTrace, b: RecurseTrace) -> None:
         close(a.aggregation_trace(i).score, b.aggregation_trace(i).score)
 
 
+def same_as_general_regenerate(model: Recurse, tr: RecurseTrace, sel: gf.Selection,
+                               new: RecurseTrace, w: torch.Tensor) -> None:
+    """``(new, w)`` from ``tr.regenerate(sel)`` is the general path's move: an update to the
+    new values of the selected choices, minus their log density change (the prior
+    proposal's)."""
+    picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
+    with vectorized(False):
+        unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
+        expected = uw - (model.project(unew, sel) - model.project(tr, sel))
+    same_trace(new, unew)
+    close(w, expected)
+
+
 def depth_nodes(d: int) -> list[int]:
     return list(range(2 ** d - 1, 2 ** (d + 1) - 1))
 
@@ -209,14 +222,7 @@ def test_regenerate_batched_weight_is_the_general_path_weight():
         counts["prod"] = counts["agg"] = 0
         new, w, _ = tr.regenerate(sel)
         assert counts["prod"] <= D + 1
-        # the same move made by the general path: an update to the new values of the
-        # selected choices, minus their log density change (the prior proposal's)
-        picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
-        with vectorized(False):
-            unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
-            expected = uw - (model.project(unew, sel) - model.project(tr, sel))
-        same_trace(new, unew)
-        close(w, expected)
+        same_as_general_regenerate(model, tr, sel, new, w)
     # a new root input and nothing selected: deterministic, both paths agree
     x1 = torch.tensor(1.1)
     new, w, _ = model.regenerate(tr, ((x1, 0),), (UnknownChange(),), gf.Selection.none())
@@ -551,12 +557,7 @@ def test_sparse_edits_visit_only_the_edited_nodes_and_changed_results(random_agg
     # regenerate of one deep aggregation choice and one production choice elsewhere
     sel = gf.select((leaf, "aggregation", "r"), (6, "production"))
     new, w, _ = tr.regenerate(sel)
-    picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
-    with vectorized(False):
-        unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
-        expected = uw - (model.project(unew, sel) - model.project(tr, sel))
-    same_trace(new, unew)
-    close(w, expected)
+    same_as_general_regenerate(model, tr, sel, new, w)
 
 
 def test_regenerate_batches_nodes_whose_selections_are_built_alike():
@@ -575,9 +576,4 @@ def test_regenerate_batches_nodes_whose_selections_are_built_alike():
     counts["prod"] = counts["agg"] = 0
     new, w, _ = tr.regenerate(sel)
     assert counts["prod"] == 1  # the leaf depth: one batched call
-    picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
-    with vectorized(False):
-        unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
-        expected = uw - (model.project(unew, sel) - model.project(tr, sel))
-    same_trace(new, unew)
-    close(w, expected)
+    same_as_general_regenerate(model, tr, sel, new, w)
