@@ -79,15 +79,19 @@ class LazyMap(Mapping[Any, Any]):
         return key in self.materialized()
 
     def keys(self) -> Any:
+        """The keys (of the built dict)."""
         return self.materialized().keys()
 
     def values(self) -> Any:
+        """The values (of the built dict)."""
         return self.materialized().values()
 
     def items(self) -> Any:
+        """The items (of the built dict)."""
         return self.materialized().items()
 
     def get(self, key: Any, default: Any = None) -> Any:
+        """The value at ``key``, else ``default``."""
         return self.materialized().get(key, default)
 
     def __eq__(self, other: object) -> bool:
