@@ -144,7 +144,7 @@ class EditPass:
             for p in parts[1:]:
                 total = total + p
             return total
-        return torch.cat([p.reshape(-1) for p in parts]).sum()
+        return torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts]).sum()
 
     def _total(self, plus: list[torch.Tensor], minus: list[torch.Tensor],
                ) -> torch.Tensor | None:

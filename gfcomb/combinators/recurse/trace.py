@@ -313,7 +313,10 @@ class TableEdit:
             return [self[i] for i in nodes]
 
     def __setitem__(self, i: int, e: Entry) -> None:
-        self.new[i] = e
+        if any(i in nodes for _, nodes in self.pending):
+            self.new[i] = e  # (the block's entry first, then this one over it)
+        else:
+            self._new[i] = e
         self.gone.discard(i)
         self.added.append((e[0], i))
 
