@@ -490,6 +490,17 @@ def test_a_tree_grown_afresh_indexes_its_nodes_when_first_asked():
     other = model.simulate(ARGS)
     assert pytree.tree_structure(tr) == pytree.tree_structure(other)
     same_trace(tr, gtr)
+    # an index not yet built keeps no kernel trace alive
+    import gc
+    import weakref
+
+    fresh = model.simulate(ARGS)
+    where, num_children = fresh.productions.where, fresh.num_children
+    block = weakref.ref(fresh.productions.blocks[-1])
+    del fresh
+    gc.collect()
+    assert block() is None
+    assert num_children == expected and len(where) == len(expected)
 
 
 @pytest.mark.parametrize("kids", [1, 2, 3])

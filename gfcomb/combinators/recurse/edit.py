@@ -54,6 +54,14 @@ def _entry_trace(e: Entry) -> Trace:
     return e[0].row(e[1]) if e[1] >= 0 else e[0]
 
 
+def _counts_of(counts: dict[int, int], batches: list[tuple[Sequence[int], int]],
+               ) -> dict[int, int]:
+    """``counts`` with every node of the ``batches`` (nodes, children count) entered."""
+    for nodes, n in batches:
+        counts.update(zip(nodes, repeat(n)))
+    return counts
+
+
 def entry_retval(e: Entry) -> Any:
     """The return value at entry ``e``: a row of a stacked block's return value is read
     from it (its row trace is not built for that)."""
@@ -118,8 +126,7 @@ class EditPass:
         return self.nch
 
     def _flush_counts(self) -> dict[int, int]:
-        for nodes, n in self.nch_pending:
-            self.nch.update(zip(nodes, repeat(n)))
+        _counts_of(self.nch, self.nch_pending)
         self.nch_pending.clear()
         return self.nch
 
@@ -551,7 +558,8 @@ class EditPass:
         """The edited node tables and children counts."""
         nch: Mapping[int, int]
         if self.old is None:  # (a tree grown afresh: indexed when first asked for)
-            nch = LazyMap(lambda: sorted_dict(self._flush_counts()))
+            counts, batches = self.nch, list(self.nch_pending)  # (not the pass itself)
+            nch = LazyMap(lambda: sorted_dict(_counts_of(counts, batches)))
         else:
             nch = sorted_dict(self.nch) if self.grown else self.nch
         return self.prods.finish(), self.aggs.finish(), nch

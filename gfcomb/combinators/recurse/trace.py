@@ -347,7 +347,8 @@ class TableEdit:
             added = list(self.added)
             handles = tuple(h for h, _ in added)
             blocks = tuple(h.trace if isinstance(h, _Block) else h for h in handles)
-            return NodeTable(blocks, LazyMap(lambda: _index_of(added)), handles=handles)
+            order = [nodes for _, nodes in added]  # (the index keeps no trace alive)
+            return NodeTable(blocks, LazyMap(lambda: _index_of(order)), handles=handles)
         if not self.new and not self.gone:
             return old
         if self.gone or not self.new.keys() <= old.where.keys():
@@ -357,11 +358,11 @@ class TableEdit:
         return old.replaced(self.new)
 
 
-def _index_of(added: list[tuple[Any, Any]]) -> dict[int, tuple[int, int]]:
-    """node -> (block, row) of blocks added in this order (a lone trace's nodes entry is
-    its node), keys in increasing order."""
+def _index_of(order: list[Any]) -> dict[int, tuple[int, int]]:
+    """node -> (block, row) of blocks whose nodes come in this order (a lone trace's entry
+    is its node), keys in increasing order."""
     where: dict[int, tuple[int, int]] = {}
-    for b, (_, nodes) in enumerate(added):
+    for b, nodes in enumerate(order):
         if isinstance(nodes, int):
             where[nodes] = (b, -1)
         else:
