@@ -76,6 +76,19 @@ def same_trace(a: RecurseTrace, b: RecurseTrace) -> None:
         close(a.aggregation_trace(i).score, b.aggregation_trace(i).score)
 
 
+def same_as_general_regenerate(model: Recurse, tr: RecurseTrace, sel: gf.Selection,
+                               new: RecurseTrace, w: torch.Tensor) -> None:
+    """``(new, w)`` from ``tr.regenerate(sel)`` is the general path's move: an update to the
+    new values of the selected choices, minus their log density change (the prior
+    proposal's)."""
+    picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
+    with vectorized(False):
+        unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
+        expected = uw - (model.project(unew, sel) - model.project(tr, sel))
+    same_trace(new, unew)
+    close(w, expected)
+
+
 def depth_nodes(d: int) -> list[int]:
     return list(range(2 ** d - 1, 2 ** (d + 1) - 1))
 
@@ -211,14 +224,7 @@ def test_regenerate_batched_weight_is_the_general_path_weight():
         counts["prod"] = counts["agg"] = 0
         new, w, _ = tr.regenerate(sel)
         assert counts["prod"] <= D + 1
-        # the same move made by the general path: an update to the new values of the
-        # selected choices, minus their log density change (the prior proposal's)
-        picked = gf.ChoiceMap({a: v for a, v in as_dict(new.choices).items() if a in sel})
-        with vectorized(False):
-            unew, uw, _, _ = model.update(tr, ARGS, (NoChange(),), picked)
-            expected = uw - (model.project(unew, sel) - model.project(tr, sel))
-        same_trace(new, unew)
-        close(w, expected)
+        same_as_general_regenerate(model, tr, sel, new, w)
     # a new root input and nothing selected: deterministic, both paths agree
     x1 = torch.tensor(1.1)
     new, w, _ = model.regenerate(tr, ((x1, 0),), (UnknownChange(),), gf.Selection.none())
@@ -450,3 +456,137 @@ def test_a_batched_trace_survives_save_and_load():
         b, wb, _, _ = back.update({(3, "production", "v"): torch.tensor(0.5)})
         close(wa, wb)
         same_trace(a, b)
+
+
+# ------------------------------------------------------------------ a tree grown afresh
+def test_a_tree_grown_afresh_indexes_its_nodes_when_first_asked():
+    """simulate builds no per-node index: its tables and children counts are LazyMaps that
+    equal (and pickle, save and flatten as) the dicts the general path builds."""
+    import copy
+    import pickle
+
+    from torch.utils import _pytree as pytree
+
+    from gfcomb.combinators.recurse.trace import LazyMap
+
+    model, _ = make()
+    tr = model.simulate(ARGS)
+    assert isinstance(tr.productions.where, LazyMap)
+    assert isinstance(tr.num_children, LazyMap)
+    with vectorized(False):
+        gtr, _ = model.generate(ARGS, tr.choices)
+    expected = {i: 2 if i < 2 ** D - 1 else 0 for i in range(2 ** (D + 1) - 1)}
+    assert tr.num_children == expected and expected == tr.num_children
+    assert tr.num_children == gtr.num_children
+    assert gtr.productions.where == {i: (i, -1) for i in expected}  # one trace per node
+    assert list(tr.productions) == sorted(tr.productions) == list(gtr.productions)
+    for table in (tr.productions, tr.aggregations):  # one block per depth, rows in order
+        assert table.where[0][1] == -1  # the root: one call
+        for d in range(1, D + 1):
+            places = [table.where[i] for i in depth_nodes(d)]
+            assert {b for b, _ in places} == {places[0][0]}
+            assert [r for _, r in places] == list(range(2 ** d))
+    back = pickle.loads(pickle.dumps(tr.num_children))
+    assert type(back) is dict and back == expected
+    assert copy.deepcopy(tr.productions.where) == tr.productions.where
+    other = model.simulate(ARGS)
+    assert pytree.tree_structure(tr) == pytree.tree_structure(other)
+    same_trace(tr, gtr)
+    # an index not yet built keeps no kernel trace alive
+    import gc
+    import weakref
+
+    fresh = model.simulate(ARGS)
+    where, num_children = fresh.productions.where, fresh.num_children
+    block = weakref.ref(fresh.productions.blocks[-1])
+    del fresh
+    gc.collect()
+    assert block() is None
+    assert num_children == expected and len(where) == len(expected)
+
+
+@pytest.mark.parametrize("kids", [1, 2, 3])
+def test_children_of_a_batch_are_one_group_in_index_order(kids):
+    """max_branch 3 with 1, 2 or 3 children (distinct inputs per slot): the children of a
+    batch go on as one group whose rows are in increasing index order, and every node's
+    input, value and result equal the general path's."""
+
+    @gf.gen
+    def production(inp):
+        x, depth = inp
+        v = gf.normal(x, 1.0) @ "v"
+        return Production(v, [(v + 0.25 * k, depth + 1) for k in range(kids)]
+                          if depth < 3 else [])
+
+    @gf.gen
+    def aggregation(v, results):
+        return gf.normal(v + sum(results) / (1 + len(results)), 0.1) @ "r"
+
+    model = Recurse(production, aggregation, 3)
+    tr = model.simulate(ARGS)
+    assert len(tr.productions.blocks) == 4
+    with vectorized(False):
+        gtr, w = model.generate(ARGS, tr.choices)
+    same_trace(tr, gtr)
+    close(w, tr.score)
+    for i in tr.nodes:
+        close(tr.production_trace(i).args[0][0], gtr.production_trace(i).args[0][0])
+        close(tr.result_of(i), gtr.result_of(i))
+    assert list(tr.productions) == sorted(tr.productions)
+
+
+# ------------------------------------------------------------------ sparse edits
+@pytest.mark.parametrize("random_agg", [True, False])
+def test_sparse_edits_visit_only_the_edited_nodes_and_changed_results(random_agg):
+    """With the root input unchanged an edit visits the edited nodes at their depths and
+    the parents of results that changed, nothing else: counts and results equal the
+    general path's."""
+    model, counts = make(random_agg)
+    tr = model.simulate(ARGS)
+    leaf, other = 9, 4  # a leaf (depth 3) and its parent
+    moves = [
+        ({(leaf, "production", "v"): torch.tensor(0.2)},
+         {"prod": 1, "agg": 1 if random_agg else D + 1}),
+        ({(leaf, "production", "v"): torch.tensor(0.2), (6, "production", "v"):
+          torch.tensor(-0.4)}, None),
+        ({(other, "production", "v"): torch.tensor(0.7)}, None),
+    ]
+    if random_agg:  # r at the leaf changes: its parent's aggregation sees a new result
+        moves.append(({(leaf, "aggregation", "r"): torch.tensor(1.5)}, {"prod": 0, "agg": 2}))
+    for cons, expected_counts in moves:
+        counts["prod"] = counts["agg"] = 0
+        new, w, rd, discard = tr.update(cons)
+        if expected_counts is not None:
+            assert counts == expected_counts
+        with vectorized(False):
+            gnew, gw, grd, gdiscard = tr.update(cons)
+            back, bw, _, _ = new.update(discard)
+        same_trace(new, gnew)
+        close(w, gw)
+        assert type(rd) is type(grd)
+        same_choices(discard, gdiscard)
+        same_choices(back.choices, tr.choices, 1e-12)
+        close(bw, -w)
+    # regenerate of one deep aggregation choice and one production choice elsewhere
+    sel = gf.select((leaf, "aggregation", "r"), (6, "production"))
+    new, w, _ = tr.regenerate(sel)
+    same_as_general_regenerate(model, tr, sel, new, w)
+
+
+def test_regenerate_batches_nodes_whose_selections_are_built_alike():
+    """select((i, "production", "v") for every node of a depth) gives every node its own
+    sub-selection object; equal ones share one batched regenerate (one production call for
+    the depth), with the weight of the general path's move."""
+    from gfcomb.combinators.recurse.edits import selection_key
+
+    model, counts = make()
+    tr = model.simulate(ARGS)
+    sel = gf.select(*[(i, "production", "v") for i in depth_nodes(D)])
+    subs = [sel.get_subselection(i).get_subselection("production") for i in depth_nodes(D)]
+    assert subs[0] is not subs[1] and selection_key(subs[0]) == selection_key(subs[1])
+    assert selection_key(gf.select("v")) != selection_key(gf.select("w"))
+    assert selection_key(~gf.select("v")) == selection_key(~gf.select("v"))
+    counts["prod"] = counts["agg"] = 0
+    new, w, _ = tr.regenerate(sel)
+    assert counts["prod"] == 1  # the leaf depth: one batched call
+    same_as_general_regenerate(model, tr, sel, new, w)

@@ -22,14 +22,18 @@ results of i's children)].
 Every method runs the nodes of one depth that take the same kind of kernel call as one batch
 (one vmap over the nodes), falling back node by node where a kernel cannot be vmapped.
 ``update`` and ``regenerate`` revisit only the nodes whose input changed, that are
-constrained/selected, or that lie above one that is; aggregation results are propagated upward
-only while they change (retdiffs: ``NoChange`` stops the propagation).  Trees are walked
+constrained/selected, or whose child's result changed (found at their depths: the ancestors of
+an edited node make no call); aggregation results are propagated upward only while they change
+(retdiffs: ``NoChange`` stops the propagation).  A tree grown afresh builds no per-node index
+until one is asked for.  Trees are walked
 iteratively (no Python recursion), so deep trees are fine.
 
 * :mod:`~gfcomb.combinators.recurse.combinator` -- the :class:`Recurse` combinator and its GFI;
 * :mod:`~gfcomb.combinators.recurse.trace` -- :class:`RecurseTrace`, :class:`Production` and
   the node tables (per-depth stacked kernel traces);
-* :mod:`~gfcomb.combinators.recurse.edit` -- the edit engine (constraints or a selection);
+* :mod:`~gfcomb.combinators.recurse.edit` -- the edit engine (one pass over the tree);
+* :mod:`~gfcomb.combinators.recurse.edits` -- the edits it applies (constraints or a
+  selection);
 * :mod:`~gfcomb.combinators.recurse.batch` -- one kernel call over the nodes of a depth.
 """
 

@@ -29,7 +29,7 @@ from gfcomb.core.flat import unflatten as fast_unflatten
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index, tree_stack
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, map_rows
+from gfcomb.core.vmap import PerRow, unwrap_rows, vmap_rows
 
 
 class Rows:
@@ -42,7 +42,7 @@ class Rows:
 
     __slots__ = ("nodes", "x", "stacked", "diff", "fresh", "key")
 
-    def __init__(self, nodes: list[int], x: Any, stacked: bool, diff: Diff | None,
+    def __init__(self, nodes: Sequence[int], x: Any, stacked: bool, diff: Diff | None,
                  fresh: bool, key: Hashable = None) -> None:
         self.nodes = nodes
         self.x = x
@@ -116,6 +116,44 @@ def merge(groups: Sequence[Rows]) -> list[Rows]:
     return out
 
 
+def children_rows(nodes: Sequence[int], children: tuple[Any, ...], b: int) -> list[Rows]:
+    """The children of a batch of new nodes ``nodes`` (``children[k]``: every parent's child
+    ``k``, stacked): one group of them all, in increasing index order (child ``k`` of the
+    parent in row ``j`` is row ``j * n + k``), when the ``n`` child slots have one input
+    structure; else one group per slot."""
+    n = len(children)
+    if n == 0:
+        return []
+    flat = []
+    for c in children:
+        leaves: list[torch.Tensor] = []
+        flat.append((fast_flatten(c, leaves), leaves))
+    spec, first = flat[0]
+    if n == 1 or not first or any(
+            s != spec or len(ls) != len(first)
+            or any(a.shape != f.shape or a.dtype != f.dtype for a, f in zip(ls, first))
+            for s, ls in flat[1:]):
+        return [Rows([p * b + k + 1 for p in nodes], c, True, None, True)
+                for k, c in enumerate(children)]
+    nodes = as_range(nodes)
+    if type(nodes) is range and nodes.step == 1 and n == b:
+        kids: Sequence[int] = range(nodes.start * b + 1, nodes.stop * b + 1)
+    else:
+        kids = [p * b + k + 1 for p in nodes for k in range(n)]
+    leaves = [torch.stack(col, 1).flatten(0, 1) for col in zip(*[ls for _, ls in flat])]
+    return [Rows(kids, fast_unflatten(spec, iter(leaves)), True, None, True)]
+
+
+def as_range(nodes: Sequence[int]) -> Sequence[int]:
+    """``nodes`` as a ``range`` when they are consecutive increasing indices (the nodes of
+    a full depth), else as they are."""
+    if type(nodes) is list and nodes:
+        first, last = nodes[0], nodes[-1]
+        if last - first + 1 == len(nodes) and nodes == list(range(first, last + 1)):
+            return range(first, last + 1)
+    return nodes
+
+
 def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
     """``get`` of the kernel traces at the entries ``es``, stacked along a leading row axis:
     a slice (or an index) of one block where they are rows of it, else the rows stacked
@@ -135,9 +173,16 @@ def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
 
 # ------------------------------------------------------------------ batched kernel calls
 def rows_simulate(kernel: GenerativeFunction, n: int, args: tuple[Any, ...], who: str) -> Trace:
-    """``simulate`` of ``n`` rows (PerRow arguments per row)."""
+    """``simulate`` of ``n`` rows (PerRow arguments per row): the per-row method under one
+    vmap over the rows for a kernel with the default batch methods (the caller falls back
+    node by node on any error, so there is no error naming to add here)."""
     if kernel.batch_methods_are_default():
-        return map_rows(lambda *a: kernel.simulate(a), n, *args, who=who)
+        values, dims = [], []
+        for a in args:
+            v, rowwise = unwrap_rows(a)
+            values.append(v)
+            dims.append(0 if rowwise else None)
+        return vmap_rows(lambda *a: kernel.simulate(a), tuple(dims), values, n)
     return kernel.batch_generate(n, args, None)[0]
 
 
@@ -161,6 +206,8 @@ def rows_regenerate(kernel: GenerativeFunction, olds: Trace, args: tuple[Any, ..
 
 def per_row(x: Any) -> Any:
     """``x`` marked as one value per row (when it holds a tensor)."""
+    if isinstance(x, torch.Tensor):
+        return PerRow(x)
     leaves: list[torch.Tensor] = []
     fast_flatten(x, leaves)
     return PerRow(x) if leaves else x

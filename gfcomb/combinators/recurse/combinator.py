@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from gfcomb.combinators.recurse.edit import Constrain, EditPass, NodeConstraints, Resample
+from gfcomb.combinators.parts import Combinator, gen_fn_part
+from gfcomb.combinators.recurse.edit import EditPass
+from gfcomb.combinators.recurse.edits import Constrain, NodeConstraints, Resample
 from gfcomb.combinators.recurse.trace import (
     PARTS,
     Production,
@@ -19,13 +21,19 @@ from gfcomb.combinators.recurse.trace import (
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import AddressError, ArgumentError, UnvisitedConstraintError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    check_trace,
+)
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
 
 
-class Recurse(GenerativeFunction):
+class Recurse(Combinator):
     """A generative function over trees (see :mod:`gfcomb.combinators.recurse`).
 
     ``production``: a generative function ``(input) -> Production(value, children)``;
@@ -47,9 +55,8 @@ class Recurse(GenerativeFunction):
 
     def __init__(self, production: GenerativeFunction, aggregation: GenerativeFunction,
                  max_branch: int, *, batch_depths: bool = True) -> None:
-        for name, fn in (("production", production), ("aggregation", aggregation)):
-            if not isinstance(fn, GenerativeFunction):
-                raise TypeError(f"Recurse needs a generative function as {name}, got {fn!r}")
+        production = gen_fn_part(production, "Recurse", "production")
+        aggregation = gen_fn_part(aggregation, "Recurse", "aggregation")
         if isinstance(max_branch, bool) or not isinstance(max_branch, int) or max_branch < 1:
             raise ArgumentError(f"Recurse: max_branch must be a positive int, got {max_branch!r}")
         self.production = production
@@ -61,15 +68,18 @@ class Recurse(GenerativeFunction):
         return (f"Recurse({self.production!r}, {self.aggregation!r}, "
                 f"max_branch={self.max_branch})")
 
-    def _key(self) -> tuple[Any, ...]:
+    def parts(self) -> tuple[Any, ...]:
+        """The production, the aggregation and the static options (Recurse(...) built
+        inside a @gen body each run is the same function)."""
         return (Recurse, self.production, self.aggregation, self.max_branch, self.batch_depths)
 
-    def __eq__(self, other: object) -> bool:
-        # Recurse(...) may be built inside a @gen body each run: equal parts, same function
-        return isinstance(other, Recurse) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
+    def kernel_name(self, part: str) -> str:
+        """``"<this Recurse> production"`` / ``"... aggregation"`` (names a kernel in errors;
+        formatted once)."""
+        names = self.__dict__.get("_names")
+        if names is None:
+            names = self.__dict__["_names"] = {p: f"{self!r} {p}" for p in PARTS}
+        return names[part]
 
     # ------------------------------------------------------------------ tree arithmetic
     def child_index(self, parent: int, k: int) -> int:
@@ -123,11 +133,7 @@ class Recurse(GenerativeFunction):
         return argdiffs
 
     def _check_trace(self, trace: Any) -> RecurseTrace:
-        if not isinstance(trace, RecurseTrace) or not (trace.gen_fn is self
-                                                       or trace.gen_fn == self):
-            raise ArgumentError(f"{self!r} was given a trace of another generative function: "
-                                f"{getattr(trace, 'gen_fn', trace)!r}")
-        return trace
+        return check_trace(self, trace, RecurseTrace)
 
     def production_of(self, idx: int, retval: Any) -> Production:
         """The production's return value at node ``idx``, checked (ArgumentError naming the

@@ -4,7 +4,7 @@ aggregation kernel trace, held in :class:`NodeTable` s whose rows may be stacked
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -45,6 +45,78 @@ class Production:
 register_record(Production, dynamic=("value", "children"), static=())
 
 
+class LazyMap(Mapping[Any, Any]):
+    """A read-only mapping built by ``build()`` on first use: the node index of a tree grown
+    afresh (node -> place, node -> children count) is O(nodes) Python to build, and a call
+    that only reads the score or the return value never needs it.  Equal to a dict with the
+    same items; pickles and saves as that dict."""
+
+    __slots__ = ("_build", "_map")
+
+    def __init__(self, build: Callable[[], dict[Any, Any]]) -> None:
+        self._build: Callable[[], dict[Any, Any]] | None = build
+        self._map: dict[Any, Any] | None = None
+
+    def materialized(self) -> dict[Any, Any]:
+        """The mapping as a dict (built now if it was not yet; do not modify it)."""
+        m = self._map
+        if m is None:
+            assert self._build is not None
+            m = self._map = self._build()
+            self._build = None
+        return m
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.materialized()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.materialized())
+
+    def __len__(self) -> int:
+        return len(self.materialized())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.materialized()
+
+    def keys(self) -> Any:
+        """The keys (of the built dict)."""
+        return self.materialized().keys()
+
+    def values(self) -> Any:
+        """The values (of the built dict)."""
+        return self.materialized().values()
+
+    def items(self) -> Any:
+        """The items (of the built dict)."""
+        return self.materialized().items()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value at ``key``, else ``default``."""
+        return self.materialized().get(key, default)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LazyMap):
+            other = other.materialized()
+        return self.materialized() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return dict, (self.materialized(),)
+
+    def __repr__(self) -> str:
+        return repr(self.materialized())
+
+
+def as_dict(m: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``m`` itself if it is a dict, else the dict behind a :class:`LazyMap` (read-only)."""
+    if type(m) is dict:
+        return m
+    if isinstance(m, LazyMap):
+        return m.materialized()
+    return dict(m)
+
+
 class _Block:
     """One stacked kernel trace (rows = nodes) and the per-row traces read out of it so far
     (shared by every table that holds the block, so a node's trace is one object)."""
@@ -77,7 +149,7 @@ class NodeTable(Mapping[int, Trace]):
     """
 
     blocks: tuple[Trace | None, ...]
-    where: dict[int, tuple[int, int]]
+    where: Mapping[int, tuple[int, int]]  # a dict, or a LazyMap for a tree grown afresh
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _handles: Any = attrs.field(default=None, eq=False, repr=False)
     _live: Any = attrs.field(default=None, eq=False, repr=False)
@@ -109,11 +181,11 @@ class NodeTable(Mapping[int, Trace]):
 
     def entry(self, i: int) -> Entry:
         """Node ``i``'s place: ``(block handle, row)`` or ``(trace, -1)``."""
-        b, r = self.where[i]
+        b, r = as_dict(self.where)[i]
         return self.handles()[b], r
 
     def __getitem__(self, i: int) -> Trace:
-        b, r = self.where[i]
+        b, r = as_dict(self.where)[i]
         h = self.handles()[b]
         return h.row(r) if r >= 0 else h
 
@@ -147,7 +219,7 @@ class NodeTable(Mapping[int, Trace]):
         """This table with the entries of some of its nodes replaced (O(changes) Python, a
         C copy of ``where``); blocks no node refers to any more are dropped (None), and the
         table is rebuilt once they are most of it."""
-        where = dict(self.where)
+        where = dict(as_dict(self.where))
         blocks = list(self.blocks)
         handles = list(self.handles())
         live = self.live()
@@ -172,7 +244,14 @@ class NodeTable(Mapping[int, Trace]):
     def entries_of(self, nodes: Iterable[int]) -> list[Entry]:
         """The entries of ``nodes``."""
         hs = self.handles()
-        return [(hs[b], r) for b, r in map(self.where.__getitem__, nodes)]
+        return [(hs[b], r) for b, r in map(as_dict(self.where).__getitem__, nodes)]
+
+
+    def __gf_persist__(self) -> NodeTable:
+        """Saved with a plain dict as ``where`` (gfcomb.persistence)."""
+        if type(self.where) is dict:
+            return self
+        return NodeTable(self.blocks, as_dict(self.where))
 
 
 register_record(NodeTable, dynamic=("blocks",), static=("where",))
@@ -182,18 +261,46 @@ class TableEdit:
     """A :class:`NodeTable` being edited: the old table (or None) and the entries set so far
     (node -> ``(block handle, row)`` / ``(trace, -1)``)."""
 
-    __slots__ = ("old", "new", "gone", "added")
+    __slots__ = ("old", "_new", "pending", "gone", "added")
 
     def __init__(self, old: NodeTable | None) -> None:
         self.old = old
-        self.new: dict[int, Entry] = {}
+        self._new: dict[int, Entry] = {}
+        self.pending: list[tuple[_Block, Sequence[int]]] = []  # blocks not yet in ``new``
         self.gone: set[int] = set()
         self.added: list[tuple[Any, Any]] = []  # (handle, its nodes or node), in order
 
+    @property
+    def new(self) -> dict[int, Entry]:
+        """Node -> entry of the nodes set so far (blocks entered node by node when first
+        asked for: a tree grown afresh may never ask)."""
+        if self.pending:
+            for h, nodes in self.pending:
+                self._new.update(zip(nodes, zip(repeat(h), range(len(nodes)))))
+            self.pending.clear()
+        return self._new
+
+    def block_of(self, nodes: Sequence[int]) -> _Block | None:
+        """The block added with :meth:`put_block` whose rows are the nodes ``nodes`` (that
+        very sequence object), if it is still theirs; else None."""
+        for h, ns in reversed(self.added):
+            if ns is nodes:
+                return h if isinstance(h, _Block) and not self.gone else None
+        return None
+
     def __getitem__(self, i: int) -> Entry:
-        e = self.new.get(i)
+        e = self._new.get(i)
         if e is not None:
             return e
+        for h, nodes in reversed(self.pending):  # (newest first: a parent asks for its kids)
+            if type(nodes) is range:
+                if i in nodes:
+                    return h, nodes.index(i)
+                continue
+            try:
+                return h, nodes.index(i)  # type: ignore[attr-defined]
+            except ValueError:
+                continue
         if self.old is None or i in self.gone:
             raise KeyError(i)
         return self.old.entry(i)
@@ -206,16 +313,22 @@ class TableEdit:
             return [self[i] for i in nodes]
 
     def __setitem__(self, i: int, e: Entry) -> None:
-        self.new[i] = e
+        if any(i in nodes for _, nodes in self.pending):
+            self.new[i] = e  # (the block's entry first, then this one over it)
+        else:
+            self._new[i] = e
         self.gone.discard(i)
         self.added.append((e[0], i))
 
-    def put_block(self, stacked: Trace, nodes: list[int]) -> None:
+    def put_block(self, stacked: Trace, nodes: Sequence[int]) -> None:
         """A new stacked block: node ``nodes[j]`` is its row ``j``."""
         h = _Block(stacked)
-        self.new.update(zip(nodes, zip(repeat(h), range(len(nodes)))))
-        if self.gone:
-            self.gone.difference_update(nodes)
+        if self.old is None:
+            self.pending.append((h, nodes))
+        else:
+            self.new.update(zip(nodes, zip(repeat(h), range(len(nodes)))))
+            if self.gone:
+                self.gone.difference_update(nodes)
         self.added.append((h, nodes))
 
     def __delitem__(self, i: int) -> None:
@@ -231,15 +344,11 @@ class TableEdit:
         """The edited table (keys in increasing order)."""
         old = self.old
         if old is None:  # every node new: the blocks in the order they came
-            where: dict[int, tuple[int, int]] = {}
-            for b, (_, nodes) in enumerate(self.added):
-                if isinstance(nodes, int):
-                    where[nodes] = (b, -1)
-                else:
-                    where.update(zip(nodes, zip(repeat(b), range(len(nodes)))))
-            handles = tuple(h for h, _ in self.added)
+            added = list(self.added)
+            handles = tuple(h for h, _ in added)
             blocks = tuple(h.trace if isinstance(h, _Block) else h for h in handles)
-            return NodeTable(blocks, sorted_dict(where), handles=handles)
+            order = [nodes for _, nodes in added]  # (the index keeps no trace alive)
+            return NodeTable(blocks, LazyMap(lambda: _index_of(order)), handles=handles)
         if not self.new and not self.gone:
             return old
         if self.gone or not self.new.keys() <= old.where.keys():
@@ -247,6 +356,18 @@ class TableEdit:
             merged.update(self.new)
             return NodeTable.build(merged, sort=True)
         return old.replaced(self.new)
+
+
+def _index_of(order: list[Any]) -> dict[int, tuple[int, int]]:
+    """node -> (block, row) of blocks whose nodes come in this order (a lone trace's entry
+    is its node), keys in increasing order."""
+    where: dict[int, tuple[int, int]] = {}
+    for b, nodes in enumerate(order):
+        if isinstance(nodes, int):
+            where[nodes] = (b, -1)
+        else:
+            where.update(zip(nodes, zip(repeat(b), range(len(nodes)))))
+    return sorted_dict(where)
 
 
 def sorted_dict(d: dict[int, Any]) -> dict[int, Any]:
@@ -278,7 +399,7 @@ class RecurseTrace(Trace):
     score: torch.Tensor
     productions: NodeTable = attrs.field(converter=as_table)
     aggregations: NodeTable = attrs.field(converter=as_table)
-    num_children: dict[int, int]
+    num_children: Mapping[int, int]  # a dict, or a LazyMap for a tree grown afresh
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _choices: Any = attrs.field(default=None, eq=False, repr=False)
 
@@ -347,6 +468,15 @@ class RecurseTrace(Trace):
         except AddressError as err:
             raise err.prefixed((idx, rest[0])) from None
 
+
+def _persist_trace(tr: RecurseTrace) -> RecurseTrace:
+    """Saved with plain dicts as its node index (gfcomb.persistence)."""
+    if type(tr.num_children) is dict:
+        return tr
+    return attrs.evolve(tr, num_children=as_dict(tr.num_children), layout=None, choices=None)
+
+
+RecurseTrace.__gf_persist__ = _persist_trace  # type: ignore[attr-defined]
 
 register_record(RecurseTrace, dynamic=("args", "retval", "score", "productions", "aggregations"),
                 static=("gen_fn", "num_children"))
