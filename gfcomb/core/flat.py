@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.pytree import RECORD_FIELDS
+from gfcomb.core.pytree import LOOSE_STATICS, RECORD_FIELDS
 
 _TENSOR, _STATIC, _TUPLE, _LIST, _DICT, _RECORD, _NODE, _OTHER = range(8)
 _TENSOR_SPEC = (_TENSOR,)
@@ -139,3 +139,78 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
 
 def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> list[Any]:
     return [next(leaves) if s is _TENSOR_SPEC else unflatten(s, leaves) for s in specs]
+
+
+def merged_spec(a: Any, b: Any) -> Any:
+    """The spec of two trees' :func:`flatten` specs ``a`` and ``b`` when they describe the same
+    structure (the same nodes, records of one class with equal static fields, equal
+    non-tensor leaves), with the uncompared bookkeeping fields of records on which they
+    disagree (e.g. a @gen trace's argument sources) unknown (None); ValueError otherwise."""
+    try:
+        return _merged(a, b)
+    except _Differ:
+        raise ValueError("the trees have different structures") from None
+
+
+class _Differ(Exception):
+    pass
+
+
+def _equal(x: Any, y: Any) -> bool:
+    try:
+        return bool(x is y or x == y)
+    except Exception:  # (tensors inside: cannot vouch for equality)
+        return False
+
+
+def _merged_all(xs: tuple[Any, ...], ys: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(xs) != len(ys):
+        raise _Differ
+    out = tuple([x if x is y else _merged(x, y) for x, y in zip(xs, ys)])
+    return xs if all(o is x for o, x in zip(out, xs)) else out
+
+
+def _merged(a: Any, b: Any) -> Any:
+    if a is b:
+        return a
+    kind = a[0]
+    if kind != b[0]:
+        raise _Differ
+    if kind == _TENSOR:
+        return a
+    if kind == _STATIC:
+        if _equal(a[1], b[1]):
+            return a
+        raise _Differ
+    if kind in (_TUPLE, _LIST):
+        children = _merged_all(a[1], b[1])
+        return a if children is a[1] else (kind, children)
+    if kind == _DICT:
+        if a[1] != b[1]:
+            raise _Differ
+        children = _merged_all(a[2], b[2])
+        return a if children is a[2] else (kind, a[1], children)
+    if kind == _RECORD:
+        cls = a[1]
+        if cls is not b[1]:
+            raise _Differ
+        children = _merged_all(a[2], b[2])
+        statics = []
+        changed = children is not a[2]
+        for v, w, loose in zip(a[3], b[3], LOOSE_STATICS[cls]):
+            if _equal(v, w):
+                statics.append(v)
+            elif loose:
+                statics.append(None)
+                changed = True
+            else:
+                raise _Differ
+        return (kind, cls, children, tuple(statics)) if changed else a
+    if kind == _NODE:
+        if a[1] is not b[1] or not _equal(a[2], b[2]):
+            raise _Differ
+        children = _merged_all(a[3], b[3])
+        return a if children is a[3] else (kind, a[1], a[2], children)
+    if a[1] == b[1] and a[2] == b[2] and all(map(_equal, a[3], b[3])):  # (a namedtuple)
+        return a
+    raise _Differ

@@ -183,6 +183,10 @@ def _reconcile_walk(spec: Any, other: Any) -> Any:
     return spec
 
 
+#: Per record class, for each static field: is it uncompared bookkeeping (declared
+#: ``eq=False``)?  Read by :mod:`gfcomb.core.flat` when it compares two specs.
+LOOSE_STATICS: dict[type, tuple[bool, ...]] = {}
+
 #: Every record class registered with :func:`register_record`: (dynamic field names, static
 #: field names, its pytree flatten function); read by :mod:`gfcomb.core.flat`.
 RECORD_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {}
@@ -229,6 +233,7 @@ def register_record(cls: type[T], dynamic: Sequence[str], static: Sequence[str])
 
     pytree.register_pytree_node(cls, flatten, unflatten)
     RECORD_FIELDS[cls] = (dynamic, static, flatten)
+    LOOSE_STATICS[cls] = boxed
     return cls
 
 
@@ -330,11 +335,11 @@ def tree_where_alike(mask: torch.Tensor, a: Any, b: Any) -> Any:
     tests; ValueError otherwise), in one walk of each.  A leaf that is one tensor in both, or
     two views of the same memory laid out alike (a shared argument or observation expanded
     to every row), passes through from ``a``: merging its rows would only copy it."""
+    from gfcomb.core.flat import flatten, merged_spec, unflatten
+
     la: list[Any] = []
     lb: list[Any] = []
-    sa, sb = _walk(a, la), _walk(b, lb)
-    if a is not b and not _same(sa, sb):
-        raise ValueError("tree_where_alike: the trees have different structures")
+    spec = merged_spec(flatten(a, la), flatten(b, lb))  # (ValueError: other structures)
     shaped: dict[int, torch.Tensor] = {}
 
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -346,7 +351,7 @@ def tree_where_alike(mask: torch.Tensor, a: Any, b: Any) -> Any:
             m = shaped[x.dim()] = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
         return torch.where(m, x, y)
 
-    return _build(_reconcile_walk(sa, sb), iter(_map_once(pick, la, lb)))
+    return unflatten(spec, iter(_map_once(pick, la, lb)))
 
 
 def _is_number(x: Any) -> bool:
