@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gfcomb.core.pytree import tree_index, tree_map2_tensors, tree_map_tensors, tree_where
@@ -47,3 +48,35 @@ def test_where_and_index_keep_sharing():
     assert merged["value"] is merged["retval"]
     assert torch.equal(merged["value"], torch.where(mask, x, nx))
     assert torch.equal(merged["other"], torch.where(mask, x + 1, x))
+
+
+def test_where_alike_passes_shared_leaves_and_refuses_other_structures():
+    import gfcomb as gf
+    from gfcomb.core.pytree import tree_where_alike
+
+    @gf.gen
+    def two():
+        a = gf.normal(0.0, 1.0) @ "a"
+        return gf.normal(a, 1.0) @ "b"
+
+    @gf.gen
+    def other():
+        return gf.normal(0.0, 1.0) @ "a"
+
+    torch.manual_seed(0)
+    x, _ = two.batch_generate(6, ())
+    y, _ = two.batch_generate(6, ())
+    mask = torch.tensor([True, False] * 3)
+    merged = tree_where_alike(mask, x, y)
+    assert torch.equal(merged["a"], torch.where(mask, x["a"], y["a"]))
+    assert torch.equal(merged.score, torch.where(mask, x.score, y.score))
+    shared = torch.zeros(6)
+    tree_a = {"s": shared.expand(2, 6)[0], "v": x["a"]}
+    tree_b = {"s": shared.expand(2, 6)[1], "v": y["a"]}
+    out = tree_where_alike(mask, tree_a, tree_b)
+    assert out["s"] is tree_a["s"]  # (views of the same memory alike: not merged)
+    z, _ = other.batch_generate(6, ())
+    with pytest.raises(ValueError):
+        tree_where_alike(mask, x, z)
+    with pytest.raises(ValueError):
+        tree_where_alike(mask, {"k": 1, "v": x["a"]}, {"k": 2, "v": y["a"]})
