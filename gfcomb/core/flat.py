@@ -31,6 +31,10 @@ _NODES = pytree.SUPPORTED_NODES
 
 
 _UNSEEN = object()
+_PLAIN = (int, float, bool, str)
+#: types met as leaves that are neither tensors nor pytree nodes (generative functions,
+#: selections, row views, ...): their instances are static without asking torch again
+_STATIC_TYPES: set[type] = set()
 #: per record class: (getter of its dynamic field values, getter of its static field values)
 #: as tuples; None for a type that is not a plain registered record
 _GETTERS: dict[type, tuple[Callable[[Any], tuple[Any, ...]],
@@ -78,7 +82,10 @@ def flatten(tree: Any, leaves: list[torch.Tensor]) -> Any:
     if node is not None:
         children, ctx = node.flatten_fn(tree)
         return (_NODE, node.unflatten_fn, ctx, _flatten_all(children, leaves))
-    if tree is None or t in (int, float, bool, str) or not pytree.is_namedtuple_instance(tree):
+    if tree is None or t in _PLAIN or t in _STATIC_TYPES:
+        return (_STATIC, tree)
+    if not pytree.is_namedtuple_instance(tree):
+        _STATIC_TYPES.add(t)  # (a type that is no pytree node: static from now on)
         return (_STATIC, tree)
     all_leaves, spec = pytree.tree_flatten(tree)  # a namedtuple: torch's own walk
     is_t = tuple(isinstance(x, torch.Tensor) for x in all_leaves)

@@ -95,6 +95,8 @@ class RowView:
         level, n = where
         leaves: list[torch.Tensor] = []
         spec = fast_flatten(value, leaves)
+        if not leaves:  # (nothing per row: a generative function, a number, ...)
+            return value
         add_dim = _active_primitives()[0]
         for x in leaves:
             if x.dim() == 0 or x.shape[0] != n:
