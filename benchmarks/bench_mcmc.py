@@ -224,8 +224,9 @@ What remains: every gradient evaluation runs `gf.bernoulli`'s log-density on [C,
 `torch.where`s, so that p ∈ {{0, 1}} gives no NaN gradient and values outside {{0, 1}} get
 −inf); forward + backward it takes {bern['gfcomb']:.2f} ms against
 {bern['formula']:.2f} ms for `y log p + (1 − y) log(1 − p)` (what the hand-written moves use),
-once per gradient (11 times per HMC move).  `mala` and `hmc` also keep every chain's trace
-(a `batch_update` at the proposal, the row-wise accept of the Bernoulli's [C, N] parameter).
+once per gradient (11 times per HMC move).  `mala` and `hmc` also keep every chain's trace:
+a `batch_update` at the proposal (whose own graph gives the gradient there: no second
+forward pass) and the row-wise accept of the Bernoulli's [C, N] parameter.
 """
     save_section(SECTION, body, not (opts.quick or opts.no_write))
 
