@@ -323,21 +323,12 @@ def test_reading_states_or_one_address_of_a_history_gathers_only_that():
     close(ys, tr.choices[:, "y"])
 
 
-def test_a_filter_history_stores_choices_states_and_row_pointers_only():
-    """The history of a particle filter on the 1-D SSM holds x (8 B) and a row pointer (8 B)
-    per particle-step -- at most 2x the 16 B it must keep -- and the kernel traces rebuilt
-    from it give back every score: each particle's total is the sum of its rebuilt steps'."""
+def history_bytes(block) -> int:
+    """Bytes of tensor storage a history block chain holds (each storage once; a shared
+    observation expanded to every row not counted)."""
     from gfcomb.core.pytree import tree_tensors
-    from gfcomb.inference import pf_initialize, pf_resample, pf_update
 
-    n, T = 200, 40
-    state = pf_initialize(LG, (0, torch.tensor(0.0), A), None, n)
-    for t in range(T):
-        state = pf_update(state, (t + 1, torch.tensor(0.0), A), (UC, NC, NC),
-                          {(t, "y"): torch.tensor(0.1 * t)})
-        state = pf_resample(state)
     seen, held = set(), 0
-    block = state.traces.history
     while block is not None:
         for x in tree_tensors([block._choices, block._state, block._steps, block.parent_rows]):
             if x.dim() and x.stride(0) == 0:
@@ -346,7 +337,22 @@ def test_a_filter_history_stores_choices_states_and_row_pointers_only():
                 seen.add(x.untyped_storage().data_ptr())
                 held += x.untyped_storage().nbytes()
         block = block.parent
-    assert held <= 2 * 16 * n * T
+    return held
+
+
+def test_a_filter_history_stores_choices_states_and_row_pointers_only():
+    """The history of a particle filter on the 1-D SSM holds x (8 B) and a row pointer (8 B)
+    per particle-step -- at most 2x the 16 B it must keep -- and the kernel traces rebuilt
+    from it give back every score: each particle's total is the sum of its rebuilt steps'."""
+    from gfcomb.inference import pf_initialize, pf_resample, pf_update
+
+    n, T = 200, 40
+    state = pf_initialize(LG, (0, torch.tensor(0.0), A), None, n)
+    for t in range(T):
+        state = pf_update(state, (t + 1, torch.tensor(0.0), A), (UC, NC, NC),
+                          {(t, "y"): torch.tensor(0.1 * t)})
+        state = pf_resample(state)
+    assert history_bytes(state.traces.history) <= 2 * 16 * n * T
     tr = state.traces
     inner = tr.inner  # every step's kernel trace, rebuilt along each particle's ancestry
     close(inner.score.sum(-1), tr.score, 1e-9)
@@ -363,7 +369,6 @@ def test_a_rejuvenated_filter_history_stays_as_small():
     still holds x and a row pointer per particle-step (each moved step is closed into a
     stored block like an appended one), and every particle's score is the sum of its
     rebuilt steps' and x0's."""
-    from gfcomb.core.pytree import tree_tensors
     from gfcomb.inference import mh, pf_initialize, pf_rejuvenate, pf_resample, pf_update
 
     n, T = 200, 30
@@ -374,18 +379,11 @@ def test_a_rejuvenated_filter_history_stays_as_small():
         state = pf_rejuvenate(state, mh, gf.select(("steps", t, "x")))
     state = pf_update(state, (T + 1, A), (UC, NC), {("steps", T, "y"): torch.tensor(0.0)})
     unfold = state.traces.subtraces[("steps",)]
-    seen, held = set(), 0
     block = unfold.history.parent  # (the newest block also keeps its kernel trace)
     while block is not None:
         assert block._steps is None or block.start == 0  # (step 0: before any block)
-        for x in tree_tensors([block._choices, block._state, block.parent_rows]):
-            if x.dim() and x.stride(0) == 0:
-                continue  # the shared observation, expanded
-            if x.untyped_storage().data_ptr() not in seen:
-                seen.add(x.untyped_storage().data_ptr())
-                held += x.untyped_storage().nbytes()
         block = block.parent
-    assert held <= 2 * 16 * n * T
+    assert history_bytes(unfold.history) <= 2 * 16 * n * T
     inner = unfold.inner
     x0_score = state.traces.subtraces[("x0",)].score
     close(inner.score.sum(-1) + x0_score, state.traces.score, 1e-9)
