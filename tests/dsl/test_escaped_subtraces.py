@@ -149,3 +149,44 @@ def test_mh_on_the_newest_step_of_a_wrapped_unfold_equals_per_row_moves():
         assert moved == bool(acc[i])
         close(new_i["steps", 0, "x"], old_i["steps", 0, "x"])
         close(new_i.score, model.assess((T, True), new_i.choices)[0])
+
+
+def test_a_move_on_an_older_step_rebuilds_only_the_particles_rows():
+    """Regenerating step 1 of a resampled filter gathers that step's stored block at the
+    particles' rows (a rebuild of those rows only); weights and scores equal the per-row
+    regenerate of each particle's own trace."""
+    from gfcomb.combinators.unfold.history import StepBlock
+    from gfcomb.inference import pf_initialize, pf_resample, pf_update
+
+    torch.manual_seed(5)
+    state = pf_initialize(model, (0, True), None, N)
+    for t in range(T):
+        state = pf_update(state, (t + 1, True), (UC, NC), {("steps", t, "y"): ys(t)})
+        state = pf_resample(state, "multinomial")
+    traces = state.traces
+    rebuilt_rows = []
+    orig = StepBlock.read_steps_at
+
+    def spy(self, rows):
+        rebuilt_rows.append(rows.shape[0])
+        return orig(self, rows)
+
+    StepBlock.read_steps_at = spy
+    try:
+        sel = gf.select(("steps", 1, "x"))
+        new, w, _ = model.batch_regenerate(traces, (T, True), (NC, NC), sel)
+    finally:
+        StepBlock.read_steps_at = orig
+    assert rebuilt_rows and all(r == N for r in rebuilt_rows)
+    for i in range(N):
+        old_i, new_i = row(traces, i), row(new, i)
+        x_old, x_new = old_i["steps", 1, "x"], new_i["steps", 1, "x"]
+        x_prev = old_i["steps", 0, "x"]
+        lp = torch.distributions.Normal
+        # unselected choices whose scores change: y_1 (given x_1) and x_2 (given x_1)
+        want = (lp(x_new, 1.0).log_prob(ys(1)) - lp(x_old, 1.0).log_prob(ys(1))
+                + lp(0.9 * x_new, 0.5).log_prob(old_i["steps", 2, "x"])
+                - lp(0.9 * x_old, 0.5).log_prob(old_i["steps", 2, "x"]))
+        close(w[i], want)
+        close(new_i["steps", 0, "x"], x_prev)
+        close(new_i.score, model.assess((T, True), new_i.choices)[0])
