@@ -148,6 +148,101 @@ def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> li
     return [next(leaves) if s is _TENSOR_SPEC else unflatten(s, leaves) for s in specs]
 
 
+def zip_alike(a: Any, b: Any, fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Any:
+    """A tree of ``a``'s structure whose tensor leaves are ``fn(x, y)`` of the matching leaves
+    ``x`` of ``a`` and ``y`` of ``b``, a tree of the same structure (the same nodes, records of
+    one class with equal static fields, equal non-tensor leaves; ValueError otherwise).  A
+    sub-tree that is one object in both is kept as it is, not walked (a move that changed
+    one call of a big trace merges that call only); ``fn`` runs once per distinct pair of
+    tensors.  Uncompared bookkeeping fields of records on which the two disagree (e.g. a @gen
+    trace's argument sources) become unknown (None)."""
+    try:
+        return _zip(a, b, fn, {})
+    except _Differ:
+        raise ValueError("the trees have different structures") from None
+
+
+def _zip(x: Any, y: Any, fn: Callable[..., Any], done: dict[Any, Any]) -> Any:
+    if x is y:
+        return x
+    if isinstance(x, torch.Tensor):
+        if not isinstance(y, torch.Tensor):
+            raise _Differ
+        key = (id(x), id(y))
+        out = done.get(key)
+        if out is None:
+            out = done[key] = fn(x, y)
+        return out
+    t = type(x)
+    if type(y) is not t:
+        raise _Differ
+    if t is tuple or t is list:
+        if len(x) != len(y):
+            raise _Differ
+        items = [_zip(u, v, fn, done) for u, v in zip(x, y)]
+        if all(i is u for i, u in zip(items, x)):
+            return x
+        return tuple(items) if t is tuple else items
+    if t is dict:
+        if list(x) != list(y):
+            raise _Differ
+        values = [_zip(u, y[k], fn, done) for k, u in x.items()]
+        if all(v is u for v, u in zip(values, x.values())):
+            return x
+        return dict(zip(x, values))
+    getters: Any = _GETTERS.get(t, _UNSEEN)
+    if getters is _UNSEEN:
+        getters = _record_getters(t)
+    if getters is not None:
+        return _zip_record(t, x, y, getters, fn, done)
+    node = _NODES.get(t)
+    if node is not None:
+        cx, ctx = node.flatten_fn(x)
+        cy, cty = node.flatten_fn(y)
+        if not _equal(ctx, cty) or len(cx) != len(cy):
+            raise _Differ
+        children = [_zip(u, v, fn, done) for u, v in zip(cx, cy)]
+        return node.unflatten_fn(children, ctx)
+    if x is None or t in _PLAIN or t in _STATIC_TYPES or not pytree.is_namedtuple_instance(x):
+        if _equal(x, y):
+            return x
+        raise _Differ
+    leaves_x: list[torch.Tensor] = []
+    leaves_y: list[torch.Tensor] = []
+    spec = merged_spec(flatten(x, leaves_x), flatten(y, leaves_y))
+    return unflatten(spec, iter([_zip(u, v, fn, done) for u, v in zip(leaves_x, leaves_y)]))
+
+
+def _zip_record(cls: Any, x: Any, y: Any, getters: Any, fn: Callable[..., Any],
+                done: dict[Any, Any]) -> Any:
+    dynamic_of, static_of = getters
+    dx, dy = dynamic_of(x), dynamic_of(y)
+    values = [_zip(u, v, fn, done) for u, v in zip(dx, dy)]
+    statics = []
+    changed = any(v is not u for v, u in zip(values, dx))
+    for v, w, loose in zip(static_of(x), static_of(y), LOOSE_STATICS[cls]):
+        if _equal(v, w):
+            statics.append(v)
+        elif loose:
+            statics.append(None)
+            changed = True
+        else:
+            raise _Differ
+    if not changed:
+        return x
+    dynamic, static = RECORD_FIELDS[cls][:2]
+    rec = cls.__new__(cls)
+    for name, v in zip(dynamic, values):
+        object.__setattr__(rec, name, v)
+    for name, v in zip(static, statics):
+        object.__setattr__(rec, name, v)
+    object.__setattr__(rec, "_layout", None)
+    post = getattr(rec, "_after_unflatten", None)
+    if post is not None:
+        post()
+    return rec
+
+
 def merged_spec(a: Any, b: Any) -> Any:
     """The spec of two trees' :func:`flatten` specs ``a`` and ``b`` when they describe the same
     structure (the same nodes, records of one class with equal static fields, equal

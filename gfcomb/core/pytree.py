@@ -332,26 +332,24 @@ def tree_where(mask: torch.Tensor, a: Any, b: Any) -> Any:
 
 def tree_where_alike(mask: torch.Tensor, a: Any, b: Any) -> Any:
     """:func:`tree_where` of two trees of the same structure (as :func:`same_tree_structure`
-    tests; ValueError otherwise), in one walk of each.  A leaf that is one tensor in both, or
-    two views of the same memory laid out alike (a shared argument or observation expanded
-    to every row), passes through from ``a``: merging its rows would only copy it."""
-    from gfcomb.core.flat import flatten, merged_spec, unflatten
+    tests; ValueError otherwise), walking only where they differ: a sub-tree that is one
+    object in both (a call a move left alone) is kept as it is.  A leaf that is one tensor in
+    both, or two views of the same memory laid out alike (a shared argument or observation
+    expanded to every row), passes through from ``a``: merging its rows would only copy it."""
+    from gfcomb.core.flat import zip_alike
 
-    la: list[Any] = []
-    lb: list[Any] = []
-    spec = merged_spec(flatten(a, la), flatten(b, lb))  # (ValueError: other structures)
     shaped: dict[int, torch.Tensor] = {}
 
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x is y or (x.data_ptr() == y.data_ptr() and x.stride() == y.stride()
-                      and x.shape == y.shape and x.dtype == y.dtype and x.device == y.device):
+        if x.data_ptr() == y.data_ptr() and x.stride() == y.stride() and x.shape == y.shape \
+                and x.dtype == y.dtype and x.device == y.device:
             return x
         m = shaped.get(x.dim())
         if m is None:
             m = shaped[x.dim()] = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))
         return torch.where(m, x, y)
 
-    return unflatten(spec, iter(_map_once(pick, la, lb)))
+    return zip_alike(a, b, pick)
 
 
 def _is_number(x: Any) -> bool:
