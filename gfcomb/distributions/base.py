@@ -95,6 +95,10 @@ class ChoiceTrace(Trace):
     def retval(self) -> torch.Tensor:  # type: ignore[override]
         return self.value
 
+    def caller_retval(self) -> torch.Tensor:
+        """The value (read directly: a @gen caller asks once per traced choice)."""
+        return self.value
+
     @property
     def choices(self) -> ChoiceMap:
         return ChoiceMap.value(self.value)
@@ -272,7 +276,13 @@ class Distribution(DistributionMethods, GenerativeFunction):
             args = check_args_tuple(args)  # (raises)
         if _validation["enabled"] and _functorch.peek_interpreter_stack() is None:
             self.check_args(*args)
-        value, score = self._sample_scored(self._prepare(args))
+        params = self._prepare(args)
+        if self._fused:  # (_sample_scored's fused case, inline: simulate is the hot path)
+            both = self._draw_scored(*params)
+            if both is not None:
+                value, lp = both
+                return ChoiceTrace(self, args, value, lp if lp.dim() == 0 else lp.sum())
+        value, score = self._sample_scored(params)
         return ChoiceTrace(self, args, value, score)
 
     def generate(self, args: tuple[Any, ...],

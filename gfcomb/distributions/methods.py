@@ -236,6 +236,7 @@ def _scalars_pass(params: Sequence[Any], checks: Sequence[NumberCheck | None]) -
     """True when every parameter is a Python float/int or a 0-dim floating CPU tensor whose
     value is finite and passes its number check: then :meth:`DistributionMethods.check_args`
     would accept them.  False sends them through the full check (which names the problem)."""
+    isfinite = math.isfinite
     for p, check in zip(params, checks):
         tp = type(p)
         if tp is float or tp is int:
@@ -244,6 +245,6 @@ def _scalars_pass(params: Sequence[Any], checks: Sequence[NumberCheck | None]) -
             v = p.item()
         else:
             return False
-        if not math.isfinite(v) or (check is not None and check(v) is not None):
+        if not isfinite(v) or (check is not None and check(v) is not None):
             return False
     return True

@@ -43,9 +43,11 @@ def constant_tensor(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
     tensors), nor while inference mode or a torch function mode (``set_default_device``) is
     active: a tensor made there could not be reused everywhere.
     """
-    if not isinstance(x, _Number):
+    tx = type(x)
+    if tx is not float and tx is not int and not isinstance(x, _Number):
         return torch.as_tensor(x, dtype=dtype, device=device)
-    key = (x, math.copysign(1.0, x), dtype, device)  # copysign: 0.0 and -0.0 compare equal
+    # (0.0 and -0.0 compare equal: zeros are keyed by their sign as well)
+    key = (x, dtype, device) if x != 0 else (x, math.copysign(1.0, x), dtype, device)
     t = _CONSTANTS.get(key)
     if t is not None:
         return t
@@ -101,8 +103,13 @@ def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:
         return params
     if dtype is None:
         dtype = torch.get_default_dtype()
-    return tuple([(p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
-                  else constant_tensor(p, dtype, device) for p in params])
+    out = []  # (a loop, not a comprehension: one frame less on every GFI call)
+    for p in params:
+        if isinstance(p, torch.Tensor):
+            out.append(p if p.dtype is dtype else p.to(dtype))
+        else:
+            out.append(constant_tensor(p, dtype, device))
+    return tuple(out)
 
 
 def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:

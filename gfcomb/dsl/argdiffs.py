@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._C import _functorch
 
 from gfcomb.core.batching import is_batched
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -25,6 +26,7 @@ from gfcomb.core.diff import Diff, NoChange, UnknownChange
 Source = tuple[Any, ...]  # ("arg", i), ("ret", address) or ("same", object)
 
 _PLAIN = (int, float, str, bool, type(None))
+_PLAIN_TYPES = frozenset(_PLAIN)  # (exact types: a set lookup on the hot path)
 _UNKNOWN = UnknownChange()  # diffs are frozen: one instance serves every recorded return
 
 
@@ -54,7 +56,7 @@ class SourceTracker:
 
     def add_return(self, addr: tuple[Any, ...], retval: Any, retdiff: Diff | None) -> None:
         """Register a callee's return value (retdiff None while recording)."""
-        if isinstance(retval, _PLAIN):
+        if type(retval) is not torch.Tensor and isinstance(retval, _PLAIN):
             return
         src: Source = ("ret", addr)
         self._by_id[id(retval)] = (retval, src)
@@ -68,12 +70,17 @@ class SourceTracker:
         global parameter) is remembered as ``("same", tensor)``: passing the very same object
         again is NoChange (the value stored in the callee's trace is a copy after vmap).
         """
+        by_id = self._by_id
         out: list[Source | None] = []
         for a in args:
-            hit = self._by_id.get(id(a))
+            if type(a) in _PLAIN_TYPES:  # (a plain value is never a source)
+                out.append(None)
+                continue
+            hit = by_id.get(id(a))
             if hit is not None and hit[0] is a:
                 out.append(hit[1])
-            elif isinstance(a, torch.Tensor) and not a.requires_grad and not is_batched(a):
+            elif (isinstance(a, torch.Tensor) and not a.requires_grad
+                  and (not _functorch.is_functorch_wrapped_tensor(a) or not is_batched(a))):
                 out.append(("same", a))
             else:
                 out.append(None)

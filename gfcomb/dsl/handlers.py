@@ -83,10 +83,9 @@ class Handler:
         gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
             else BATCH
         try:
-            retval = self.call(addr, gen_fn, args, gfi)
+            return self.call(addr, gen_fn, args, gfi)
         except (AddressError, DistributionArgumentError) as err:
             raise err.prefixed(addr) from None
-        return retval
 
     def splice(self, gen_fn: GenFunction, args: tuple[Any, ...]) -> Any:
         """Run a @gen callee's body with this handler: its addresses become the caller's."""
@@ -113,11 +112,12 @@ class Handler:
 
     def _record(self, addr: Address, args: tuple[Any, ...], tr: Trace,
                 retdiff: Diff | None) -> Any:
-        self.sources[addr] = self.tracker.sources_of(args)
+        tracker = self.tracker
+        self.sources[addr] = tracker.sources_of(args)
         self.subtraces[addr] = tr
         self._scores.append(tr.score)
         retval = tr.caller_retval()
-        self.tracker.add_return(addr, retval, retdiff)
+        tracker.add_return(addr, retval, retdiff)
         return retval
 
     def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
@@ -149,8 +149,13 @@ def _sum(xs: list[Any]) -> Any:
         if acc is None:
             return numbers
         return acc + numbers if numbers != 0 else acc
-    ts = [x for x in xs if isinstance(x, torch.Tensor)]
-    rest = sum(x for x in xs if not isinstance(x, torch.Tensor))
+    ts = []
+    rest: Any = 0
+    for x in xs:  # (one pass: this runs once per GFI call of a body with many calls)
+        if isinstance(x, torch.Tensor):
+            ts.append(x)
+        else:
+            rest = rest + x
     if not ts:
         return rest
     total = ts[0]
@@ -219,7 +224,9 @@ class SimulateHandler(Handler):
 
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
              gfi: Calls) -> Any:
-        return self._record(addr, args, gfi.simulate(gen_fn, args), None)
+        # (per row, Calls.simulate is the callee's own simulate: called here without it)
+        tr = gen_fn.simulate(args) if gfi is PER_ROW else gfi.simulate(gen_fn, args)
+        return self._record(addr, args, tr, None)
 
 
 class GenerateHandler(Handler):
