@@ -112,12 +112,10 @@ class Handler:
 
     def _record(self, addr: Address, args: tuple[Any, ...], tr: Trace,
                 retdiff: Diff | None) -> Any:
-        tracker = self.tracker
-        self.sources[addr] = tracker.sources_of(args)
+        retval = tr.caller_retval()
+        self.sources[addr] = self.tracker.record(addr, args, retval, retdiff)
         self.subtraces[addr] = tr
         self._scores.append(tr.score)
-        retval = tr.caller_retval()
-        tracker.add_return(addr, retval, retdiff)
         return retval
 
     def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
@@ -200,6 +198,17 @@ def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
     full = path + tuple(":" if isinstance(k, slice) else k for k in first)
     raise UnvisitedConstraintError(
         f"{method}: constraint at address {{addr}} is never visited by the model", full)
+
+
+def _no_change(argdiffs: tuple[Diff, ...]) -> bool:
+    """Every argdiff NoChange (a loop: cheaper than ``all`` over a generator, per call)."""
+    for d in argdiffs:
+        if not isinstance(d, NoChange):
+            return False
+    return True
+
+
+_NO_CHANGE = NoChange()  # (diffs are frozen: one instance serves every call)
 
 
 def _same_function(a: GenerativeFunction, b: GenerativeFunction) -> bool:
@@ -315,8 +324,8 @@ class UpdateHandler(_IncrementalHandler):
             self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
-            return self._record(addr, args, old, NoChange())  # (nothing to do: weight 0)
+        if sub.is_empty() and _no_change(argdiffs):
+            return self._record(addr, args, old, _NO_CHANGE)  # (nothing to do: weight 0)
         tr, w, retdiff, discard = gfi.update(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         if not discard.is_empty():
@@ -348,8 +357,8 @@ class RegenerateHandler(_IncrementalHandler):
             return self._record(addr, args, gfi.simulate(gen_fn, args), None)
         sub = self.selection.get_subselection_at(addr)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
-            return self._record(addr, args, old, NoChange())
+        if sub.is_empty_static() and _no_change(argdiffs):
+            return self._record(addr, args, old, _NO_CHANGE)
         tr, w, retdiff = gfi.regenerate(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         return self._record(addr, args, tr, retdiff)
