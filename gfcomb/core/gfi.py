@@ -28,6 +28,7 @@ from gfcomb.core.batched import batch_size, select_leaves
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, UnknownChange
 from gfcomb.core.errors import ArgumentError, MissingChoiceError
+from gfcomb.core.runtime import trace_call
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, map_rows, unwrap_rows, vectorizing
@@ -108,9 +109,6 @@ def _check_all_given(made: ChoiceMap, given: ChoiceMap) -> None:
         return  # every element is present
 
 
-_RUNTIME: dict[str, Any] = {}  # gfcomb.core.runtime's entry point, imported on first use
-
-
 _UNKNOWN = UnknownChange()
 _DEFAULT_BATCH: dict[type, bool] = {}  # per class: are its batch methods the defaults?
 
@@ -126,11 +124,6 @@ class Invocation:
         self.args = args
 
     def __matmul__(self, addr: Any) -> Any:
-        trace_call = _RUNTIME.get("trace_call")
-        if trace_call is None:  # imported once (a function-level import costs ~1 µs a call)
-            from gfcomb.core.runtime import trace_call as imported
-
-            trace_call = _RUNTIME["trace_call"] = imported
         return trace_call(self.gen_fn, self.args, addr)
 
     def __repr__(self) -> str:

@@ -38,6 +38,7 @@ the device of the tensor parameters; Python numbers become cached constant tenso
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,6 +64,7 @@ from gfcomb.core.validation import check_selection, checked_sample
 from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
+    checked_scalar_params,
     shape_of,
 )
 
@@ -93,6 +95,10 @@ class ChoiceTrace(Trace):
 
     @property
     def retval(self) -> torch.Tensor:  # type: ignore[override]
+        return self.value
+
+    def caller_retval(self) -> torch.Tensor:
+        """The value (read directly: a @gen caller asks once per traced choice)."""
         return self.value
 
     @property
@@ -151,6 +157,31 @@ class Distribution(DistributionMethods, GenerativeFunction):
     def _validate(self, args: tuple[Any, ...]) -> None:
         if _validation["enabled"] and _functorch.peek_interpreter_stack() is None:
             self.check_args(*args)
+
+    def _checked_params(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The parameters validated (:meth:`check_args`, when validation is on and no
+        transform runs) and converted (:meth:`_prepare`); scalar parameters of a
+        distribution with the default validation and conversion in one pass of plain
+        Python (:func:`checked_scalar_params`), the common case of a traced choice."""
+        if not _validation["enabled"] or _functorch.peek_interpreter_stack() is not None:
+            return self._prepare(args)
+        checks = self._one_pass_checks
+        if checks is not None and len(args) == len(checks):
+            params = checked_scalar_params(args, checks)
+            if params is not None:
+                return params
+        self.check_args(*args)
+        return self._prepare(args)
+
+    @functools.cached_property
+    def _one_pass_checks(self) -> tuple[Any, ...] | None:
+        """The per-parameter number checks when validation and conversion are the defaults
+        and every parameter is a scalar per element (else None)."""
+        cls = type(self)
+        if (cls.check_args is not DistributionMethods.check_args
+                or cls._prepare is not DistributionMethods._prepare):
+            return None
+        return self._scalar_checks()
 
     def _check_value(self, value: torch.Tensor, args: tuple[Any, ...],
                      params: tuple[Any, ...], given: bool = True) -> None:
@@ -270,9 +301,13 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """
         if type(args) is not tuple:
             args = check_args_tuple(args)  # (raises)
-        if _validation["enabled"] and _functorch.peek_interpreter_stack() is None:
-            self.check_args(*args)
-        value, score = self._sample_scored(self._prepare(args))
+        params = self._checked_params(args)
+        if self._fused:  # (_sample_scored's fused case, inline: simulate is the hot path)
+            both = self._draw_scored(*params)
+            if both is not None:
+                value, lp = both
+                return ChoiceTrace(self, args, value, lp if lp.dim() == 0 else lp.sum())
+        value, score = self._sample_scored(params)
         return ChoiceTrace(self, args, value, score)
 
     def generate(self, args: tuple[Any, ...],
@@ -287,8 +322,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         if cm is None:
             tr = self.simulate(args)
             return tr, torch.zeros_like(tr.score)
-        self._validate(args)
-        params = self._prepare(args)
+        params = self._checked_params(args)
         cv = self._given(cm, args, params)
         mask = cm.mask
         if mask is None:
@@ -312,8 +346,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
             if cm.is_empty():
                 raise MissingChoiceError("assess: no choice given at address {addr}", ())
             _value_constraint(self, cm, "assess")
-        self._validate(args)
-        params = self._prepare(args)
+        params = self._checked_params(args)
         value = self._given(cm, args, params)
         return self._score_given(value, args, params), value
 
@@ -334,14 +367,12 @@ class Distribution(DistributionMethods, GenerativeFunction):
                     break
             else:
                 return trace, torch.zeros_like(trace.score), _NO_CHANGE, ChoiceMap.empty()
-            self._validate(args)
-            params = self._prepare(args)
+            params = self._checked_params(args)
             self._check_value(trace.value, args, params, given=False)
             score = self._score(trace.value, params)
             return (ChoiceTrace(self, args, trace.value, score), score - trace.score,
                     _NO_CHANGE, ChoiceMap.empty())
-        self._validate(args)
-        params = self._prepare(args)
+        params = self._checked_params(args)
         cv = self._given(cm, args, params)
         mask = cm.mask
         old = trace.value
@@ -367,8 +398,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         if flag is False:
             tr, w, retdiff, _ = self.update(trace, args, argdiffs, None)
             return tr, w, retdiff
-        self._validate(args)
-        params = self._prepare(args)
+        params = self._checked_params(args)
         if flag is True:
             value, score = self._sample_scored(params)
             # (a 0-d score: under vmap, one unbatched zero for every row, not a tensor of them)

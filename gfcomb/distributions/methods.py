@@ -21,6 +21,7 @@ from gfcomb.distributions.params import (
     NumberCheck,
     as_tensor,
     broadcast_shape,
+    checked_scalar_params,
     param_tensors,
     shape_of,
 )
@@ -137,7 +138,8 @@ class DistributionMethods:
         one-element tensors, read with ``.item()``) are checked in plain Python.
         """
         checks = self._scalar_checks()
-        if checks is not None and len(params) == len(checks) and _scalars_pass(params, checks):
+        if (checks is not None and len(params) == len(checks)
+                and checked_scalar_params(params, checks) is not None):
             return  # (every check below would pass: the common case, in plain Python)
         self._check_arity(params)
         names = self.param_names
@@ -230,20 +232,3 @@ class DistributionMethods:
     def _prepare(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """The parameters as tensors, converted once per GFI call (see :func:`param_tensors`)."""
         return param_tensors(*args) if args else args
-
-
-def _scalars_pass(params: Sequence[Any], checks: Sequence[NumberCheck | None]) -> bool:
-    """True when every parameter is a Python float/int or a 0-dim floating CPU tensor whose
-    value is finite and passes its number check: then :meth:`DistributionMethods.check_args`
-    would accept them.  False sends them through the full check (which names the problem)."""
-    for p, check in zip(params, checks):
-        tp = type(p)
-        if tp is float or tp is int:
-            v = p
-        elif tp is torch.Tensor and p.dim() == 0 and p.is_cpu and p.is_floating_point():
-            v = p.item()
-        else:
-            return False
-        if not math.isfinite(v) or (check is not None and check(v) is not None):
-            return False
-    return True

@@ -32,6 +32,7 @@ def as_tensor(x: Any) -> torch.Tensor:
 _CONSTANTS: dict[tuple[Any, ...], torch.Tensor] = {}
 _CONSTANT_VALUES: dict[int, tuple[torch.Tensor, float]] = {}  # id(tensor) -> (tensor, number)
 _MAX_CONSTANTS = 4096
+_CPU = torch.device("cpu")
 
 
 def constant_tensor(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
@@ -43,9 +44,11 @@ def constant_tensor(x: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
     tensors), nor while inference mode or a torch function mode (``set_default_device``) is
     active: a tensor made there could not be reused everywhere.
     """
-    if not isinstance(x, _Number):
+    tx = type(x)
+    if tx is not float and tx is not int and not isinstance(x, _Number):
         return torch.as_tensor(x, dtype=dtype, device=device)
-    key = (x, math.copysign(1.0, x), dtype, device)  # copysign: 0.0 and -0.0 compare equal
+    # (0.0 and -0.0 compare equal: zeros are keyed by their sign as well)
+    key = (x, dtype, device) if x != 0 else (x, math.copysign(1.0, x), dtype, device)
     t = _CONSTANTS.get(key)
     if t is not None:
         return t
@@ -101,8 +104,50 @@ def param_tensors(*params: Any) -> tuple[torch.Tensor, ...]:
         return params
     if dtype is None:
         dtype = torch.get_default_dtype()
-    return tuple([(p if p.dtype is dtype else p.to(dtype)) if isinstance(p, torch.Tensor)
-                  else constant_tensor(p, dtype, device) for p in params])
+    out = []  # (a loop, not a comprehension: one frame less on every GFI call)
+    for p in params:
+        if isinstance(p, torch.Tensor):
+            out.append(p if p.dtype is dtype else p.to(dtype))
+        else:
+            out.append(constant_tensor(p, dtype, device))
+    return tuple(out)
+
+
+def checked_scalar_params(params: Sequence[Any],
+                          checks: Sequence[NumberCheck | None]) -> tuple[Any, ...] | None:
+    """Validate and convert in one pass: :func:`param_tensors` of ``params`` when each is a
+    Python float/int or a 0-dim floating CPU tensor (all of one dtype), finite and passing
+    its number check (``checks``, aligned with ``params``); None as soon as one is not (the
+    caller then runs the full validation, which names the problem, and the conversion)."""
+    isfinite = math.isfinite
+    dtype = None
+    numbers = False
+    for p, check in zip(params, checks):
+        tp = type(p)
+        if tp is float or tp is int:
+            v = p
+            numbers = True
+        elif tp is torch.Tensor and p.dim() == 0 and p.is_cpu and p.is_floating_point():
+            d = p.dtype
+            if dtype is None:
+                dtype = d
+            elif d is not dtype:
+                return None
+            v = p.item()
+        else:
+            return None
+        if not isfinite(v) or (check is not None and check(v) is not None):
+            return None
+    if not numbers:
+        return tuple(params)
+    if dtype is None:  # (Python numbers only: the default dtype and device)
+        dtype, device = torch.get_default_dtype(), None
+    else:
+        device = _CPU
+    out = []
+    for p in params:
+        out.append(p if type(p) is torch.Tensor else constant_tensor(p, dtype, device))
+    return tuple(out)
 
 
 def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._C import _functorch
 
 from gfcomb.core.batching import is_batched
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
@@ -25,7 +26,9 @@ from gfcomb.core.diff import Diff, NoChange, UnknownChange
 Source = tuple[Any, ...]  # ("arg", i), ("ret", address) or ("same", object)
 
 _PLAIN = (int, float, str, bool, type(None))
-_UNKNOWN = UnknownChange()  # diffs are frozen: one instance serves every recorded return
+_PLAIN_TYPES = frozenset(_PLAIN)  # (exact types: a set lookup on the hot path)
+_UNKNOWN = UnknownChange()  # diffs are frozen: one instance of each serves every call
+_NO_CHANGE = NoChange()
 
 
 _ARG_SOURCES: tuple[Source, ...] = tuple(("arg", i) for i in range(32))
@@ -52,31 +55,35 @@ class SourceTracker:
         self._diffs: dict[Source, Diff] | None = (
             None if argdiffs is None else {_arg_source(i): d for i, d in enumerate(argdiffs)})
 
-    def add_return(self, addr: tuple[Any, ...], retval: Any, retdiff: Diff | None) -> None:
-        """Register a callee's return value (retdiff None while recording)."""
-        if isinstance(retval, _PLAIN):
-            return
-        src: Source = ("ret", addr)
-        self._by_id[id(retval)] = (retval, src)
-        if self._diffs is not None:
-            self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
+    def record(self, addr: tuple[Any, ...], args: Sequence[Any], retval: Any,
+               retdiff: Diff | None) -> tuple[Source | None, ...]:
+        """Note a traced call at ``addr``: returns the sources of its arguments (what each
+        is, or None), then registers its return value (retdiff None while recording).
 
-    def sources_of(self, args: Sequence[Any]) -> tuple[Source | None, ...]:
-        """For each callee argument: the source it is, or None.
-
-        A tensor that is neither an argument nor a return value (a constant of the body, a
-        global parameter) is remembered as ``("same", tensor)``: passing the very same object
-        again is NoChange (the value stored in the callee's trace is a copy after vmap).
+        A tensor argument that is neither an argument nor a return value (a constant of
+        the body, a global parameter) is remembered as ``("same", tensor)``: passing the
+        very same object again is NoChange (the value stored in the callee's trace is a
+        copy after vmap).  (One method for both halves: it runs once per traced call.)
         """
+        by_id = self._by_id
         out: list[Source | None] = []
         for a in args:
-            hit = self._by_id.get(id(a))
+            if type(a) in _PLAIN_TYPES:  # (a plain value is never a source)
+                out.append(None)
+                continue
+            hit = by_id.get(id(a))
             if hit is not None and hit[0] is a:
                 out.append(hit[1])
-            elif isinstance(a, torch.Tensor) and not a.requires_grad and not is_batched(a):
+            elif (isinstance(a, torch.Tensor) and not a.requires_grad
+                  and (not _functorch.is_functorch_wrapped_tensor(a) or not is_batched(a))):
                 out.append(("same", a))
             else:
                 out.append(None)
+        if type(retval) is torch.Tensor or not isinstance(retval, _PLAIN):
+            src: Source = ("ret", addr)
+            by_id[id(retval)] = (retval, src)
+            if self._diffs is not None:
+                self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
         return tuple(out)
 
     def source_of(self, value: Any) -> Source | None:
@@ -88,25 +95,25 @@ class SourceTracker:
                         old_sources: Sequence[Source | None] | None) -> tuple[Diff, ...]:
         """The argdiffs of a callee called with ``new_args`` now and ``old_args`` before."""
         if len(new_args) != len(old_args):
-            return (UnknownChange(),) * len(new_args)
+            return (_UNKNOWN,) * len(new_args)
         diffs: list[Diff] = []
         for j, (new, old) in enumerate(zip(new_args, old_args)):
             if new is old:
-                diffs.append(NoChange())
+                diffs.append(_NO_CHANGE)
                 continue
             if isinstance(new, _PLAIN) and isinstance(old, _PLAIN):
-                diffs.append(NoChange() if type(new) is type(old) and new == old
-                             else UnknownChange())
+                diffs.append(_NO_CHANGE if type(new) is type(old) and new == old
+                             else _UNKNOWN)
                 continue
             old_src = old_sources[j] if old_sources is not None else None
             if old_src is not None and old_src[0] == "same":
-                diffs.append(NoChange() if old_src[1] is new else UnknownChange())
+                diffs.append(_NO_CHANGE if old_src[1] is new else _UNKNOWN)
                 continue
             src = self.source_of(new)
             if src is not None and old_src == src and self._diffs is not None:
-                diffs.append(self._diffs.get(src, UnknownChange()))
+                diffs.append(self._diffs.get(src, _UNKNOWN))
             else:
-                diffs.append(UnknownChange())
+                diffs.append(_UNKNOWN)
         return tuple(diffs)
 
     def diff_of_value(self, value: Any, old_value: Any, old_source: Source | None) -> Diff:

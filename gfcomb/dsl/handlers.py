@@ -83,10 +83,9 @@ class Handler:
         gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
             else BATCH
         try:
-            retval = self.call(addr, gen_fn, args, gfi)
+            return self.call(addr, gen_fn, args, gfi)
         except (AddressError, DistributionArgumentError) as err:
             raise err.prefixed(addr) from None
-        return retval
 
     def splice(self, gen_fn: GenFunction, args: tuple[Any, ...]) -> Any:
         """Run a @gen callee's body with this handler: its addresses become the caller's."""
@@ -113,11 +112,10 @@ class Handler:
 
     def _record(self, addr: Address, args: tuple[Any, ...], tr: Trace,
                 retdiff: Diff | None) -> Any:
-        self.sources[addr] = self.tracker.sources_of(args)
+        retval = tr.caller_retval()
+        self.sources[addr] = self.tracker.record(addr, args, retval, retdiff)
         self.subtraces[addr] = tr
         self._scores.append(tr.score)
-        retval = tr.caller_retval()
-        self.tracker.add_return(addr, retval, retdiff)
         return retval
 
     def _check_all_visited(self, constraints: ChoiceMap, method: str) -> None:
@@ -149,8 +147,13 @@ def _sum(xs: list[Any]) -> Any:
         if acc is None:
             return numbers
         return acc + numbers if numbers != 0 else acc
-    ts = [x for x in xs if isinstance(x, torch.Tensor)]
-    rest = sum(x for x in xs if not isinstance(x, torch.Tensor))
+    ts = []
+    rest: Any = 0
+    for x in xs:  # (one pass: this runs once per GFI call of a body with many calls)
+        if isinstance(x, torch.Tensor):
+            ts.append(x)
+        else:
+            rest = rest + x
     if not ts:
         return rest
     total = ts[0]
@@ -197,6 +200,17 @@ def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
         f"{method}: constraint at address {{addr}} is never visited by the model", full)
 
 
+def _no_change(argdiffs: tuple[Diff, ...]) -> bool:
+    """Every argdiff NoChange (a loop: cheaper than ``all`` over a generator, per call)."""
+    for d in argdiffs:
+        if not isinstance(d, NoChange):
+            return False
+    return True
+
+
+_NO_CHANGE = NoChange()  # (diffs are frozen: one instance serves every call)
+
+
 def _same_function(a: GenerativeFunction, b: GenerativeFunction) -> bool:
     """Same generative function?  Combinators built afresh in each run of a body compare
     equal when built from the same parts (they define ``__eq__``)."""
@@ -219,7 +233,9 @@ class SimulateHandler(Handler):
 
     def call(self, addr: Address, gen_fn: GenerativeFunction, args: tuple[Any, ...],
              gfi: Calls) -> Any:
-        return self._record(addr, args, gfi.simulate(gen_fn, args), None)
+        # (per row, Calls.simulate is the callee's own simulate: called here without it)
+        tr = gen_fn.simulate(args) if gfi is PER_ROW else gfi.simulate(gen_fn, args)
+        return self._record(addr, args, tr, None)
 
 
 class GenerateHandler(Handler):
@@ -308,8 +324,8 @@ class UpdateHandler(_IncrementalHandler):
             self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
-            return self._record(addr, args, old, NoChange())  # (nothing to do: weight 0)
+        if sub.is_empty() and _no_change(argdiffs):
+            return self._record(addr, args, old, _NO_CHANGE)  # (nothing to do: weight 0)
         tr, w, retdiff, discard = gfi.update(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         if not discard.is_empty():
@@ -341,8 +357,8 @@ class RegenerateHandler(_IncrementalHandler):
             return self._record(addr, args, gfi.simulate(gen_fn, args), None)
         sub = self.selection.get_subselection_at(addr)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
-            return self._record(addr, args, old, NoChange())
+        if sub.is_empty_static() and _no_change(argdiffs):
+            return self._record(addr, args, old, _NO_CHANGE)
         tr, w, retdiff = gfi.regenerate(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
         return self._record(addr, args, tr, retdiff)
