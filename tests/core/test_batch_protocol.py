@@ -330,7 +330,8 @@ def history_bytes(block) -> int:
 
     seen, held = set(), 0
     while block is not None:
-        for x in tree_tensors([block._choices, block._state, block._steps, block.parent_rows]):
+        for x in tree_tensors([block._choices, block._state, block._steps, block.parent_rows,
+                               block._gathered]):
             if x.dim() and x.stride(0) == 0:
                 continue  # the shared observation, expanded
             if x.untyped_storage().data_ptr() not in seen:

@@ -92,8 +92,10 @@ class StepBlock:
         while the block is the newest (what a rejuvenation move reads), and let go when a
         block is stored after it: the history keeps one kernel trace, not one per step."""
         block = cls(steps, parent_rows, parent, t, t + 1, single=True, state=state)
-        if parent is not None and parent._rebuild is not None:
-            parent._steps = None  # (a cache: rebuilt from the choices if read again)
+        if parent is not None:
+            parent._gathered = None  # (the caches of the newest block only: let go)
+            if parent._rebuild is not None:
+                parent._steps = None  # (rebuilt from the choices if read again)
         leaves: list[torch.Tensor] = []
         spec = flatten(choices, leaves)
         if parent is not None and parent._choices is not None:
