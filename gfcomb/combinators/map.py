@@ -43,7 +43,13 @@ from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import AddressError
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_argdiffs, check_args_tuple
+from gfcomb.core.gfi import (
+    GenerativeFunction,
+    as_choicemap,
+    check_argdiffs,
+    check_args_tuple,
+    zero_weight,
+)
 from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.selection import Selection, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
@@ -159,7 +165,7 @@ class Map(Combinator):
         constrained_elements(cm, n, "generate")
         if cm.is_empty():
             tr = self.simulate(args)
-            return tr, torch.zeros_like(tr.score)
+            return tr, zero_weight(tr.score)
         inner, w = self._generate_inner(args, dims, n, cm, range(n))
         return self._trace(args, inner, n), w.sum(0)
 

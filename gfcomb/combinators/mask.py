@@ -49,6 +49,7 @@ from gfcomb.core.gfi import (
     check_argdiffs,
     check_args_tuple,
     check_trace,
+    zero_weight,
 )
 from gfcomb.core.masked import any_present
 from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
@@ -265,7 +266,7 @@ class Mask(Combinator):
         if edit.counts_discards:
             return self.gen_fn.generate(inner_args, edit.constraints)
         tr = self.gen_fn.simulate(inner_args)
-        return tr, torch.zeros_like(tr.score)
+        return tr, zero_weight(tr.score)
 
     def _edit(self, trace: Trace, args: tuple[Any, ...], argdiffs: Any, edit: Edit,
               ) -> tuple[MaskTrace, torch.Tensor, Diff, ChoiceMap]:

@@ -75,6 +75,15 @@ def rows_submap(constraints: Any, key: Any) -> Any:
     return PerRow(sub) if per_row and not sub.is_empty() else sub
 
 
+def zero_weight(score: torch.Tensor) -> torch.Tensor:
+    """A zero weight for a trace of score ``score``: ``zeros_like(score)``, or, for a 0-d
+    score (one trace, or one row under vmap), a fresh 0-d zero -- under vmap one unbatched
+    tensor for every row, not a tensor of zeros made per row."""
+    if score.dim() == 0:
+        return torch.zeros((), dtype=score.dtype, device=score.device)
+    return torch.zeros_like(score)
+
+
 def weight_like(w: Any, score: torch.Tensor) -> torch.Tensor:
     """A weight (a tensor or a Python number) as a tensor shaped and typed like ``score``:
     ``w`` itself when it already is one (no op), else ``w + zeros_like(score)``."""

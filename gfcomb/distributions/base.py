@@ -56,7 +56,7 @@ from gfcomb.core.errors import (
     MissingChoiceError,
     UnvisitedConstraintError,
 )
-from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple, zero_weight
 from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
@@ -321,7 +321,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         cm = _value_constraint(self, constraints, "generate")
         if cm is None:
             tr = self.simulate(args)
-            return tr, torch.zeros_like(tr.score)
+            return tr, zero_weight(tr.score)
         params = self._checked_params(args)
         cv = self._given(cm, args, params)
         mask = cm.mask
@@ -366,7 +366,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
                 if not isinstance(d, NoChange):
                     break
             else:
-                return trace, torch.zeros_like(trace.score), _NO_CHANGE, ChoiceMap.empty()
+                return trace, zero_weight(trace.score), _NO_CHANGE, ChoiceMap.empty()
             params = self._checked_params(args)
             self._check_value(trace.value, args, params, given=False)
             score = self._score(trace.value, params)
@@ -401,10 +401,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         params = self._checked_params(args)
         if flag is True:
             value, score = self._sample_scored(params)
-            # (a 0-d score: under vmap, one unbatched zero for every row, not a tensor of them)
-            zero = torch.zeros((), dtype=score.dtype, device=score.device) \
-                if score.dim() == 0 else torch.zeros_like(score)
-            return ChoiceTrace(self, args, value, score), zero, _UNKNOWN_CHANGE
+            return ChoiceTrace(self, args, value, score), zero_weight(score), _UNKNOWN_CHANGE
         self._check_value(trace.value, args, params, given=False)
         sampled = self._sample(params)
         value = torch.where(_expand_mask(flag, sampled), sampled, trace.value)

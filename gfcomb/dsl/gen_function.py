@@ -38,6 +38,7 @@ from gfcomb.core.gfi import (
     check_args_tuple,
     check_trace,
     weight_like,
+    zero_weight,
 )
 from gfcomb.core.pytree import register_record
 from gfcomb.core.runtime import running
@@ -251,7 +252,7 @@ class GenFunction(GenerativeFunction):
         cm = as_choicemap(constraints)
         if cm.is_empty():
             tr = self.simulate(args)
-            return tr, torch.zeros_like(tr.score)
+            return tr, zero_weight(tr.score)
         h = GenerateHandler(self, args, cm)
         retval = self.run_body(h, args)
         h._check_all_visited(cm, "generate")
@@ -290,7 +291,7 @@ class GenFunction(GenerativeFunction):
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
         cm = as_choicemap(constraints)
         if cm.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
-            return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
+            return trace, zero_weight(trace.score), NoChange(), ChoiceMap.empty()
         h = UpdateHandler(self, trace, args, argdiffs, cm)
         retval = self.run_body(h, args)
         h._check_all_visited(cm, "update")
@@ -315,7 +316,7 @@ class GenFunction(GenerativeFunction):
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
         check_selection(selection, self, "regenerate")
         if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
-            return trace, torch.zeros_like(trace.score), NoChange()
+            return trace, zero_weight(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
         retval = self.run_body(h, args)
         new = self._trace(h, args, retval)

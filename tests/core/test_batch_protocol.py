@@ -416,3 +416,15 @@ def test_a_per_row_selection_is_not_taken_out_of_its_row_level():
         new, w, _ = tr.regenerate(gf.select(addr))  # (raised "tensor escaped from vmap")
         assert bool(torch.isfinite(w))
         close(new.score, model.assess(new.args, new.choices)[0], 1e-10)
+
+
+@pytest.mark.parametrize("gen_fn, args", [(gf.normal, (0.0, 1.0)), (point, (0.5, 2.0)),
+                                          (wrapped, (3, A))])
+def test_unconstrained_generate_weighs_zero_per_row_and_alone(gen_fn, args):
+    one, w1 = gen_fn.generate(args)
+    assert w1.shape == one.score.shape == () and float(w1) == 0.0
+    w1.add_(1.0)  # (a fresh tensor: writing into it changes no later weight)
+    _, w2 = gen_fn.generate(args)
+    assert float(w2) == 0.0
+    traces, w = gen_fn.batch_generate(7, args)
+    assert w.shape == (7,) and torch.equal(w, torch.zeros(7))

@@ -27,6 +27,7 @@ from gfcomb.core.gfi import (
     check_argdiffs,
     check_args_tuple,
     check_trace,
+    zero_weight,
 )
 from gfcomb.core.selection import MaskSelection, Selection, element_selections
 from gfcomb.core.trace import Trace
@@ -235,7 +236,7 @@ class Recurse(Combinator):
         args = self._check_args(args)
         cons = self._node_constraints(as_choicemap(constraints), "generate")
         tr, weight = self._grow(args, cons, "generate")
-        return tr, weight if weight is not None else torch.zeros_like(tr.score)
+        return tr, weight if weight is not None else zero_weight(tr.score)
 
     def assess(self, args: tuple[Any, ...], choices: ChoiceMap) -> tuple[torch.Tensor, Any]:
         """Score given choices of a whole tree.
@@ -276,7 +277,7 @@ class Recurse(Combinator):
         argdiffs = self._check_argdiffs(argdiffs, args, trace)
         cons = self._node_constraints(as_choicemap(constraints), "update")
         if not cons and isinstance(argdiffs[0], NoChange):
-            return trace, torch.zeros_like(trace.score), NoChange(), ChoiceMap.empty()
+            return trace, zero_weight(trace.score), NoChange(), ChoiceMap.empty()
         return self._edit(trace, args, argdiffs, Constrain(cons))
 
     def regenerate(self, trace: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
@@ -295,7 +296,7 @@ class Recurse(Combinator):
         args = self._check_args(args)
         argdiffs = self._check_argdiffs(argdiffs, args, trace)
         if selection.is_empty_static() and isinstance(argdiffs[0], NoChange):
-            return trace, torch.zeros_like(trace.score), NoChange()
+            return trace, zero_weight(trace.score), NoChange()
         new, weight, retdiff, _ = self._edit(trace, args, argdiffs, Resample(selection))
         return new, weight, retdiff
 

@@ -76,6 +76,7 @@ from gfcomb.core.gfi import (
     check_argdiffs,
     check_args_tuple,
     check_trace,
+    zero_weight,
 )
 from gfcomb.core.selection import Selection, flag_and, flag_not
 from gfcomb.core.trace import Trace
@@ -185,7 +186,7 @@ class Switch(Combinator):
             return self._trace(args, index, only(index, tr, len(self.branches))), w
         if cm.is_empty():
             tr = self.simulate(args)
-            return tr, torch.zeros_like(tr.score)
+            return tr, zero_weight(tr.score)
         traces, weights, dropped = [], [], []
         for k in range(len(self.branches)):
             tr, w, _, drop = generate_reusing(self.branches[k], bargs, cm, _EMPTY, None, True)
