@@ -19,7 +19,8 @@ X = float_tensors((), -2.0, 2.0)
 
 @pytest.mark.parametrize("dist", ALL_DISTRIBUTIONS, ids=[d.name for d in ALL_DISTRIBUTIONS])
 def test_every_distribution_satisfies_the_gfi_laws(dist):
-    report = check_gfi(dist, distribution_args(dist), max_examples=12)
+    # (fixed examples: with random ones a rarely-hit law may not run in 12, a flaky failure)
+    report = check_gfi(dist, distribution_args(dist), max_examples=12, derandomize=True)
     expected_never = {"gradients"} if dist.name == "uniform_discrete" else set()
     assert set(report.laws_never_run) <= expected_never, report.summary()
 
