@@ -52,7 +52,7 @@ def test_every_law_has_a_name_and_unknown_names_are_refused():
 
 
 def test_check_gfi_runs_every_law_and_reports_it():
-    report = check_gfi(model, MODEL_ARGS, max_examples=10)
+    report = check_gfi(model, MODEL_ARGS, max_examples=10, derandomize=True)
     assert report.examples >= 10
     assert report.laws_never_run == (), report.summary()
     text = report.summary()
