@@ -125,23 +125,28 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
     if kind == _DICT:
         return dict(zip(spec[1], _unflatten_all(spec[2], leaves)))
     if kind == _RECORD:
-        cls = spec[1]
-        dynamic, static = RECORD_FIELDS[cls][:2]
-        rec = cls.__new__(cls)
-        for name, v in zip(dynamic, _unflatten_all(spec[2], leaves)):
-            object.__setattr__(rec, name, v)
-        for name, v in zip(static, spec[3]):
-            object.__setattr__(rec, name, v)
-        object.__setattr__(rec, "_layout", None)
-        post = getattr(rec, "_after_unflatten", None)
-        if post is not None:
-            post()
-        return rec
+        return _record(spec[1], _unflatten_all(spec[2], leaves), spec[3])
     if kind == _NODE:
         return spec[1](_unflatten_all(spec[3], leaves), spec[2])
     _, tspec, is_t, statics = spec
     return pytree.tree_unflatten([next(leaves) if k else x for x, k in zip(statics, is_t)],
                                  tspec)
+
+
+def _record(cls: Any, dynamic_values: Iterable[Any], static_values: Iterable[Any]) -> Any:
+    """A registered record of class ``cls`` with these field values (its leaf layout cache
+    empty, as if just built)."""
+    dynamic, static = RECORD_FIELDS[cls][:2]
+    rec = cls.__new__(cls)
+    for name, v in zip(dynamic, dynamic_values):
+        object.__setattr__(rec, name, v)
+    for name, v in zip(static, static_values):
+        object.__setattr__(rec, name, v)
+    object.__setattr__(rec, "_layout", None)
+    post = getattr(rec, "_after_unflatten", None)
+    if post is not None:
+        post()
+    return rec
 
 
 def _unflatten_all(specs: tuple[Any, ...], leaves: Iterator[torch.Tensor]) -> list[Any]:
@@ -218,29 +223,27 @@ def _zip_record(cls: Any, x: Any, y: Any, getters: Any, fn: Callable[..., Any],
     dynamic_of, static_of = getters
     dx, dy = dynamic_of(x), dynamic_of(y)
     values = [_zip(u, v, fn, done) for u, v in zip(dx, dy)]
+    statics, loosened = _merged_statics(cls, static_of(x), static_of(y))
+    if not loosened and all(v is u for v, u in zip(values, dx)):
+        return x
+    return _record(cls, values, statics)
+
+
+def _merged_statics(cls: Any, xs: Iterable[Any], ys: Iterable[Any]) -> tuple[tuple[Any, ...],
+                                                                            bool]:
+    """Two records' static field values merged: ``(values, whether some uncompared
+    bookkeeping disagreed and became None)``; _Differ when a compared field differs."""
     statics = []
-    changed = any(v is not u for v, u in zip(values, dx))
-    for v, w, loose in zip(static_of(x), static_of(y), LOOSE_STATICS[cls]):
+    loosened = False
+    for v, w, loose in zip(xs, ys, LOOSE_STATICS[cls]):
         if _equal(v, w):
             statics.append(v)
         elif loose:
             statics.append(None)
-            changed = True
+            loosened = True
         else:
             raise _Differ
-    if not changed:
-        return x
-    dynamic, static = RECORD_FIELDS[cls][:2]
-    rec = cls.__new__(cls)
-    for name, v in zip(dynamic, values):
-        object.__setattr__(rec, name, v)
-    for name, v in zip(static, statics):
-        object.__setattr__(rec, name, v)
-    object.__setattr__(rec, "_layout", None)
-    post = getattr(rec, "_after_unflatten", None)
-    if post is not None:
-        post()
-    return rec
+    return tuple(statics), loosened
 
 
 def merged_spec(a: Any, b: Any) -> Any:
@@ -297,17 +300,8 @@ def _merged(a: Any, b: Any) -> Any:
         if cls is not b[1]:
             raise _Differ
         children = _merged_all(a[2], b[2])
-        statics = []
-        changed = children is not a[2]
-        for v, w, loose in zip(a[3], b[3], LOOSE_STATICS[cls]):
-            if _equal(v, w):
-                statics.append(v)
-            elif loose:
-                statics.append(None)
-                changed = True
-            else:
-                raise _Differ
-        return (kind, cls, children, tuple(statics)) if changed else a
+        statics, loosened = _merged_statics(cls, a[3], b[3])
+        return (kind, cls, children, statics) if loosened or children is not a[2] else a
     if kind == _NODE:
         if a[1] is not b[1] or not _equal(a[2], b[2]):
             raise _Differ
