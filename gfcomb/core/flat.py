@@ -212,10 +212,8 @@ def _zip(x: Any, y: Any, fn: Callable[..., Any], done: dict[Any, Any]) -> Any:
         if _equal(x, y):
             return x
         raise _Differ
-    leaves_x: list[torch.Tensor] = []
-    leaves_y: list[torch.Tensor] = []
-    spec = merged_spec(flatten(x, leaves_x), flatten(y, leaves_y))
-    return unflatten(spec, iter([_zip(u, v, fn, done) for u, v in zip(leaves_x, leaves_y)]))
+    fields = [_zip(u, v, fn, done) for u, v in zip(x, y)]  # (a namedtuple: its fields)
+    return x if all(f is u for f, u in zip(fields, x)) else t(*fields)
 
 
 def _zip_record(cls: Any, x: Any, y: Any, getters: Any, fn: Callable[..., Any],
@@ -246,19 +244,8 @@ def _merged_statics(cls: Any, xs: Iterable[Any], ys: Iterable[Any]) -> tuple[tup
     return tuple(statics), loosened
 
 
-def merged_spec(a: Any, b: Any) -> Any:
-    """The spec of two trees' :func:`flatten` specs ``a`` and ``b`` when they describe the same
-    structure (the same nodes, records of one class with equal static fields, equal
-    non-tensor leaves), with the uncompared bookkeeping fields of records on which they
-    disagree (e.g. a @gen trace's argument sources) unknown (None); ValueError otherwise."""
-    try:
-        return _merged(a, b)
-    except _Differ:
-        raise ValueError("the trees have different structures") from None
-
-
 class _Differ(Exception):
-    pass
+    """Two trees that :func:`zip_alike` found to differ in structure."""
 
 
 def _equal(x: Any, y: Any) -> bool:
@@ -266,47 +253,3 @@ def _equal(x: Any, y: Any) -> bool:
         return bool(x is y or x == y)
     except Exception:  # (tensors inside: cannot vouch for equality)
         return False
-
-
-def _merged_all(xs: tuple[Any, ...], ys: tuple[Any, ...]) -> tuple[Any, ...]:
-    if len(xs) != len(ys):
-        raise _Differ
-    out = tuple([x if x is y else _merged(x, y) for x, y in zip(xs, ys)])
-    return xs if all(o is x for o, x in zip(out, xs)) else out
-
-
-def _merged(a: Any, b: Any) -> Any:
-    if a is b:
-        return a
-    kind = a[0]
-    if kind != b[0]:
-        raise _Differ
-    if kind == _TENSOR:
-        return a
-    if kind == _STATIC:
-        if _equal(a[1], b[1]):
-            return a
-        raise _Differ
-    if kind in (_TUPLE, _LIST):
-        children = _merged_all(a[1], b[1])
-        return a if children is a[1] else (kind, children)
-    if kind == _DICT:
-        if a[1] != b[1]:
-            raise _Differ
-        children = _merged_all(a[2], b[2])
-        return a if children is a[2] else (kind, a[1], children)
-    if kind == _RECORD:
-        cls = a[1]
-        if cls is not b[1]:
-            raise _Differ
-        children = _merged_all(a[2], b[2])
-        statics, loosened = _merged_statics(cls, a[3], b[3])
-        return (kind, cls, children, statics) if loosened or children is not a[2] else a
-    if kind == _NODE:
-        if a[1] is not b[1] or not _equal(a[2], b[2]):
-            raise _Differ
-        children = _merged_all(a[3], b[3])
-        return a if children is a[3] else (kind, a[1], a[2], children)
-    if a[1] == b[1] and a[2] == b[2] and all(map(_equal, a[3], b[3])):  # (a namedtuple)
-        return a
-    raise _Differ

@@ -80,3 +80,18 @@ def test_where_alike_passes_shared_leaves_and_refuses_other_structures():
         tree_where_alike(mask, x, z)
     with pytest.raises(ValueError):
         tree_where_alike(mask, {"k": 1, "v": x["a"]}, {"k": 2, "v": y["a"]})
+
+
+def test_where_alike_merges_inside_namedtuples():
+    from collections import namedtuple
+
+    from gfcomb.core.pytree import tree_where_alike
+
+    Pair = namedtuple("Pair", "value tag")
+    mask = torch.tensor([True, False, True])
+    a, b = Pair(torch.ones(3), "t"), Pair(torch.zeros(3), "t")
+    out = tree_where_alike(mask, a, b)
+    assert type(out) is Pair and out.tag == "t"
+    assert torch.equal(out.value, torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError):
+        tree_where_alike(mask, a, Pair(torch.zeros(3), "u"))
