@@ -24,7 +24,7 @@ import torch
 
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.errors import ArgumentError, UnvisitedConstraintError
 from gfcomb.core.gfi import GenerativeFunction, as_choicemap, check_args_tuple
 from gfcomb.core.pytree import register_record
@@ -164,7 +164,7 @@ class TorchGenerativeFunction(GenerativeFunction):
         self._check_no_constraints(constraints, "update")
         assert isinstance(trace, DeterministicTrace)
         args = check_args_tuple(args)
-        if all(isinstance(d, NoChange) for d in argdiffs):
+        if all_unchanged(argdiffs):
             return trace, trace.score, NoChange(), ChoiceMap.empty()
         return self.simulate(args), trace.score, UnknownChange(), ChoiceMap.empty()
 

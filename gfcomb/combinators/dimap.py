@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gfcomb.combinators.parts import gen_fn_part
-from gfcomb.combinators.wrapped import Wrapper, all_unchanged
-from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.combinators.wrapped import Wrapper
+from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.errors import ArgumentError
 from gfcomb.core.gfi import GenerativeFunction
 

@@ -23,7 +23,7 @@ import torch
 from gfcomb.combinators.edit import Constrain, Edit, Resample
 from gfcomb.combinators.parts import Combinator
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.gfi import (
     GenerativeFunction,
     as_choicemap,
@@ -60,11 +60,6 @@ class WrappedTrace(Trace):
 
 
 register_record(WrappedTrace, dynamic=("args", "retval", "score", "inner"), static=("gen_fn",))
-
-
-def all_unchanged(argdiffs: tuple[Diff, ...]) -> bool:
-    """True if every argdiff is NoChange."""
-    return all(isinstance(d, NoChange) for d in argdiffs)
 
 
 class Wrapper(Combinator):

@@ -9,6 +9,8 @@ elements at or beyond ``prev_length`` are new).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 from torch.utils import _pytree as pytree
 
@@ -43,3 +45,11 @@ class VectorDiff(Diff):
 for _cls in (NoChange, UnknownChange, VectorDiff):
     # diffs are static: invisible to vmap (no tensor leaves)
     pytree.register_pytree_node(_cls, lambda d: ([], d), lambda _, d: d)
+
+
+def all_unchanged(diffs: Sequence[Diff]) -> bool:
+    """True if every diff is NoChange (a loop: this runs once per traced call)."""
+    for d in diffs:
+        if not isinstance(d, NoChange):
+            return False
+    return True

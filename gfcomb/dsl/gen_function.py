@@ -29,7 +29,7 @@ import torch
 from gfcomb.core.address import normalize
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import Deferred, resolve
-from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import (
     GenerativeFunction,
@@ -290,7 +290,7 @@ class GenFunction(GenerativeFunction):
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
         cm = as_choicemap(constraints)
-        if cm.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
+        if cm.is_empty() and all_unchanged(argdiffs):
             return trace, zero_weight(trace.score), NoChange(), ChoiceMap.empty()
         h = UpdateHandler(self, trace, args, argdiffs, cm)
         retval = self.run_body(h, args)
@@ -315,7 +315,7 @@ class GenFunction(GenerativeFunction):
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
         check_selection(selection, self, "regenerate")
-        if selection.is_empty_static() and all(isinstance(d, NoChange) for d in argdiffs):
+        if selection.is_empty_static() and all_unchanged(argdiffs):
             return trace, zero_weight(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
         retval = self.run_body(h, args)

@@ -14,7 +14,7 @@ import torch
 
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import (
     AddressError,
     DistributionArgumentError,
@@ -200,14 +200,6 @@ def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
         f"{method}: constraint at address {{addr}} is never visited by the model", full)
 
 
-def _no_change(argdiffs: tuple[Diff, ...]) -> bool:
-    """Every argdiff NoChange (a loop: cheaper than ``all`` over a generator, per call)."""
-    for d in argdiffs:
-        if not isinstance(d, NoChange):
-            return False
-    return True
-
-
 _NO_CHANGE = NoChange()  # (diffs are frozen: one instance serves every call)
 
 
@@ -324,7 +316,7 @@ class UpdateHandler(_IncrementalHandler):
             self._weights.append(w)
             return self._record(addr, args, tr, None)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty() and _no_change(argdiffs):
+        if sub.is_empty() and all_unchanged(argdiffs):
             return self._record(addr, args, old, _NO_CHANGE)  # (nothing to do: weight 0)
         tr, w, retdiff, discard = gfi.update(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)
@@ -357,7 +349,7 @@ class RegenerateHandler(_IncrementalHandler):
             return self._record(addr, args, gfi.simulate(gen_fn, args), None)
         sub = self.selection.get_subselection_at(addr)
         argdiffs = self._callee_argdiffs(addr, old, args)
-        if sub.is_empty_static() and _no_change(argdiffs):
+        if sub.is_empty_static() and all_unchanged(argdiffs):
             return self._record(addr, args, old, _NO_CHANGE)
         tr, w, retdiff = gfi.regenerate(gen_fn, old, args, argdiffs, sub)
         self._weights.append(w)

@@ -68,7 +68,7 @@ from gfcomb.combinators.switch.trace import SwitchTrace
 from gfcomb.core import masked
 from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff, NoChange, UnknownChange
+from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError
 from gfcomb.core.gfi import (
     GenerativeFunction,
@@ -275,7 +275,7 @@ class Switch(Combinator):
         trace = self._check_trace(trace)
         index, bargs = self._parse(args)
         argdiffs = check_argdiffs(args, argdiffs, 'Switch')
-        if edit.is_empty() and all(isinstance(d, NoChange) for d in argdiffs):
+        if edit.is_empty() and all_unchanged(argdiffs):
             return trace, torch.zeros_like(trace.score), NoChange(), _EMPTY
         bdiffs = tuple(argdiffs[1:])
         batched = isinstance(index, torch.Tensor) or trace.batched

@@ -27,7 +27,7 @@ from gfcomb.combinators.vector import has_masks
 from gfcomb.core.batched import batch_size
 from gfcomb.core.batching import cached_arange
 from gfcomb.core.deferred import resolve
-from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import AddressError
 from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weight_like
 from gfcomb.core.harmonize import harmonize
@@ -54,7 +54,7 @@ def batch_plan(unfold: Unfold, traces: Trace, args: tuple[Any, ...], argdiffs: t
     args = check_args_tuple(args)
     argdiffs = check_argdiffs(args, argdiffs, 'Unfold')
     n_new = unfold.unpack((args[0], None))[0]
-    if n_new < traces.length or not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+    if n_new < traces.length or not all_unchanged(argdiffs[1:]):
         return None
     return [t for t in touched_below(n_new) if t < traces.length]
 

@@ -51,7 +51,7 @@ from gfcomb.combinators.vector import (
     index_tensor,
 )
 from gfcomb.core.choicemap import ChoiceMap
-from gfcomb.core.diff import Diff, NoChange
+from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import AddressError, ArgumentError
 from gfcomb.core.gfi import (
     GenerativeFunction,
@@ -173,7 +173,7 @@ class Unfold(Combinator):
         args, argdiffs)`` revisits one step.  Returns (new inner, Σ weights, Σ score changes,
         steps whose state changed).
         """
-        params_changed = not all(isinstance(d, NoChange) for d in param_diffs)
+        params_changed = not all_unchanged(param_diffs)
         if params_changed or not isinstance(init_diff, NoChange):
             t: int | None = 0
         else:
@@ -261,7 +261,7 @@ class Unfold(Combinator):
         """The first stored step an update must look at (``n_old``: none, it only appends):
         0 if ``init_state`` or a parameter changed, else the first constrained/selected
         stored step or the new length when shrinking."""
-        if not all(isinstance(d, NoChange) for d in argdiffs[1:]):
+        if not all_unchanged(argdiffs[1:]):
             return 0
         first = min(n_new, n_old)
         return min([t for t in touched if t < first] + [first])
