@@ -135,13 +135,8 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
         if touched:
             window.append(new)
         else:
-            choices = new.choices
-            if has_masks(choices):  # (absent values would be drawn afresh: keep the trace)
-                block = StepBlock(new, prows, block, t, t + 1, single=True, state=last)
-            else:
-                rebuild = StepRebuild(unfold.kernel, rows, params,
-                                      args[1] if block is None else None)
-                block = StepBlock.stored(choices, last, rebuild, prows, block, t, new)
+            block = closed_step(unfold, new, last, rows, params,
+                                args[1] if block is None else None, prows, block, t)
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
     stored_args = tuple(stored_arg(a, rows) for a in args)
@@ -163,15 +158,25 @@ def compacted(unfold: Unfold, traces: UnfoldTrace, params: tuple[Any, ...]) -> U
             or traces.length - traces.history_length != 1):
         return traces.compacted()
     step = tree_index(recent, 0, dim=1)
+    n = batch_size(traces)
+    closed = closed_step(unfold, step, resolve(step.retval), n, params, None, traces.rows,
+                         block, traces.history_length)
+    rows = cached_arange(n, torch.long, traces.score.device)
+    return UnfoldTrace(unfold, traces.args, traces.score, traces.length, None, rows, closed)
+
+
+def closed_step(unfold: Unfold, step: Trace, state: Any, rows: int, params: tuple[Any, ...],
+                init: Any, parent_rows: torch.Tensor | None, parent: StepBlock | None,
+                t: int) -> StepBlock:
+    """The history block of step ``t`` (kernel trace ``step`` of ``rows`` rows, ``state`` its
+    return value) after ``parent``: stored as its choices and state (rebuilt when read, from
+    the parent's states or ``init``), or kept whole when its choices have presence masks
+    (absent values would be drawn afresh by a rebuild)."""
     choices = step.choices
     if has_masks(choices):
-        return traces.compacted()
-    n, t = batch_size(traces), traces.history_length
-    rebuild = StepRebuild(unfold.kernel, n, params, None)
-    stored = StepBlock.stored(choices, resolve(step.retval), rebuild, traces.rows, block, t,
-                              step)
-    rows = cached_arange(n, torch.long, traces.score.device)
-    return UnfoldTrace(unfold, traces.args, traces.score, traces.length, None, rows, stored)
+        return StepBlock(step, parent_rows, parent, t, t + 1, single=True, state=state)
+    rebuild = StepRebuild(unfold.kernel, rows, params, init)
+    return StepBlock.stored(choices, state, rebuild, parent_rows, parent, t, step)
 
 
 def _step_of(states: Any, j: int) -> Any:
