@@ -165,9 +165,11 @@ def _rows_objective(gen_fn: GenerativeFunction, split: _Split, n: int, retgrad: 
     return weights.sum() + _retval_term(retgrad, retvals)
 
 
-def _grads_or_zeros(objective: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def grads_or_zeros(objective: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """∂objective/∂input for each input; zeros where the objective does not use one (what
-    ``torch.func.grad`` gives)."""
+    ``torch.func.grad`` gives).
+
+    Math: grads[i] = ∂objective/∂inputs[i] (reverse mode, one backward pass)."""
     if not inputs:
         return []
     if not isinstance(objective, torch.Tensor) or not objective.requires_grad:
@@ -192,7 +194,7 @@ def _choice_gradients(gen_fn: GenerativeFunction, trace: Trace, selection: Selec
         arg_vals = [_one_row_each(split.arg_leaves[i], n) for i in split.arg_diff]
         sel_vals = [_one_row_each(split.sel_leaves[i], n) for i in split.sel_diff]
         with torch.enable_grad():
-            grads = _grads_or_zeros(
+            grads = grads_or_zeros(
                 _rows_objective(gen_fn, split, n, retgrad, arg_vals, sel_vals),
                 arg_vals + sel_vals)
         k = len(arg_vals)
@@ -272,7 +274,7 @@ def batch_gradients_at(traces: Trace, selection: Selection,
     with torch.enable_grad():
         weights, _ = _rows_assess(traces.gen_fn, n, traces.args,
                                   split.choices_with(sel_vals, _detached(split.others)))
-        grads = _grads_or_zeros(weights.sum(), sel_vals)
+        grads = grads_or_zeros(weights.sum(), sel_vals)
     out = list(leaves)
     for i, g in zip(split.sel_diff, grads):
         out[i] = g.detach()

@@ -47,6 +47,7 @@ from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.gradients import (
     batch_gradients_at,
     choice_value_gradients,
+    grads_or_zeros,
     has_default_gradients,
     is_row_batch,
 )
@@ -162,19 +163,12 @@ def _moved(trace: Trace, selection: Selection,
         return new, weight, _gradients(new, selection)[1]
     leaves, spec = pytree.tree_flatten(values)
     live = [x.detach().requires_grad_(True) if _is_float(x) else x for x in leaves]
-    wants = [x for x in live if _is_float(x)]
     with torch.enable_grad():
         new, weight, _ = _write_values(trace, pytree.tree_unflatten(live, spec))
-        found = torch.autograd.grad(new.score.sum(), wants, allow_unused=True) \
-            if new.score.requires_grad else (None,) * len(wants)
-    it = iter(found)
-    grads = [_zero_if_none(next(it), x) if _is_float(x) else x for x in live]
+        found = iter(grads_or_zeros(new.score.sum(), [x for x in live if _is_float(x)]))
+    grads = [next(found).detach() if _is_float(x) else x for x in live]
     return (tree_map_tensors(_detached, new), weight.detach(),
             pytree.tree_unflatten(grads, spec))
-
-
-def _zero_if_none(g: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(x).detach() if g is None else g
 
 
 def _detached(x: torch.Tensor) -> torch.Tensor:
