@@ -133,6 +133,29 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
                                  tspec)
 
 
+def static_leaves(spec: Any) -> list[Any]:
+    """The non-tensor leaves of a tree, from its :func:`flatten` spec, in order (not the
+    records' static fields, nor the contexts of other pytree nodes)."""
+    out: list[Any] = []
+    todo = [spec]
+    while todo:
+        s = todo.pop()
+        kind = s[0]
+        if kind == _STATIC:
+            out.append(s[1])
+        elif kind in (_TUPLE, _LIST):
+            todo.extend(reversed(s[1]))
+        elif kind == _DICT:
+            todo.extend(reversed(s[2]))
+        elif kind == _RECORD:
+            todo.extend(reversed(s[2]))
+        elif kind == _NODE:
+            todo.extend(reversed(s[3]))
+        elif kind == _OTHER:
+            out.extend(x for x, k in zip(s[3], s[2]) if not k)
+    return out
+
+
 def _record(cls: Any, dynamic_values: Iterable[Any], static_values: Iterable[Any]) -> Any:
     """A registered record of class ``cls`` with these field values (its leaf layout cache
     empty, as if just built)."""

@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils import _pytree as pytree
 
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError, GFIError
+from gfcomb.core.flat import flatten, static_leaves, unflatten
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.vmap import PerRow
@@ -90,49 +90,51 @@ def _tensors_in(obj: Any, found: dict[int, torch.Tensor], seen: set[int]) -> Non
                 _tensors_in(getattr(obj, name, None), found, seen)
 
 
-def _static_tensors(spec: pytree.TreeSpec) -> dict[int, torch.Tensor]:
-    """The tensors held in the static part (the node contexts) of a pytree spec."""
-    found: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
-    todo = [spec]
-    while todo:
-        s = todo.pop()
-        _tensors_in(s.context, found, seen)
-        todo.extend(s.children())
-    return found
-
-
-def _split(leaves: list[Any]) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
-    """(the tensor leaves, the other leaves with None where a tensor was)."""
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    statics = tuple(None if isinstance(x, torch.Tensor) else x for x in leaves)
-    return tensors, statics
-
-
-def _join(tensors: Any, statics: tuple[Any, ...]) -> list[Any]:
-    it = iter(tensors)
-    return [next(it) if s is None else s for s in statics]
-
-
 #: input leaves that are static values as they are (compared with ==, part of the key)
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 def _meta(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.shape, t.dtype, t.device, t.requires_grad)
+    # (the strides too: a graph compiled for one layout is replayed on that layout only, so
+    # inductor's per-call layout asserts are off)
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _spec_tensors(spec: Any) -> dict[int, torch.Tensor]:
+    """The tensors held in the static part of a :func:`gfcomb.core.flat.flatten` spec (its
+    non-tensor leaves, records' static fields, other nodes' contexts)."""
+    found: dict[int, torch.Tensor] = {}
+    _tensors_in(spec, found, set())
+    return found
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a == b)
+    except RuntimeError:  # a static part holding tensors of several elements: not the same
+        return False
 
 
 class _Graph:
-    """One captured structure: its key, the compiled graph and how to rebuild the output."""
+    """One captured structure: its key, the compiled graph and how to rebuild the output.
 
-    __slots__ = ("key", "run", "out_spec", "out_statics")
+    ``outputs`` has one entry per output tensor leaf: the index of the input tensor it is
+    (a value the step passed through unchanged: handed back as it is, not through the graph)
+    or None (the graph's next output).  ``parts``: per element of the step's result (one
+    element when the result is not a tuple), its flatten spec and number of tensor leaves.
+    ``out_metas``: the output leaves' layouts, read at the first replay."""
+
+    __slots__ = ("key", "run", "outputs", "parts", "is_tuple", "out_metas")
 
     def __init__(self, key: tuple[Any, ...], run: Callable[..., Any],
-                 out_spec: pytree.TreeSpec, out_statics: tuple[Any, ...]) -> None:
+                 outputs: list[int | None], parts: list[tuple[Any, int]],
+                 is_tuple: bool) -> None:
         self.key = key
         self.run = run
-        self.out_spec = out_spec
-        self.out_statics = out_statics
+        self.outputs = outputs
+        self.parts = parts
+        self.is_tuple = is_tuple
+        self.out_metas: list[tuple[Any, ...]] | None = None
 
 
 class CompiledStep:
@@ -146,23 +148,50 @@ class CompiledStep:
         self.max_graphs = max_graphs
         self.options = options
         self.graphs: list[_Graph] = []
+        # the records the last call returned, by id: (record, spec, tensor leaves, layouts).
+        # Records are immutable, so one passed back in (the usual chain or filter loop) is
+        # not walked again.
+        self._returned: dict[int, tuple[Any, Any, list[torch.Tensor], list[Any]]] = {}
 
     def __repr__(self) -> str:
         return (f"CompiledStep({getattr(self.step, '__name__', self.step)!r}, "
                 f"backend={self.backend!r}, {len(self.graphs)} graph(s))")
 
     def __call__(self, *args: Any) -> Any:
-        leaves, spec = pytree.tree_flatten(args)
-        tensors, statics = _split(leaves)
-        for x in statics:
-            if type(x) not in _PLAIN:
-                self._check_static(x)
-        key = (spec, statics, tuple(_meta(t) for t in tensors))
-        graph = next((g for g in self.graphs if g.key == key), None)
+        tensors: list[torch.Tensor] = []
+        metas: list[Any] = []
+        specs = []
+        for a in args:
+            known = self._returned.get(id(a))
+            if known is not None and known[0] is a:
+                specs.append(known[1])
+                tensors.extend(known[2])
+                metas.extend(known[3])
+                continue
+            start = len(tensors)
+            specs.append(flatten(a, tensors))
+            metas.extend([_meta(t) for t in tensors[start:]])
+        key = (tuple(specs), tuple(metas))
+        graph = next((g for g in self.graphs if _same_key(g.key, key)), None)
         if graph is None:
-            graph = self._capture(key, spec, statics, tensors)
-        out = graph.run(*tensors)
-        return pytree.tree_unflatten(_join(out, graph.out_statics), graph.out_spec)
+            graph = self._capture(key, specs, tensors)
+        computed = iter(graph.run(*tensors))
+        outs = [next(computed) if i is None else tensors[i] for i in graph.outputs]
+        if graph.out_metas is None:
+            graph.out_metas = [_meta(t) for t in outs]
+        returned: dict[int, tuple[Any, Any, list[torch.Tensor], list[Any]]] = {}
+        elements = []
+        start = 0
+        for spec, count in graph.parts:
+            leaves = outs[start:start + count]
+            element = unflatten(spec, iter(leaves))
+            if count and not isinstance(element, torch.Tensor):
+                returned[id(element)] = (element, spec, leaves,
+                                         graph.out_metas[start:start + count])
+            elements.append(element)
+            start += count
+        self._returned = returned
+        return tuple(elements) if graph.is_tuple else elements[0]
 
     def _check_static(self, x: Any) -> None:
         """Refuse a non-tensor input leaf that holds tensors (a record not registered as a
@@ -176,9 +205,12 @@ class CompiledStep:
                 "baked into the graph as constants. Pass its tensors (or gfcomb traces and "
                 "choice maps, which are pytrees) instead.")
 
-    def _capture(self, key: tuple[Any, ...], spec: pytree.TreeSpec, statics: tuple[Any, ...],
-                 tensors: list[torch.Tensor]) -> _Graph:
+    def _capture(self, key: tuple[Any, ...], specs: list[Any], tensors: list[torch.Tensor],
+                 ) -> _Graph:
         name = getattr(self.step, "__name__", "the step")
+        for x in (x for spec in specs for x in static_leaves(spec)):
+            if type(x) not in _PLAIN:
+                self._check_static(x)
         if len(self.graphs) >= self.max_graphs:
             raise CaptureError(
                 f"compile_step({name}): {self.max_graphs} input structures captured already; "
@@ -186,15 +218,21 @@ class CompiledStep:
                 "history, a Python number among the arguments, new shapes), so every call "
                 "would be captured and compiled anew. Pass changing numbers as tensors, or "
                 "raise max_graphs.")
-        out_meta: list[Any] = []
+        layout: list[Any] = []
 
         def flat(*ts: torch.Tensor) -> list[torch.Tensor]:
-            out = self.step(*pytree.tree_unflatten(_join(ts, statics), spec))
-            out_leaves, out_spec = pytree.tree_flatten(out)
-            out_meta.append(out_spec)
-            out_tensors, out_statics = _split(out_leaves)
-            out_meta.append(out_statics)
-            return out_tensors
+            it = iter(ts)
+            result = self.step(*[unflatten(spec, it) for spec in specs])
+            is_tuple = type(result) is tuple
+            out_tensors: list[torch.Tensor] = []
+            parts = []
+            for element in result if is_tuple else (result,):
+                start = len(out_tensors)
+                parts.append((flatten(element, out_tensors), len(out_tensors) - start))
+            given = {id(t): i for i, t in enumerate(ts)}
+            outputs = [given.get(id(t)) for t in out_tensors]
+            layout[:] = [parts, is_tuple, outputs]
+            return [t for t, i in zip(out_tensors, outputs) if i is None]
 
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):  # the capture run's draws are undone
@@ -210,10 +248,9 @@ class CompiledStep:
                     "Python `if` on a tensor), so its control flow depends on the data and "
                     "one graph cannot replay it. Keep such checks on the device (a particle "
                     "filter: pf_initialize(check_every=k) and pf_check at the end).") from err
-        out_spec, out_statics = out_meta
-        kept = _static_tensors(out_spec)
-        _tensors_in(out_statics, kept, set())
-        made = set(kept) - set(_static_tensors(spec))
+        parts, is_tuple, outputs = layout
+        made = (set().union(*(_spec_tensors(spec) for spec, _ in parts))
+                - set().union(*(_spec_tensors(spec) for spec in specs)))
         if made:
             raise CaptureError(
                 f"compile_step({name}): the step's outputs keep {len(made)} tensor(s) in "
@@ -223,7 +260,7 @@ class CompiledStep:
                 "over fixed-shape state: for a filter, the kernel's current state "
                 "(docs/compiling.md).")
         run = self._compiled(gm, tensors)
-        graph = _Graph(key, run, out_spec, out_statics)
+        graph = _Graph(key, run, outputs, parts, is_tuple)
         self.graphs.append(graph)
         return graph
 
@@ -275,7 +312,9 @@ def compile_step(step: Callable[..., Any], *, backend: str = "inductor", max_gra
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ArgumentError(f"compile_step: max_graphs must be a positive int, got "
                             f"{max_graphs!r}")
-    options = {"fallback_random": True} if same_random else {}
+    options: dict[str, Any] = {"size_asserts": False, "alignment_asserts": False}
+    if same_random:
+        options["fallback_random"] = True
     return CompiledStep(step, backend, max_graphs, options)
 
 
