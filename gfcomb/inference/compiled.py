@@ -108,6 +108,13 @@ def _spec_tensors(spec: Any) -> dict[int, torch.Tensor]:
     return found
 
 
+def _place(t: torch.Tensor) -> tuple[Any, ...]:
+    """Where a tensor's values lie: two tensors with one place are the same values (an input
+    and a view of it that covers it the same way, as a row expanded again)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype,
+            t.device)
+
+
 def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     try:
         return bool(a == b)
@@ -229,8 +236,8 @@ class CompiledStep:
             for element in result if is_tuple else (result,):
                 start = len(out_tensors)
                 parts.append((flatten(element, out_tensors), len(out_tensors) - start))
-            given = {id(t): i for i, t in enumerate(ts)}
-            outputs = [given.get(id(t)) for t in out_tensors]
+            given = {_place(t): i for i, t in enumerate(ts)}
+            outputs = [given.get(_place(t)) for t in out_tensors]
             layout[:] = [parts, is_tuple, outputs]
             return [t for t, i in zip(out_tensors, outputs) if i is None]
 

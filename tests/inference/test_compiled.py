@@ -164,11 +164,15 @@ def test_compiled_mcmc_step_equals_eager(kernel, backend):
 
 def test_passed_through_values_come_back_as_they_are():
     """An output that is an input tensor (a choice the move did not touch) is handed back as
-    that tensor, not copied through the graph, as the eager step returns it."""
-    step = compile_step(lambda x, y: (x, y * 2, {"x": x}), backend="none")
+    that tensor, not copied through the graph, as the eager step returns it; another view of
+    an input stays a view of it."""
+    step = compile_step(lambda x, y: (x, y * 2, {"x": x, "view": x.view(3), "row": x[:2]}),
+                        backend="none")
     x, y = torch.ones(3), torch.arange(3.0)
     a, b, d = step(x, y)
-    assert a is x and d["x"] is x and torch.equal(b, 2 * y)
+    # (a view covering the input the same way is that input's values: handed back as it)
+    assert a is x and d["x"] is x and d["view"] is x and torch.equal(b, 2 * y)
+    assert torch.equal(d["row"], x[:2]) and d["row"].data_ptr() == x.data_ptr()
     a, b, d = step(b, x)  # the same structure, other tensors
     assert torch.equal(a, 2 * y) and torch.equal(b, 2 * x) and len(step.graphs) == 1
 
