@@ -71,6 +71,9 @@ def union(sources: Sequence[tuple[ChoiceMap, Flag]], bdim: int = 0, depth: int =
                 "deeper addresses in another")
         value: Any = None
         mask: Flag = False
+        # (every source present and unmasked, the flags a partition: present everywhere, so
+        # the flags need not be or-ed into a mask)
+        unmasked = everywhere and all(cm.mask is None for cm, _ in srcs)
         for cm, f in srcs:
             v = cm.get_value()
             present = flag_and(lead_flag(f, v, bdim + depth),
@@ -88,11 +91,9 @@ def union(sources: Sequence[tuple[ChoiceMap, Flag]], bdim: int = 0, depth: int =
             else:
                 m = present.reshape(present.shape + (1,) * (v.dim() - present.dim()))
                 value = torch.where(m, v, value)
-            mask = flag_or(mask, present)
+            mask = True if unmasked else flag_or(mask, present)
         if value is None or mask is False:
             return _EMPTY
-        if everywhere and all(cm.mask is None for cm, _ in srcs):
-            mask = True
         return ChoiceMap.value(value, None if mask is True or mask is False else mask)
     first = srcs[0][0]
     if all(cm.is_stacked() and cm.stacked_length == first.stacked_length
