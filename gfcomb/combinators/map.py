@@ -364,9 +364,11 @@ def _as_rows(a: Any, dim: Any) -> Any:
 
 
 def _overrides(gen_fn: GenerativeFunction, method: str) -> bool:
-    """Whether ``gen_fn`` has its own ``batch_<method>`` (not the vmapped per-row default)."""
+    """Whether ``gen_fn`` has its own ``batch_<method>``, not one that gives what the
+    vmapped per-row method gives (the default, or a @gen function's)."""
     name = "batch_" + method
-    return getattr(type(gen_fn), name) is not getattr(GenerativeFunction, name)
+    return (not gen_fn.batch_methods_are_default()
+            and getattr(type(gen_fn), name) is not getattr(GenerativeFunction, name))
 
 
 def _at_element(err: AddressError, keys: Sequence[int], cm: ChoiceMap | None) -> AddressError:

@@ -27,6 +27,8 @@ import attrs
 import torch
 
 from gfcomb.core.address import normalize
+from gfcomb.core.batched import batch_size
+from gfcomb.core.batching import expanded_rows
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import Deferred, resolve
 from gfcomb.core.diff import Diff, NoChange, all_unchanged
@@ -40,12 +42,12 @@ from gfcomb.core.gfi import (
     weight_like,
     zero_weight,
 )
-from gfcomb.core.pytree import register_record
+from gfcomb.core.pytree import register_record, tree_tensors
 from gfcomb.core.runtime import running
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
-from gfcomb.core.vmap import RowView, batch_value
+from gfcomb.core.vmap import RowView, batch_value, unwrap_rows
 from gfcomb.dsl.argdiffs import Source
 from gfcomb.dsl.handlers import (
     AssessHandler,
@@ -61,6 +63,7 @@ from gfcomb.dsl.parameters import (
     referenced_objects,
     unique_parameters,
 )
+from gfcomb.dsl.whole import NeedsRows, WholeCalls, body_args, rows_in, whole_or_rows
 
 Address = tuple[Any, ...]
 
@@ -215,13 +218,18 @@ class GenFunction(GenerativeFunction):
 
     def _trace(self, handler: Handler, args: tuple[Any, ...], retval: Any) -> GenTrace:
         source = handler.tracker.source_of(retval)
+        score = handler.total(handler.score)
+        whole = handler.whole
+        if isinstance(whole, WholeCalls):  # (the body ran once over the batch: its rows)
+            args, retval = rows_in(args, whole.n), rows_in(retval, whole.n)
+            if score.dim() == 0:
+                score = expanded_rows(score, whole.n)
         if type(retval) is Deferred and not retval.built and source is not None \
                 and source[0] == "ret":
             retval = CalleeReturn(source[1])
         else:
             retval = resolve(retval)
-        return GenTrace(self, args, retval, handler.total(handler.score), handler.subtraces,
-                        handler.sources, source)
+        return GenTrace(self, args, retval, score, handler.subtraces, handler.sources, source)
 
     def _note_callee(self, gen_fn: GenerativeFunction) -> None:
         self._callees.setdefault(id(gen_fn), gen_fn)
@@ -248,12 +256,18 @@ class GenFunction(GenerativeFunction):
         Math: weight = Σ over calls of the callee generate weights; with prior proposals this
         is Σ log p of the constrained choices.  Full constraints: weight == score.
         """
-        args = check_args_tuple(args)
-        cm = as_choicemap(constraints)
+        return self._generate(check_args_tuple(args), as_choicemap(constraints), None)
+
+    def _generate(self, args: tuple[Any, ...], cm: ChoiceMap, whole: WholeCalls | None,
+                  ) -> tuple[GenTrace, torch.Tensor]:
+        """generate, per row (``whole`` None) or once over a whole batch."""
         if cm.is_empty():
-            tr = self.simulate(args)
+            h: Handler = SimulateHandler(self, args)
+            h.whole = whole
+            tr = self._trace(h, args, self.run_body(h, args))
             return tr, zero_weight(tr.score)
         h = GenerateHandler(self, args, cm)
+        h.whole = whole
         retval = self.run_body(h, args)
         h._check_all_visited(cm, "generate")
         tr = self._trace(h, args, retval)
@@ -289,10 +303,16 @@ class GenFunction(GenerativeFunction):
         trace = _check_own_trace(self, trace)
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
-        cm = as_choicemap(constraints)
+        return self._update(trace, args, argdiffs, as_choicemap(constraints), None)
+
+    def _update(self, trace: GenTrace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                cm: ChoiceMap, whole: WholeCalls | None,
+                ) -> tuple[GenTrace, torch.Tensor, Diff, ChoiceMap]:
+        """update, per row (``whole`` None) or once over a whole batch."""
         if cm.is_empty() and all_unchanged(argdiffs):
             return trace, zero_weight(trace.score), NoChange(), ChoiceMap.empty()
         h = UpdateHandler(self, trace, args, argdiffs, cm)
+        h.whole = whole
         retval = self.run_body(h, args)
         h._check_all_visited(cm, "update")
         removed = h.removed()
@@ -315,13 +335,79 @@ class GenFunction(GenerativeFunction):
         args = check_args_tuple(args)
         argdiffs = check_argdiffs(args, argdiffs, repr(self))
         check_selection(selection, self, "regenerate")
+        return self._regenerate(trace, args, argdiffs, selection, None)
+
+    def _regenerate(self, trace: GenTrace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                    selection: Selection, whole: WholeCalls | None,
+                    ) -> tuple[GenTrace, torch.Tensor, Diff]:
+        """regenerate, per row (``whole`` None) or once over a whole batch."""
         if selection.is_empty_static() and all_unchanged(argdiffs):
             return trace, zero_weight(trace.score), NoChange()
         h = RegenerateHandler(self, trace, args, argdiffs, selection)
+        h.whole = whole
         retval = self.run_body(h, args)
         new = self._trace(h, args, retval)
         retdiff = h.tracker.diff_of_value(retval, trace._retval, trace.ret_source)
         return new, weight_like(h.weight, new.score), retdiff
+
+    # ------------------------------------------------------------------ the batch protocol
+    # Each first runs the body once over the whole batch (gfcomb/dsl/whole.py), and, when the
+    # body needs its rows, the per-row method under the vmap over the rows (the default).
+    def batch_methods_are_default(self) -> bool:
+        """True: these batch methods give what the per-row methods give under the vmap over
+        the rows, so a caller already running per row calls the per-row methods."""
+        return True
+
+    def _abandoned(self) -> dict[str, int]:
+        """Per batch method, how many whole-batch runs of the body were abandoned."""
+        return self.__dict__.setdefault("_abandoned_runs", {})
+
+    def batch_generate(self, n: int, args: tuple[Any, ...],
+                       constraints: Any = None) -> tuple[Trace, torch.Tensor]:
+        """See :meth:`GenerativeFunction.batch_generate` (same math)."""
+        def whole() -> tuple[Trace, torch.Tensor]:
+            bargs = body_args(check_args_tuple(args))
+            if bargs is None:
+                raise NeedsRows
+            cm, per_row = unwrap_rows(constraints)
+            return self._generate(bargs, as_choicemap(cm), WholeCalls(n, per_row))
+
+        return whole_or_rows(self._abandoned(), "generate", whole,
+                             lambda: super(GenFunction, self).batch_generate(n, args,
+                                                                             constraints))
+
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+        """See :meth:`GenerativeFunction.batch_update` (same math)."""
+        def whole() -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+            trace = _check_own_trace(self, traces)
+            bargs = body_args(check_args_tuple(args))
+            if bargs is None:
+                raise NeedsRows
+            cm, per_row = unwrap_rows(constraints)
+            return self._update(trace, bargs, check_argdiffs(args, argdiffs, repr(self)),
+                                as_choicemap(cm), WholeCalls(batch_size(trace), per_row))
+
+        return whole_or_rows(self._abandoned(), "update", whole,
+                             lambda: super(GenFunction, self).batch_update(
+                                 traces, args, argdiffs, constraints))
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
+        """See :meth:`GenerativeFunction.batch_regenerate` (same math)."""
+        def whole() -> tuple[Trace, torch.Tensor, Diff]:
+            trace = _check_own_trace(self, traces)
+            bargs = body_args(check_args_tuple(args))
+            if bargs is None or tree_tensors(selection):  # (per-row selection flags)
+                raise NeedsRows
+            check_selection(selection, self, "regenerate")
+            return self._regenerate(trace, bargs, check_argdiffs(args, argdiffs, repr(self)),
+                                    selection, WholeCalls(batch_size(trace), False))
+
+        return whole_or_rows(self._abandoned(), "regenerate", whole,
+                             lambda: super(GenFunction, self).batch_regenerate(
+                                 traces, args, argdiffs, selection))
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = Σ over calls at a of callee.project(t_a, S[a])."""

@@ -41,7 +41,12 @@ Address = tuple[Any, ...]
 
 
 class Handler:
-    """Shared bookkeeping: address claims, sub-traces, score, weight, argument sources."""
+    """Shared bookkeeping: address claims, sub-traces, score, weight, argument sources.
+
+    ``whole``: set when the body runs once over a whole batch (gfcomb/dsl/whole.py): how
+    every call is made, and what its return value is to the body."""
+
+    whole: Calls | None = None
 
     def __init__(self, owner: GenFunction, args: tuple[Any, ...],
                  argdiffs: tuple[Diff, ...] | None = None) -> None:
@@ -80,8 +85,10 @@ class Handler:
             _check_address(addr)
         self._claim(addr)
         self.owner._note_callee(gen_fn)
-        gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
-            else BATCH
+        gfi = self.whole
+        if gfi is None:
+            gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
+                else BATCH
         try:
             return self.call(addr, gen_fn, args, gfi)
         except (AddressError, DistributionArgumentError) as err:
@@ -113,6 +120,8 @@ class Handler:
     def _record(self, addr: Address, args: tuple[Any, ...], tr: Trace,
                 retdiff: Diff | None) -> Any:
         retval = tr.caller_retval()
+        if self.whole is not None:
+            retval = self.whole.value(retval)
         self.sources[addr] = self.tracker.record(addr, args, retval, retdiff)
         self.subtraces[addr] = tr
         self._scores.append(tr.score)
@@ -361,6 +370,10 @@ class Calls:
     inside a vmap over rows), or, for a callee with batch methods of its own called from a
     body running over a batch, as one batch call outside the row level
     (:func:`gfcomb.core.vmap.outside_rows`)."""
+
+    def value(self, retval: Any) -> Any:
+        """A call's return value as the body receives it."""
+        return retval
 
     @staticmethod
     def simulate(gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Trace:

@@ -1,0 +1,203 @@
+"""Running a ``@gen`` body once over a whole batch, when the body needs no rows.
+
+The model Gen users write around an Unfold draws ``x0`` and hands it to the Unfold.  In an
+update or regenerate that leaves ``x0`` alone, the body's calls are ``x0`` (kept as it was)
+and the Unfold (one batch call of its own): nothing in the body is computed per row, so the
+vmap over the rows that the default batch methods run it under is pure overhead (flattening
+the traces in and out, the vmap levels; about half of such a filter step's Python work).
+
+So the batch methods of a ``@gen`` function first run the body once for the whole batch:
+every per-row value the body receives (an argument marked ``PerRow``, a callee's return
+value) is an opaque :class:`RowValues`, and each call goes to the callee's own batch method.
+Whatever needs the rows -- arithmetic, a torch operation or a Python test on a per-row value,
+a call with work to do of a callee that has no batch methods of its own (a distribution, a
+``@gen`` callee) -- abandons the run (:class:`NeedsRows`); the body then runs under the vmap
+over the rows, as it would have, with the random-number state the abandoned run started
+with.  A function whose body abandoned once (per method) is not tried again.  Both ways give
+the same batch (the same record layout, weights and discards): what the vmap over the rows
+would have made, as the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import torch
+
+from gfcomb.core.batching import expanded_rows, inside_functorch_transform
+from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.diff import Diff
+from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.selection import Selection
+from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, RowView
+from gfcomb.dsl.handlers import Calls
+
+#: how many abandoned whole-batch runs (per function and method) before it is not tried again
+MAX_ABANDONED = 1
+
+
+class NeedsRows(Exception):
+    """The body needs its rows (it computed with a per-row value, or a callee without batch
+    methods of its own has work to do): run it under the vmap over the rows instead."""
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise NeedsRows
+
+
+class RowValues:
+    """A per-row value as a body run over the whole batch sees it: the rows' values
+    (``batch``, leading row axis), usable only as an argument of a traced call or as the
+    return value.  Any other use raises :class:`NeedsRows`."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __repr__(self) -> str:
+        return f"RowValues({type(self.batch).__name__})"
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> NoReturn:
+        raise NeedsRows
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise NeedsRows
+
+
+for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift",
+              "rshift", "and", "xor", "or", "divmod"):
+    setattr(RowValues, f"__{_name}__", _refuse)
+    setattr(RowValues, f"__r{_name}__", _refuse)
+for _name in ("neg", "pos", "abs", "invert", "bool", "int", "float", "complex", "index",
+              "len", "iter", "getitem", "setitem", "contains", "lt", "le", "gt", "ge", "eq",
+              "ne", "hash", "round", "trunc", "floor", "ceil", "array", "call", "format",
+              "reversed"):
+    setattr(RowValues, f"__{_name}__", _refuse)
+
+
+def rows_in(x: Any, n: int) -> Any:
+    """``x`` (something a body run over the whole batch holds) as the batch holds it: the rows
+    of a :class:`RowValues`, a shared tensor as its ``n`` expanded rows (what leaving the
+    vmap over the rows makes of it), containers walked, other values as they are."""
+    t = type(x)
+    if t is RowValues:
+        return x.batch
+    if isinstance(x, torch.Tensor):
+        return expanded_rows(x, n)
+    if t is tuple or t is list:
+        return t(rows_in(v, n) for v in x)
+    if t is dict:
+        return {k: rows_in(v, n) for k, v in x.items()}
+    return x
+
+
+def _holds_rows(x: Any) -> bool:
+    t = type(x)
+    if t is RowValues:
+        return True
+    if t is tuple or t is list:
+        return any(_holds_rows(v) for v in x)
+    if t is dict:
+        return any(_holds_rows(v) for v in x.values())
+    return False
+
+
+def _as_rows(value: Any) -> Any:
+    """A callee's batch result value as the body sees it: opaque when it holds tensors."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return RowValues(value)
+
+
+class WholeCalls(Calls):
+    """The callees' own batch methods, called for all ``n`` rows by a body run once over
+    the whole batch (``per_row``: the constraints hold one value per row)."""
+
+    def __init__(self, n: int, per_row: bool) -> None:
+        self.n = n
+        self.per_row = per_row
+
+    def _args(self, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if gen_fn.batch_methods_are_default():
+            raise NeedsRows  # (its batch method is a vmap of it: the body's own vmap is better)
+        return tuple(PerRow(rows_in(a, self.n)) if _holds_rows(a) else a for a in args)
+
+    def _constraints(self, cm: ChoiceMap) -> Any:
+        return PerRow(cm) if self.per_row and not cm.is_empty() else cm
+
+    def value(self, retval: Any) -> Any:
+        """A call's return value as the body receives it."""
+        return _as_rows(retval)
+
+    def simulate(self, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Trace:  # type: ignore[override]
+        return gen_fn.batch_generate(self.n, self._args(gen_fn, args))[0]
+
+    def generate(self, gen_fn: GenerativeFunction, args: tuple[Any, ...],  # type: ignore[override]
+                 cm: ChoiceMap) -> tuple[Trace, Any]:
+        return gen_fn.batch_generate(self.n, self._args(gen_fn, args), self._constraints(cm))
+
+    def update(self, gen_fn: GenerativeFunction, old: Trace, args: tuple[Any, ...],  # type: ignore[override]
+               argdiffs: tuple[Diff, ...], cm: ChoiceMap) -> tuple[Trace, Any, Diff, ChoiceMap]:
+        return gen_fn.batch_update(old, self._args(gen_fn, args), argdiffs,
+                                   self._constraints(cm))
+
+    def regenerate(self, gen_fn: GenerativeFunction, old: Trace,  # type: ignore[override]
+                   args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                   sel: Selection) -> tuple[Trace, Any, Diff]:
+        return gen_fn.batch_regenerate(old, self._args(gen_fn, args), argdiffs, sel)
+
+
+def body_args(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The arguments a body run over the whole batch receives (PerRow values opaque), or None
+    when one is a RowView (a proposal reading its particle's trace computes per row)."""
+    out = []
+    for a in args:
+        t = type(a)
+        if t is RowView:
+            return None
+        out.append(RowValues(a.value) if t is PerRow else a)
+    return tuple(out)
+
+
+class _RandomState:
+    """The random-number state before a whole-batch run, put back if it is abandoned (so the
+    run under the vmap draws what it would have drawn)."""
+
+    __slots__ = ("cpu", "cuda")
+
+    def __init__(self) -> None:
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def whole_or_rows(abandoned: dict[str, int], method: str, whole: Callable[[], Any],
+                  rows: Callable[[], Any]) -> Any:
+    """``whole()`` (a run of a body once over the whole batch) when it is still tried and
+    succeeds, else ``rows()`` (the run under the vmap over the rows), with the random-number
+    state the abandoned run started with.  A run abandoned for a batch that the rows run
+    then makes is counted in ``abandoned[method]``; one whose rows run raises too (the
+    caller's error, e.g. a constraint at no address) is not: the error is what it shows."""
+    if inside_functorch_transform() or abandoned.get(method, 0) >= MAX_ABANDONED:
+        return rows()
+    state = _RandomState()
+    try:
+        return whole()
+    except Exception:  # noqa: BLE001 - any failure: the rows run decides (and raises)
+        state.restore()
+    out = rows()
+    abandoned[method] = abandoned.get(method, 0) + 1
+    return out
+
+
+__all__ = ["MAX_ABANDONED", "NeedsRows", "RowValues", "WholeCalls", "body_args", "rows_in",
+           "whole_or_rows"]
