@@ -76,7 +76,7 @@ for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow"
 for _name in ("neg", "pos", "abs", "invert", "bool", "int", "float", "complex", "index",
               "len", "iter", "getitem", "setitem", "contains", "lt", "le", "gt", "ge", "eq",
               "ne", "hash", "round", "trunc", "floor", "ceil", "array", "call", "format",
-              "reversed"):
+              "reversed", "str"):  # (str: a print in the body shows the rows, under vmap)
     setattr(RowValues, f"__{_name}__", _refuse)
 
 

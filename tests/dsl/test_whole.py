@@ -195,3 +195,19 @@ def test_a_generate_of_a_body_calling_only_an_unfold_equals_the_rows_run():
     same_batch(tr, ref)
     torch.testing.assert_close(w, rw, rtol=0, atol=1e-12)
     torch.testing.assert_close(tr["steps", 1, "x"], torch.linspace(1, 2, N))
+
+
+def test_printing_a_per_row_value_runs_the_body_under_the_rows():
+    shown: list[str] = []
+
+    @gf.gen
+    def noisy(T, a):
+        x0 = gf.normal(0.0, 1.0) @ "x0"
+        shown.append(str(x0))
+        return STEPS(T, x0, a) @ "steps"
+
+    old = filtered(noisy, 2)
+    shown.clear()
+    new, _, _, _ = noisy.batch_update(old, (3, A), (UC, NC), None)
+    assert len(shown) == 1 and "RowValues" not in shown[0]
+    assert new["steps", 2, "x"].shape == (N,)
