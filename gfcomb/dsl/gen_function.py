@@ -220,7 +220,7 @@ class GenFunction(GenerativeFunction):
         source = handler.tracker.source_of(retval)
         score = handler.total(handler.score)
         whole = handler.whole
-        if isinstance(whole, WholeCalls):  # (the body ran once over the batch: its rows)
+        if whole is not None:  # (the body ran once over the batch: its rows)
             args, retval = rows_in(args, whole.n), rows_in(retval, whole.n)
             if score.dim() == 0:
                 score = expanded_rows(score, whole.n)
@@ -358,9 +358,10 @@ class GenFunction(GenerativeFunction):
         the rows, so a caller already running per row calls the per-row methods."""
         return True
 
-    def _abandoned(self) -> dict[str, int]:
-        """Per batch method, how many whole-batch runs of the body were abandoned."""
-        return self.__dict__.setdefault("_abandoned_runs", {})
+    def _rows_only(self) -> set[str]:
+        """The batch methods whose whole-batch run of the body was abandoned: they run under
+        the vmap over the rows straight away."""
+        return self.__dict__.setdefault("_rows_only_methods", set())
 
     def batch_generate(self, n: int, args: tuple[Any, ...],
                        constraints: Any = None) -> tuple[Trace, torch.Tensor]:
@@ -372,7 +373,7 @@ class GenFunction(GenerativeFunction):
             cm, per_row = unwrap_rows(constraints)
             return self._generate(bargs, as_choicemap(cm), WholeCalls(n, per_row))
 
-        return whole_or_rows(self._abandoned(), "generate", whole,
+        return whole_or_rows(self._rows_only(), "generate", whole,
                              lambda: super(GenFunction, self).batch_generate(n, args,
                                                                              constraints))
 
@@ -388,7 +389,7 @@ class GenFunction(GenerativeFunction):
             return self._update(trace, bargs, check_argdiffs(args, argdiffs, repr(self)),
                                 as_choicemap(cm), WholeCalls(batch_size(trace), per_row))
 
-        return whole_or_rows(self._abandoned(), "update", whole,
+        return whole_or_rows(self._rows_only(), "update", whole,
                              lambda: super(GenFunction, self).batch_update(
                                  traces, args, argdiffs, constraints))
 
@@ -405,7 +406,7 @@ class GenFunction(GenerativeFunction):
             return self._regenerate(trace, bargs, check_argdiffs(args, argdiffs, repr(self)),
                                     selection, WholeCalls(batch_size(trace), False))
 
-        return whole_or_rows(self._abandoned(), "regenerate", whole,
+        return whole_or_rows(self._rows_only(), "regenerate", whole,
                              lambda: super(GenFunction, self).batch_regenerate(
                                  traces, args, argdiffs, selection))
 

@@ -36,6 +36,7 @@ from gfcomb.dsl.argdiffs import Source, SourceTracker
 
 if TYPE_CHECKING:
     from gfcomb.dsl.gen_function import GenFunction, GenTrace
+    from gfcomb.dsl.whole import WholeCalls
 
 Address = tuple[Any, ...]
 
@@ -46,7 +47,7 @@ class Handler:
     ``whole``: set when the body runs once over a whole batch (gfcomb/dsl/whole.py): how
     every call is made, and what its return value is to the body."""
 
-    whole: Calls | None = None
+    whole: WholeCalls | None = None
 
     def __init__(self, owner: GenFunction, args: tuple[Any, ...],
                  argdiffs: tuple[Diff, ...] | None = None) -> None:
@@ -85,10 +86,9 @@ class Handler:
             _check_address(addr)
         self._claim(addr)
         self.owner._note_callee(gen_fn)
-        gfi = self.whole
-        if gfi is None:
-            gfi = PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None \
-                else BATCH
+        gfi: Calls = self.whole if self.whole is not None else (
+            PER_ROW if gen_fn.batch_methods_are_default() or current_row_level() is None
+            else BATCH)
         try:
             return self.call(addr, gen_fn, args, gfi)
         except (AddressError, DistributionArgumentError) as err:
@@ -370,10 +370,6 @@ class Calls:
     inside a vmap over rows), or, for a callee with batch methods of its own called from a
     body running over a batch, as one batch call outside the row level
     (:func:`gfcomb.core.vmap.outside_rows`)."""
-
-    def value(self, retval: Any) -> Any:
-        """A call's return value as the body receives it."""
-        return retval
 
     @staticmethod
     def simulate(gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> Trace:

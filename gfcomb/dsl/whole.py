@@ -34,9 +34,6 @@ from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, RowView
 from gfcomb.dsl.handlers import Calls
 
-#: how many abandoned whole-batch runs (per function and method) before it is not tried again
-MAX_ABANDONED = 1
-
 
 class NeedsRows(Exception):
     """The body needs its rows (it computed with a per-row value, or a callee without batch
@@ -180,14 +177,15 @@ class _RandomState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def whole_or_rows(abandoned: dict[str, int], method: str, whole: Callable[[], Any],
+def whole_or_rows(rows_only: set[str], method: str, whole: Callable[[], Any],
                   rows: Callable[[], Any]) -> Any:
-    """``whole()`` (a run of a body once over the whole batch) when it is still tried and
-    succeeds, else ``rows()`` (the run under the vmap over the rows), with the random-number
-    state the abandoned run started with.  A run abandoned for a batch that the rows run
-    then makes is counted in ``abandoned[method]``; one whose rows run raises too (the
-    caller's error, e.g. a constraint at no address) is not: the error is what it shows."""
-    if inside_functorch_transform() or abandoned.get(method, 0) >= MAX_ABANDONED:
+    """``whole()`` (a run of a body once over the whole batch) unless ``method`` is in
+    ``rows_only`` or it fails, else ``rows()`` (the run under the vmap over the rows), with
+    the random-number state the abandoned run started with.  A method whose whole run was
+    abandoned for a batch that the rows run then makes joins ``rows_only``; one whose rows
+    run raises too (the caller's error, e.g. a constraint at no address) does not: the error
+    is what it shows."""
+    if inside_functorch_transform() or method in rows_only:
         return rows()
     state = _RandomState()
     try:
@@ -195,9 +193,9 @@ def whole_or_rows(abandoned: dict[str, int], method: str, whole: Callable[[], An
     except Exception:  # noqa: BLE001 - any failure: the rows run decides (and raises)
         state.restore()
     out = rows()
-    abandoned[method] = abandoned.get(method, 0) + 1
+    rows_only.add(method)
     return out
 
 
-__all__ = ["MAX_ABANDONED", "NeedsRows", "RowValues", "WholeCalls", "body_args", "rows_in",
+__all__ = ["NeedsRows", "RowValues", "WholeCalls", "body_args", "rows_in",
            "whole_or_rows"]
