@@ -306,6 +306,15 @@ class GenerativeFunction:
         """
         return select_leaves(traces, rows)
 
+    def batch_runs_whole(self, args: tuple[Any, ...]) -> bool:
+        """Whether this function's batch methods, called with ``args`` (``PerRow`` where
+        they hold one value per row), run once over the whole batch rather than per row
+        under a vmap of this function alone.  A ``@gen`` body run once over the whole batch
+        (:mod:`gfcomb.dsl.whole`) hands a callee its batch call only when they do (else the
+        body runs per row itself: one vmap for the body beats one per call).  The default:
+        whether the batch methods are overridden."""
+        return not self.batch_methods_are_default()
+
     def batch_methods_are_default(self) -> bool:
         """True when this function's batch methods are the per-row methods under vmap (the
         defaults above): then a caller already running per row may call the per-row

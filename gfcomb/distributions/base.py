@@ -47,7 +47,7 @@ import torch
 from torch._C import _functorch
 
 from gfcomb.core.address import normalize
-from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.batching import expanded_rows, inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 from gfcomb.core.errors import (
@@ -61,6 +61,7 @@ from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection, checked_sample
+from gfcomb.core.vmap import unwrap_rows
 from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
@@ -117,6 +118,21 @@ class ChoiceTrace(Trace):
 
 
 register_record(ChoiceTrace, dynamic=("args", "value", "score"), static=("gen_fn",))
+
+
+def _zero_rows(score: torch.Tensor) -> torch.Tensor:
+    """A zero weight for every row of a batch scored ``score`` [n]: one fresh zero expanded
+    (what the vmap default returns for an unbatched zero), not n zeros written."""
+    return torch.zeros((), dtype=score.dtype, device=score.device).expand(score.shape[0])
+
+
+def _rows_in_batch(traces: Trace) -> int | None:
+    """The row count of a batch of choice traces holding one scalar value per row (else
+    None: the vmap default handles it)."""
+    if not isinstance(traces, ChoiceTrace) or traces.value.dim() != 1 \
+            or traces.score.shape != traces.value.shape:
+        return None
+    return int(traces.value.shape[0])
 
 
 def _expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -408,6 +424,166 @@ class Distribution(DistributionMethods, GenerativeFunction):
         score = self._score(value, params)
         weight = torch.where(flag, torch.zeros_like(score), score - trace.score)
         return ChoiceTrace(self, args, value, score), weight, _UNKNOWN_CHANGE
+
+    # ------------------------------------------------------------------ the batch protocol
+    # A univariate distribution whose parameters are scalars per row computes a batch as
+    # one elementwise computation on the rows' parameters: what the per-row methods under
+    # vmap compute, with the same record layout (a shared tensor argument, value or score
+    # as its expanded rows), without the vmap.  Any other batch takes the vmap default.
+    def batch_methods_are_default(self) -> bool:
+        """True: the batch methods give what the per-row methods under vmap give (they
+        compute it on the whole batch at once), so a caller already running per row calls
+        the per-row methods directly."""
+        return True
+
+    def batch_runs_whole(self, args: tuple[Any, ...]) -> bool:
+        """Whether a batch with these arguments is computed on the whole batch at once: the
+        distribution is univariate (a value has the broadcast shape of its parameters) and
+        every argument is a scalar per row (``PerRow`` of a 1-d tensor, or a Python number
+        or 0-d tensor shared by every row)."""
+        if not self._elementwise:
+            return False
+        for a in args:
+            v, per_row = unwrap_rows(a)
+            if per_row:
+                if type(v) is not torch.Tensor or v.dim() != 1:
+                    return False
+            elif isinstance(v, torch.Tensor):
+                if v.dim() != 0:
+                    return False
+            elif not isinstance(v, (float, int)):
+                return False
+        return True
+
+    def _rows_of(self, args: tuple[Any, ...], n: int,
+                 ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        """(the arguments as a batch trace holds them, the parameters) of an elementwise
+        batch of ``n`` rows, or None when it is not one (:meth:`batch_runs_whole`)."""
+        if not self.batch_runs_whole(args):
+            return None
+        held = []
+        values = []
+        for a in args:
+            v, per_row = unwrap_rows(a)
+            if per_row and v.shape[0] != n:
+                return None
+            values.append(v)
+            held.append(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor)
+                        else v)
+        return tuple(held), self._prepare(tuple(values))
+
+    def _lp(self, value: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
+        """The elementwise log density (one entry per row: not summed)."""
+        return self._logpdf_prepared(value, *params) if self._fused else \
+            self.logpdf(value, *params)
+
+    def _batch_draw(self, params: tuple[Any, ...], n: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` fresh values, one per row, and their log densities.  The sampler draws its
+        noise in the shape of its parameters (``*_like``), so they are expanded to the rows
+        first: every row draws its own."""
+        full = tuple(p if p.shape == (n,) else p.expand(n) for p in params)
+        both = self._draw_scored(*full) if self._fused else None
+        if both is None:
+            value = self._sample(full)
+            return value, self._lp(value, params)
+        return both
+
+    def _rows_score(self, value: torch.Tensor, params: tuple[Any, ...], n: int) -> torch.Tensor:
+        lp = self._lp(value, params)
+        return lp if lp.dim() else expanded_rows(lp, n)
+
+    def _rows_value(self, constraints: Any, n: int) -> torch.Tensor | None:
+        """The constrained value of every row (a shared one as its expanded rows), or None
+        when the constraint is not a plain scalar per row (a mask: the vmap default)."""
+        cv, per_row = unwrap_rows(constraints)
+        cm = as_choicemap(cv)
+        if not cm.is_value() or cm.mask is not None:
+            return None
+        v = cm.get_value()
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(v)
+        if v.dim() != (1 if per_row else 0) or (per_row and v.shape[0] != n):
+            return None
+        if not self.discrete and not v.is_floating_point() and not v.is_complex():
+            v = v.to(torch.get_default_dtype())
+        return v if per_row else expanded_rows(v, n)
+
+    def batch_generate(self, n: int, args: tuple[Any, ...],
+                       constraints: Any = None) -> tuple[ChoiceTrace, torch.Tensor]:
+        """``generate`` of ``n`` rows.
+
+        Math: row i: constrained, v_i = c_i and weight_i = log p(c_i; θ_i); else v_i ~
+        p(·; θ_i) and weight_i = 0.
+        """
+        args = check_args_tuple(args)
+        rows = self._rows_of(args, n)
+        cm = as_choicemap(unwrap_rows(constraints)[0])
+        value = None if cm.is_empty() or rows is None else self._rows_value(constraints, n)
+        if rows is None or (value is None and not cm.is_empty()):
+            return super().batch_generate(n, args, constraints)  # type: ignore[return-value]
+        held, params = rows
+        if value is None:
+            value, score = self._batch_draw(params, n)
+            return ChoiceTrace(self, held, value, score), _zero_rows(score)
+        score = self._rows_score(value, params, n)
+        return ChoiceTrace(self, held, value, score), score
+
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None,
+                     ) -> tuple[ChoiceTrace, torch.Tensor, Diff, ChoiceMap]:
+        """``update`` of every row of ``traces``.
+
+        Math: row i: v_i' = c_i if constrained, else v_i; weight_i = log p(v_i'; θ_i') −
+        log p(v_i; θ_i); discard_i = {v_i} if constrained.
+        """
+        args = check_args_tuple(args)
+        n = _rows_in_batch(traces)
+        rows = None if n is None else self._rows_of(args, n)
+        cm = as_choicemap(unwrap_rows(constraints)[0])
+        value = None if cm.is_empty() or n is None or rows is None else \
+            self._rows_value(constraints, n)
+        if n is None or rows is None or (value is None and not cm.is_empty()):
+            return super().batch_update(  # type: ignore[return-value]
+                traces, args, argdiffs, constraints)
+        assert isinstance(traces, ChoiceTrace)
+        held, params = rows
+        if value is None:
+            if all(isinstance(d, NoChange) for d in argdiffs):
+                return traces, _zero_rows(traces.score), _NO_CHANGE, ChoiceMap.empty()
+            score = self._rows_score(traces.value, params, n)
+            return (ChoiceTrace(self, held, traces.value, score), score - traces.score,
+                    _NO_CHANGE, ChoiceMap.empty())
+        score = self._rows_score(value, params, n)
+        return (ChoiceTrace(self, held, value, score), score - traces.score, _UNKNOWN_CHANGE,
+                ChoiceMap.value(traces.value))
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[ChoiceTrace, torch.Tensor, Diff]:
+        """``regenerate`` of every row of ``traces``.
+
+        Math: selected: v_i' ~ p(·; θ_i'), weight_i = 0; else v_i' = v_i, weight_i =
+        log p(v_i; θ_i') − log p(v_i; θ_i).
+        """
+        check_selection(selection, self, "batch_regenerate")
+        flag = selection.leaf_flag()
+        if flag is not True:
+            if flag is False:
+                new, w, retdiff, _ = self.batch_update(traces, args, argdiffs, None)
+                return new, w, retdiff
+            return super().batch_regenerate(  # type: ignore[return-value]
+                traces, args, argdiffs, selection)
+        args = check_args_tuple(args)
+        n = _rows_in_batch(traces)
+        rows = None if n is None else self._rows_of(args, n)
+        if rows is None:
+            return super().batch_regenerate(  # type: ignore[return-value]
+                traces, args, argdiffs, selection)
+        assert n is not None
+        held, params = rows
+        value, score = self._batch_draw(params, n)
+        return ChoiceTrace(self, held, value, score), _zero_rows(score), _UNKNOWN_CHANGE
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = log p(v; θ) if the empty address is in S, else 0."""

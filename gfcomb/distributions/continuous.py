@@ -26,6 +26,7 @@ The numerical helpers they share with :mod:`.discrete` and :mod:`.multivariate` 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch._C import _functorch
@@ -73,6 +74,15 @@ class Normal(Distribution, name="normal", params={"loc": REAL, "scale": POSITIVE
             return _shifted_noise(loc, scale)[1]
         loc, scale = broadcast_params(loc, scale)
         return loc + scale * torch.randn_like(loc)
+
+    def _batch_draw(self, params: tuple[Any, ...], n: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = params
+        if self._fused and loc.shape == (n,) and scale.dim() == 0:
+            # (the noise has loc's shape, one per row: no need to expand the scale)
+            eps, value = _shifted_noise(loc, scale)
+            return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
+        return super()._batch_draw(params, n)
 
     def sample_with_logpdf(self, loc: ArrayLike,
                            scale: ArrayLike) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -8,20 +8,22 @@ the traces in and out, the vmap levels; about half of such a filter step's Pytho
 
 So the batch methods of a ``@gen`` function first run the body once for the whole batch:
 every per-row value the body receives (an argument marked ``PerRow``, a callee's return
-value) is an opaque :class:`RowValues`, and each call goes to the callee's own batch method.
-Whatever needs the rows -- arithmetic, a torch operation or a Python test on a per-row value,
-a call with work to do of a callee that has no batch methods of its own (a distribution, a
-``@gen`` callee) -- abandons the run (:class:`NeedsRows`); the body then runs under the vmap
-over the rows, as it would have, with the random-number state the abandoned run started
-with.  A function whose body abandoned once (per method) is not tried again.  Both ways give
-the same batch (the same record layout, weights and discards): what the vmap over the rows
-would have made, as the tests check.
+value) is a :class:`~gfcomb.dsl.row_values.RowValues`, which elementwise arithmetic keeps
+per row (a kernel's ``normal(a * x, s)``), and each call goes to the callee's own batch
+method (a distribution's is one elementwise computation when its arguments are scalars per
+row).  Whatever needs the rows -- a non-elementwise operation or a Python test on a per-row
+value, a call with work to do of a callee whose batch method would be a vmap of it alone --
+abandons the run (:class:`NeedsRows`); the body then runs under the vmap over the rows, as it
+would have, with the random-number state the abandoned run started with.  A function whose
+body abandoned once (per method) is not tried again.  Both ways give the same batch (the
+same record layout, weights and discards): what the vmap over the rows would have made, as
+the tests check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -33,48 +35,7 @@ from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow, RowView
 from gfcomb.dsl.handlers import Calls
-
-
-class NeedsRows(Exception):
-    """The body needs its rows (it computed with a per-row value, or a callee without batch
-    methods of its own has work to do): run it under the vmap over the rows instead."""
-
-
-def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
-    raise NeedsRows
-
-
-class RowValues:
-    """A per-row value as a body run over the whole batch sees it: the rows' values
-    (``batch``, leading row axis), usable only as an argument of a traced call or as the
-    return value.  Any other use raises :class:`NeedsRows`."""
-
-    __slots__ = ("batch",)
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def __repr__(self) -> str:
-        return f"RowValues({type(self.batch).__name__})"
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> NoReturn:
-        raise NeedsRows
-
-    def __getattr__(self, name: str) -> NoReturn:
-        raise NeedsRows
-
-
-for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift",
-              "rshift", "and", "xor", "or", "divmod"):
-    setattr(RowValues, f"__{_name}__", _refuse)
-    setattr(RowValues, f"__r{_name}__", _refuse)
-for _name in ("neg", "pos", "abs", "invert", "bool", "int", "float", "complex", "index",
-              "len", "iter", "getitem", "setitem", "contains", "lt", "le", "gt", "ge", "eq",
-              "ne", "hash", "round", "trunc", "floor", "ceil", "array", "call", "format",
-              "reversed", "str"):  # (str: a print in the body shows the rows, under vmap)
-    setattr(RowValues, f"__{_name}__", _refuse)
+from gfcomb.dsl.row_values import NeedsRows, RowValues
 
 
 def rows_in(x: Any, n: int) -> Any:
@@ -120,9 +81,10 @@ class WholeCalls(Calls):
         self.per_row = per_row
 
     def _args(self, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if gen_fn.batch_methods_are_default():
+        out = tuple(PerRow(rows_in(a, self.n)) if _holds_rows(a) else a for a in args)
+        if not gen_fn.batch_runs_whole(out):
             raise NeedsRows  # (its batch method is a vmap of it: the body's own vmap is better)
-        return tuple(PerRow(rows_in(a, self.n)) if _holds_rows(a) else a for a in args)
+        return out
 
     def _constraints(self, cm: ChoiceMap) -> Any:
         return PerRow(cm) if self.per_row and not cm.is_empty() else cm
