@@ -358,6 +358,12 @@ class GenFunction(GenerativeFunction):
         the rows, so a caller already running per row calls the per-row methods."""
         return True
 
+    def batch_runs_whole(self, args: tuple[Any, ...]) -> bool:
+        """Whether the batch methods run the body once over the whole batch: until a run of
+        it has needed the rows (then they run it under the vmap over the rows, as a caller
+        running its own body per row would)."""
+        return not self._rows_only() and body_args(args) is not None
+
     def _rows_only(self) -> set[str]:
         """The batch methods whose whole-batch run of the body was abandoned: they run under
         the vmap over the rows straight away."""

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from types import MethodType
 from typing import Any, NoReturn
 
 import torch
+
+from gfcomb.core.deferred import resolve
+from gfcomb.core.gfi import GenerativeFunction
 
 
 class NeedsRows(Exception):
@@ -132,6 +136,26 @@ class RowValues:
             raise NeedsRows
         return _apply(func, tuple(args), kwargs, 1 if name == "where" else 0)
 
+    # A per-row tuple, list or dict has one structure for every row: its items are per row.
+    def __iter__(self) -> Any:
+        batch = self.batch
+        if type(batch) is tuple or type(batch) is list:
+            return iter([read_rows(v) for v in batch])
+        raise NeedsRows
+
+    def __len__(self) -> int:
+        batch = self.batch
+        if type(batch) is tuple or type(batch) is list or type(batch) is dict:
+            return len(batch)
+        raise NeedsRows
+
+    def __getitem__(self, key: Any) -> Any:
+        batch = self.batch
+        if ((type(batch) is tuple or type(batch) is list) and type(key) is int) \
+                or type(batch) is dict:
+            return read_rows(batch[key])
+        raise NeedsRows  # (indexing a per-row tensor indexes each row)
+
     def __getattr__(self, name: str) -> Any:
         batch = object.__getattribute__(self, "batch")
         if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
@@ -150,11 +174,66 @@ class RowValues:
         return lambda *args, **kwargs: _apply(method, (self, *args), kwargs)
 
 
+def read_rows(value: Any) -> Any:
+    """A value read from the whole batch as the body sees it: the rows' values, as a
+    :class:`RowValues`, unless it is the same for every row (a Python number, a generative
+    function)."""
+    value = resolve(value)
+    if value is None or isinstance(value, (bool, int, float, str, GenerativeFunction)):
+        return value
+    return RowValues(value)
+
+
+class BatchReads:
+    """A :class:`~gfcomb.core.vmap.RowView` of every row as a body run over the whole batch
+    sees it: what the body reads -- ``view[addr]``, an attribute, a method's result -- is every
+    row's value at once (:func:`read_rows`), where under the vmap it would be one row's."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Any) -> None:
+        object.__setattr__(self, "batch", batch)
+
+    def __repr__(self) -> str:
+        return f"BatchReads({type(self.batch).__name__})"
+
+    def __getitem__(self, addr: Any) -> Any:
+        return read_rows(self.batch[addr])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # (copy, pickle: not reads)
+            raise AttributeError(name)
+        value = getattr(object.__getattribute__(self, "batch"), name)
+        if type(value) is MethodType:
+            return lambda *args, **kwargs: read_rows(value(*args, **kwargs))
+        return read_rows(value)
+
+
+_NUMBERS = (int, float, bool)
+
+
+def _alike(b: Any, other: Any) -> bool:
+    """Whether ``other`` combines with the rows ``b`` (a tensor) as is, with no alignment or
+    dtype question: a Python number, or the rows of a value of the same shape and dtype."""
+    if type(other) in _NUMBERS:
+        return True
+    if type(other) is RowValues:
+        o = other.batch
+        return type(o) is torch.Tensor and o.shape == b.shape and o.dtype == b.dtype
+    return False
+
+
 def _binary(op: Callable[[Any, Any], Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def forward(self: RowValues, other: Any) -> RowValues:
+        b = self.batch
+        if type(b) is torch.Tensor and b.dim() and _alike(b, other):  # (the common case)
+            return RowValues(op(b, other.batch if type(other) is RowValues else other))
         return _apply(op, (self, other), {})
 
     def reflected(self: RowValues, other: Any) -> RowValues:
+        b = self.batch
+        if type(b) is torch.Tensor and b.dim() and type(other) in _NUMBERS:
+            return RowValues(op(other, b))
         return _apply(op, (other, self), {})
 
     return forward, reflected
@@ -180,10 +259,10 @@ for _name in ("matmul", "floordiv", "mod", "lshift", "rshift", "divmod"):
     setattr(RowValues, f"__r{_name}__", _refuse)
 for _name in ("iadd", "isub", "imul", "itruediv", "ipow", "iand", "ior", "ixor", "imatmul",
               "ifloordiv", "imod", "ilshift", "irshift", "bool", "int", "float", "complex",
-              "index", "len", "iter", "getitem", "setitem", "contains", "hash", "round",
+              "index", "setitem", "contains", "hash", "round",
               "trunc", "floor", "ceil", "array", "call", "format", "reversed", "str"):
     # (str: a print in the body shows the rows, under vmap)
     setattr(RowValues, f"__{_name}__", _refuse)
 
 
-__all__ = ["NeedsRows", "RowValues"]
+__all__ = ["BatchReads", "NeedsRows", "RowValues", "read_rows"]

@@ -25,17 +25,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 
 from gfcomb.core.batching import expanded_rows, inside_functorch_transform
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff
 from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.pytree import RECORD_FIELDS
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, RowView
+from gfcomb.core.vmap import PerRow, RowView, batch_value
 from gfcomb.dsl.handlers import Calls
-from gfcomb.dsl.row_values import NeedsRows, RowValues
+from gfcomb.dsl.row_values import BatchReads, NeedsRows, RowValues
 
 
 def rows_in(x: Any, n: int) -> Any:
@@ -51,6 +53,10 @@ def rows_in(x: Any, n: int) -> Any:
         return t(rows_in(v, n) for v in x)
     if t is dict:
         return {k: rows_in(v, n) for k, v in x.items()}
+    fields = RECORD_FIELDS.get(t)
+    if fields is not None and _holds_rows(x):  # (a record returned: a Recurse production)
+        return attrs.evolve(x, **{a.alias: rows_in(getattr(x, a.name), n)
+                                  for a in attrs.fields(t) if a.name in fields[0]})
     return x
 
 
@@ -62,7 +68,8 @@ def _holds_rows(x: Any) -> bool:
         return any(_holds_rows(v) for v in x)
     if t is dict:
         return any(_holds_rows(v) for v in x.values())
-    return False
+    fields = RECORD_FIELDS.get(t)
+    return fields is not None and any(_holds_rows(getattr(x, f)) for f in fields[0])
 
 
 def _as_rows(value: Any) -> Any:
@@ -81,7 +88,8 @@ class WholeCalls(Calls):
         self.per_row = per_row
 
     def _args(self, gen_fn: GenerativeFunction, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        out = tuple(PerRow(rows_in(a, self.n)) if _holds_rows(a) else a for a in args)
+        out = tuple(RowView(a.batch) if type(a) is BatchReads
+                    else PerRow(rows_in(a, self.n)) if _holds_rows(a) else a for a in args)
         if not gen_fn.batch_runs_whole(out):
             raise NeedsRows  # (its batch method is a vmap of it: the body's own vmap is better)
         return out
@@ -112,14 +120,19 @@ class WholeCalls(Calls):
 
 
 def body_args(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The arguments a body run over the whole batch receives (PerRow values opaque), or None
-    when one is a RowView (a proposal reading its particle's trace computes per row)."""
-    out = []
+    """The arguments a body run over the whole batch receives: PerRow values as RowValues, a
+    RowView of every row (a proposal's particle traces) as BatchReads; None when one is a
+    view of one row."""
+    out: list[Any] = []
     for a in args:
         t = type(a)
         if t is RowView:
-            return None
-        out.append(RowValues(a.value) if t is PerRow else a)
+            batch = batch_value(a)
+            if batch is a:
+                return None
+            out.append(BatchReads(batch))
+        else:
+            out.append(RowValues(a.value) if t is PerRow else a)
     return tuple(out)
 
 

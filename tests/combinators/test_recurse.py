@@ -721,12 +721,13 @@ def test_batch_depths_vmaps_static_productions_and_matches_the_loop():
 
 def test_batch_depths_falls_back_to_loop_for_data_dependent_branching():
     model, counts = make_model(batch_depths=True)
-    for _ in range(5):
+    for k in range(5):
         counts["prod"] = 0
         tr = model.simulate(ARGS)
         lps, nodes, res = hand(tr.choices, X0)
         assert list(tr.nodes) == nodes
-        # at most one failed vmap attempt per simulate, then node by node
-        assert len(nodes) <= counts["prod"] <= len(nodes) + 1
+        # at most one failed vmap attempt per simulate, then node by node (the first also
+        # abandons one run of the body over the whole batch: gfcomb/dsl/whole.py)
+        assert len(nodes) <= counts["prod"] <= len(nodes) + (2 if k == 0 else 1)
         close(tr.score, total(lps))
         close(tr.retval, res)

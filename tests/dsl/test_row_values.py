@@ -104,3 +104,30 @@ def test_a_kernel_computing_with_its_state_runs_over_the_whole_batch():
 
 
 NC, UC = gf.NoChange(), gf.UnknownChange()
+
+
+@gf.gen
+def proposal(trace, y):
+    """Reads each particle's x through a RowView: over the whole batch, every row's at once."""
+    gf.normal(0.5 * (trace["x"] + y), 0.7) @ "x_next"
+
+
+@gf.gen
+def point():
+    gf.normal(0.0, 1.0) @ "x"
+
+
+def test_a_proposal_reading_a_row_view_runs_over_the_whole_batch():
+    traces, _ = point.batch_generate(N, ())
+    args = (gf.RowView(traces), torch.tensor(0.4))
+    torch.manual_seed(8)
+    tr, w = proposal.batch_generate(N, args)
+    torch.manual_seed(8)
+    ref, ref_w = GenerativeFunction.batch_generate(proposal, N, args)
+    assert not proposal._rows_only_methods
+    torch.testing.assert_close(tr["x_next"], ref["x_next"], rtol=0, atol=0)
+    torch.testing.assert_close(tr.score, ref.score, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(tr.score, -0.5 * ((tr["x_next"] - 0.5 * (traces["x"] + 0.4))
+                                                 / 0.7) ** 2 - math.log(0.7)
+                               - 0.5 * math.log(2 * math.pi))

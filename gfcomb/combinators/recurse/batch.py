@@ -173,10 +173,10 @@ def gather(es: Sequence[Entry], get: Callable[[Any], Any]) -> Any:
 
 # ------------------------------------------------------------------ batched kernel calls
 def rows_simulate(kernel: GenerativeFunction, n: int, args: tuple[Any, ...], who: str) -> Trace:
-    """``simulate`` of ``n`` rows (PerRow arguments per row): the per-row method under one
-    vmap over the rows for a kernel with the default batch methods (the caller falls back
-    node by node on any error, so there is no error naming to add here)."""
-    if kernel.batch_methods_are_default():
+    """``simulate`` of ``n`` rows (PerRow arguments per row): the kernel's batch method when
+    it runs over the whole batch, else the per-row method under one vmap over the rows (the
+    caller falls back node by node on any error, so there is no error naming to add here)."""
+    if not kernel.batch_runs_whole(args):
         values, dims = [], []
         for a in args:
             v, rowwise = unwrap_rows(a)
