@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from gfcomb.core.batching import expanded_rows
 from gfcomb.core.deferred import resolve
 from gfcomb.core.gfi import GenerativeFunction
 
@@ -95,6 +96,14 @@ def _apply(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
                 others = True
         elif t is tuple or t is list or t is dict:
             raise NeedsRows  # (a container: not an elementwise operand)
+    if n is not None and n > 1 and all(
+            a.batch.stride(0) == 0 for a in (*args, *kwargs.values()) if type(a) is RowValues):
+        # every per-row operand is one row expanded to all (a shared constraint, say): so is
+        # the result, computed once on that row -- as the vmap over the rows computes it
+        out = fn(*[_row0(a) for a in args], **{k: _row0(v) for k, v in kwargs.items()})
+        if not isinstance(out, torch.Tensor):
+            raise NeedsRows
+        return RowValues(expanded_rows(out, n))
     if len(dtypes) > 1 and scalar_rows and others:
         raise NeedsRows
 
@@ -111,6 +120,10 @@ def _apply(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
         raise NeedsRows
     return RowValues(out)
+
+
+def _row0(a: Any) -> Any:
+    return a.batch[0] if type(a) is RowValues else a
 
 
 class RowValues:
@@ -226,13 +239,13 @@ def _alike(b: Any, other: Any) -> bool:
 def _binary(op: Callable[[Any, Any], Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def forward(self: RowValues, other: Any) -> RowValues:
         b = self.batch
-        if type(b) is torch.Tensor and b.dim() and _alike(b, other):  # (the common case)
+        if type(b) is torch.Tensor and b.dim() and b.stride(0) and _alike(b, other):
             return RowValues(op(b, other.batch if type(other) is RowValues else other))
         return _apply(op, (self, other), {})
 
     def reflected(self: RowValues, other: Any) -> RowValues:
         b = self.batch
-        if type(b) is torch.Tensor and b.dim() and type(other) in _NUMBERS:
+        if type(b) is torch.Tensor and b.dim() and b.stride(0) and type(other) in _NUMBERS:
             return RowValues(op(other, b))
         return _apply(op, (other, self), {})
 

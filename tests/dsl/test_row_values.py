@@ -131,3 +131,14 @@ def test_a_proposal_reading_a_row_view_runs_over_the_whole_batch():
     torch.testing.assert_close(tr.score, -0.5 * ((tr["x_next"] - 0.5 * (traces["x"] + 0.4))
                                                  / 0.7) ** 2 - math.log(0.7)
                                - 0.5 * math.log(2 * math.pi))
+
+
+def test_rows_that_are_one_row_expanded_stay_one_row():
+    """A shared constraint enters the batch as one row expanded: what is computed from it
+    alone is computed once and expanded again (as the vmap over the rows sees it: unbatched),
+    in any dtype."""
+    shared = RowValues(torch.tensor(1.0).expand(N))
+    out = shared.long() * 2 + torch.tensor(3)
+    assert out.batch.stride() == (0,) and out.batch.dtype == torch.long
+    assert out.batch.tolist() == [5] * N
+    assert (RowValues(X) + shared).batch.stride() == (1,)

@@ -66,7 +66,7 @@ from gfcomb.combinators.switch.merge import (
 )
 from gfcomb.combinators.switch.trace import SwitchTrace
 from gfcomb.core import masked
-from gfcomb.core.batching import is_batched
+from gfcomb.core.batching import expanded_rows, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError
@@ -81,6 +81,7 @@ from gfcomb.core.gfi import (
 from gfcomb.core.selection import Selection, flag_and, flag_not
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
+from gfcomb.core.vmap import unwrap_rows
 from gfcomb.dsl.parameters import unique_parameters
 
 _EMPTY = ChoiceMap.empty()
@@ -158,6 +159,76 @@ class Switch(Combinator):
 
     def _check_trace(self, trace: Any) -> SwitchTrace:
         return check_trace(self, trace, SwitchTrace).narrowed()
+
+    # ------------------------------------------------------------------ the batch protocol
+    # A batch with one branch index per row runs every branch's own batch method for all
+    # rows and merges them by the index (merge.py): what the Switch does per row under the
+    # vmap over the rows (every branch runs, the index picks), without the vmap.  An index
+    # shared by every row (or one expanded to every row, which the vmap sees as shared) runs
+    # that branch alone, as per row.
+    def batch_methods_are_default(self) -> bool:
+        """True: the batch methods give what the per-row methods give under the vmap over
+        the rows, so a caller already running per row calls the per-row methods."""
+        return True
+
+    def _batch_index(self, args: tuple[Any, ...]) -> int | torch.Tensor | None:
+        """The index of a batch call: the per-row index (1-d), the one branch every row
+        takes, or None (not an integer index: the vmap default says what is wrong)."""
+        if not args:
+            return None
+        index, per_row = unwrap_rows(args[0])
+        if isinstance(index, torch.Tensor):
+            if index.is_floating_point() or index.is_complex() or index.dim() != int(per_row):
+                return None
+            if per_row:
+                if index.stride(0) != 0 or index.shape[0] == 1:
+                    return index
+                index = index[0]
+        elif type(index) is not int:
+            return None
+        try:
+            return self._index(index)
+        except ArgumentError:
+            return None
+
+    def batch_runs_whole(self, args: tuple[Any, ...]) -> bool:
+        """Whether a batch with ``args`` runs on the whole batch: an integer index (per row
+        or shared) and the batch of every branch that runs running whole."""
+        index = self._batch_index(args)
+        if index is None:
+            return False
+        bargs = tuple(args[1:])
+        branches = self.branches if isinstance(index, torch.Tensor) else (self.branches[index],)
+        return all(b.batch_runs_whole(bargs) for b in branches)
+
+    def batch_generate(self, n: int, args: tuple[Any, ...],
+                       constraints: Any = None) -> tuple[SwitchTrace, torch.Tensor]:
+        """``generate`` for ``n`` rows.  Unconstrained, when :meth:`batch_runs_whole`: the
+        branches' batches merged by the index; otherwise the vmap default.
+
+        Math: row i is ``simulate`` of branch index_i (see :meth:`simulate`).
+        """
+        args = check_args_tuple(args)
+        if not as_choicemap(unwrap_rows(constraints)[0]).is_empty() \
+                or not self.batch_runs_whole(args):
+            return super().batch_generate(n, args, constraints)  # type: ignore[return-value]
+        index = self._batch_index(args)
+        assert index is not None
+        bargs = tuple(args[1:])
+        held = []
+        for a in args:
+            v, per_row = unwrap_rows(a)
+            held.append(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor)
+                        else v)
+        if isinstance(index, torch.Tensor):
+            tr = self._trace(tuple(held), index, [b.batch_generate(n, bargs)[0]
+                                                  for b in self.branches])
+            return tr, zero_weight(tr.score)
+        one, _ = self.branches[index].batch_generate(n, bargs)
+        given = held[0] if isinstance(held[0], torch.Tensor) else index
+        tr = SwitchTrace(self, tuple(held), given, tuple(only(index, one, len(self.branches))),
+                         one.retval, one.score, False)
+        return tr, zero_weight(tr.score)
 
     # ------------------------------------------------------------------ the GFI
     def simulate(self, args: tuple[Any, ...]) -> SwitchTrace:
