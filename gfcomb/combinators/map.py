@@ -50,6 +50,7 @@ from gfcomb.core.gfi import (
     check_args_tuple,
     zero_weight,
 )
+from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.selection import Selection, has_mask_flags
 from gfcomb.core.selection import selection_flags_for_vector as element_flags
@@ -350,9 +351,11 @@ class Map(Combinator):
 def _one_layout(a: Trace, b: Trace) -> tuple[Trace, Trace]:
     """``a`` and ``b`` (stacked kernel traces) re-expressed in one record layout so that
     they can be combined leaf by leaf (:meth:`Trace.with_layout_of`: a batch edit of an
-    Unfold may keep its steps in a shared history the other does not have)."""
+    Unfold may keep its steps in a shared history the other does not have; :func:`harmonize`:
+    a Switch edited for one element runs one branch, under vmap every branch)."""
     b = b.with_layout_of(a)
-    return a.with_layout_of(b), b
+    a, b = harmonize([a.with_layout_of(b), b])  # (Switch traces on one branch or on all)
+    return a, b
 
 
 def _as_rows(a: Any, dim: Any) -> Any:

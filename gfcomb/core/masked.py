@@ -275,6 +275,21 @@ def addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
     return {(k,) + a for k in cm.keys() for a in addresses(cm.get_submap(k))}
 
 
+def present_addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
+    """:func:`addresses` of the values that may be present: not those whose presence mask
+    is False for every element (where it can be read: a batched mask may be present)."""
+    if cm.is_empty():
+        return set()
+    if cm.is_value():
+        m = cm.mask
+        if m is not None and not is_batched(m) and not bool(m.any()):
+            return set()
+        return {()}
+    if cm.is_stacked():
+        return {(":",) + a for a in present_addresses(cm.stacked_inner)}
+    return {(k,) + a for k in cm.keys() for a in present_addresses(cm.get_submap(k))}
+
+
 def merge_values(a: ChoiceMap, b: ChoiceMap, prefix: tuple[Any, ...]) -> ChoiceMap:
     """Merge two values of which at least one is masked, element by element: ``a``'s value
     where ``a`` is present, else ``b``'s; present where either is.  An overlap (both present

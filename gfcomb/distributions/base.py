@@ -27,7 +27,10 @@ Contract for subclasses
   together with the broadcast batch shape of the parameters it gives the shape of a value
   (:meth:`DistributionMethods.value_shape`), against which constrained values are checked.
 - Class attributes: ``name`` (str), ``param_names`` (tuple of str), ``discrete`` (bool),
-  ``reparameterized`` (bool); or, as the built-ins do, class keywords:
+  ``reparameterized`` (bool), ``samples_per_element`` (bool: the sampler draws independent
+  noise for every element of its parameters' broadcast shape, so a batch of rows is drawn in
+  one call; the batch methods then run on the whole batch); or, as the built-ins do, class
+  keywords:
   ``class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate":
   POSITIVE}, reparameterized=True)`` (see
   :class:`~gfcomb.distributions.methods.DistributionMethods`).
@@ -438,10 +441,11 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
     def batch_runs_whole(self, args: tuple[Any, ...]) -> bool:
         """Whether a batch with these arguments is computed on the whole batch at once: the
-        distribution is univariate (a value has the broadcast shape of its parameters) and
-        every argument is a scalar per row (``PerRow`` of a 1-d tensor, or a Python number
+        distribution is univariate (a value has the broadcast shape of its parameters), its
+        sampler draws per element (:attr:`samples_per_element`) and every argument is a
+        scalar per row (``PerRow`` of a 1-d tensor, or a Python number
         or 0-d tensor shared by every row)."""
-        if not self._elementwise:
+        if not (self._elementwise and self.samples_per_element):
             return False
         for a in args:
             v, per_row = unwrap_rows(a)

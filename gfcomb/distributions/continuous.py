@@ -57,7 +57,8 @@ _LOG_PI = math.log(math.pi)
 
 
 # ============================================================================= distributions
-class Normal(Distribution, name="normal", params={"loc": REAL, "scale": POSITIVE},
+class Normal(Distribution, samples_per_element=True,
+             name="normal", params={"loc": REAL, "scale": POSITIVE},
              reparameterized=True):
     r"""Normal distribution ``normal(loc, scale)``.
 
@@ -151,7 +152,8 @@ def _neg_log_normalizer(scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Uniform(Distribution, name="uniform", params={"low": REAL, "high": REAL},
+class Uniform(Distribution, samples_per_element=True,
+              name="uniform", params={"low": REAL, "high": REAL},
               relations=(("low", "<", "high"),), reparameterized=True):
     r"""Continuous uniform distribution ``uniform(low, high)`` on the closed interval.
 
@@ -175,7 +177,8 @@ class Uniform(Distribution, name="uniform", params={"low": REAL, "high": REAL},
 
 
 
-class Beta(Distribution, name="beta",
+class Beta(Distribution, samples_per_element=True,
+           name="beta",
            params={"concentration1": POSITIVE, "concentration0": POSITIVE}, reparameterized=True):
     r"""Beta distribution ``beta(concentration1, concentration0)`` (torch naming: ``a, b``).
 
@@ -206,7 +209,8 @@ class Beta(Distribution, name="beta",
 
 
 
-class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+class Gamma(Distribution, samples_per_element=True,
+            name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
             reparameterized=True):
     r"""Gamma distribution ``gamma(concentration, rate)`` (shape ``k``, rate ``\beta``).
 
@@ -233,7 +237,8 @@ class Gamma(Distribution, name="gamma", params={"concentration": POSITIVE, "rate
 
 
 
-class InvGamma(Distribution, name="inv_gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
+class InvGamma(Distribution, samples_per_element=True,
+               name="inv_gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
                reparameterized=True):
     r"""Inverse-gamma distribution ``inv_gamma(concentration, rate)``: the law of ``1/X`` for
     ``X ~ Gamma(concentration, rate)``.  (So ``rate`` is the *scale* of the inverse gamma;
@@ -259,7 +264,8 @@ class InvGamma(Distribution, name="inv_gamma", params={"concentration": POSITIVE
 
 
 
-class Exponential(Distribution, name="exponential", params={"rate": POSITIVE},
+class Exponential(Distribution, samples_per_element=True,
+                  name="exponential", params={"rate": POSITIVE},
                   reparameterized=True):
     r"""Exponential distribution ``exponential(rate)``.
 
@@ -282,7 +288,8 @@ class Exponential(Distribution, name="exponential", params={"rate": POSITIVE},
 
 
 
-class Laplace(Distribution, name="laplace", params={"loc": REAL, "scale": POSITIVE},
+class Laplace(Distribution, samples_per_element=True,
+              name="laplace", params={"loc": REAL, "scale": POSITIVE},
               reparameterized=True):
     r"""Laplace distribution ``laplace(loc, scale)``.
 
@@ -306,7 +313,8 @@ class Laplace(Distribution, name="laplace", params={"loc": REAL, "scale": POSITI
 
 
 
-class Cauchy(Distribution, name="cauchy", params={"loc": REAL, "scale": POSITIVE},
+class Cauchy(Distribution, samples_per_element=True,
+             name="cauchy", params={"loc": REAL, "scale": POSITIVE},
              reparameterized=True):
     r"""Cauchy distribution ``cauchy(loc, scale)``.
 
@@ -329,7 +337,8 @@ class Cauchy(Distribution, name="cauchy", params={"loc": REAL, "scale": POSITIVE
 
 
 
-class StudentT(Distribution, name="student_t",
+class StudentT(Distribution, samples_per_element=True,
+               name="student_t",
                params={"df": POSITIVE, "loc": REAL, "scale": POSITIVE}, reparameterized=True):
     r"""Student's t distribution ``student_t(df, loc, scale)`` (all three positional; use
     ``loc=0, scale=1`` for the standard one).
@@ -365,7 +374,8 @@ class StudentT(Distribution, name="student_t",
 
 
 
-class HalfNormal(Distribution, name="half_normal", params={"scale": POSITIVE},
+class HalfNormal(Distribution, samples_per_element=True,
+                 name="half_normal", params={"scale": POSITIVE},
                  reparameterized=True):
     r"""Half-normal distribution ``half_normal(scale)``: ``|X|`` for ``X ~ N(0, scale)``.
 
@@ -389,7 +399,8 @@ class HalfNormal(Distribution, name="half_normal", params={"scale": POSITIVE},
 
 
 
-class LogNormal(Distribution, name="log_normal", params={"loc": REAL, "scale": POSITIVE},
+class LogNormal(Distribution, samples_per_element=True,
+                name="log_normal", params={"loc": REAL, "scale": POSITIVE},
                 reparameterized=True):
     r"""Log-normal distribution ``log_normal(loc, scale)``: ``exp(X)`` for ``X ~ N(loc, scale)``.
 
@@ -415,7 +426,8 @@ class LogNormal(Distribution, name="log_normal", params={"loc": REAL, "scale": P
 
 
 
-class HalfCauchy(Distribution, name="half_cauchy", params={"scale": POSITIVE},
+class HalfCauchy(Distribution, samples_per_element=True,
+                 name="half_cauchy", params={"scale": POSITIVE},
                  reparameterized=True):
     r"""Half-Cauchy distribution ``half_cauchy(scale)``: ``|X|`` for ``X ~ Cauchy(0, scale)``.
 
@@ -440,7 +452,8 @@ class HalfCauchy(Distribution, name="half_cauchy", params={"scale": POSITIVE},
 
 
 
-class Weibull(Distribution, name="weibull", params={"scale": POSITIVE, "concentration": POSITIVE},
+class Weibull(Distribution, samples_per_element=True,
+              name="weibull", params={"scale": POSITIVE, "concentration": POSITIVE},
               reparameterized=True):
     r"""Weibull distribution ``weibull(scale, concentration)`` (torch's argument order).
 

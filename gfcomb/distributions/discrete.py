@@ -50,7 +50,8 @@ def _is_integer(x: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(x, dtype=torch.bool)
 
 
-class Bernoulli(Distribution, name="bernoulli", params={"probs": PROBABILITY}, discrete=True):
+class Bernoulli(Distribution, samples_per_element=True,
+                name="bernoulli", params={"probs": PROBABILITY}, discrete=True):
     r"""Bernoulli distribution ``bernoulli(probs)``; values are floating ``0.``/``1.``.
 
     .. math:: \log p(x) = x\log p + (1-x)\log(1-p), \quad x \in \{0, 1\}
@@ -105,7 +106,8 @@ def _constant_logs(p: torch.Tensor) -> tuple[float, float] | None:
 
 
 
-class Categorical(Distribution, name="categorical", params={"probs": WEIGHTS}, discrete=True):
+class Categorical(Distribution, samples_per_element=True,
+                  name="categorical", params={"probs": WEIGHTS}, discrete=True):
     r"""Categorical distribution ``categorical(probs)`` over ``{0, ..., K-1}``.
 
     ``probs`` has shape ``(..., K)``; as in torch it need not be normalized (it is divided by
@@ -138,7 +140,8 @@ class Categorical(Distribution, name="categorical", params={"probs": WEIGHTS}, d
 
 
 
-class UniformDiscrete(Distribution, name="uniform_discrete",
+class UniformDiscrete(Distribution, samples_per_element=True,
+                      name="uniform_discrete",
                       params={"low": INTEGER, "high": INTEGER}, relations=(("low", "<=", "high"),),
                       discrete=True):
     r"""Discrete uniform distribution ``uniform_discrete(low, high)`` on the integers
@@ -167,7 +170,8 @@ class UniformDiscrete(Distribution, name="uniform_discrete",
 
 
 
-class Poisson(Distribution, name="poisson", params={"rate": NONNEGATIVE}, discrete=True):
+class Poisson(Distribution, samples_per_element=True,
+              name="poisson", params={"rate": NONNEGATIVE}, discrete=True):
     r"""Poisson distribution ``poisson(rate)``; values are floating (torch's convention).
 
     .. math:: \log p(k) = k\log\lambda - \lambda - \log k!, \quad k \in \{0, 1, \ldots\}
@@ -191,7 +195,8 @@ class Poisson(Distribution, name="poisson", params={"rate": NONNEGATIVE}, discre
 
 
 
-class Binomial(Distribution, name="binomial",
+class Binomial(Distribution, samples_per_element=True,
+               name="binomial",
                params={"total_count": NONNEGATIVE_INTEGER, "probs": PROBABILITY}, discrete=True):
     r"""Binomial distribution ``binomial(total_count, probs)``; values are floating.
 
@@ -226,7 +231,8 @@ class Binomial(Distribution, name="binomial",
 
 
 
-class Geometric(Distribution, name="geometric", params={"probs": POSITIVE_PROBABILITY},
+class Geometric(Distribution, samples_per_element=True,
+                name="geometric", params={"probs": POSITIVE_PROBABILITY},
                 discrete=True):
     r"""Geometric distribution ``geometric(probs)``: the number of *failures* before the first
     success (torch's convention, support ``0, 1, 2, ...``); values are floating.

@@ -49,12 +49,18 @@ class DistributionMethods:
     relations: tuple[tuple[str, str, str], ...] = ()
     discrete: bool = False
     reparameterized: bool = False
+    #: Whether ``sample`` draws independent noise for every element of the broadcast shape of
+    #: its parameters (torch's ``*_like`` of a parameter, as the built-ins do): then a batch of
+    #: rows with scalar parameters draws every row in one call, its parameters expanded to
+    #: the rows.  Else (a sampler drawing, say, ``torch.randn(())`` and broadcasting it, which
+    #: vmap makes per row) its batch methods run per row under vmap.
+    samples_per_element: bool = False
 
     def __init_subclass__(cls, *, name: str | None = None,
                           params: dict[str, Constraint] | None = None,
                           relations: tuple[tuple[str, str, str], ...] | None = None,
                           discrete: bool | None = None, reparameterized: bool | None = None,
-                          **kwargs: Any) -> None:
+                          samples_per_element: bool | None = None, **kwargs: Any) -> None:
         """The class attributes above, given as class keywords: ``class Gamma(Distribution,
         name="gamma", params={"concentration": POSITIVE, "rate": POSITIVE},
         reparameterized=True)`` (``params``: the parameter names and their constraints, in
@@ -71,6 +77,8 @@ class DistributionMethods:
             cls.discrete = discrete
         if reparameterized is not None:
             cls.reparameterized = reparameterized
+        if samples_per_element is not None:
+            cls.samples_per_element = samples_per_element
 
     if TYPE_CHECKING:
         # each distribution takes its own parameters (``sample(loc, scale)``): to the type

@@ -12,6 +12,7 @@ import torch
 import gfcomb as gf
 from gfcomb.core import flat
 from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.distributions.params import POSITIVE, REAL
 
 torch.set_default_dtype(torch.float64)
 N = 7
@@ -164,3 +165,32 @@ def test_a_masked_or_vector_batch_takes_the_vmap_default():
     same_batch(tr, ref)
     torch.testing.assert_close(w, ref_w)
     assert (tr.value[mask] == 0).all() and (w[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", [k for k in NATIVE if not CASES[k][0].discrete])
+def test_every_built_in_draws_every_row_its_own_noise_with_shared_parameters(name):
+    dist, args = CASES[name]
+    shared = tuple(float(a.value[0]) if isinstance(a, gf.PerRow) else a for a in args(0))
+    assert dist.batch_runs_whole(shared)
+    tr, _ = dist.batch_generate(N, shared)
+    assert tr.value.shape == (N,) and len(set(tr.value.tolist())) == N
+
+
+class SharedNoiseNormal(gf.Distribution, name="shared_noise_normal",
+                        params={"loc": REAL, "scale": POSITIVE}):
+    """A sampler that draws one noise and broadcasts it (vmap makes it per row): it does
+    not say ``samples_per_element``, so its batches run per row under vmap."""
+
+    def sample(self, loc, scale):
+        return loc + scale * torch.randn((), dtype=loc.dtype)
+
+    def logpdf(self, value, loc, scale):
+        return gf.normal.logpdf(value, loc, scale)
+
+
+def test_a_sampler_that_does_not_draw_per_element_batches_per_row():
+    dist = SharedNoiseNormal()
+    args = (gf.PerRow(torch.zeros(N)), 1.0)
+    assert not dist.batch_runs_whole(args)
+    tr, _ = dist.batch_generate(N, args)
+    assert len(set(tr.value.tolist())) == N  # (per row under vmap: every row its own noise)

@@ -96,9 +96,9 @@ def check_some_branch_visits(dropped: Sequence[ChoiceMap], method: str) -> None:
     """Batched mode: a constraint that no branch visits is an error for every element."""
     if not dropped:
         return
-    common = masked.addresses(dropped[0])
-    for d in dropped[1:]:
-        common &= masked.addresses(d)
+    common = masked.present_addresses(dropped[0])  # (a value absent everywhere constrains
+    for d in dropped[1:]:                           # nothing: an old branch's, say)
+        common &= masked.present_addresses(d)
     if common:
         addr = min(common, key=repr)
         raise UnvisitedConstraintError(
