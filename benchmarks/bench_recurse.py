@@ -204,9 +204,11 @@ def main() -> None:
     lines += [
         "",
         "Where gfcomb's time goes (cProfile; share of the call spent inside kernel calls, "
-        "i.e. the vmapped `@gen` production/aggregation bodies and the per-node kernel "
-        "calls; the rest is the Recurse engine: grouping, gathering child results, "
-        "building the node tables):",
+        "i.e. the `@gen` production/aggregation bodies where they still run under a vmap "
+        "and the per-node kernel calls -- the bodies of this tree now run over a whole "
+        "depth without one, which this share does not count; the rest is the Recurse "
+        "engine and those whole-depth calls: grouping, gathering child results, building "
+        "the node tables):",
         "",
         "| aggregation | simulate: in kernel calls | leaf update: in kernel calls |",
         "|---|---:|---:|",
@@ -222,15 +224,14 @@ def main() -> None:
         f"{sim_ratio:.1f}x ({met[sim_ratio <= 3]}); a leaf update at most 2x, measured "
         f"{upd_ratio:.1f}x ({met[upd_ratio <= 2]}); the session before measured 5.5x and "
         "4.0x.** "
-        "What the engine does per call: simulate makes one vmapped `@gen` call per depth "
-        "for the productions and one for the aggregations (the root's two run unbatched); a "
+        "What the engine does per call: simulate makes one batch call of the `@gen` kernel "
+        "per depth for the productions and one for the aggregations (the root's two run "
+        "unbatched), each running the body once over the depth's nodes without a vmap "
+        "(gfcomb/dsl/whole.py; a body that needs its rows runs under one vmap); a "
         "batch's children go on as one group in index order (child slots stacked), the "
         "aggregations read their values and their children's results straight from the "
         "blocks (strided slices), and the node index (node -> block row, children counts) "
-        "is built only when first asked for.  The kernel calls alone cost "
-        f"{shares[0][1] * sim_ratio:.1f}x the whole hand-written tree: under vmap a tensor "
-        "op of a `@gen` body costs about twice its plain cost, and each call's trace "
-        "crosses the vmap boundary (flattened and rebuilt): a quarter to a third of a call.  "
+        "is built only when first asked for.  "
         "A leaf update visits only the edited node and the parents of results that "
         "changed (found at their depths, no walk through the ancestors): two unbatched "
         "`@gen` updates (production and "
