@@ -429,10 +429,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
         return ChoiceTrace(self, args, value, score), weight, _UNKNOWN_CHANGE
 
     # ------------------------------------------------------------------ the batch protocol
-    # A univariate distribution whose parameters are scalars per row computes a batch as
-    # one elementwise computation on the rows' parameters: what the per-row methods under
-    # vmap compute, with the same record layout (a shared tensor argument, value or score
-    # as its expanded rows), without the vmap.  Any other batch takes the vmap default.
+    # Scalar parameters per row: one elementwise computation on the rows, what the per-row
+    # methods under vmap compute, in the same layout (a shared tensor argument, value or
+    # score as its expanded rows).  Any other batch takes the vmap default.
     def batch_methods_are_default(self) -> bool:
         """True: the batch methods give what the per-row methods under vmap give (they
         compute it on the whole batch at once), so a caller already running per row calls
@@ -465,8 +464,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         batch of ``n`` rows, or None when it is not one (:meth:`batch_runs_whole`)."""
         if not self.batch_runs_whole(args):
             return None
-        held = []
-        values = []
+        held, values = [], []
         for a in args:
             v, per_row = unwrap_rows(a)
             if per_row and v.shape[0] != n:
@@ -494,8 +492,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         return both
 
     def _rows_score(self, value: torch.Tensor, params: tuple[Any, ...], n: int) -> torch.Tensor:
-        lp = self._lp(value, params)
-        return lp if lp.dim() else expanded_rows(lp, n)
+        return expanded_rows(lp, n) if (lp := self._lp(value, params)).dim() == 0 else lp
 
     def _rows_value(self, constraints: Any, n: int) -> torch.Tensor | None:
         """The constrained value of every row (a shared one as its expanded rows), or None
