@@ -242,12 +242,14 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """The value held by a constraint map, shape-checked; integer/bool values given for a
         continuous distribution (``{"x": 1}``) become floats, so the choice stays
         differentiable."""
-        v = cm.get_value()
-        if (not self.discrete and isinstance(v, torch.Tensor) and not v.is_floating_point()
-                and not v.is_complex()):
-            v = v.to(torch.get_default_dtype())
+        v = self._as_value(cm.get_value())
         self._check_value(v, args, params)
         return v
+
+    def _as_value(self, v: Any) -> Any:
+        """An integer/bool value of a continuous distribution as a float (else as it is)."""
+        integral = isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex())
+        return v.to(torch.get_default_dtype()) if integral and not self.discrete else v
 
     def _score_given(self, value: torch.Tensor, args: tuple[Any, ...],
                      params: tuple[Any, ...]) -> torch.Tensor:
@@ -502,12 +504,10 @@ class Distribution(DistributionMethods, GenerativeFunction):
         if not cm.is_value() or cm.mask is not None:
             return None
         v = cm.get_value()
-        if not isinstance(v, torch.Tensor):
-            v = torch.as_tensor(v)
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
         if v.dim() != (1 if per_row else 0) or (per_row and v.shape[0] != n):
             return None
-        if not self.discrete and not v.is_floating_point() and not v.is_complex():
-            v = v.to(torch.get_default_dtype())
+        v = self._as_value(v)
         return v if per_row else expanded_rows(v, n)
 
     def batch_generate(self, n: int, args: tuple[Any, ...],

@@ -81,8 +81,9 @@ class Normal(Distribution, samples_per_element=True,
         loc, scale = params
         if self._fused and loc.shape == (n,) and scale.dim() == 0:
             # (the noise has loc's shape, one per row: no need to expand the scale)
-            eps, value = _shifted_noise(loc, scale)
-            return value, torch.addcmul(_neg_log_normalizer(scale), eps, eps, value=-0.5)
+            both = self._draw_scored(loc, scale)
+            assert both is not None  # (a scalar scale)
+            return both
         return super()._batch_draw(params, n)
 
     def sample_with_logpdf(self, loc: ArrayLike,

@@ -8,6 +8,7 @@ selections and constraints drawn from a trace, random combinator trees);
 :mod:`gfcomb.testing.goodness_of_fit` tests ``simulate`` against ``assess`` statistically.
 """
 
+from gfcomb.testing.batches import assert_same_batch
 from gfcomb.testing.goodness_of_fit import GOFResult, goodness_of_fit
 from gfcomb.testing.laws import (
     LAW_NAMES,
@@ -34,6 +35,7 @@ from gfcomb.testing.strategies import (
 )
 
 __all__ = [
+    "assert_same_batch",
     "GFILawError", "GFIReport", "GOFResult", "HypothesisDraw", "LAWS", "LAW_NAMES",
     "LawContext", "LawSkipped", "ModelSpec", "RandomDraw", "args_tuples", "check_gfi",
     "check_gfi_example", "check_law", "choice_subsets", "constraints_from",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.core import flat
 from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.testing import assert_same_batch
 
 torch.set_default_dtype(torch.float64)
 N = 6
@@ -32,12 +32,7 @@ X = gf.PerRow(torch.linspace(-1, 1, N))
 
 
 def same(a, b) -> None:
-    assert flat.flatten(a, []) == flat.flatten(b, [])
-    la, lb = [], []
-    flat.flatten(a, la)
-    flat.flatten(b, lb)
-    for x, y in zip(la, lb, strict=True):
-        assert x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+    assert_same_batch(a, b, atol=0)
 
 
 @pytest.mark.parametrize("index", [

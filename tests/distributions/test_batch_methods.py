@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.core import flat
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.distributions.params import POSITIVE, REAL
+from gfcomb.testing import assert_same_batch
 
 torch.set_default_dtype(torch.float64)
 N = 7
@@ -47,15 +47,6 @@ CASES = {
 NATIVE = [k for k, (d, args) in CASES.items() if d.batch_runs_whole(args(0))]
 
 
-def same_batch(a, b) -> None:
-    """The same record layout and the same tensor values (shapes, dtypes, to 1e-12)."""
-    assert flat.flatten(a, []) == flat.flatten(b, [])
-    la, lb = [], []
-    flat.flatten(a, la)
-    flat.flatten(b, lb)
-    for x, y in zip(la, lb, strict=True):
-        assert x.shape == y.shape and x.dtype == y.dtype
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
 def default_draws(dist, args):
@@ -81,7 +72,7 @@ def test_constrained_batch_generate_equals_the_vmap_default(name):
     for constraints in (gf.PerRow(gf.ChoiceMap.value(values)), gf.ChoiceMap.value(values[2])):
         tr, w = dist.batch_generate(N, args(0), constraints)
         ref, ref_w = GenerativeFunction.batch_generate(dist, N, args(0), constraints)
-        same_batch(tr, ref)
+        assert_same_batch(tr, ref)
         torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-12)
     assert tr.value.stride() == (0,)  # (a shared value as its expanded rows, as vmap leaves it)
 
@@ -92,7 +83,7 @@ def test_unconstrained_batch_generate_scores_its_draws_as_the_vmap_does(name):
     tr, w = dist.batch_generate(N, args(0))
     ref, _ = GenerativeFunction.batch_generate(dist, N, args(0),
                                                gf.PerRow(gf.ChoiceMap.value(tr.value)))
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     assert w.shape == (N,) and not w.any()
 
 
@@ -109,7 +100,7 @@ def test_batch_update_equals_the_vmap_default(name):
         tr, w, rd, discard = dist.batch_update(old, new_args, diffs, constraints)
         ref, ref_w, ref_rd, ref_discard = GenerativeFunction.batch_update(
             dist, old, new_args, diffs, constraints)
-        same_batch(tr, ref)
+        assert_same_batch(tr, ref)
         torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-12)
         assert rd == ref_rd
         assert discard.is_empty() == ref_discard.is_empty()
@@ -126,12 +117,12 @@ def test_batch_regenerate_equals_the_vmap_default(name):
     tr, w, rd = dist.batch_regenerate(old, args(1), diffs, gf.select())
     ref, ref_w, ref_rd = GenerativeFunction.batch_regenerate(dist, old, args(1), diffs,
                                                              gf.select())
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-12)
     tr, w, rd = dist.batch_regenerate(old, args(1), diffs, gf.selectall())
     ref, _ = GenerativeFunction.batch_generate(dist, N, args(1),
                                                gf.PerRow(gf.ChoiceMap.value(tr.value)))
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     assert not w.any() and rd == UC
 
 
@@ -150,7 +141,7 @@ def test_the_draws_are_the_vmap_defaults_under_one_seed(dist, args):
     tr, _ = dist.batch_generate(N, args)
     torch.manual_seed(3)
     ref, _ = GenerativeFunction.batch_generate(dist, N, args)
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
 
 
 def test_a_masked_or_vector_batch_takes_the_vmap_default():
@@ -162,7 +153,7 @@ def test_a_masked_or_vector_batch_takes_the_vmap_default():
     torch.manual_seed(5)
     ref, ref_w = GenerativeFunction.batch_generate(
         gf.normal, N, args, gf.PerRow(gf.ChoiceMap.value(values, mask)))
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     torch.testing.assert_close(w, ref_w)
     assert (tr.value[mask] == 0).all() and (w[~mask] == 0).all()
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import gfcomb as gf
-from gfcomb.core import flat
 from gfcomb.core.errors import GFIError
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.dsl.whole import RowValues
+from gfcomb.testing import assert_same_batch
 
 torch.set_default_dtype(torch.float64)
 NC, UC = gf.NoChange(), gf.UnknownChange()
@@ -42,19 +42,6 @@ def make_wrapped(seen: list[type]) -> gf.GenFunction:
     return wrapped
 
 
-def layout(tr) -> object:
-    """A record's structure (every class, static field and container), values aside."""
-    return flat.flatten(tr, [])
-
-
-def same_batch(a, b) -> None:
-    assert layout(a) == layout(b)
-    la, lb = [], []
-    flat.flatten(a, la)
-    flat.flatten(b, lb)
-    for x, y in zip(la, lb, strict=True):
-        assert x.shape == y.shape and x.dtype == y.dtype
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
 def filtered(model, T: int) -> gf.Trace:
@@ -80,13 +67,13 @@ def test_an_update_run_over_the_whole_batch_equals_the_rows_run():
     ref, rw, rretdiff, rdiscard = GenerativeFunction.batch_update(model, old, (5, A),
                                                                   (UC, NC), cm)
     assert seen[1] is not RowValues  # (and once under the vmap over the rows)
-    same_batch(new, ref)
+    assert_same_batch(new, ref)
     torch.testing.assert_close(w, rw, rtol=0, atol=1e-12)
     assert type(retdiff) is type(rretdiff)
-    same_batch(discard, rdiscard)
+    assert_same_batch(discard, rdiscard)
     assert discard[("steps", 2, "x")].shape == (N,)
     # the old batch is what it was
-    same_batch(old, filtered(model, 4))
+    assert_same_batch(old, filtered(model, 4))
 
 
 def test_a_regenerate_run_over_the_whole_batch_draws_what_the_rows_run_draws():
@@ -100,7 +87,7 @@ def test_a_regenerate_run_over_the_whole_batch_draws_what_the_rows_run_draws():
     torch.manual_seed(11)
     ref, rw, _ = GenerativeFunction.batch_regenerate(model, old, (5, A), (NC, NC), sel)
     assert seen == [RowValues, seen[1]] and seen[1] is not RowValues
-    same_batch(new, ref)
+    assert_same_batch(new, ref)
     torch.testing.assert_close(w, rw, rtol=0, atol=1e-12)
     assert not torch.equal(new["steps", 4, "x"], old["steps", 4, "x"])
 
@@ -120,7 +107,7 @@ def test_an_abandoned_run_leaves_the_random_state_as_it_found_it():
     tr, w = late.batch_generate(N, (3, A))
     torch.manual_seed(5)
     ref, rw = GenerativeFunction.batch_generate(late, N, (3, A))
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     torch.testing.assert_close(w, rw)
     assert runs[0] is RowValues and RowValues not in runs[1:]
     # learned: the next call runs under the vmap over the rows at once
@@ -192,7 +179,7 @@ def test_a_generate_of_a_body_calling_only_an_unfold_equals_the_rows_run():
     torch.manual_seed(8)
     ref, rw = GenerativeFunction.batch_generate(chain, N, (x_init, A), cm)
     assert runs[0] is RowValues and runs[1] is not RowValues
-    same_batch(tr, ref)
+    assert_same_batch(tr, ref)
     torch.testing.assert_close(w, rw, rtol=0, atol=1e-12)
     torch.testing.assert_close(tr["steps", 1, "x"], torch.linspace(1, 2, N))
 
