@@ -6,12 +6,12 @@ mapped dimension.  Element i's choices live under key ``i``; the return value is
 kernel return values.  All kernel calls run as ONE ``torch.func.vmap`` call (torch modules
 inside the kernel see the whole batch); the trace holds one batched kernel trace.
 
-A kernel with batch methods of its own (a combinator: an ``Unfold`` edits a batch of its
-traces step by step, appending new steps to the whole batch at once) is called through them
-instead, with the elements as the rows (:meth:`Map._batch_call`): every method the kernel
-overrides (``batch_generate``, ``batch_update``, ``batch_regenerate``) replaces Map's vmap of
-the per-element method, the others fall back to it.  Same results (the batch methods'
-contract: row i equals the per-row method).
+A kernel whose batch methods run over the whole batch
+(:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`: an ``Unfold`` running each step
+as one batch call, a ``@gen`` body run once over the batch, a distribution with scalar
+parameters) is called through them instead, with the elements as the rows
+(:meth:`Map._batch_call`); any other kernel runs per element under the vmap.  Same results
+(the batch methods' contract: row i equals the per-row method).
 
 Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent given x.
 """
@@ -103,24 +103,32 @@ class Map(Combinator):
 
         return run
 
-    def _batch_call(self, method: str, fn: Any, in_dims: tuple[Any, ...], n: int,
-                    keys: Sequence[int] | None = None, cm: ChoiceMap | None = None) -> Any:
-        """``fn`` (a call of the kernel's ``batch_<method>`` on the elements as rows) when the
-        kernel overrides that batch method and no torch.func transform is running, else
-        None (the caller vmaps the per-element method).  ``fn(*args)`` is called with the
-        mapped arguments as :class:`PerRow` values (mapped axis first); address errors get
-        the element key in front, as :meth:`_run`'s do."""
-        if (not self.vectorize or n == 0 or not _overrides(self.kernel, method)
-                or inside_functorch_transform()):
+    def _batch_call(self, fn: Any, elem_fn: Any, in_dims: tuple[Any, ...], n: int,
+                    args: tuple[Any, ...], keys: Sequence[int] | None = None,
+                    cm: ChoiceMap | None = None) -> Any:
+        """``fn`` (a call of one of the kernel's batch methods on the elements as rows) when
+        the kernel runs its batch calls with the arguments ``args`` over the whole batch
+        (:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`) and no torch.func
+        transform is running, else None (the caller vmaps ``elem_fn``, the per-element
+        method).  ``fn(*args)`` is called with the mapped arguments as :class:`PerRow`
+        values (mapped axis first).  Address errors get the element key in front and NaN or
+        +inf element scores are named as :meth:`_run` does (``elem_fn`` runs the element
+        alone to find why)."""
+        if not self.vectorize or n == 0 or inside_functorch_transform():
             # (inside a transform -- a batch of models' rows, a user's vmap or grad -- the
             # per-element method: a batch edit may keep tensors in static storage, such
             # as Unfold's shared history, which must not hold the transform's tensors)
+            return None
+        kernel_dims = in_dims[len(in_dims) - len(args):]
+        if not self.kernel.batch_runs_whole(
+                tuple(_as_rows(a, d) for a, d in zip(args, kernel_dims))):
             return None
 
         def run(*args: Any) -> Any:
             rows = tuple(_as_rows(a, d) for a, d in zip(args, in_dims))
             try:
-                return fn(*rows)
+                return check_vmapped_scores(fn(*rows), elem_fn, in_dims, args, keys,
+                                            self._who())
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
 
@@ -131,22 +139,24 @@ class Map(Combinator):
 
     def _simulate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int) -> Trace:
         kernel = self.kernel
-        batch = self._batch_call("generate", lambda *a: kernel.batch_generate(n, a)[0], dims, n)
+        elem = lambda *a: kernel.simulate(a)  # noqa: E731
+        batch = self._batch_call(lambda *a: kernel.batch_generate(n, a)[0], elem, dims, n,
+                                 args)
         if batch is not None:
             return batch(*args)
-        return self._run(lambda *a: kernel.simulate(a), dims, n)(*args)
+        return self._run(elem, dims, n)(*args)
 
     def _generate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int,
                         cm: ChoiceMap, keys: Sequence[int]) -> tuple[Trace, torch.Tensor]:
         """Generate elements ``keys`` (0..n-1 of ``args``) with constraints ``cm``."""
         stacked = stack_constraints(cm, keys)
         kernel = self.kernel
-        batch = self._batch_call("generate", lambda c, *a: kernel.batch_generate(n, a, c),
-                                 (0,) + dims, n, keys, cm)
+        elem = lambda c, *a: kernel.generate(a, c)  # noqa: E731
+        batch = self._batch_call(lambda c, *a: kernel.batch_generate(n, a, c), elem,
+                                 (0,) + dims, n, args, keys, cm)
         if batch is not None:
             return batch(stacked, *args)
-        return self._run(lambda c, *a: kernel.generate(a, c), (0,) + dims, n, keys, cm)(
-            stacked, *args)
+        return self._run(elem, (0,) + dims, n, keys, cm)(stacked, *args)
 
     # ------------------------------------------------------------------ the GFI
     def simulate(self, args: tuple[Any, ...]) -> VectorTrace:
@@ -299,30 +309,28 @@ class Map(Combinator):
             sub, per_element = edit.for_elements(revisit, old_sub.choices)
         kernel = self.kernel
         n = len(revisit)
-        method = "update" if edit.counts_discards else "regenerate"
         if per_element:  # the edit travels into vmap: one element's part per call
-            if method == "update":  # (a batch update takes per-row constraints)
+            elem = lambda tr, p, *a: sub.with_payload(p).apply(  # noqa: E731
+                kernel, tr, a, el_diffs)
+            if edit.counts_discards:  # (a batch update takes per-row constraints)
                 batch = self._batch_call(
-                    method, lambda tr, p, *a: sub.with_payload(p).apply(
-                        kernel, tr.value, a, el_diffs, batch=True),
-                    (0, 0) + dims, n, revisit, edit.constraints)
+                    lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr.value, a,
+                                                                el_diffs, batch=True),
+                    elem, (0, 0) + dims, n, sub_args, revisit, edit.constraints)
                 if batch is not None:
                     new_sub, w, _, d = batch(old_sub, sub.payload, *sub_args)
                     return new_sub, w, d
-            run = self._run(lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr, a,
-                                                                        el_diffs),
-                            (0, 0) + dims, n, revisit, edit.constraints)
+            run = self._run(elem, (0, 0) + dims, n, revisit, edit.constraints)
             new_sub, w, _, d = run(old_sub, sub.payload, *sub_args)
             return new_sub, w, d
+        elem = lambda tr, *a: sub.apply(kernel, tr, a, el_diffs)  # noqa: E731
         batch = self._batch_call(
-            method, lambda tr, *a: sub.apply(kernel, tr.value, a, el_diffs, batch=True),
-            (0,) + dims, n, revisit)
+            lambda tr, *a: sub.apply(kernel, tr.value, a, el_diffs, batch=True), elem,
+            (0,) + dims, n, sub_args, revisit)
         if batch is not None:
             new_sub, w, _, d = batch(old_sub, *sub_args)
             return new_sub, w, d
-        run = self._run(lambda tr, *a: sub.apply(kernel, tr, a, el_diffs), (0,) + dims, n,
-                        revisit)
-        new_sub, w, _, d = run(old_sub, *sub_args)
+        new_sub, w, _, d = self._run(elem, (0,) + dims, n, revisit)(old_sub, *sub_args)
         return new_sub, w, d
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
@@ -364,14 +372,6 @@ def _as_rows(a: Any, dim: Any) -> Any:
     if dim is None:
         return a
     return PerRow(a if dim == 0 else tree_map_tensors(lambda x: x.movedim(dim, 0), a))
-
-
-def _overrides(gen_fn: GenerativeFunction, method: str) -> bool:
-    """Whether ``gen_fn`` has its own ``batch_<method>``, not one that gives what the
-    vmapped per-row method gives (the default, or a @gen function's)."""
-    name = "batch_" + method
-    return (not gen_fn.batch_methods_are_default()
-            and getattr(type(gen_fn), name) is not getattr(GenerativeFunction, name))
 
 
 def _at_element(err: AddressError, keys: Sequence[int], cm: ChoiceMap | None) -> AddressError:

@@ -308,7 +308,8 @@ def test_update_noop_returns_same_trace():
 
 
 class _Recorder:
-    """Wraps vector.batched_call to record the number of elements of every kernel call."""
+    """Records the number of elements of every kernel call: a vmap over elements (Map's
+    ``batched_call``) or a batch call of a ``@gen`` kernel run over the whole batch."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lengths: list[int] = []
@@ -319,6 +320,18 @@ class _Recorder:
             return real(fn, in_dims, vectorize=vectorize, length=length, who=who)
 
         monkeypatch.setattr(map_module, "batched_call", spy)
+        cls = gf.GenFunction
+        for name, rows in (("batch_generate", lambda n, *a, **k: n),
+                           ("batch_update", lambda tr, *a, **k: int(tr.score.shape[0])),
+                           ("batch_regenerate", lambda tr, *a, **k: int(tr.score.shape[0]))):
+            method = getattr(cls, name)
+
+            def wrapped(gen_fn: Any, *a: Any, _m: Any = method, _rows: Any = rows,
+                        **k: Any) -> Any:
+                self.lengths.append(_rows(*a, **k))
+                return _m(gen_fn, *a, **k)
+
+            monkeypatch.setattr(cls, name, wrapped)
 
 
 def test_update_vectordiff_revisits_only_touched_element(monkeypatch):
