@@ -20,7 +20,6 @@ import torch
 import gfcomb as gf
 from gfcomb.core.batching import stack_tensors
 from gfcomb.core.gfi import GenerativeFunction
-from gfcomb.testing import assert_same_batch
 
 A, S = 0.9, 0.5
 N, T = 5, 4
@@ -38,7 +37,6 @@ def step(t, x, a):
 class PlainUnfold(gf.Unfold):
     """An Unfold whose batch methods are the defaults (a vmap of the per-row method)."""
 
-    batch_generate = GenerativeFunction.batch_generate
     batch_update = GenerativeFunction.batch_update
     batch_regenerate = GenerativeFunction.batch_regenerate
 
@@ -404,57 +402,3 @@ def test_a_switch_in_the_unfold_kernel():
     s = slow_model.update(s[0], grown, (UC, NC, NC), new)
     torch.testing.assert_close(f[1], s[1], **TOL)
     torch.testing.assert_close(f[0].score, s[0].score, **TOL)
-
-
-# ------------------------------------------------------------------ Unfold.batch_generate
-@gf.gen
-def rows_step(t, x, a):
-    """A kernel that needs its rows (indexing a per-row value): runs under the vmap."""
-    x = gf.normal(a * x, S) @ "x"
-    gf.normal(x, 1.0) @ "y"
-    return x.reshape(1)[0]
-
-
-def _batch_constraints(kind):
-    ys = torch.randn(N, T, dtype=torch.float64)
-    if kind == "none":
-        return None
-    if kind == "per row, every step":
-        return gf.PerRow(gf.ChoiceMap.stacked(gf.ChoiceMap({"y": ys}), T, batch_ndim=1))
-    if kind == "per row, steps 1 and 3":
-        return gf.PerRow(gf.ChoiceMap({1: {"y": ys[:, 1]}, 3: {"x": ys[:, 3]}}))
-    return gf.ChoiceMap({2: {"y": torch.tensor(0.5, dtype=torch.float64)}})  # shared
-
-
-@pytest.mark.parametrize("kind", ["none", "per row, every step", "per row, steps 1 and 3",
-                                  "shared"])
-@pytest.mark.parametrize("kernel", [step, rows_step])
-def test_unfold_batch_generate_equals_the_vmapped_default(kind, kernel):
-    """Unfold's own batch_generate (each step one batch call of the kernel; a kernel that
-    needs its rows: the default) gives the default's traces, layout and weights, with the
-    same draws under one seed."""
-    unfold = gf.Unfold(kernel)
-    cm = _batch_constraints(kind)
-    args = (T, gf.PerRow(torch.randn(N, dtype=torch.float64)), torch.tensor(A,
-                                                                            dtype=torch.float64))
-    torch.manual_seed(7)
-    tr, w = unfold.batch_generate(N, args, cm)
-    torch.manual_seed(7)
-    ref, w_ref = GenerativeFunction.batch_generate(unfold, N, args, cm)
-    assert_same_batch(tr, ref)
-    torch.testing.assert_close(w, w_ref, **TOL)
-    xs, ys = tr[:, "x"], tr[:, "y"]  # [N, T]: the batch axis first
-    torch.testing.assert_close(tr.score, torch.stack([exact_score(
-        args[1].value[i:i + 1], xs[i:i + 1], ys[i:i + 1]) for i in range(N)]), **TOL)
-
-
-def test_unfold_batch_generate_names_the_step_of_a_bad_constraint():
-    unfold = gf.Unfold(step)
-    args = (T, gf.PerRow(torch.randn(N, dtype=torch.float64)), torch.tensor(A,
-                                                                            dtype=torch.float64))
-    with pytest.raises(gf.UnvisitedConstraintError, match="z"):
-        unfold.batch_generate(N, args, gf.ChoiceMap({1: {"z": torch.tensor(0.0)}}))
-    with pytest.raises(gf.UnvisitedConstraintError):
-        unfold.batch_generate(N, args, gf.ChoiceMap({T + 2: {"y": torch.tensor(0.0)}}))
-    tr, w = unfold.batch_generate(N, (0,) + args[1:])  # no steps: the default
-    assert tr.length == 0 and torch.equal(w, torch.zeros(N, dtype=torch.float64))

@@ -23,20 +23,13 @@ from gfcomb.combinators.unfold.trace import (
     state_tensors,
     stored_arg,
 )
-from gfcomb.combinators.vector import constrained_elements, has_masks
+from gfcomb.combinators.vector import has_masks
 from gfcomb.core.batched import batch_size
 from gfcomb.core.batching import cached_arange
-from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import resolve
 from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import AddressError
-from gfcomb.core.gfi import (
-    as_choicemap,
-    check_argdiffs,
-    check_args_tuple,
-    rows_submap,
-    weight_like,
-)
+from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weight_like
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.trace import Trace
@@ -46,7 +39,6 @@ if TYPE_CHECKING:
     from gfcomb.combinators.unfold.combinator import Unfold
 
 _NO_CHANGE = NoChange()
-_EMPTY = ChoiceMap.empty()
 # (new step trace, weight, retdiff) for one revisited step
 StepResult = tuple[Trace, torch.Tensor, Diff]
 
@@ -155,37 +147,6 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
     weight = weight_like(0.0 if weight is None else weight, score)
     return new_traces, weight, retdiff_of(n_new, n_old, changed)
-
-def batch_generate(unfold: Unfold, rows: int, args: tuple[Any, ...], constraints: Any,
-                   ) -> tuple[UnfoldTrace, torch.Tensor]:
-    """``generate`` of ``rows`` Unfold traces at once: each step one batch call of the kernel
-    for every row (steps constrained by ``constraints`` get their part, as ``rows_submap``
-    gives it).  The steps are stacked as a vmap of ``generate`` stacks them (leaves [rows,
-    steps, ...], no shared history).  Returns (traces, weights)."""
-    n, _, params = unfold.unpack((args[0], None) + tuple(args[2:]))
-    cm, _ = unwrap_rows(constraints)
-    constrained = set(constrained_elements(as_choicemap(cm), n, "generate"))
-    kernel = unfold.kernel
-    state = state_before(args[1], None, None)
-    steps: list[Trace] = []
-    weight: Any = None
-    t = 0
-    try:
-        for t in range(n):
-            sub = rows_submap(constraints, t) if t in constrained else _EMPTY
-            new, w = kernel.batch_generate(rows, (t, state) + params, sub)
-            if t in constrained:
-                weight = w if weight is None else weight + w
-            steps.append(new)
-            state = PerRow(resolve(new.retval))
-    except AddressError as err:
-        raise err.prefixed((t,)) from None
-    inner = stack_steps(steps, axis=1)
-    score = inner.score.sum(1)
-    stored_args = tuple(stored_arg(a, rows) for a in args)
-    traces = UnfoldTrace(unfold, stored_args, score, n, inner, None, None)
-    return traces, weight_like(0.0 if weight is None else weight, score)
-
 
 def compacted(unfold: Unfold, traces: UnfoldTrace, params: tuple[Any, ...]) -> UnfoldTrace:
     """``traces`` with its ``recent`` steps closed into the shared history

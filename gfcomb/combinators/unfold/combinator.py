@@ -34,7 +34,7 @@ import torch
 
 from gfcomb.combinators.edit import Constrain, Edit, Resample
 from gfcomb.combinators.parts import Combinator, gen_fn_part
-from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_generate, batch_plan
+from gfcomb.combinators.unfold.batch import StepResult, batch_edit, batch_plan
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.combinators.unfold.trace import (
     UnfoldTrace,
@@ -438,23 +438,6 @@ class Unfold(Combinator):
         return total
 
     # ------------------------------------------------------------------ the batch protocol
-    def batch_generate(self, n: int, args: tuple[Any, ...],
-                       constraints: Any = None) -> tuple[Trace, torch.Tensor]:
-        """``generate`` of ``n`` rows, each step one batch call of the kernel for every row
-        when the kernel runs its batch call over the whole batch
-        (:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`; a Map of an Unfold,
-        a model wrapping one); else one vmap of :meth:`generate` over the rows (the
-        default).  Same layout as the default: every step stacked, no shared history.
-
-        Math: as :meth:`generate`, row by row: weight_i = Σ_t generate weight of step t of
-        row i.
-        """
-        args = check_args_tuple(args)
-        if (len(args) >= 2 and type(args[0]) is int and args[0] > 0
-                and self.kernel.batch_runs_whole((0,) + args[1:])):
-            return batch_generate(self, n, args, constraints)
-        return super().batch_generate(n, args, constraints)
-
     def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                      constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
         """``update`` of every row of a batch, done on the whole batch when the edit leaves
