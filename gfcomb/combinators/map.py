@@ -103,21 +103,25 @@ class Map(Combinator):
 
         return run
 
-    def _batch_call(self, fn: Any, elem_fn: Any, in_dims: tuple[Any, ...], n: int,
-                    args: tuple[Any, ...], keys: Sequence[int] | None = None,
+    def _batch_call(self, method: str, fn: Any, elem_fn: Any, in_dims: tuple[Any, ...],
+                    n: int, args: tuple[Any, ...], keys: Sequence[int] | None = None,
                     cm: ChoiceMap | None = None) -> Any:
-        """``fn`` (a call of one of the kernel's batch methods on the elements as rows) when
-        the kernel runs its batch calls with the arguments ``args`` over the whole batch
+        """``fn`` (a call of the kernel's ``batch_<method>`` on the elements as rows) when the
+        kernel has that batch method of its own, runs its batch calls with the arguments
+        ``args`` over the whole batch
         (:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`) and no torch.func
         transform is running, else None (the caller vmaps ``elem_fn``, the per-element
         method).  ``fn(*args)`` is called with the mapped arguments as :class:`PerRow`
         values (mapped axis first).  Address errors get the element key in front and NaN or
         +inf element scores are named as :meth:`_run` does (``elem_fn`` runs the element
         alone to find why)."""
-        if not self.vectorize or n == 0 or inside_functorch_transform():
+        name = "batch_" + method
+        if (not self.vectorize or n == 0 or inside_functorch_transform()
+                or getattr(type(self.kernel), name) is getattr(GenerativeFunction, name)):
             # (inside a transform -- a batch of models' rows, a user's vmap or grad -- the
             # per-element method: a batch edit may keep tensors in static storage, such
-            # as Unfold's shared history, which must not hold the transform's tensors)
+            # as Unfold's shared history, which must not hold the transform's tensors; the
+            # default batch method: the vmap of the per-element method, which Map runs itself)
             return None
         kernel_dims = in_dims[len(in_dims) - len(args):]
         if not self.kernel.batch_runs_whole(
@@ -140,8 +144,8 @@ class Map(Combinator):
     def _simulate_inner(self, args: tuple[Any, ...], dims: tuple[Any, ...], n: int) -> Trace:
         kernel = self.kernel
         elem = lambda *a: kernel.simulate(a)  # noqa: E731
-        batch = self._batch_call(lambda *a: kernel.batch_generate(n, a)[0], elem, dims, n,
-                                 args)
+        batch = self._batch_call("generate", lambda *a: kernel.batch_generate(n, a)[0], elem,
+                                 dims, n, args)
         if batch is not None:
             return batch(*args)
         return self._run(elem, dims, n)(*args)
@@ -152,8 +156,8 @@ class Map(Combinator):
         stacked = stack_constraints(cm, keys)
         kernel = self.kernel
         elem = lambda c, *a: kernel.generate(a, c)  # noqa: E731
-        batch = self._batch_call(lambda c, *a: kernel.batch_generate(n, a, c), elem,
-                                 (0,) + dims, n, args, keys, cm)
+        batch = self._batch_call("generate", lambda c, *a: kernel.batch_generate(n, a, c),
+                                 elem, (0,) + dims, n, args, keys, cm)
         if batch is not None:
             return batch(stacked, *args)
         return self._run(elem, (0,) + dims, n, keys, cm)(stacked, *args)
@@ -314,8 +318,8 @@ class Map(Combinator):
                 kernel, tr, a, el_diffs)
             if edit.counts_discards:  # (a batch update takes per-row constraints)
                 batch = self._batch_call(
-                    lambda tr, p, *a: sub.with_payload(p).apply(kernel, tr.value, a,
-                                                                el_diffs, batch=True),
+                    "update", lambda tr, p, *a: sub.with_payload(p).apply(
+                        kernel, tr.value, a, el_diffs, batch=True),
                     elem, (0, 0) + dims, n, sub_args, revisit, edit.constraints)
                 if batch is not None:
                     new_sub, w, _, d = batch(old_sub, sub.payload, *sub_args)
@@ -325,6 +329,7 @@ class Map(Combinator):
             return new_sub, w, d
         elem = lambda tr, *a: sub.apply(kernel, tr, a, el_diffs)  # noqa: E731
         batch = self._batch_call(
+            "update" if edit.counts_discards else "regenerate",
             lambda tr, *a: sub.apply(kernel, tr.value, a, el_diffs, batch=True), elem,
             (0,) + dims, n, sub_args, revisit)
         if batch is not None:

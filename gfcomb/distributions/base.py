@@ -463,17 +463,26 @@ class Distribution(DistributionMethods, GenerativeFunction):
     def _rows_of(self, args: tuple[Any, ...], n: int,
                  ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
         """(the arguments as a batch trace holds them, the parameters) of an elementwise
-        batch of ``n`` rows, or None when it is not one (:meth:`batch_runs_whole`)."""
-        if not self.batch_runs_whole(args):
+        batch of ``n`` rows, or None when it is not one (:meth:`batch_runs_whole`, checked
+        in the same pass)."""
+        if not (self._elementwise and self.samples_per_element):
             return None
         held, values = [], []
         for a in args:
             v, per_row = unwrap_rows(a)
-            if per_row and v.shape[0] != n:
+            if per_row:
+                if type(v) is not torch.Tensor or v.dim() != 1 or v.shape[0] != n:
+                    return None
+                held.append(v)
+            elif isinstance(v, torch.Tensor):
+                if v.dim() != 0:
+                    return None
+                held.append(expanded_rows(v, n))
+            elif isinstance(v, (float, int)):
+                held.append(v)
+            else:
                 return None
             values.append(v)
-            held.append(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor)
-                        else v)
         return tuple(held), self._prepare(tuple(values))
 
     def _lp(self, value: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
