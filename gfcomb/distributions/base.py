@@ -69,6 +69,7 @@ from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
     checked_scalar_params,
+    same_scalar_params,
     shape_of,
 )
 
@@ -389,6 +390,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
             else:
                 return trace, zero_weight(trace.score), _NO_CHANGE, ChoiceMap.empty()
             params = self._checked_params(args)
+            if same_scalar_params(args, trace.args):  # new tensors, the same numbers
+                return (ChoiceTrace(self, args, trace.value, trace.score),
+                        zero_weight(trace.score), _NO_CHANGE, ChoiceMap.empty())
             self._check_value(trace.value, args, params, given=False)
             score = self._score(trace.value, params)
             return (ChoiceTrace(self, args, trace.value, score), score - trace.score,

@@ -150,6 +150,35 @@ def checked_scalar_params(params: Sequence[Any],
     return tuple(out)
 
 
+def same_scalar_params(new: Sequence[Any], old: Sequence[Any]) -> bool:
+    """Whether ``new`` holds the very numbers ``old`` held, parameter by parameter: equal
+    Python numbers of one type, or 0-dim floating CPU tensors of one dtype with equal values
+    (zeros of one sign), none requiring grad nor wrapped by a transform.  Then a kept value's
+    log density is the one already computed (a ``@gen`` body recomputes ``rho * x`` from an
+    unchanged ``x`` on every run: a new tensor, the same number)."""
+    if len(new) != len(old):
+        return False
+    for a, b in zip(new, old):
+        if a is b:
+            continue
+        ta = type(a)
+        if ta is not type(b):
+            return False
+        if ta is float or ta is int:
+            va, vb = a, b
+        elif (ta is torch.Tensor and a.dim() == 0 and b.dim() == 0 and a.dtype is b.dtype
+              and a.is_cpu and b.is_cpu and a.is_floating_point()
+              and not (a.requires_grad or b.requires_grad)
+              and not _functorch.is_functorch_wrapped_tensor(a)
+              and not _functorch.is_functorch_wrapped_tensor(b)):
+            va, vb = a.item(), b.item()
+        else:
+            return False
+        if va != vb or (va == 0 and math.copysign(1.0, va) != math.copysign(1.0, vb)):
+            return False
+    return True
+
+
 def broadcast_shape(*shapes: Sequence[int]) -> tuple[int, ...]:
     """``torch.broadcast_shapes`` for shapes (a fast path for equal/scalar shapes; raises
     ValueError if they do not broadcast)."""
