@@ -35,9 +35,8 @@ Contract for subclasses
   POSITIVE}, reparameterized=True)`` (see
   :class:`~gfcomb.distributions.methods.DistributionMethods`).
 
-Parameters are converted to tensors once per GFI call (:func:`param_tensors`: one floating dtype,
-the device of the tensor parameters; Python numbers become cached constant tensors), so
-``sample`` and ``logpdf`` get tensors and their own conversion is a no-op.
+Parameters are converted to tensors once per GFI call (:func:`param_tensors`; Python numbers
+become cached constants): ``sample`` and ``logpdf`` get tensors of one dtype and device.
 """
 from __future__ import annotations
 
@@ -435,9 +434,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
         return ChoiceTrace(self, args, value, score), weight, _UNKNOWN_CHANGE
 
     # ------------------------------------------------------------------ the batch protocol
-    # Scalar parameters per row: one elementwise computation on the rows, what the per-row
-    # methods under vmap compute, in the same layout (a shared tensor argument, value or
-    # score as its expanded rows).  Any other batch takes the vmap default.
+    # Scalar parameters per row: one elementwise computation on the rows, in the layout of
+    # the vmap default (shared tensors as expanded rows); any other batch: the default.
     def batch_methods_are_default(self) -> bool:
         """True: the batch methods give what the per-row methods under vmap give (they
         compute it on the whole batch at once), so a caller already running per row calls
@@ -448,46 +446,40 @@ class Distribution(DistributionMethods, GenerativeFunction):
         """Whether a batch with these arguments is computed on the whole batch at once: the
         distribution is univariate (a value has the broadcast shape of its parameters), its
         sampler draws per element (:attr:`samples_per_element`) and every argument is a
-        scalar per row (``PerRow`` of a 1-d tensor, or a Python number
-        or 0-d tensor shared by every row)."""
+        scalar per row (``PerRow`` of a 1-d tensor) or shared (a number or 0-d tensor)."""
+        return self._scalar_rows(args, None) is not None
+
+    def _scalar_rows(self, args: tuple[Any, ...], n: int | None,
+                     ) -> list[tuple[Any, bool]] | None:
+        """``(value, per_row)`` of every argument when :meth:`batch_runs_whole` holds (and
+        the per-row ones have ``n`` rows, if given), else None."""
         if not (self._elementwise and self.samples_per_element):
-            return False
+            return None
+        out = []
         for a in args:
             v, per_row = unwrap_rows(a)
             if per_row:
-                if type(v) is not torch.Tensor or v.dim() != 1:
-                    return False
+                if type(v) is not torch.Tensor or v.dim() != 1 or (n is not None
+                                                                   and v.shape[0] != n):
+                    return None
             elif isinstance(v, torch.Tensor):
                 if v.dim() != 0:
-                    return False
+                    return None
             elif not isinstance(v, (float, int)):
-                return False
-        return True
+                return None
+            out.append((v, per_row))
+        return out
 
     def _rows_of(self, args: tuple[Any, ...], n: int,
                  ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-        """(the arguments as a batch trace holds them, the parameters) of an elementwise
-        batch of ``n`` rows, or None when it is not one (:meth:`batch_runs_whole`, checked
-        in the same pass)."""
-        if not (self._elementwise and self.samples_per_element):
+        """(the arguments as a batch trace holds them -- a shared tensor as its expanded
+        rows --, the parameters) of an elementwise batch of ``n`` rows, or None."""
+        values = self._scalar_rows(args, n)
+        if values is None:
             return None
-        held, values = [], []
-        for a in args:
-            v, per_row = unwrap_rows(a)
-            if per_row:
-                if type(v) is not torch.Tensor or v.dim() != 1 or v.shape[0] != n:
-                    return None
-                held.append(v)
-            elif isinstance(v, torch.Tensor):
-                if v.dim() != 0:
-                    return None
-                held.append(expanded_rows(v, n))
-            elif isinstance(v, (float, int)):
-                held.append(v)
-            else:
-                return None
-            values.append(v)
-        return tuple(held), self._prepare(tuple(values))
+        held = tuple(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor) else v
+                     for v, per_row in values)
+        return held, self._prepare(tuple(v for v, _ in values))
 
     def _lp(self, value: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
         """The elementwise log density (one entry per row: not summed)."""
@@ -525,11 +517,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
 
     def batch_generate(self, n: int, args: tuple[Any, ...],
                        constraints: Any = None) -> tuple[ChoiceTrace, torch.Tensor]:
-        """``generate`` of ``n`` rows.
-
-        Math: row i: constrained, v_i = c_i and weight_i = log p(c_i; θ_i); else v_i ~
-        p(·; θ_i) and weight_i = 0.
-        """
+        """Math: row i: constrained, v_i = c_i and weight_i = log p(c_i; θ_i); else v_i ~
+        p(·; θ_i) and weight_i = 0."""
         args = check_args_tuple(args)
         rows = self._rows_of(args, n)
         cm = as_choicemap(unwrap_rows(constraints)[0])
@@ -546,11 +535,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
     def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                      constraints: Any = None,
                      ) -> tuple[ChoiceTrace, torch.Tensor, Diff, ChoiceMap]:
-        """``update`` of every row of ``traces``.
-
-        Math: row i: v_i' = c_i if constrained, else v_i; weight_i = log p(v_i'; θ_i') −
-        log p(v_i; θ_i); discard_i = {v_i} if constrained.
-        """
+        """Math: row i: v_i' = c_i if constrained, else v_i; weight_i = log p(v_i'; θ_i') −
+        log p(v_i; θ_i); discard_i = {v_i} if constrained."""
         args = check_args_tuple(args)
         n = _rows_in_batch(traces)
         rows = None if n is None else self._rows_of(args, n)
@@ -575,11 +561,8 @@ class Distribution(DistributionMethods, GenerativeFunction):
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
                          argdiffs: tuple[Diff, ...],
                          selection: Selection) -> tuple[ChoiceTrace, torch.Tensor, Diff]:
-        """``regenerate`` of every row of ``traces``.
-
-        Math: selected: v_i' ~ p(·; θ_i'), weight_i = 0; else v_i' = v_i, weight_i =
-        log p(v_i; θ_i') − log p(v_i; θ_i).
-        """
+        """Math: selected: v_i' ~ p(·; θ_i'), weight_i = 0; else v_i' = v_i, weight_i =
+        log p(v_i; θ_i') − log p(v_i; θ_i)."""
         check_selection(selection, self, "batch_regenerate")
         flag = selection.leaf_flag()
         if flag is not True:
