@@ -7,8 +7,9 @@ The model is a Gaussian AR(1) chain::
 Measured, in one process:
 
 1. Python overhead of one GFI call -- ``simulate``, ``generate`` (one observed choice) and
-   ``update`` (x5 changed; x1..x9 are rescored since their means are recomputed in the body;
-   x0's constant arguments are NoChange) -- in µs per call and per
+   ``update`` (x5 changed; x1..x9 are revisited since their means are recomputed in the body,
+   x6 alone rescored: the other means hold the same numbers; x0's constant arguments are
+   NoChange) -- in µs per call and per
    choice, with distribution argument validation on and off (``gf.set_validation``), next to
    the same chain written as plain torch ops (no GFI) for scale.
 2. ``torch.func.vmap(lambda _: model.simulate(()), randomness="different")`` over N particles
@@ -149,8 +150,9 @@ def run(quick: bool, best: bool = False, cpu: bool = False) -> str:
         f"{torch.get_num_threads()}), dtype {dtype}.",
         "",
         f"Model: a {N_CHOICES}-choice Gaussian chain, x0 ~ N(0,1), x_i ~ N({RHO} x_(i-1), 1). "
-        "`generate` constrains the last choice; `update` changes x5 (x1..x9 are rescored, "
-        f"their means being recomputed in the body). {stat} of "
+        "`generate` constrains the last choice; `update` changes x5 (x1..x9 are revisited, "
+        "their means being recomputed in the body; x6 alone is rescored, the other means "
+        f"holding the same numbers as before). {stat} of "
         f"{repeats} repeats of {inner} calls after {warmup} warm-up calls; "
         f"1-min load average {load:.2f} at the start; "
         + ("CPU time of the calling thread (`--cpu`: one torch thread, so all the work is "

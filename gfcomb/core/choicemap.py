@@ -26,7 +26,6 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.core.address import check_key, normalize
 from gfcomb.core.errors import AddressError, ArgumentError, ChoiceMapMergeError
-from gfcomb.core.pytree import tree_map_tensors
 from gfcomb.core.values import short_repr, to_tensor
 
 if TYPE_CHECKING:
@@ -321,9 +320,8 @@ class ChoiceMap:
             if j is None:
                 return _EMPTY_MAP
             axis = self._element_axis()
-            sl = (slice(None),) * axis + (j,)
-            # (gfcomb's own walk: an Unfold reads its constraints step by step this way)
-            return tree_map_tensors(lambda x: x[sl], self._inner)
+            # (an Unfold reads its constraints step by step this way)
+            return _indexed(self._inner, (slice(None),) * axis + (j,))
         return _EMPTY_MAP
 
     def get_submap(self, addr: Any) -> ChoiceMap:
@@ -568,6 +566,23 @@ _EMPTY_MAP = ChoiceMap._raw(_EMPTY)
 
 
 # ------------------------------------------------------------------------------- pytree
+def _indexed(cm: ChoiceMap, index: tuple[Any, ...]) -> ChoiceMap:
+    """``cm`` with every tensor (values and masks) indexed by ``index``: what
+    ``tree_map_tensors(lambda x: x[index], cm)`` gives, walking the map directly."""
+    kind = cm._kind
+    if kind == _VALUE:
+        value, mask = cm._value, cm._mask
+        return ChoiceMap._raw(_VALUE, value=value[index] if isinstance(value, torch.Tensor)
+                              else value, mask=None if mask is None else mask[index])
+    if kind == _NODE:
+        return ChoiceMap._raw(_NODE, submaps={k: _indexed(v, index)
+                                              for k, v in cm._submaps.items()})
+    if kind == _STACKED:
+        return ChoiceMap._raw(_STACKED, inner=_indexed(cm._inner, index), length=cm._length,
+                              indices=cm._indices, ref_ndim=cm._ref_ndim)
+    return cm
+
+
 def _cm_flatten(cm: ChoiceMap) -> tuple[list[Any], Any]:
     kind = cm._kind
     if kind == _EMPTY:

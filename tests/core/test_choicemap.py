@@ -198,6 +198,28 @@ def test_stacked_element_access():
     assert_same(cm.get_submap(("ys", 2))["y"], t(2.0))
 
 
+def test_stacked_element_of_nested_stacked_and_masked_maps():
+    """An element of a stacked map is every leaf (values and presence masks, through nested
+    stacked maps) indexed at the element: what mapping ``x[j]`` over its tensors gives."""
+    from gfcomb.core.pytree import tree_map_tensors
+
+    ys = torch.arange(12.0).reshape(3, 4)
+    present = torch.tensor([[True, False, True, True]] * 3)
+    inner = ChoiceMap.stacked(ChoiceMap({"y": ys, "w": ys * 2}), 4, batch_ndim=1)
+    outer = ChoiceMap.stacked(ChoiceMap.node({"s": inner, "m": ChoiceMap.value(ys, present)}),
+                              3, (2, 5, 9))
+    for key, j in ((2, 0), (5, 1), (9, 2)):
+        got = outer.get_submap(key)
+        ref = tree_map_tensors(lambda x, j=j: x[j], outer._inner)
+        assert [a for a, _ in got.items()] == [a for a, _ in ref.items()]
+        for (_, u), (_, v) in zip(got.items(), ref.items()):
+            assert_same(u, v)
+        assert_same(got["s", 3, "y"], ys[j, 3])
+        assert got.get_submap("m").mask is not None
+        assert torch.equal(got.get_submap("m").mask, present[j])
+    assert outer.get_submap(3).is_empty()
+
+
 def test_stacked_slice_access_returns_the_stacked_tensor():
     cm = _stacked_ys()
     assert_same(cm["ys", :, "y"], torch.arange(5.0))
