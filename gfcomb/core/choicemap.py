@@ -123,10 +123,7 @@ class ChoiceMap:
 
         ``mask`` (a bool tensor with one entry per element) makes element ``i``'s values
         present only where ``mask[i]`` is true: observations of ragged data, e.g. for
-        ``Map(Mask(obs))``.
-
-        With ``length`` given this is :meth:`from_stacked_block` (the internal form, kept
-        for existing callers).
+        ``Map(Mask(obs))``.  With ``length`` given: :meth:`from_stacked_block`.
         """
         if length is not None:
             if not isinstance(values, ChoiceMap):
@@ -162,12 +159,9 @@ class ChoiceMap:
     @staticmethod
     def from_stacked_block(inner: ChoiceMap, length: int, indices: tuple[int, ...] | None = None,
                            batch_ndim: int = 0) -> ChoiceMap:
-        """The choices of ``length`` vector elements whose leaves in ``inner`` are stacked.
-
-        Element ``j`` of the stack has key ``indices[j]`` (``j`` when ``indices`` is None).
-        ``batch_ndim`` counts batch dimensions *in front of* the element axis (when a
-        batched trace builds its choice map outside vmap).
-        """
+        """The choices of ``length`` vector elements whose leaves in ``inner`` are stacked:
+        element ``j`` has key ``indices[j]`` (``j`` when ``indices`` is None); ``batch_ndim``
+        counts batch dimensions *in front of* the element axis (a batched trace's map)."""
         if inner.is_empty() or length == 0:
             return _EMPTY_MAP
         first = _first_tensor(inner)
@@ -263,9 +257,7 @@ class ChoiceMap:
     @property
     def stacked_indices(self) -> tuple[int, ...]:
         """For a stacked map: the element keys, in stack order."""
-        if self._indices is None:
-            return tuple(range(self._length))
-        return self._indices
+        return tuple(range(self._length)) if self._indices is None else self._indices
 
     @property
     def stacked_is_dense(self) -> bool:
@@ -285,9 +277,7 @@ class ChoiceMap:
 
     def _position(self, key: int) -> int | None:
         if self._indices is None:
-            if 0 <= key < self._length:
-                return key
-            return None
+            return key if 0 <= key < self._length else None
         if self._pos is None:
             object.__setattr__(self, "_pos", {k: j for j, k in enumerate(self._indices)})
         assert self._pos is not None
@@ -297,9 +287,7 @@ class ChoiceMap:
         """The keys of the first level (element keys for a stacked map)."""
         if self._kind == _NODE:
             return iter(self._submaps.keys())
-        if self._kind == _STACKED:
-            return iter(self.stacked_indices)
-        return iter(())
+        return iter(self.stacked_indices if self._kind == _STACKED else ())
 
     def _child(self, key: Any) -> ChoiceMap:
         kind = self._kind
@@ -567,13 +555,12 @@ _EMPTY_MAP = ChoiceMap._raw(_EMPTY)
 
 # ------------------------------------------------------------------------------- pytree
 def _indexed(cm: ChoiceMap, index: tuple[Any, ...]) -> ChoiceMap:
-    """``cm`` with every tensor (values and masks) indexed by ``index``: what
-    ``tree_map_tensors(lambda x: x[index], cm)`` gives, walking the map directly."""
+    """``cm`` with every tensor (values and masks) indexed by ``index``, walked directly."""
     kind = cm._kind
     if kind == _VALUE:
-        value, mask = cm._value, cm._mask
-        return ChoiceMap._raw(_VALUE, value=value[index] if isinstance(value, torch.Tensor)
-                              else value, mask=None if mask is None else mask[index])
+        v, m = cm._value, cm._mask
+        return ChoiceMap._raw(_VALUE, value=v[index] if isinstance(v, torch.Tensor) else v,
+                              mask=None if m is None else m[index])
     if kind == _NODE:
         return ChoiceMap._raw(_NODE, submaps={k: _indexed(v, index)
                                               for k, v in cm._submaps.items()})
