@@ -6,12 +6,12 @@ mapped dimension.  Element i's choices live under key ``i``; the return value is
 kernel return values.  All kernel calls run as ONE ``torch.func.vmap`` call (torch modules
 inside the kernel see the whole batch); the trace holds one batched kernel trace.
 
-A kernel whose batch methods run over the whole batch
-(:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`: an ``Unfold`` running each step
-as one batch call, a ``@gen`` body run once over the batch, a distribution with scalar
-parameters) is called through them instead, with the elements as the rows
-(:meth:`Map._batch_call`); any other kernel runs per element under the vmap.  Same results
-(the batch methods' contract: row i equals the per-row method).
+A kernel with a batch method of its own that runs over the whole batch
+(:meth:`~gfcomb.core.gfi.GenerativeFunction.batch_runs_whole`: an ``Unfold``'s batch edit, a
+``@gen`` body run once over the batch, a distribution with scalar parameters) is called
+through it instead, with the elements as the rows (:meth:`Map._batch_call`); otherwise the
+kernel runs per element under the vmap.  Same results (the batch methods' contract: row i
+equals the per-row method).
 
 Math: log p(t; x) = Σ_i log p_kernel(t_i; x_i), the elements being independent given x.
 """
