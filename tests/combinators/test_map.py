@@ -313,6 +313,7 @@ class _Recorder:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.lengths: list[int] = []
+        self.batch_calls: list[int] = []  # (the @gen kernel's own batch calls alone)
         real = map_module.batched_call
 
         def spy(fn: Any, in_dims: Any, *, vectorize: bool, length: int, who: str) -> Any:
@@ -329,6 +330,7 @@ class _Recorder:
             def wrapped(gen_fn: Any, *a: Any, _m: Any = method, _rows: Any = rows,
                         **k: Any) -> Any:
                 self.lengths.append(_rows(*a, **k))
+                self.batch_calls.append(_rows(*a, **k))
                 return _m(gen_fn, *a, **k)
 
             monkeypatch.setattr(cls, name, wrapped)
@@ -1542,3 +1544,52 @@ def test_an_absent_branch_value_in_a_discard_constrains_nothing():
         close(w, 0.0)
         close(w_back, 0.0)
         close(back.score, tr.score)
+
+
+# ------------------------------------------------------------------ a @gen kernel's batch calls
+@gf.gen
+def chained(x, slope):
+    """a ~ N(slope x, 0.5), b ~ N(a, 1): a kernel whose body runs over the whole batch."""
+    a = gf.normal(slope * x, 0.5) @ "a"
+    return gf.normal(a, 1.0) @ "b"
+
+
+def test_whole_batch_kernel_calls_equal_the_element_by_element_path(monkeypatch):
+    """Map hands a @gen kernel one batch call over every element (the body run once over the
+    batch); element by element (``vectorize=False``, the general path) gives the same
+    weights, scores, return values, discards and gradients."""
+    fast = Map(chained, in_dims=(0, None))
+    slow = Map(chained, in_dims=(0, None), vectorize=False)
+    args = (XS, SLOPE)
+    rec = _Recorder(monkeypatch)
+    tr = fast.simulate(args)
+    assert rec.batch_calls == [5]  # one batch call of the kernel, over the five elements
+    ref, w = slow.generate(args, tr.choices)
+    close(w, tr.score)
+    close(tr.score, (normal_lp(tr[:, "a"], SLOPE * XS, 0.5)
+                     + normal_lp(tr[:, "b"], tr[:, "a"], 1.0)).sum())
+    snap = snapshot(tr)
+    cm = gf.ChoiceMap({(1, "a"): torch.tensor(0.3), (3, "b"): torch.tensor(-1.0)})
+    slope2 = torch.tensor(0.2, dtype=torch.float64)
+    for new_args, diffs in ((args, (NoChange(), NoChange())),
+                            ((XS, slope2), (NoChange(), UnknownChange()))):
+        f = fast.update(tr, new_args, diffs, cm)
+        s = slow.update(ref, new_args, diffs, cm)
+        close(f[1], s[1])
+        close(f[0].score, s[0].score)
+        close(f[0].retval, s[0].retval)
+        for (a1, v1), (a2, v2) in zip(sorted(f[3].items(), key=str),
+                                      sorted(s[3].items(), key=str)):
+            assert a1 == a2
+            close(v1, v2)
+    sel = gf.select((2, "a"), (4, "a"))
+    torch.manual_seed(5)
+    new, w, _ = fast.regenerate(tr, args, (NoChange(), NoChange()), sel)
+    same, w_u, _, _ = slow.update(ref, args, (NoChange(), NoChange()), new.choices.filter(sel))
+    close(new.score, same.score)
+    close(w, w_u - (slow.project(same, sel) - slow.project(ref, sel)))
+    assert_unchanged(tr, snap)
+    g_fast = fast.choice_gradients(tr, gf.select((0, "a")))
+    g_slow = slow.choice_gradients(ref, gf.select((0, "a")))
+    close(g_fast[2][0, "a"], g_slow[2][0, "a"])
+    close(g_fast[0][1], g_slow[0][1])
