@@ -23,6 +23,7 @@ differentiable in the parameters.  None of these samplers is reparameterized; th
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -79,15 +80,30 @@ class Bernoulli(Distribution, samples_per_element=True,
         """The draw and its log mass from one comparison, for a constant ``probs`` strictly
         between 0 and 1 (log p and log(1 − p) taken in Python); None otherwise (then sample,
         then score).  The value carries no gradient, as ``sample``'s does not."""
-        return self._draw_scored(*param_tensors(probs))
+        (p,) = param_tensors(probs)
+        return self._draw_scored(p)
 
-    def _draw_scored(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _draw_scored(self, p: torch.Tensor, rows: int | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         logs = _constant_logs(p)
         if logs is None:
             return None
-        hit = torch.rand_like(p) < p
+        u = torch.rand_like(p) if rows is None else torch.rand(
+            (rows,) + tuple(p.shape), dtype=p.dtype, device=p.device)
+        hit = u < p
         log_p, log_q = (constant_tensor(v, p.dtype, p.device) for v in logs)
         return hit.to(p.dtype), torch.where(hit, log_p, log_q)
+
+    def _batch_draw(self, params: tuple[Any, ...], n: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        (p,) = params
+        if self._fused and p.dim() == 0 and _constant_logs(p) is not None:
+            # (one constant probability for every row: the fused draw on its n rows, not the
+            # expanded parameter, which is no longer the constant)
+            both = self._draw_scored(p, n)
+            assert both is not None
+            return both
+        return super()._batch_draw(params, n)
 
     def _logpdf_prepared(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         logs = _constant_logs(p)

@@ -135,7 +135,9 @@ def test_every_row_draws_its_own_noise():
 
 
 @pytest.mark.parametrize("dist, args", [(gf.normal, (gf.PerRow(_rows(-1, 1)), 0.7)),
-                                        (gf.bernoulli, (gf.PerRow(_rows(0.1, 0.9)),))])
+                                        (gf.bernoulli, (gf.PerRow(_rows(0.1, 0.9)),)),
+                                        (gf.bernoulli, (0.3,)),  # one probability for all
+                                        (gf.bernoulli, (torch.tensor(0.3),))])
 def test_the_draws_are_the_vmap_defaults_under_one_seed(dist, args):
     torch.manual_seed(3)
     tr, _ = dist.batch_generate(N, args)
