@@ -97,12 +97,12 @@ class Bernoulli(Distribution, samples_per_element=True,
     def _batch_draw(self, params: tuple[Any, ...], n: int,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         (p,) = params
-        if self._fused and p.dim() == 0 and _constant_logs(p) is not None:
-            # (one constant probability for every row: the fused draw on its n rows, not the
-            # expanded parameter, which is no longer the constant)
+        if self._fused and p.dim() == 0:
+            # (one probability for every row: the fused draw on its n rows, not on the
+            # expanded parameter, which is no longer the cached constant)
             both = self._draw_scored(p, n)
-            assert both is not None
-            return both
+            if both is not None:
+                return both
         return super()._batch_draw(params, n)
 
     def _logpdf_prepared(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
