@@ -36,7 +36,7 @@ from gfcomb.core.deferred import Deferred
 from gfcomb.core.errors import ArgumentError, VmapError
 from gfcomb.core.flat import flatten as fast_flatten
 from gfcomb.core.flat import unflatten as fast_unflatten
-from gfcomb.core.pytree import tree_index, tree_stack
+from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_stack
 
 InDims = tuple[Any, ...]
 
@@ -142,6 +142,20 @@ def unwrap_rows(x: Any) -> tuple[Any, bool]:
     if type(x) is PerRow:
         return x.value, True
     return x, False
+
+
+def held_rows(a: Any, n: int) -> Any:
+    """A batch-method argument as a batch of ``n`` traces holds it (what the vmap over the
+    rows makes of it): a :class:`PerRow` value as it is, a shared tensor as its expanded
+    rows, anything else unchanged."""
+    v, per_row = unwrap_rows(a)
+    if per_row:
+        return v
+    if isinstance(v, torch.Tensor):
+        return expanded_rows(v, n)
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    return tree_map_tensors(lambda x: expanded_rows(x, n), v)
 
 
 def own_args(traces: Any) -> tuple[Any, ...]:

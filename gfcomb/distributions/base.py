@@ -63,7 +63,7 @@ from gfcomb.core.pytree import register_record
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection, checked_sample
-from gfcomb.core.vmap import unwrap_rows
+from gfcomb.core.vmap import held_rows, unwrap_rows
 from gfcomb.distributions.methods import DistributionMethods
 from gfcomb.distributions.params import (
     as_tensor,
@@ -450,9 +450,9 @@ class Distribution(DistributionMethods, GenerativeFunction):
         return self._scalar_rows(args, None) is not None
 
     def _scalar_rows(self, args: tuple[Any, ...], n: int | None,
-                     ) -> list[tuple[Any, bool]] | None:
-        """``(value, per_row)`` of every argument when :meth:`batch_runs_whole` holds (and
-        the per-row ones have ``n`` rows, if given), else None."""
+                     ) -> list[Any] | None:
+        """Every argument's value (out of its ``PerRow``) when :meth:`batch_runs_whole`
+        holds (and the per-row ones have ``n`` rows, if given), else None."""
         if not (self._elementwise and self.samples_per_element):
             return None
         out = []
@@ -467,7 +467,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
                     return None
             elif not isinstance(v, (float, int)):
                 return None
-            out.append((v, per_row))
+            out.append(v)
         return out
 
     def _rows_of(self, args: tuple[Any, ...], n: int,
@@ -477,9 +477,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         values = self._scalar_rows(args, n)
         if values is None:
             return None
-        held = tuple(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor) else v
-                     for v, per_row in values)
-        return held, self._prepare(tuple(v for v, _ in values))
+        return tuple(held_rows(a, n) for a in args), self._prepare(tuple(values))
 
     def _lp(self, value: torch.Tensor, params: tuple[Any, ...]) -> torch.Tensor:
         """The elementwise log density (one entry per row: not summed)."""

@@ -66,7 +66,7 @@ from gfcomb.combinators.switch.merge import (
 )
 from gfcomb.combinators.switch.trace import SwitchTrace
 from gfcomb.core import masked
-from gfcomb.core.batching import expanded_rows, is_batched
+from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.errors import ArgumentError, MissingChoiceError, UnvisitedConstraintError
@@ -81,7 +81,7 @@ from gfcomb.core.gfi import (
 from gfcomb.core.selection import Selection, flag_and, flag_not
 from gfcomb.core.trace import Trace
 from gfcomb.core.validation import check_selection
-from gfcomb.core.vmap import unwrap_rows
+from gfcomb.core.vmap import held_rows, unwrap_rows
 from gfcomb.dsl.parameters import unique_parameters
 
 _EMPTY = ChoiceMap.empty()
@@ -215,11 +215,7 @@ class Switch(Combinator):
         index = self._batch_index(args)
         assert index is not None
         bargs = tuple(args[1:])
-        held = []
-        for a in args:
-            v, per_row = unwrap_rows(a)
-            held.append(expanded_rows(v, n) if not per_row and isinstance(v, torch.Tensor)
-                        else v)
+        held = [held_rows(a, n) for a in args]
         if isinstance(index, torch.Tensor):
             tr = self._trace(tuple(held), index, [b.batch_generate(n, bargs)[0]
                                                   for b in self.branches])

@@ -21,7 +21,6 @@ from gfcomb.combinators.unfold.trace import (
     retdiff_of,
     stack_steps,
     state_tensors,
-    stored_arg,
 )
 from gfcomb.combinators.vector import has_masks
 from gfcomb.core.batched import batch_size
@@ -33,7 +32,7 @@ from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weigh
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import PerRow, unwrap_rows
+from gfcomb.core.vmap import PerRow, held_rows, unwrap_rows
 
 if TYPE_CHECKING:
     from gfcomb.combinators.unfold.combinator import Unfold
@@ -139,7 +138,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                                 args[1] if block is None else None, prows, block, t)
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
-    stored_args = tuple(stored_arg(a, rows) for a in args)
+    stored_args = tuple(held_rows(a, rows) for a in args)
     segments = [part for part in (head, stored) if part is not None]
     if window:
         segments.append(stack_steps(window, axis=1))

@@ -6,7 +6,6 @@ stacked, with the older steps of a particle batch in a shared history
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Any
 
 import attrs
@@ -15,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from gfcomb.combinators.unfold.history import StepBlock, concat_steps
 from gfcomb.core.address import normalize
-from gfcomb.core.batching import cached_arange, expanded_rows
+from gfcomb.core.batching import cached_arange
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.deferred import Deferred
 from gfcomb.core.diff import Diff, NoChange, VectorDiff
@@ -30,7 +29,6 @@ from gfcomb.core.pytree import (
     tree_tensors,
 )
 from gfcomb.core.trace import Trace
-from gfcomb.core.vmap import unwrap_rows
 
 _NO_CHANGE = NoChange()
 
@@ -71,15 +69,6 @@ def state_tensors(init: Any) -> Any:
 def block_states(block: StepBlock) -> Any:
     """The states stored in a history block (what ``StepBlock.gather_leaf`` reads)."""
     return block.stored_state()
-
-
-def stored_arg(a: Any, rows: int) -> Any:
-    """A batch-method argument as a batched trace stores it: a :class:`PerRow` value as it
-    is, a shared tensor as expanded rows, anything else unchanged."""
-    v, per_row = unwrap_rows(a)
-    if per_row:
-        return v
-    return tree_map_tensors(partial(expanded_rows, n=rows), v)
 
 
 def retdiff_of(n_new: int, n_old: int, changed: list[int]) -> Diff:
