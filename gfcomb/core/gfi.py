@@ -76,9 +76,10 @@ def rows_submap(constraints: Any, key: Any) -> Any:
 
 
 def zero_weight(score: torch.Tensor) -> torch.Tensor:
-    """A zero weight for a trace of score ``score``: ``zeros_like(score)``, or, for a 0-d
-    score (one trace, or one row under vmap), a fresh 0-d zero -- under vmap one unbatched
-    tensor for every row, not a tensor of zeros made per row."""
+    """A zero weight for a trace (or a batch of traces) of score ``score``:
+    ``zeros_like(score)``, or, for a 0-d score (one trace, or one row under vmap), a fresh
+    0-d zero -- under vmap one unbatched tensor for every row, not a tensor of zeros made
+    per row."""
     if score.dim() == 0:
         return torch.zeros((), dtype=score.dtype, device=score.device)
     return torch.zeros_like(score)
@@ -86,10 +87,16 @@ def zero_weight(score: torch.Tensor) -> torch.Tensor:
 
 def weight_like(w: Any, score: torch.Tensor) -> torch.Tensor:
     """A weight (a tensor or a Python number) as a tensor shaped and typed like ``score``:
-    ``w`` itself when it already is one (no op), else ``w + zeros_like(score)``."""
-    if (isinstance(w, torch.Tensor) and w.shape == score.shape and w.dtype == score.dtype
-            and w.device == score.device):
-        return w
+    ``w`` itself when it already is one (no op), a 0-d one or a number expanded to it, else
+    ``w + zeros_like(score)``."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype == score.dtype and w.device == score.device:
+            if w.shape == score.shape:
+                return w
+            if w.dim() == 0:
+                return w.expand(score.shape)
+    elif w == 0:
+        return zero_weight(score)
     return w + torch.zeros_like(score)
 
 

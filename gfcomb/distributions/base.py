@@ -123,12 +123,6 @@ class ChoiceTrace(Trace):
 register_record(ChoiceTrace, dynamic=("args", "value", "score"), static=("gen_fn",))
 
 
-def _zero_rows(score: torch.Tensor) -> torch.Tensor:
-    """A zero weight for every row of a batch scored ``score`` [n]: one fresh zero expanded
-    (what the vmap default returns for an unbatched zero), not n zeros written."""
-    return torch.zeros((), dtype=score.dtype, device=score.device).expand(score.shape[0])
-
-
 def _rows_in_batch(traces: Trace) -> int | None:
     """The row count of a batch of choice traces holding one scalar value per row (else
     None: the vmap default handles it)."""
@@ -526,7 +520,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         held, params = rows
         if value is None:
             value, score = self._batch_draw(params, n)
-            return ChoiceTrace(self, held, value, score), _zero_rows(score)
+            return ChoiceTrace(self, held, value, score), zero_weight(score)
         score = self._rows_score(value, params, n)
         return ChoiceTrace(self, held, value, score), score
 
@@ -548,7 +542,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         held, params = rows
         if value is None:
             if all(isinstance(d, NoChange) for d in argdiffs):
-                return traces, _zero_rows(traces.score), _NO_CHANGE, ChoiceMap.empty()
+                return traces, zero_weight(traces.score), _NO_CHANGE, ChoiceMap.empty()
             score = self._rows_score(traces.value, params, n)
             return (ChoiceTrace(self, held, traces.value, score), score - traces.score,
                     _NO_CHANGE, ChoiceMap.empty())
@@ -578,7 +572,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
         assert n is not None
         held, params = rows
         value, score = self._batch_draw(params, n)
-        return ChoiceTrace(self, held, value, score), _zero_rows(score), _UNKNOWN_CHANGE
+        return ChoiceTrace(self, held, value, score), zero_weight(score), _UNKNOWN_CHANGE
 
     def project(self, trace: Trace, selection: Selection) -> torch.Tensor:
         """Math: project(t, S) = log p(v; θ) if the empty address is in S, else 0."""

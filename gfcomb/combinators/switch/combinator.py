@@ -155,7 +155,7 @@ class Switch(Combinator):
                       "scores")
         retval = pick(flags, [None if t is None else t.retval for t in traces], lambda v: v,
                        "return values")
-        return SwitchTrace(self, args, index, traces, retval, score, True)
+        return SwitchTrace(self, args, index, traces, retval, score, True, flags=flags)
 
     def _check_trace(self, trace: Any) -> SwitchTrace:
         return check_trace(self, trace, SwitchTrace).narrowed()

@@ -39,6 +39,7 @@ class SwitchTrace(Trace):
     batched: bool
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
     _choices: Any = attrs.field(default=None, eq=False, repr=False)
+    _flags: Any = attrs.field(default=None, eq=False, repr=False)  # (index == k, when made)
 
     @property
     def all_branches(self) -> bool:
@@ -95,7 +96,7 @@ class SwitchTrace(Trace):
             if not narrow.batched:
                 cached = narrow.traces[narrow.selector].choices
             else:
-                flags = [self.index == k for k in range(len(self.traces))]
+                flags = self._flags or [self.index == k for k in range(len(self.traces))]
                 cached = masked.union([(t.choices, f) for t, f in zip(self.traces, flags)
                                  if t is not None], bdim=self.index.dim(), exhaustive=True)
             object.__setattr__(self, "_choices", cached)
@@ -103,6 +104,7 @@ class SwitchTrace(Trace):
 
     def _after_unflatten(self) -> None:
         object.__setattr__(self, "_choices", None)
+        object.__setattr__(self, "_flags", None)
 
     def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
         """The discrete addresses of every branch present (their choices sit flat)."""
