@@ -320,12 +320,16 @@ class GenerativeFunction:
         (:mod:`gfcomb.dsl.whole`) hands a callee its batch call only when they do (else the
         body runs per row itself: one vmap for the body beats one per call).  The default:
         whether the batch methods are overridden."""
-        return not self.batch_methods_are_default()
+        return not self.batch_matches_per_row()
 
-    def batch_methods_are_default(self) -> bool:
-        """True when this function's batch methods are the per-row methods under vmap (the
-        defaults above): then a caller already running per row may call the per-row
-        methods directly, which is what the batch methods would do."""
+    def batch_matches_per_row(self) -> bool:
+        """Whether the per-row methods, run under the vmap over the rows, give what this
+        function's batch methods give (the same values and record layout).  Then a caller
+        already running per row calls the per-row methods; otherwise it steps out of the row
+        level to make one batch call (an Unfold's batch keeps its steps in a history shared
+        by the rows, which no per-row call makes).  The default: True when the batch methods
+        are the defaults above, the per-row methods under that vmap; a function whose batch
+        methods are the same computation made without the vmap says True as well."""
         cls = type(self)
         known = _DEFAULT_BATCH.get(cls)
         if known is None:

@@ -430,7 +430,7 @@ class Distribution(DistributionMethods, GenerativeFunction):
     # ------------------------------------------------------------------ the batch protocol
     # Scalar parameters per row: one elementwise computation on the rows, in the layout of
     # the vmap default (shared tensors as expanded rows); any other batch: the default.
-    def batch_methods_are_default(self) -> bool:
+    def batch_matches_per_row(self) -> bool:
         """True: the batch methods give what the per-row methods under vmap give (they
         compute it on the whole batch at once), so a caller already running per row calls
         the per-row methods directly."""

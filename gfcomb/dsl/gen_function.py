@@ -169,7 +169,7 @@ class GenTrace(Trace):
         handler hands such a callee the whole batch, so its sub-trace need not cross the vmap
         leaf by leaf); the others' own :meth:`Trace.entering_rows`."""
         return self._with_subtraces({
-            a: t.entering_rows() if t.gen_fn.batch_methods_are_default()
+            a: t.entering_rows() if t.gen_fn.batch_matches_per_row()
             else cast(Trace, RowView(t))  # (read as the trace it views)
             for a, t in self.subtraces.items()})
 
@@ -353,7 +353,7 @@ class GenFunction(GenerativeFunction):
     # ------------------------------------------------------------------ the batch protocol
     # Each first runs the body once over the whole batch (gfcomb/dsl/whole.py), and, when the
     # body needs its rows, the per-row method under the vmap over the rows (the default).
-    def batch_methods_are_default(self) -> bool:
+    def batch_matches_per_row(self) -> bool:
         """True: these batch methods give what the per-row methods give under the vmap over
         the rows, so a caller already running per row calls the per-row methods."""
         return True

@@ -87,7 +87,7 @@ class Handler:
         self._claim(addr)
         self.owner._note_callee(gen_fn)
         gfi: Calls = self.whole if self.whole is not None else (
-            PER_ROW if current_row_level() is None or gen_fn.batch_methods_are_default()
+            PER_ROW if current_row_level() is None or gen_fn.batch_matches_per_row()
             else BATCH)
         try:
             return self.call(addr, gen_fn, args, gfi)

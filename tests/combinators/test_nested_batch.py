@@ -97,8 +97,8 @@ def same_discard(d1, d2):
 
 
 def test_the_fast_path_is_taken():
-    assert not FAST.kernel.batch_methods_are_default()
-    assert SLOW.kernel.batch_methods_are_default()
+    assert not FAST.kernel.batch_matches_per_row()
+    assert SLOW.kernel.batch_matches_per_row()
 
 
 CONSTRAINTS = [

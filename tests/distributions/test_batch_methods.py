@@ -62,7 +62,7 @@ def test_the_univariate_built_ins_run_their_batches_whole():
     assert not gf.normal.batch_runs_whole((gf.PerRow(torch.zeros(N, 2)), 1.0))  # a vector row
     assert not gf.normal.batch_runs_whole((torch.zeros(2), 1.0))  # a shared vector
     # (so a caller already running per row keeps calling the per-row methods)
-    assert gf.normal.batch_methods_are_default()
+    assert gf.normal.batch_matches_per_row()
 
 
 @pytest.mark.parametrize("name", NATIVE)

@@ -166,7 +166,7 @@ class Switch(Combinator):
     # vmap over the rows (every branch runs, the index picks), without the vmap.  An index
     # shared by every row (or one expanded to every row, which the vmap sees as shared) runs
     # that branch alone, as per row.
-    def batch_methods_are_default(self) -> bool:
+    def batch_matches_per_row(self) -> bool:
         """True: the batch methods give what the per-row methods give under the vmap over
         the rows, so a caller already running per row calls the per-row methods."""
         return True
