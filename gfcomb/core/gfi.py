@@ -87,8 +87,8 @@ def zero_weight(score: torch.Tensor) -> torch.Tensor:
 
 def weight_like(w: Any, score: torch.Tensor) -> torch.Tensor:
     """A weight (a tensor or a Python number) as a tensor shaped and typed like ``score``:
-    ``w`` itself when it already is one (no op), a 0-d one or a number expanded to it, else
-    ``w + zeros_like(score)``."""
+    ``w`` itself when it already is one (no op), a 0-d one of that dtype and device expanded
+    to it (a view), a Python zero as :func:`zero_weight`, else ``w + zeros_like(score)``."""
     if isinstance(w, torch.Tensor):
         if w.dtype == score.dtype and w.device == score.device:
             if w.shape == score.shape:
