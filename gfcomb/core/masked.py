@@ -275,16 +275,28 @@ def addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
     return {(k,) + a for k in cm.keys() for a in addresses(cm.get_submap(k))}
 
 
+def all_absent(cm: ChoiceMap) -> bool:
+    """True if every value of ``cm`` carries a presence mask that is all False, known where
+    the mask carries no vmap batch dimension (a batched mask may be present: False)."""
+    if cm.is_value():
+        return _absent(cm)
+    if cm.is_stacked():
+        return all_absent(cm.stacked_inner)
+    return all(all_absent(cm.get_submap(k)) for k in cm.keys())
+
+
+def _absent(value: ChoiceMap) -> bool:
+    m = value.mask
+    return m is not None and not is_batched(m) and not bool(m.any())
+
+
 def present_addresses(cm: ChoiceMap) -> set[tuple[Any, ...]]:
-    """:func:`addresses` of the values that may be present: not those whose presence mask
-    is False for every element (where it can be read: a batched mask may be present)."""
+    """:func:`addresses` of the values that may be present: not those :func:`all_absent`
+    says are absent for every element."""
     if cm.is_empty():
         return set()
     if cm.is_value():
-        m = cm.mask
-        if m is not None and not is_batched(m) and not bool(m.any()):
-            return set()
-        return {()}
+        return set() if _absent(cm) else {()}
     if cm.is_stacked():
         return {(":",) + a for a in present_addresses(cm.stacked_inner)}
     return {(k,) + a for k in cm.keys() for a in present_addresses(cm.get_submap(k))}

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfcomb.core.batching import is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import (
@@ -22,6 +21,7 @@ from gfcomb.core.errors import (
     UnvisitedConstraintError,
 )
 from gfcomb.core.gfi import GenerativeFunction
+from gfcomb.core.masked import all_absent
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import (
@@ -179,29 +179,18 @@ def _sum(xs: list[Any]) -> Any:
     return total + rest if rest != 0 else total
 
 
-def _all_masked_out(cm: ChoiceMap) -> bool:
-    """True if every value of ``cm`` carries a presence mask that is all False (known where
-    the mask carries no vmap batch dimension; otherwise False)."""
-    if cm.is_value():
-        m = cm.mask
-        return m is not None and not is_batched(m) and not bool(m.any())
-    if cm.is_stacked():
-        return _all_masked_out(cm.stacked_inner)
-    return all(_all_masked_out(cm.get_submap(k)) for k in cm.keys())
-
-
 def _check_visited(cm: ChoiceMap, path: Address, visited: dict[Address, Any],
                    prefixes: set[Address], method: str) -> None:
     if cm.is_empty() or path in visited:
         return
     if path in prefixes or path == ():
-        if cm.is_value() and not _all_masked_out(cm):
+        if cm.is_value() and not all_absent(cm):
             raise UnvisitedConstraintError(
                 f"{method}: constraint at address {{addr}} is never visited by the model", path)
         for k in cm.keys():
             _check_visited(cm.get_submap(k), path + (k,), visited, prefixes, method)
         return
-    if _all_masked_out(cm):
+    if all_absent(cm):
         return  # masked-out values (e.g. a row of a batched Switch trace) are absent
     first = next(iter(cm.items(stacked=True)))[0]
     full = path + tuple(":" if isinstance(k, slice) else k for k in first)
