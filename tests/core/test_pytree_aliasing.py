@@ -95,3 +95,20 @@ def test_where_alike_merges_inside_namedtuples():
     assert torch.equal(out.value, torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError):
         tree_where_alike(mask, a, Pair(torch.zeros(3), "u"))
+
+
+def test_where_alike_keeps_what_both_sides_share():
+    from gfcomb.core.pytree import tree_where_alike
+
+    mask = torch.tensor([True, False, True])
+    shared_sub = {"k": (torch.ones(3), torch.zeros(3))}
+    same = (torch.arange(3.0), "tag")
+    x, y = torch.ones(3), torch.zeros(3)
+    a = {"sub": shared_sub, "same": same, "v": [x, x, 1]}
+    b = {"sub": shared_sub, "same": same, "v": [y, y, 1]}
+    out = tree_where_alike(mask, a, b)
+    assert out["sub"] is shared_sub and out["same"] is same  # (one object on both sides)
+    assert out["v"][0] is out["v"][1] and out["v"][2] == 1  # (one pair: merged once)
+    assert torch.equal(out["v"][0], torch.where(mask, x, y))
+    unchanged = tree_where_alike(mask, a, dict(a))
+    assert unchanged is a  # (nothing differs: the tree itself)
