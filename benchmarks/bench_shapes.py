@@ -22,7 +22,7 @@ every particle's whole trace.  Reported: median ms per step (median of the per-s
 each run, median over interleaved runs), the ratio to hand-written, the per-step time after
 1,000 steps against after 10 for the wrapped model with and without rejuvenation (beside the
 same ratio of the hand-written filter run in lockstep, whose state does not grow: the
-machine's drift), and a wrapped-model step at N = 100.
+machine's drift), and a wrapped-model step at N = 100 (the last two each in a fresh process).
 
     python benchmarks/bench_shapes.py            # full run; rewrites its section of RESULTS.md
     python benchmarks/bench_shapes.py --quick    # smoke run (seconds); RESULTS.md untouched
@@ -40,8 +40,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,7 +147,7 @@ def module_model(T):
 
 
 # ------------------------------------------------------------------ the gfcomb filters
-def gfcomb_steps(shape: str, ys: torch.Tensor, n: int) -> Iterator[float]:
+def gfcomb_steps(shape: str, ys: torch.Tensor, n: int) -> Generator[float, None, float]:
     """One gfcomb filter of ``shape``, step by step: yields the ms of each step; returns the
     log-ML estimate."""
     bare = shape == "bare"
@@ -174,7 +175,7 @@ def _normal_lp(x: torch.Tensor, mean: torch.Tensor | float, sd: float) -> torch.
     return -0.5 * ((x - mean) / sd) ** 2 - math.log(sd) - 0.5 * LOG_2PI
 
 
-def hand_steps(shape: str, ys: torch.Tensor, n: int) -> Iterator[float]:
+def hand_steps(shape: str, ys: torch.Tensor, n: int) -> Generator[float, None, float]:
     """The same filter written by hand in batched torch, step by step: yields the ms of each
     step; returns the log-ML estimate."""
     x = torch.zeros(n) if shape == "bare" else torch.randn(n)
@@ -212,7 +213,7 @@ def hand_steps(shape: str, ys: torch.Tensor, n: int) -> Iterator[float]:
     return float(log_ml)
 
 
-def run_filter(steps: Iterator[float]) -> tuple[float, list[float]]:
+def run_filter(steps: Generator[float, None, float]) -> tuple[float, list[float]]:
     """Run a filter's steps to the end: (log-ML estimate, ms per step)."""
     times = []
     while True:
@@ -297,17 +298,21 @@ def growth(shape: str, n: int, steps: int, lo: tuple[int, int], hi: tuple[int, i
     freed: its early steps store their history in pages already mapped (no page faults),
     its late steps, past that memory, in new pages (about 60 faults per step at N = 10,000),
     which makes late / early about 1.18x with the work per step unchanged."""
-    cmd = [sys.executable, __file__, "--growth-run", shape, "--n", str(n), "--steps",
-           str(steps), "--windows", *map(str, lo + hi)]
-    if CLOCK[0] is time.thread_time:
-        cmd.append("--cpu")
-    results = []
-    for _ in range(runs):
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = [in_fresh_process("--growth-run", shape, "--n", str(n), "--steps", str(steps),
+                                "--windows", *map(str, lo + hi)) for _ in range(runs)]
     return {who: (statistics.median(r[who][0] for r in results),
                   statistics.median(r[who][1] for r in results))
             for who in ("gfcomb", "hand", "faults")}
+
+
+def in_fresh_process(*args: str) -> Any:
+    """Run this benchmark with ``args`` in a new Python process (same clock): the JSON it
+    prints last."""
+    cmd = [sys.executable, __file__, *args]
+    if CLOCK[0] is time.thread_time:
+        cmd.append("--cpu")
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 SHAPES: dict[str, str] = {
@@ -328,6 +333,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="time the calling thread's CPU time instead of wall time")
     parser.add_argument("--growth-run", metavar="SHAPE", help=argparse.SUPPRESS)
+    parser.add_argument("--compare-run", metavar="SHAPE", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=1_020, help=argparse.SUPPRESS)
     parser.add_argument("--windows", type=int, nargs=4, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -342,6 +349,9 @@ def main() -> None:
                                     (w[2], w[3]))))
         return
     T = 20 if opts.quick else 100
+    if opts.compare_run:  # (one compare(), in its own process)
+        print(json.dumps(compare(opts.compare_run, simulate_data(T), opts.n, opts.runs)))
+        return
     runs = 1 if opts.quick else 5
     n = 1_000 if opts.quick else opts.n
     ys = simulate_data(T)
@@ -364,7 +374,10 @@ def main() -> None:
               f"{hi[0]}-{hi[1]} {late:.3f} ms/step: {late / early:.2f}x (hand-written in "
               f"lockstep: {h_early:.3f} -> {h_late:.3f}, {h_late / h_early:.2f}x; page faults "
               f"per step {g['faults'][0]:.0f} -> {g['faults'][1]:.0f})", flush=True)
-    small = compare("wrapped", ys, 100, max(runs, 3))
+    # (in a fresh process too: after the filters above, the same steps run slower, the
+    # hand-written ones most -- 0.10-0.14 ms against 0.065 -- which flatters the ratio)
+    small = in_fresh_process("--compare-run", "wrapped", "--n", "100", "--runs",
+                             str(max(runs, 3)), *(["--quick"] if opts.quick else []))
     print(f"N = 100, wrapped: gfcomb {small['gfcomb']:.3f} ms/step, hand-written "
           f"{small['hand']:.3f}, ratio {small['ratio']:.2f}x")
     load = load_average()
@@ -410,8 +423,8 @@ work per step.
 {growth_header}
 {chr(10).join(g_lines)}
 
-At N = 100 a wrapped-model step takes {small['gfcomb']:.3f} ms against {small['hand']:.3f} ms
-hand-written: {small['ratio']:.2f}x.
+At N = 100 (in a fresh process, {max(runs, 3)} interleaved runs) a wrapped-model step takes
+{small['gfcomb']:.3f} ms against {small['hand']:.3f} ms hand-written: {small['ratio']:.2f}x.
 """
     save_section(SECTION, body, write=not (opts.quick or opts.no_write))
 
