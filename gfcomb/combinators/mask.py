@@ -23,8 +23,9 @@ NaN (never a wrong number).  To observe ragged data, give the constraints the fl
 presence mask: ``ChoiceMap.stacked({"y": ys}, mask=present)``.
 
 A concrete flag that differs from step to step of an Unfold or Scan (outside vmap) changes
-the step's addresses, so the steps cannot be stacked; there, pass the flag through a Switch
-or run the steps batched.
+the step's addresses; to stack such steps, their Mask traces are widened to the batched form
+(:func:`~gfcomb.core.harmonize.harmonize`, as a Switch's steps on different branches are),
+and a step read back from the stack is narrowed to its concrete form again.
 
 Math: log p(t; (f, x)) = [f] · log p_gen_fn(t; x).
 """
@@ -51,6 +52,7 @@ from gfcomb.core.gfi import (
     check_trace,
     zero_weight,
 )
+from gfcomb.core.harmonize import harmonize, harmonize_values, rebuild_record, stand_in
 from gfcomb.core.masked import any_present
 from gfcomb.core.pytree import register_record, tree_map_tensors, tree_where
 from gfcomb.core.selection import Selection
@@ -109,6 +111,33 @@ class MaskTrace(Trace):
         assert self.flag is not None
         return masked(self.inner.choices, self.flag)
 
+    def narrowed(self) -> MaskTrace:
+        """The concrete form of a batched trace whose flag is one bool that no vmap batches
+        (a step of an Unfold read back after :func:`~gfcomb.core.harmonize.harmonize`
+        widened it): the inner trace when the flag is true, none when it is false, as a run
+        with that concrete flag would have made it.  Other traces: unchanged."""
+        flag = self.flag
+        if not self.batched or flag is None or flag.dim() != 0 or is_batched(flag):
+            return self
+        try:
+            on = bool(flag)
+        except RuntimeError:  # (under another functorch transform: keep the masked form)
+            return self
+        if not on:
+            return MaskTrace(self.gen_fn, self.args, None, torch.zeros_like(self.score), None,
+                             None, False, False)
+        assert self.inner is not None
+        return MaskTrace(self.gen_fn, self.args, self.inner.retval, self.inner.score,
+                         self.inner, None, False, True)
+
+    @staticmethod
+    def harmonize_group(xs: list[MaskTrace]) -> list[MaskTrace] | None:
+        """Mask traces of one structure (:mod:`gfcomb.core.harmonize`'s record protocol):
+        traces whose function ran in some and not in others (concrete flags that differ),
+        or concrete and batched ones, widened to the batched form -- the inner trace of one
+        that ran standing in, masked out by a false flag, where the function did not run."""
+        return _harmonize_mask(xs)
+
     def _retval_at(self, path: tuple[Any, ...]) -> Any:
         if self.inner is None:
             raise AddressError("no traced call at address {addr} (the Mask's flag is false)",
@@ -118,6 +147,38 @@ class MaskTrace(Trace):
 
 register_record(MaskTrace, dynamic=("args", "retval", "score", "inner", "flag"),
                 static=("gen_fn", "batched", "active"))
+
+
+def _harmonize_mask(xs: list[MaskTrace]) -> list[MaskTrace] | None:
+    """See :meth:`MaskTrace.harmonize_group`."""
+    fn = xs[0].gen_fn
+    if any(x.gen_fn != fn for x in xs):
+        return None
+    ran = [x.inner for x in xs if x.inner is not None]
+    if not ran:
+        return None  # (the function ran nowhere: one structure already)
+    if len(ran) == len(xs) and len({x.batched for x in xs}) == 1:  # one form: harmonize inside
+        col = harmonize_values([x.inner for x in xs])
+        if col is None:
+            return None
+        return [rebuild_record(x, {"inner": c}) for x, c in zip(xs, col)]
+    donor = ran[0]
+    inners = [x.inner if x.inner is not None else stand_in(donor, tuple(x.score.shape))
+              for x in xs]
+    inners = harmonize_values(inners) or inners
+    out = []
+    for x, inner in zip(xs, inners):
+        if x.batched:
+            flag = x.flag
+            retval = x.retval
+        else:
+            flag = torch.full(x.score.shape, x.active, dtype=torch.bool, device=x.score.device)
+            retval = x.retval if x.active else tree_map_tensors(torch.zeros_like, inner.retval)
+        args = x.args
+        if args and not isinstance(args[0], torch.Tensor):
+            args = (flag,) + tuple(args[1:])
+        out.append(MaskTrace(fn, args, retval, x.score, inner, flag, True, True))
+    return out
 
 
 def _nan_where_unvisited(w: torch.Tensor, flag: torch.Tensor, cm: ChoiceMap) -> torch.Tensor:
@@ -171,7 +232,7 @@ class Mask(Combinator):
                             f"{flag!r}")
 
     def _check_trace(self, trace: Any) -> MaskTrace:
-        return check_trace(self, trace, MaskTrace)
+        return check_trace(self, trace, MaskTrace).narrowed()
 
     @staticmethod
     def _refuse(cm: ChoiceMap, method: str) -> None:
@@ -307,6 +368,9 @@ class Mask(Combinator):
                     rd if isinstance(rd, NoChange) else _UNKNOWN, masked(d, f1))
         stay, on, off = f0 & f1, ~f0 & f1, f0 & ~f1
         fresh, wg = self._fresh(inner_args, edit)
+        # (the fresh run may take other concrete paths inside -- a Mask off, a Switch on
+        # another branch -- than the edited one: both widened to one structure first)
+        fresh, inner = harmonize([fresh, inner])
         inner = tree_where(on, fresh, inner)
         if edit.counts_discards:
             weight = _where(stay, w, _where(on, wg, _where(off, -old.inner.score, 0.0)))

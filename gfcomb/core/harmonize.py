@@ -5,7 +5,9 @@ traces differ in structure and cannot be stacked leafwise.  :func:`harmonize` re
 into equivalent traces of one structure.  It walks tuples, lists, dicts and registered records
 position by position; a record class that can widen a group of its traces to one structure
 says how with a static method ``harmonize_group(xs) -> list | None`` (SwitchTrace: to the
-every-branch form Switch uses under vmap).
+every-branch form Switch uses under vmap; MaskTrace: to the batched form, for a Mask whose
+concrete flag differs between the traces).  :func:`stand_in` fills the part a widened trace
+lacks (a branch not taken, a function that did not run) from another trace of the group.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.core.pytree import RECORD_FIELDS, same_structure
+from gfcomb.core.pytree import RECORD_FIELDS, same_structure, tree_map_tensors
 
 
 def harmonize(traces: Sequence[Any]) -> list[Any]:
@@ -86,3 +89,21 @@ def rebuild_record(rec: Any, changes: dict[str, Any]) -> Any:
     if post is not None:
         post()
     return new
+
+
+def stand_in(trace: Any, shape: tuple[int, ...]) -> Any:
+    """``trace`` as a stand-in for a trace with element axes ``shape`` that has no such part
+    (a Switch branch not taken, a Mask whose function did not run): its first element
+    broadcast to ``shape`` when the element axes differ.  Its values are never read: the
+    widened record masks them out (by the index, by the flag)."""
+    lead = trace.score.dim()
+    if tuple(trace.score.shape) == tuple(shape) or lead != len(shape):
+        return trace
+    first = (0,) * lead
+
+    def fit(v: torch.Tensor) -> torch.Tensor:
+        if v.dim() < lead:
+            return v
+        return v[first].expand(tuple(shape) + tuple(v.shape[lead:]))
+
+    return tree_map_tensors(fit, trace)

@@ -225,6 +225,84 @@ def test_mask_laws_with_random_flags():
               max_examples=10, derandomize=True)
 
 
+
+@gf.gen
+def _leaf(x):
+    return gf.normal(x, 1.0) @ "z"
+
+
+def _gated(kernel):
+    """``kernel`` under a Mask whose flag is a Bernoulli choice at "on"."""
+    m = gf.Mask(kernel)
+
+    @gf.gen
+    def node(x):
+        on = gf.bernoulli(0.5) @ "on"
+        r = m(on > 0.5, x) @ "mask"
+        return x + 0.0 if r is None else torch.where(on > 0.5, r, x)
+
+    return node
+
+
+def test_mask_edit_merges_a_fresh_run_that_took_another_concrete_path():
+    # Repeat runs its elements under vmap, so the outer Mask's flag is batched; its inner
+    # function's fresh run meets a concrete inner flag (off) where the edited inner trace
+    # keeps the batched form: the two are widened to one structure before they are merged
+    # (a random-tree law run found the update raising "trees have different structures")
+    rep = gf.Repeat(_gated(_gated(_leaf)), 3)
+
+    @gf.gen
+    def model(x):
+        return rep(x) @ "rep"
+
+    x = torch.tensor(0.0)
+    flags = {("rep", i, "on"): torch.tensor(float(i == 2)) for i in range(3)}
+    flags.update({("rep", i, "mask", "on"): torch.tensor(0.0) for i in range(3)})
+    old, _ = model.generate((x,), gf.ChoiceMap(flags))
+    turn_on = gf.ChoiceMap({("rep", 2, "mask", "on"): torch.tensor(1.0)})
+    new, w, _, d = model.update(old, (x,), (gf.NoChange(),), turn_on)
+    z = new["rep", 2, "mask", "mask", "z"]  # (drawn afresh: its log q leaves the weight)
+    assert torch.allclose(w, new.score - old.score - normal_lp(z, 0.0, 1.0), atol=1e-12)
+    assert [a for a, _ in d.items()] == [("rep", 2, "mask", "on")]
+    back, w2, _, _ = model.update(new, (x,), (gf.NoChange(),), d)
+    assert list(back.choices.items()) == list(old.choices.items())
+    assert torch.allclose(back.score, old.score, atol=1e-12)
+    assert torch.allclose(w2, old.score - new.score, atol=1e-12)
+
+
+def test_unfold_stacks_steps_whose_concrete_mask_flags_differ():
+    mask = gf.Mask(_leaf)
+
+    @gf.gen
+    def kernel(t, x):
+        r = mask(t % 2 == 0, x) @ "m"
+        return x + 0.1 if r is None else r
+
+    unfold = gf.Unfold(kernel)
+    x0 = torch.tensor(0.0)
+    tr = unfold.simulate((4, x0))  # (steps 1 and 3 make no choice)
+    assert [a for a, _ in tr.choices.items()] == [(0, "m", "z"), (2, "m", "z")]
+    with pytest.raises(gf.AddressError):
+        tr[1, "m", "z"]
+    z0, z2 = tr[0, "m", "z"], tr[2, "m", "z"]
+    expect = normal_lp(z0, 0.0, 1.0) + normal_lp(z2, z0 + 0.1, 1.0)
+    assert torch.allclose(tr.score, expect, atol=1e-12)
+    assert torch.allclose(unfold.assess((4, x0), tr.choices)[0], tr.score, atol=1e-12)
+    assert torch.allclose(tr.retval, torch.stack([z0, z0 + 0.1, z2, z2 + 0.1]))
+    new, w, _, d = unfold.update(tr, (4, x0), (gf.NoChange(),) * 2,
+                                 gf.ChoiceMap({(2, "m", "z"): torch.tensor(0.5)}))
+    assert torch.allclose(w, normal_lp(0.5, z0 + 0.1, 1.0) - normal_lp(z2, z0 + 0.1, 1.0),
+                          atol=1e-12)
+    assert d[2, "m", "z"] == z2 and new[2, "m", "z"] == 0.5
+    with pytest.raises(gf.UnvisitedConstraintError):  # (a step read back is concrete again)
+        unfold.update(tr, (4, x0), (gf.NoChange(),) * 2,
+                      gf.ChoiceMap({(1, "m", "z"): torch.tensor(0.5)}))
+    grown, w, _, _ = unfold.update(tr, (6, x0), (gf.UnknownChange(), gf.NoChange()))
+    assert [a for a, _ in grown.choices.items()] == [(0, "m", "z"), (2, "m", "z"),
+                                                     (4, "m", "z")]
+    assert torch.allclose(w, torch.zeros(()), atol=1e-12)
+
+
 # ================================================================================= Dimap
 def test_dimap_maps_args_and_return_value():
     d = gf.Dimap(gf.normal, pre=lambda mu: (2 * mu, 1.0), post=lambda args, r: r - args[0])

@@ -14,8 +14,8 @@ from gfcomb.core import masked
 from gfcomb.core.batching import inside_functorch_transform, is_batched
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError
-from gfcomb.core.harmonize import harmonize_values, rebuild_record
-from gfcomb.core.pytree import register_record, tree_map_tensors
+from gfcomb.core.harmonize import harmonize_values, rebuild_record, stand_in
+from gfcomb.core.pytree import register_record
 from gfcomb.core.trace import Trace
 
 
@@ -151,7 +151,7 @@ def _harmonize_switch(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
     cols: dict[int, list[Any]] = {}
     for k in occurs:
         template = next(x.traces[k] for x in xs if x.traces[k] is not None)
-        col = [x.traces[k] if x.traces[k] is not None else _template(template, x.score.shape)
+        col = [x.traces[k] if x.traces[k] is not None else stand_in(template, x.score.shape)
                for x in xs]
         inner = harmonize_values(col)
         cols[k] = col if inner is None else inner
@@ -168,21 +168,3 @@ def _harmonize_switch(xs: list[SwitchTrace]) -> list[SwitchTrace] | None:
         traces = tuple(cols[k][i] if k in cols else None for k in range(n))
         out.append(SwitchTrace(fn, args, index, traces, x.retval, x.score, True))
     return out
-
-
-def _template(tr: Trace, shape: torch.Size) -> Trace:
-    """The branch trace ``tr`` as a stand-in for a trace with element axes ``shape`` (its
-    first element broadcast; values never read: masked out by the index)."""
-    lead = tr.score.dim()
-    if tuple(tr.score.shape) == tuple(shape) or lead != len(shape):
-        return tr
-    first = (0,) * lead
-
-    def fit(v: torch.Tensor) -> torch.Tensor:
-        if v.dim() < lead:
-            return v
-        return v[first].expand(tuple(shape) + tuple(v.shape[lead:]))
-
-    return tree_map_tensors(fit, tr)
-
-
