@@ -96,10 +96,13 @@ class Map(Combinator):
         call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=self._who())
 
         def run(*args: Any) -> Any:
-            try:  # (NaN/+inf element scores over concrete tensors: a named error)
-                return check_vmapped_scores(call(*args), fn, in_dims, args, keys, self._who())
+            try:
+                out = call(*args)
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
+            # (NaN/+inf element scores, NaN weights over concrete tensors: a named error,
+            # which names its element itself)
+            return check_vmapped_scores(out, fn, in_dims, args, keys, self._who())
 
         return run
 
@@ -131,10 +134,10 @@ class Map(Combinator):
         def run(*args: Any) -> Any:
             rows = tuple(_as_rows(a, d) for a, d in zip(args, in_dims))
             try:
-                return check_vmapped_scores(fn(*rows), elem_fn, in_dims, args, keys,
-                                            self._who())
+                out = fn(*rows)
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
+            return check_vmapped_scores(out, elem_fn, in_dims, args, keys, self._who())
 
         return run
 

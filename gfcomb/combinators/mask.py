@@ -19,8 +19,10 @@ where the flag is true and zeros (of its shape) where it is false.  An element w
 turns on gets fresh choices (a ``generate``), one whose flag turns off discards its old
 choices.  A constraint at an element whose flag is false is at an address that element never
 visits: as for a Switch under vmap this cannot raise per element, and the element's weight is
-NaN (never a wrong number).  To observe ragged data, give the constraints the flags as their
-presence mask: ``ChoiceMap.stacked({"y": ys}, mask=present)``.
+NaN (never a wrong number); a Map over concrete tensors traces such a weight back to its
+element and raises :class:`UnvisitedConstraintError` there.  To observe ragged data, give
+the constraints the flags as their presence mask: ``ChoiceMap.stacked({"y": ys},
+mask=present)``.
 
 A concrete flag that differs from step to step of an Unfold or Scan (outside vmap) changes
 the step's addresses; to stack such steps, their Mask traces are widened to the batched form

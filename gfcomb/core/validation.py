@@ -31,6 +31,7 @@ import torch
 
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.errors import (
+    AddressError,
     ArgumentTypeError,
     DistributionArgumentError,
     DistributionArgumentTypeError,
@@ -129,35 +130,68 @@ def _scores_of(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _weights_of(out: Any) -> torch.Tensor | None:
+    """The per-element weights of a vmapped ``generate`` / ``update`` / ``regenerate``
+    result ``(trace, weight, ...)``, if it is one."""
+    if isinstance(out, tuple) and len(out) > 1 and isinstance(out[0], Trace) \
+            and isinstance(out[1], torch.Tensor):
+        return out[1]
+    return None
+
+
+def _per_element(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as [elements, ...] when it is a floating tensor with an element axis."""
+    if x is None or not x.is_floating_point() or x.dim() == 0 or x.numel() == 0:
+        return None
+    return x.detach().reshape(x.shape[0], -1)
+
+
 def check_vmapped_scores(out: Any, fn: Callable[..., Any], in_dims: Sequence[Any],
                          args: Sequence[Any], keys: Sequence[int] | None, who: str) -> Any:
     """``out`` (what ``fn`` vmapped over ``args`` returned), after checking that no element
-    score is NaN or +inf; see the module docstring.  Returns ``out`` unchanged."""
+    score is NaN or +inf and no element weight NaN; see the module docstring.  Returns
+    ``out`` unchanged."""
     if inside_functorch_transform():
         return out
-    s = _scores_of(out)
-    if s is None or not s.is_floating_point() or s.dim() == 0 or s.numel() == 0:
+    s, w = _per_element(_scores_of(out)), _per_element(_weights_of(out))
+    if s is None and w is None:
         return out
-    total = float(s.detach().sum())  # (one reduction: NaN and +inf survive it, -inf does not)
+    # (one host read for both: NaN and +inf survive the sums, -inf alone does not; a NaN
+    # from -inf + inf is looked at below and let pass)
+    total = float(sum(x.sum() for x in (s, w) if x is not None))
     if not (math.isnan(total) or total == math.inf):
         return out
-    per = s.detach().reshape(s.shape[0], -1)
-    bad = torch.isnan(per).any(1) | torch.isposinf(per).any(1)
-    i = int(bad.nonzero()[0, 0])
+    if s is not None:
+        bad = torch.isnan(s).any(1) | torch.isposinf(s).any(1)
+        if bool(bad.any()):
+            _explain(int(bad.nonzero()[0, 0]), "score", s, fn, in_dims, args, keys, who)
+    if w is not None:
+        bad = torch.isnan(w).any(1)
+        if bool(bad.any()):
+            _explain(int(bad.nonzero()[0, 0]), "weight", w, fn, in_dims, args, keys, who)
+    return out
+
+
+def _explain(i: int, what: str, per: torch.Tensor, fn: Callable[..., Any],
+             in_dims: Sequence[Any], args: Sequence[Any], keys: Sequence[int] | None,
+             who: str) -> None:
+    """Raise the named error for element ``i``, whose ``what`` (its row of ``per``) is NaN
+    or +inf: what the element raises run alone (an invalid argument, an unvisited
+    constraint -- a NaN weight --), its key in front, else NumericalError."""
     key = keys[i] if keys is not None else i
     value = float(per[i].sum())
     try:
         fn(*_element_of(args, in_dims, i))
-    except DistributionArgumentError as err:
+    except (DistributionArgumentError, AddressError) as err:
         raise err.prefixed((key,)) from None
     except GFIError as err:
-        raise NumericalError(f"{who}: element {key} has a score of {value} because: {err}"
+        raise NumericalError(f"{who}: element {key} has a {what} of {value} because: {err}"
                              ) from err
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
-        raise NumericalError(f"{who}: element {key} has a score of {value}; run alone it "
+        raise NumericalError(f"{who}: element {key} has a {what} of {value}; run alone it "
                              f"raises {type(err).__name__}: {err}") from err
     raise NumericalError(
-        f"{who}: element {key} has a score of {value} (NaN or +inf: an argument out of its "
+        f"{who}: element {key} has a {what} of {value} (NaN or +inf: an argument out of its "
         "support or range, e.g. a non-positive scale or a Switch index out of range)")
 
 

@@ -196,10 +196,15 @@ def test_map_of_mask_with_batched_flags_masks_choices_and_weights():
     expect = normal_lp(tr[0], 0.0, 1.0) + normal_lp(tr[2], 2.0, 1.0)
     assert torch.allclose(tr.score, expect, atol=1e-12)
     # stacked observations for every element: a masked-out element's is an unvisited
-    # constraint (NaN weight); with the flags as presence mask they are left out
+    # constraint (named at its element over concrete tensors, DESIGN §8; a NaN weight inside
+    # a user's own vmap); with the flags as presence mask they are left out
     ys = torch.tensor([0.5, 9.0, 1.5, 9.0])
-    _, w = mm.generate((flags, locs, torch.tensor(1.0)), gf.ChoiceMap.stacked({(): ys}))
-    assert torch.isnan(w)
+    with pytest.raises(gf.UnvisitedConstraintError, match="address 1 is never visited"):
+        mm.generate((flags, locs, torch.tensor(1.0)), gf.ChoiceMap.stacked({(): ys}))
+    w = torch.func.vmap(lambda f: mm.generate((f, locs, torch.tensor(1.0)),
+                                              gf.ChoiceMap.stacked({(): ys}))[1],
+                        randomness="different")(torch.stack([flags, torch.ones(4, dtype=bool)]))
+    assert torch.isnan(w[0]) and torch.isfinite(w[1])
     tr2, w = mm.generate((flags, locs, torch.tensor(1.0)),
                          gf.ChoiceMap.stacked({(): ys}, mask=flags))
     assert torch.allclose(w, normal_lp(0.5, 0.0, 1.0) + normal_lp(1.5, 2.0, 1.0), atol=1e-12)
@@ -257,8 +262,9 @@ def test_mask_edit_merges_a_fresh_run_that_took_another_concrete_path():
 
     x = torch.tensor(0.0)
     flags = {("rep", i, "on"): torch.tensor(float(i == 2)) for i in range(3)}
-    flags.update({("rep", i, "mask", "on"): torch.tensor(0.0) for i in range(3)})
-    old, _ = model.generate((x,), gf.ChoiceMap(flags))
+    flags[("rep", 2, "mask", "on")] = torch.tensor(0.0)  # (elements 0, 1 never visit theirs)
+    old, w0 = model.generate((x,), gf.ChoiceMap(flags))
+    assert torch.isfinite(w0)
     turn_on = gf.ChoiceMap({("rep", 2, "mask", "on"): torch.tensor(1.0)})
     new, w, _, d = model.update(old, (x,), (gf.NoChange(),), turn_on)
     z = new["rep", 2, "mask", "mask", "z"]  # (drawn afresh: its log q leaves the weight)

@@ -588,9 +588,10 @@ def test_map_batched_index_out_of_range_inside_vmap_gives_nan_score():
 
 def test_map_batched_index_constraint_errors():
     m = Map(SW)
-    # element 0 is on branch a, which has no "v": NaN weight for it, not a wrong number
-    _, w = m.generate((IDX, XS), {(0, "v"): 1.0, (1, "v"): 1.0})
-    assert torch.isnan(w)
+    # element 0 is on branch a, which has no "v": over concrete tensors a named error for it
+    # (DESIGN §8; it was a NaN weight), never a wrong number
+    with pytest.raises(UnvisitedConstraintError, match=r"\(0, 'v'\)"):
+        m.generate((IDX, XS), {(0, "v"): 1.0, (1, "v"): 1.0})
     _, w = m.generate((IDX, XS), {(1, "v"): 1.0, (0, "u"): 1.0})
     close(w, lpn(1.0, 1.0, 1.5) + lpn(1.0, 0.0, 2.0))
     with pytest.raises(UnvisitedConstraintError, match="'nowhere'"):

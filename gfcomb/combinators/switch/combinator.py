@@ -33,7 +33,9 @@ by the index.  Requirements and caveats of this mode:
   return value are then meaningless); a constraint at an address that the element's chosen
   branch does not visit gives a NaN weight (a constraint that NO branch visits still raises
   :class:`UnvisitedConstraintError`); ``assess`` without a choice that the element's branch
-  needs gives a NaN weight.
+  needs gives a NaN weight.  A Map over concrete tensors traces such a score or weight back
+  to its element and raises the named error there (DESIGN §8); inside a user's own vmap the
+  NaN stays.
 
 One-branch traces of different branches cannot be stacked into one record (a Python loop
 such as ``Map(..., vectorize=False)`` would keep the first element's branch for all): such a
