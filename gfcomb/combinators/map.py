@@ -94,15 +94,21 @@ class Map(Combinator):
         error raised by the kernel gets the key of the element it concerns in front (the
         first one whose constraints ``cm`` hold that address, else the first element)."""
         call = batched_call(fn, in_dims, vectorize=self.vectorize, length=n, who=self._who())
+        return self._checked(call, fn, in_dims, n, keys, cm)
 
+    def _checked(self, call: Any, elem_fn: Any, in_dims: tuple[Any, ...], n: int,
+                 keys: Sequence[int] | None, cm: ChoiceMap | None) -> Any:
+        """``call`` (of the ``n`` elements' arguments) with the kernel's address errors
+        given the element's key in front (:func:`_at_element`), and NaN or +inf element
+        scores and NaN element weights over concrete tensors named at their element
+        (:func:`~gfcomb.core.validation.check_vmapped_scores`, ``elem_fn`` running it
+        alone)."""
         def run(*args: Any) -> Any:
             try:
                 out = call(*args)
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
-            # (NaN/+inf element scores, NaN weights over concrete tensors: a named error,
-            # which names its element itself)
-            return check_vmapped_scores(out, fn, in_dims, args, keys, self._who())
+            return check_vmapped_scores(out, elem_fn, in_dims, args, keys, self._who())
 
         return run
 
@@ -131,15 +137,10 @@ class Map(Combinator):
                 tuple(_as_rows(a, d) for a, d in zip(args, kernel_dims))):
             return None
 
-        def run(*args: Any) -> Any:
-            rows = tuple(_as_rows(a, d) for a, d in zip(args, in_dims))
-            try:
-                out = fn(*rows)
-            except AddressError as err:
-                raise _at_element(err, range(n) if keys is None else keys, cm) from None
-            return check_vmapped_scores(out, elem_fn, in_dims, args, keys, self._who())
+        def on_rows(*args: Any) -> Any:
+            return fn(*(_as_rows(a, d) for a, d in zip(args, in_dims)))
 
-        return run
+        return self._checked(on_rows, elem_fn, in_dims, n, keys, cm)
 
     def _trace(self, args: tuple[Any, ...], inner: Trace, n: int) -> VectorTrace:
         return VectorTrace(self, args, inner.retval, inner.score.sum(0), inner, n)
