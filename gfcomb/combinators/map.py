@@ -108,7 +108,7 @@ class Map(Combinator):
                 out = call(*args)
             except AddressError as err:
                 raise _at_element(err, range(n) if keys is None else keys, cm) from None
-            return check_vmapped_scores(out, elem_fn, in_dims, args, keys, self._who())
+            return check_vmapped_scores(out, elem_fn, in_dims, args, keys, self._who(), cm)
 
         return run
 

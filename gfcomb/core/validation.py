@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import (
     AddressError,
     ArgumentTypeError,
@@ -37,8 +38,10 @@ from gfcomb.core.errors import (
     DistributionArgumentTypeError,
     GFIError,
     NumericalError,
+    UnvisitedConstraintError,
 )
-from gfcomb.core.pytree import tree_map_tensors
+from gfcomb.core.masked import all_absent
+from gfcomb.core.pytree import tree_index, tree_map_tensors
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 
@@ -147,10 +150,12 @@ def _per_element(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def check_vmapped_scores(out: Any, fn: Callable[..., Any], in_dims: Sequence[Any],
-                         args: Sequence[Any], keys: Sequence[int] | None, who: str) -> Any:
+                         args: Sequence[Any], keys: Sequence[int] | None, who: str,
+                         constraints: ChoiceMap | None = None) -> Any:
     """``out`` (what ``fn`` vmapped over ``args`` returned), after checking that no element
-    score is NaN or +inf and no element weight NaN; see the module docstring.  Returns
-    ``out`` unchanged."""
+    score is NaN or +inf and no element weight NaN; see the module docstring.
+    ``constraints``: the caller's, keyed by element (``keys``), to name a constraint that an
+    element's own run did not visit.  Returns ``out`` unchanged."""
     if inside_functorch_transform():
         return out
     s, w = _per_element(_scores_of(out)), _per_element(_weights_of(out))
@@ -168,8 +173,31 @@ def check_vmapped_scores(out: Any, fn: Callable[..., Any], in_dims: Sequence[Any
     if w is not None:
         bad = torch.isnan(w).any(1)
         if bool(bad.any()):
-            _explain(int(bad.nonzero()[0, 0]), "weight", w, fn, in_dims, args, keys, who)
+            i = int(bad.nonzero()[0, 0])
+            if constraints is not None:
+                _unvisited_at(out[0], i, constraints, keys, who)
+            _explain(i, "weight", w, fn, in_dims, args, keys, who)
     return out
+
+
+def _unvisited_at(traces: Trace, i: int, constraints: ChoiceMap,
+                  keys: Sequence[int] | None, who: str) -> None:
+    """Raise :class:`UnvisitedConstraintError` at the first constraint of element ``i`` at
+    an address its trace (row ``i`` of ``traces``) has no value at: a Switch branch the
+    element did not take, a Mask whose flag is false for it (whose draws -- an index, a flag
+    -- a run of the element alone would not repeat)."""
+    key = keys[i] if keys is not None else i
+    given = constraints.get_submap(key)
+    if given.is_empty():
+        return
+    made = tree_index(traces, i).choices
+    for addr, _ in given.items():
+        there = made.get_submap(addr)
+        if there.is_empty() or all_absent(there):
+            raise UnvisitedConstraintError(
+                f"{who}: constraint at address {{addr}} is never visited by element {key}'s "
+                "run (a Switch branch it did not take, a Mask whose flag is false for it)",
+                (key,) + tuple(addr))
 
 
 def _explain(i: int, what: str, per: torch.Tensor, fn: Callable[..., Any],

@@ -598,6 +598,30 @@ def test_map_batched_index_constraint_errors():
         m.generate((IDX, XS), {(0, "nowhere"): 1.0})
 
 
+def test_map_of_a_random_branch_names_a_constraint_its_branch_did_not_visit():
+    # the index is drawn inside each element: a run of the element alone would draw it
+    # again, so the unvisited address is read from the element's own trace
+    @gf.gen
+    def pick(x):
+        k = gf.bernoulli(0.5) @ "k"
+        return SW(k.long(), x) @ "sw"
+
+    m = Map(pick)
+    outcomes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        try:
+            tr, w = m.generate((XS[:2],), {(1, "sw", "v"): 0.4})
+        except UnvisitedConstraintError as err:
+            assert err.address == (1, "sw", "v")
+            outcomes.add("branch a")
+        else:
+            assert tr[1, "k"] == 1 and tr[1, "sw", "v"] == 0.4
+            close(w, lpn(0.4, 1.0, 1.5))
+            outcomes.add("branch b")
+    assert outcomes == {"branch a", "branch b"}  # (both draws occurred in 8 seeds)
+
+
 def test_map_with_shared_python_index_runs_one_branch():
     m = Map(SW, in_dims=(None, 0))
     tr = m.simulate((1, XS))
