@@ -45,7 +45,7 @@ MODEL_ARGS = st.tuples(st.integers(1, 4).flatmap(lambda n: float_tensors((n,))))
 
 
 def test_every_law_has_a_name_and_unknown_names_are_refused():
-    assert len(LAW_NAMES) == 14 and len(set(LAW_NAMES)) == 14
+    assert len(LAW_NAMES) == 15 and len(set(LAW_NAMES)) == 15
     assert resolve_laws(None, skip=("vmap",)) == tuple(n for n in LAW_NAMES if n != "vmap")
     with pytest.raises(ValueError, match="unknown GFI law 'updates'"):
         resolve_laws(["updates"])

@@ -48,16 +48,22 @@ The laws (names as accepted by ``laws=``), for a trace ``t ~ simulate(x)``:
     ``torch.func.vmap`` of ``simulate``/``generate``/``assess`` over a batch of arguments (or,
     when the arguments cannot be stacked, over constrained choice values) equals per-element
     calls under fully constrained values.
+``batch``
+    the batch protocol: ``batch_generate`` with every choice constrained, ``batch_update`` to
+    other arguments with every choice constrained to its row's value, ``batch_regenerate``
+    with nothing selected and ``batch_select`` equal the per-row methods row by row
+    (weights, scores, choices, return values), on rows of one choice structure.
 
 A law that does not apply to an example (no continuous choice for ``gradients``, a function
 that cannot run under vmap, a partial constraint the function never visits) is skipped for
 that example; :class:`GFIReport` says which laws ran how often and why others were skipped.
 
 The checks live in one module per law family (:mod:`.generate`, :mod:`.update`,
-:mod:`.regenerate`, :mod:`.transforms`); :mod:`.context` has what they share and
+:mod:`.regenerate`, :mod:`.transforms`, :mod:`.batch`); :mod:`.context` has what they share and
 :mod:`.check` the entry points.
 """
 
+from gfcomb.testing.laws.batch import law_batch
 from gfcomb.testing.laws.check import (
     LAW_NAMES,
     LAWS,
@@ -85,7 +91,7 @@ from gfcomb.testing.laws.update import (
 
 __all__ = [
     "GFILawError", "GFIReport", "LAWS", "LAW_NAMES", "LawContext", "LawSkipped", "check_gfi",
-    "check_gfi_example", "check_law", "law_generate_empty", "law_generate_full",
+    "check_gfi_example", "check_law", "law_batch", "law_generate_empty", "law_generate_full",
     "law_generate_partial", "law_gradients", "law_project", "law_regenerate_empty",
     "law_regenerate_weight", "law_simulate_assess", "law_update_discard", "law_update_noop",
     "law_update_roundtrip", "law_update_weight", "law_vmap", "resolve_laws",

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gfcomb.core.gfi import GenerativeFunction
-from gfcomb.testing.laws import generate, regenerate, transforms, update
+from gfcomb.testing.laws import batch, generate, regenerate, transforms, update
 from gfcomb.testing.laws.context import LawContext
 from gfcomb.testing.laws.report import GFIReport, LawSkipped
 from gfcomb.testing.strategies import Draw, HypothesisDraw, RandomDraw
@@ -19,7 +19,7 @@ from gfcomb.testing.strategies import Draw, HypothesisDraw, RandomDraw
 LAW_NAMES: tuple[str, ...] = (
     "simulate_assess", "generate_full", "generate_empty", "generate_partial", "update_noop",
     "update_roundtrip", "update_weight", "update_discard", "regenerate_empty",
-    "regenerate_weight", "project", "gradients", "no_mutation", "vmap",
+    "regenerate_weight", "project", "gradients", "no_mutation", "vmap", "batch",
 )
 
 
@@ -37,6 +37,7 @@ LAWS: dict[str, Callable[[LawContext], None]] = {
     "project": regenerate.law_project,
     "gradients": transforms.law_gradients,
     "vmap": transforms.law_vmap,
+    "batch": batch.law_batch,
 }
 
 
@@ -79,7 +80,7 @@ def check_gfi_example(gen_fn: GenerativeFunction, args: tuple[Any, ...], draw: D
     batch_args: list[tuple[Any, ...]] = []
     if args_strategy is not None:
         if any(n in names for n in ("update_roundtrip", "update_weight", "update_discard",
-                                    "regenerate_weight")):
+                                    "regenerate_weight", "batch")):
             alt_args = draw.strategy(args_strategy, label="other args")
         if "vmap" in names:
             batch_args = [b for b in (draw.strategy(args_strategy, label="batch args")
