@@ -125,9 +125,8 @@ class MaskTrace(Trace):
             on = bool(flag)
         except RuntimeError:  # (under another functorch transform: keep the masked form)
             return self
-        if not on:
-            return MaskTrace(self.gen_fn, self.args, None, torch.zeros_like(self.score), None,
-                             None, False, False)
+        if not on:  # (its score is already the 0 a false flag scores)
+            return MaskTrace(self.gen_fn, self.args, None, self.score, None, None, False, False)
         assert self.inner is not None
         return MaskTrace(self.gen_fn, self.args, self.inner.retval, self.inner.score,
                          self.inner, None, False, True)
