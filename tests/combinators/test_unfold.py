@@ -728,3 +728,34 @@ def test_a_batched_trace_outside_vmap_is_refused():
         torch.zeros(2))
     with pytest.raises(ArgumentError, match="vmap"):
         u.update(btr, lg_args(4), extend_diffs(), None)
+
+
+def test_steps_of_other_structures_are_refused_by_update_as_by_simulate():
+    # step t's Recurse tree has t % 2 children: the steps' traces differ in structure.
+    # simulate refused them; extending a one-step trace by update concatenated them leaf
+    # by leaf, silently (the leaves happened to fit) -- now it refuses them the same way
+    from gfcomb.combinators.recurse import Production
+
+    @gf.gen
+    def production(inp):
+        x, depth, t = inp
+        v = gf.normal(x, 1.0) @ "v"
+        return Production(v, [(v, depth + 1, t)] * (t % 2 if depth == 0 else 0))
+
+    @gf.gen
+    def aggregation(v, results):
+        return v + sum(results)
+
+    rec = gf.Recurse(production, aggregation, 1)
+
+    @gf.gen
+    def step(t, x):
+        return rec((x, 0, t)) @ "r"
+
+    unfold = gf.Unfold(step)
+    x0 = torch.tensor(0.0)
+    with pytest.raises(ValueError, match="different structure"):
+        unfold.simulate((2, x0))
+    one = unfold.simulate((1, x0))
+    with pytest.raises(ValueError, match="different structure"):
+        unfold.update(one, (2, x0), (gf.UnknownChange(), gf.NoChange()))

@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from gfcomb.core.batching import inside_functorch_transform
 from gfcomb.core.flat import flatten, unflatten
 from gfcomb.core.harmonize import harmonize
-from gfcomb.core.pytree import reconcile, tree_concat, tree_map_tensors
+from gfcomb.core.pytree import reconcile, same_structure, tree_concat, tree_map_tensors
 
 
 class Rebuild(Protocol):
@@ -283,6 +283,12 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
     parts = harmonize(list(parts))
     leaves0, spec = pytree.tree_flatten(parts[0])
     rest = [pytree.tree_flatten(p) for p in parts[1:]]
+    for i, (_, other) in enumerate(rest, 1):
+        if not same_structure(spec, other):  # (leaf by leaf they would not line up)
+            raise ValueError(
+                f"concat_steps: part {i} has a different structure from part 0 (other "
+                "addresses, other static values, or a Switch on another branch), so the steps "
+                "cannot be concatenated into one record")
     out = []
     for j, leaf in enumerate(leaves0):
         if isinstance(leaf, torch.Tensor):
