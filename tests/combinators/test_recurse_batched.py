@@ -601,3 +601,38 @@ def test_regenerate_batches_nodes_whose_selections_are_built_alike():
     new, w, _ = tr.regenerate(sel)
     assert counts["prod"] == 1  # the leaf depth: one batched call
     same_as_general_regenerate(model, tr, sel, new, w)
+
+
+def test_traces_with_depth_blocks_stack_under_map_and_unfold():
+    # a depth's nodes sit in one stacked block; a Map or an Unfold stacks whole Recurse
+    # traces along a batch axis in front, and a node is read at the block's node axis
+    # after it (was: IndexError reading the choices of any such stacked trace)
+    @gf.gen
+    def production(inp):
+        x, depth = inp
+        v = gf.normal(x, 1.0) @ "v"
+        return Production(v, [(v, depth + 1)] * (2 if depth == 0 else 0))
+
+    @gf.gen
+    def aggregation(v, results):
+        return v + sum(results)
+
+    rec = Recurse(production, aggregation, 2)
+    xs = torch.tensor([0.0, 1.0, -1.0])
+    tm = gf.Map(rec).simulate(((xs, 0),))
+    assert len(list(tm.choices.items())) == 9
+    per = [rec.assess(((xs[i], 0),), tm.choices.get_submap(i))[0] for i in range(3)]
+    torch.testing.assert_close(tm.score, sum(per), rtol=0, atol=1e-12)
+
+    @gf.gen
+    def step(t, x):
+        return rec((x, 0)) @ "r"
+
+    unfold = gf.Unfold(step)
+    x0 = torch.tensor(0.0)
+    tr = unfold.simulate((1, x0))
+    torch.testing.assert_close(unfold.assess((1, x0), tr.choices)[0], tr.score, rtol=0, atol=1e-12)
+    new, w, _, _ = unfold.update(tr, (3, x0), (UnknownChange(), NoChange()))
+    assert len(list(new.choices.items())) == 9 and float(w) == 0.0
+    torch.testing.assert_close(unfold.assess((3, x0), new.choices)[0], new.score, rtol=0,
+                               atol=1e-12)

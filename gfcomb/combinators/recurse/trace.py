@@ -129,8 +129,9 @@ class _Block:
 
     def row(self, j: int) -> Trace:
         tr = self.rows.get(j)
-        if tr is None:
-            tr = self.rows[j] = tree_index(self.trace, j)
+        if tr is None:  # (the node axis is the block score's last: after any batch axes
+            # the whole Recurse trace was stacked along, by a Map or an Unfold)
+            tr = self.rows[j] = tree_index(self.trace, j, dim=self.trace.score.dim() - 1)
         return tr
 
 
