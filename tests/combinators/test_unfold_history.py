@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.func import vmap
 
 import gfcomb as gf
 from gfcomb.combinators.unfold import Unfold, UnfoldTrace
 from gfcomb.core.batched import compact_history, select_batch
-from gfcomb.core.pytree import tree_index, tree_tensors
+from gfcomb.core.pytree import tree_index, tree_stack, tree_tensors
+from gfcomb.testing.strategies import random_models
 
 P = 6
 A, B, S = (torch.tensor(v, dtype=torch.float64) for v in (0.9, 0.1, 0.5))
@@ -404,3 +407,70 @@ def test_batched_extension_args_stay_shared_through_resampling():
         assert torch.equal(x, y)
     with pytest.raises(IndexError):
         select_batch(tr, torch.tensor([0, 99, 0, 0, 0, 0]))
+
+
+# ------------------------------------------------ random kernels: the history against rows
+def _same_choices(a: gf.ChoiceMap, b: gf.ChoiceMap) -> bool:
+    da, db = dict(a.items()), dict(b.items())
+    return da.keys() == db.keys() and all(
+        torch.allclose(torch.as_tensor(da[k]), torch.as_tensor(db[k]), rtol=1e-9, atol=1e-9)
+        for k in da)
+
+
+@given(random_models(max_depth=2), st.integers(0, 2**31 - 1))
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_filter_steps_on_random_kernels_equal_per_row_updates(spec, seed):
+    """A @gen model wrapping an Unfold whose kernel calls a random combinator tree, extended
+    step by step with batch_update (the new step's choices given per row, as drawn by
+    per-row updates), resampled with batch_select and moved with an empty batch_regenerate:
+    every row equals the per-row traces (weights, scores, choices) at every step."""
+    torch.manual_seed(seed)
+    node = spec.gen_fn
+
+    @gf.gen
+    def step(t, x):
+        return node(x) @ "k"
+
+    unfold = gf.Unfold(step)
+
+    @gf.gen
+    def model(T):
+        x0 = gf.normal(0.0, 1.0) @ "x0"
+        return unfold(T, x0) @ "steps"
+
+    n, uc = 3, gf.UnknownChange()
+    rows = [model.simulate((0,)) for _ in range(n)]
+    try:
+        batch, _ = model.batch_generate(n, (0,), gf.PerRow(tree_stack([r.choices for r in rows])))
+    except gf.VmapError:
+        return  # (a kernel reading a choice on the host cannot be batched)
+    for t in range(3):
+        try:
+            drawn = [model.update(r, (t + 1,), (uc,), None)[0] for r in rows]
+        except ValueError as err:  # (steps of other structures: no Unfold holds them)
+            assert "different structure" in str(err)
+            return
+        new = [d.choices.get_submap(("steps", t)).prefixed(("steps", t)) for d in drawn]
+        try:
+            given_rows = tree_stack(new)
+        except ValueError:
+            return  # (rows of other structures: not one batch)
+        try:
+            batch, w, _, _ = model.batch_update(batch, (t + 1,), (uc,), gf.PerRow(given_rows))
+        except gf.VmapError:
+            return
+        singles = [model.update(r, (t + 1,), (uc,), c) for r, c in zip(rows, new)]
+        for i, (single, w_i, _, _) in enumerate(singles):
+            row = tree_index(batch, i)
+            torch.testing.assert_close(w[i], w_i, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(row.score, single.score, rtol=1e-9, atol=1e-9)
+            assert _same_choices(row.choices, single.choices), (spec, t, i)
+        order = torch.randperm(n)
+        batch = model.batch_select(batch, order)
+        rows = [singles[k][0] for k in order.tolist()]
+        for i, r in enumerate(rows):
+            row = tree_index(batch, i)
+            torch.testing.assert_close(row.score, r.score, rtol=1e-9, atol=1e-9)
+            assert _same_choices(row.choices, r.choices), (spec, t, i, "after resampling")
+        _, w, _ = model.batch_regenerate(batch, (t + 1,), (gf.NoChange(),), gf.select())
+        torch.testing.assert_close(w, torch.zeros(n), rtol=0, atol=1e-12)
