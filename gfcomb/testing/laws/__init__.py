@@ -52,7 +52,8 @@ The laws (names as accepted by ``laws=``), for a trace ``t ~ simulate(x)``:
     the batch protocol: ``batch_generate`` with every choice constrained, ``batch_update`` to
     other arguments with every choice constrained to its row's value, ``batch_regenerate``
     with nothing selected and ``batch_select`` equal the per-row methods row by row
-    (weights, scores, choices, return values), on rows of one choice structure.
+    (weights, scores, choices, return values), on rows of one choice structure; each row of
+    ``batch_regenerate`` with a drawn selection satisfies ``regenerate_weight``'s identity.
 
 A law that does not apply to an example (no continuous choice for ``gradients``, a function
 that cannot run under vmap, a partial constraint the function never visits) is skipped for

@@ -1,11 +1,13 @@
 """The law of the batch protocol (DESIGN §7): a function's batch methods equal its per-row
 methods, row by row.
 
-The rows are independent traces of ``simulate(x)`` of one choice structure.  Every edit the
-law makes is deterministic -- every choice constrained, or nothing selected -- so each row of
-the batch result can be compared with the per-row call to float64 round-off: weights,
-scores, choices, return values.  An edit to other arguments that makes new choices appear
-(drawn afresh, differently by the batch and the loop) is left out.
+The rows are independent traces of ``simulate(x)`` of one choice structure.  The edits
+compared with the per-row calls are deterministic -- every choice constrained, or nothing
+selected -- so each row of the batch result matches the per-row call to float64 round-off:
+weights, scores, choices, return values.  An edit to other arguments that makes new choices
+appear (drawn afresh, differently by the batch and the loop) is left out.  A regenerate of a
+drawn selection draws afresh too: each of its rows is checked against regenerate's own
+identity instead (unselected choices kept, the weight their score change).
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from gfcomb.core.pytree import tree_index, tree_stack
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
 from gfcomb.core.vmap import PerRow
-from gfcomb.testing.laws.context import LawContext, nochange, num, unknown
+from gfcomb.testing.laws.context import LawContext, nochange, num, select_addrs, unknown
 from gfcomb.testing.laws.report import LawSkipped
+from gfcomb.testing.strategies import choice_dict, draw_selection
 
 
 def law_batch(ctx: LawContext) -> None:
     """``batch_generate`` (every choice constrained), ``batch_update`` (to other arguments,
     every choice constrained to its row's value), ``batch_regenerate`` (nothing selected)
-    and ``batch_select`` equal the per-row methods row by row."""
+    and ``batch_select`` equal the per-row methods row by row; ``batch_regenerate`` of a
+    drawn selection keeps every row's unselected choices, with regenerate's weight identity
+    (the score change of the retained unselected choices) per row."""
     rows = [ctx.trace] + [ctx.call("simulate", ctx.args) for _ in range(ctx.batch_size - 1)]
     spec = pytree.tree_structure(rows[0].choices)
     rows = [t for t in rows if pytree.tree_structure(t.choices) == spec]
@@ -69,6 +74,24 @@ def law_batch(ctx: LawContext) -> None:
              for t, _ in singles]
     _same_rows(ctx, "batch_regenerate (nothing selected)", new, w, [r[0] for r in again],
                [r[1] for r in again], cms)
+
+    sel, inside = draw_selection(ctx.draw, ctx.trace, "batch_regenerate selection")
+    new, w, _ = ctx.call("batch_regenerate", batch, args, nochange(args), sel)
+    for i, (old, _) in enumerate(singles):  # (the draws differ: regenerate's identity per row)
+        row = tree_index(new, i)
+        do, dn = choice_dict(old.choices), choice_dict(row.choices)
+        retained = [a for a in do if a in dn and not inside(a)]
+        for a in retained:
+            if not ctx.close(dn[a], do[a]):
+                raise ctx.fail(f"batch_regenerate: row {i} changed the unselected choice at "
+                               f"{a}", cms[i], selection=sel)
+        r = select_addrs(retained)
+        expect = (ctx.call("project", row, r) - ctx.call("project", old, r)) if retained \
+            else 0.0
+        if not ctx.close(w[i], expect):
+            raise ctx.fail(f"batch_regenerate: row {i}'s weight {num(w[i])} != project(new, "
+                           f"unselected) - project(old, unselected) = {num(expect)}", cms[i],
+                           selection=sel)
 
     order = torch.arange(n - 1, -1, -1)
     picked = ctx.call("batch_select", batch, order)
