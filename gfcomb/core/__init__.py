@@ -21,6 +21,7 @@ from gfcomb.core.errors import (
     OutsideGenBodyError,
     PersistenceError,
     RankFailedError,
+    StepStructureError,
     UnvisitedConstraintError,
     VmapError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "AddressError", "AddressTypeError", "ArgumentError", "ArgumentTypeError",
     "ChoiceValueError", "DistributionArgumentTypeError", "NumericalError",
     "OutsideGenBodyError", "PersistenceError", "DistributedError", "RankFailedError",
+    "StepStructureError",
     "CollectiveTimeoutError",
     "ChoiceMap", "ChoiceMapMergeError",
     "DegenerateWeightsError", "Diff", "DistributionArgumentError", "DuplicateAddressError",

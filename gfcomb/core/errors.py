@@ -52,6 +52,14 @@ class ChoiceMapMergeError(AddressError):
     """Two choice maps given to merge both hold a value at the same address."""
 
 
+class StepStructureError(AddressError, ValueError):
+    """The steps of an Unfold (or Scan) made traces of different structure (other addresses,
+    other static values), which cannot be stored stacked, one tensor per address across the
+    steps.  ``address`` is the first step that differs from the others; branching on the
+    step number with ``gf.Mask`` or ``gf.Switch`` (rather than a Python ``if``) keeps one
+    structure."""
+
+
 class DistributionArgumentError(GFIError, ValueError):
     """A distribution got a non-finite, out-of-support or wrong-shaped parameter.
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import strategies as st
 
 import gfcomb as gf
+from gfcomb.core.pytree import tree_index
 from gfcomb.testing import check_gfi, float_tensors
 
 
@@ -307,6 +308,16 @@ def test_unfold_stacks_steps_whose_concrete_mask_flags_differ():
     assert [a for a, _ in grown.choices.items()] == [(0, "m", "z"), (2, "m", "z"),
                                                      (4, "m", "z")]
     assert torch.allclose(w, torch.zeros(()), atol=1e-12)
+    # a batch extended one step at a time (a particle filter's history) takes them too
+    from gfcomb.inference import pf_initialize, pf_update
+
+    state = pf_initialize(unfold, (0, x0), None, 3)
+    for t in range(4):
+        state = pf_update(state, (t + 1, x0), (gf.UnknownChange(), gf.NoChange()), None)
+    for i in range(3):
+        row = tree_index(state.traces, i)
+        assert [a for a, _ in row.choices.items()] == [(0, "m", "z"), (2, "m", "z")]
+        assert torch.allclose(unfold.assess((4, x0), row.choices)[0], row.score, atol=1e-12)
 
 
 # ================================================================================= Dimap

@@ -754,8 +754,52 @@ def test_steps_of_other_structures_are_refused_by_update_as_by_simulate():
 
     unfold = gf.Unfold(step)
     x0 = torch.tensor(0.0)
-    with pytest.raises(ValueError, match="different structure"):
+    with pytest.raises(gf.StepStructureError, match="different structure"):
         unfold.simulate((2, x0))
     one = unfold.simulate((1, x0))
-    with pytest.raises(ValueError, match="different structure"):
+    with pytest.raises(gf.StepStructureError, match="different structure"):
         unfold.update(one, (2, x0), (gf.UnknownChange(), gf.NoChange()))
+
+
+@gf.gen
+def _step_by_parity(t, x):
+    # (a Python `if` on the step number: the steps' traces have different addresses)
+    if t == 2:
+        return gf.normal(x, 1.0) @ "b"
+    return gf.normal(x, 1.0) @ "a"
+
+
+@gf.gen
+def _wrapped_by_parity(T):
+    return Unfold(_step_by_parity)(T, gf.normal(0.0, 1.0) @ "x0") @ "steps"
+
+
+def test_steps_of_other_addresses_raise_a_step_structure_error_naming_the_step():
+    """Every path that stores steps -- simulate, generate, update growing the trace, and the
+    batched history a particle filter extends one step at a time -- refuses step 2 with a
+    StepStructureError (a GFIError and a ValueError) at its full address, before anything
+    is made; the filter's state before the step is untouched and still reads."""
+    from gfcomb.inference import pf_initialize, pf_update
+
+    assert issubclass(gf.StepStructureError, gf.GFIError)
+    assert issubclass(gf.StepStructureError, ValueError)
+    unfold = Unfold(_step_by_parity)
+    x0 = torch.tensor(0.0)
+    for call in (lambda: unfold.simulate((3, x0)),
+                 lambda: unfold.generate((3, x0), ChoiceMap({(0, "a"): 1.0}))):
+        with pytest.raises(gf.StepStructureError) as err:
+            call()
+        assert err.value.address == (2,)
+    tr = _wrapped_by_parity.simulate((2,))
+    with pytest.raises(gf.StepStructureError) as err:
+        _wrapped_by_parity.update(tr, (3,), (UnknownChange(),), ChoiceMap.empty())
+    assert err.value.address == ("steps", 2)
+    state = pf_initialize(_wrapped_by_parity, (0,), None, 5)
+    for t in range(2):
+        state = pf_update(state, (t + 1,), (UnknownChange(),), None)
+    before = [a for a, _ in tree_index(state.traces, 0).choices.items()]
+    with pytest.raises(gf.StepStructureError, match="from step 1's") as err:
+        pf_update(state, (3,), (UnknownChange(),), None)
+    assert err.value.address == ("steps", 2)
+    assert [a for a, _ in tree_index(state.traces, 0).choices.items()] == before
+    assert before == [("x0",), ("steps", 0, "a"), ("steps", 1, "a")]

@@ -533,5 +533,5 @@ def test_filter_with_moves_on_random_kernels_keeps_every_row_a_trace_of_its_choi
                 torch.testing.assert_close(w, row.score, rtol=1e-8, atol=1e-8)
     except (gf.VmapError, DegenerateWeightsError):
         return  # (a kernel reading a choice on the host; all particles impossible)
-    except ValueError as err:  # (steps of other structures: no Unfold holds them)
-        assert "different structure" in str(err)
+    except gf.StepStructureError:  # (steps of other structures: no Unfold holds them)
+        return

@@ -28,6 +28,7 @@ from gfcomb.core.batching import cached_arange
 from gfcomb.core.deferred import resolve
 from gfcomb.core.diff import Diff, NoChange, all_unchanged
 from gfcomb.core.errors import AddressError
+from gfcomb.core.flat import flatten
 from gfcomb.core.gfi import check_argdiffs, check_args_tuple, rows_submap, weight_like
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import tree_index, tree_map_tensors, tree_scatter
@@ -81,6 +82,7 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
     head: Trace | None = None  # stored steps h..first-1: not revisited, kept stacked
     if not touched:  # appending only
         block, prows, first = traces.history, traces.rows, n_old
+        h = first
     else:
         first = touched[0]
         parts, block, prows, h = stored_window(traces, first)
@@ -139,10 +141,12 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
             prows = cached_arange(rows, torch.long, score.device)
         state = PerRow(last)
     stored_args = tuple(held_rows(a, rows) for a in args)
-    segments = [part for part in (head, stored) if part is not None]
+    segments = [(part, start) for part, start in ((head, h), (stored, first))
+                if part is not None]
     if window:
-        segments.append(stack_steps(window, axis=1))
-    recent = concat_steps(segments, 1) if segments else None
+        segments.append((stack_steps(window, 1, range(n_old, n_new)), n_old))
+    recent = concat_steps([s for s, _ in segments], 1, [start for _, start in segments]) \
+        if segments else None
     new_traces = UnfoldTrace(unfold, stored_args, score, n_new, recent, prows, block)
     weight = weight_like(0.0 if weight is None else weight, score)
     return new_traces, weight, retdiff_of(n_new, n_old, changed)
@@ -173,7 +177,10 @@ def closed_step(unfold: Unfold, step: Trace, state: Any, rows: int, params: tupl
     (absent values would be drawn afresh by a rebuild)."""
     choices = step.choices
     if has_masks(choices):
-        return StepBlock(step, parent_rows, parent, t, t + 1, single=True, state=state)
+        structure = StepBlock.check_next(parent, step, flatten(choices, []), t)
+        block = StepBlock(step, parent_rows, parent, t, t + 1, single=True, state=state)
+        block.structure = structure
+        return block
     rebuild = StepRebuild(unfold.kernel, rows, params, init)
     return StepBlock.stored(choices, state, rebuild, parent_rows, parent, t, step)
 
@@ -188,7 +195,7 @@ def _with_steps(stored: Trace, first: int, revisited: dict[int, Trace]) -> Trace
     if not revisited:
         return stored
     keys = sorted(revisited)
-    new = stack_steps([revisited[t] for t in keys], axis=1)
+    new = stack_steps([revisited[t] for t in keys], 1, keys)
     if len(keys) == stored.score.shape[1]:
         return new  # every step revisited
     idx = torch.tensor([t - first for t in keys], dtype=torch.long, device=stored.score.device)

@@ -147,7 +147,7 @@ class Unfold(Combinator):
                 state = tr.retval
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        return stack_steps(steps), 0.0 if weight is None else weight
+        return stack_steps(steps, keys=range(start, stop)), 0.0 if weight is None else weight
 
     def _run_step(self, t: int, state: Any, params: tuple[Any, ...], cm: ChoiceMap,
                   constrained: bool) -> tuple[Trace, torch.Tensor | None]:
@@ -218,7 +218,7 @@ class Unfold(Combinator):
                 t = nxt
         except AddressError as err:
             raise err.prefixed((t,)) from None
-        stacked = stack_steps(new_steps)
+        stacked = stack_steps(new_steps, keys=visited)
         if len(visited) == keep - offset:
             return stacked, weight, dscore, changed  # every step revisited, in order
         idx = index_tensor([v - offset for v in visited], inner.score)
@@ -239,7 +239,7 @@ class Unfold(Combinator):
         dscore = grown.score[0] if n_new - n_old == 1 else grown.score.sum(0)
         if inner is None:
             return grown, w, dscore
-        return concat_steps([inner, grown], 0), w, dscore
+        return concat_steps([inner, grown], 0, starts=(0, n_old)), w, dscore
 
     def _extend(self, trace: UnfoldTrace, args: tuple[Any, ...], n_new: int,
                 params: tuple[Any, ...], cm: ChoiceMap, ckeys: Sequence[int],

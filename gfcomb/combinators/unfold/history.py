@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gfcomb.core.batching import inside_functorch_transform
+from gfcomb.core.errors import StepStructureError
 from gfcomb.core.flat import flatten, unflatten
 from gfcomb.core.harmonize import harmonize
 from gfcomb.core.pytree import reconcile, same_structure, tree_concat, tree_map_tensors
@@ -59,7 +60,7 @@ class StepBlock:
     """
 
     __slots__ = ("_steps", "_choices", "_choice_spec", "_rebuild", "parent_rows", "parent",
-                 "start", "stop", "single", "_state", "_gathered")
+                 "start", "stop", "single", "_state", "_gathered", "structure")
 
     def __init__(self, steps: Any, parent_rows: torch.Tensor | None,
                  parent: StepBlock | None, start: int, stop: int, single: bool = False,
@@ -77,6 +78,7 @@ class StepBlock:
         self.single = single
         self._state = state  # the newest step's state, when given (else read from steps)
         self._gathered: Any = None  # (rows, after, parts, block, rows there): the last gather
+        self.structure: Any = None  # (its newest step's choice spec: see check_next)
 
     @classmethod
     def stored(cls, choices: Any, state: Any, rebuild: Rebuild,
@@ -91,13 +93,15 @@ class StepBlock:
         when it compares equal.  ``steps``, the step's kernel trace when at hand, is kept
         while the block is the newest (what a rejuvenation move reads), and let go when a
         block is stored after it: the history keeps one kernel trace, not one per step."""
+        leaves: list[torch.Tensor] = []
+        spec = flatten(choices, leaves)
+        structure = cls.check_next(parent, steps, spec, t)
         block = cls(steps, parent_rows, parent, t, t + 1, single=True, state=state)
+        block.structure = structure
         if parent is not None:
             parent._gathered = None  # (the caches of the newest block only: let go)
             if parent._rebuild is not None:
                 parent._steps = None  # (rebuilt from the choices if read again)
-        leaves: list[torch.Tensor] = []
-        spec = flatten(choices, leaves)
         if parent is not None and parent._choices is not None:
             if parent._choice_spec == spec:
                 spec = parent._choice_spec
@@ -107,6 +111,29 @@ class StepBlock:
         block._choice_spec = spec
         block._rebuild = rebuild
         return block
+
+    @staticmethod
+    def check_next(parent: StepBlock | None, step: Any, structure: Any, t: int) -> Any:
+        """Raise :class:`StepStructureError` unless step ``t``'s kernel trace ``step`` can be
+        stored after ``parent``'s newest step: the same structure, up to the widening
+        :func:`harmonize` does (a Switch on another branch, a Mask with another concrete
+        flag), as every read of the history concatenates them.  ``structure`` is the step's
+        choice spec: a step whose choices have the parent's spec is taken as it is (the
+        common case, no walk of the traces).  Returns the spec to keep for the new block
+        (the parent's when equal: one object for a whole filter)."""
+        if parent is None:
+            return structure
+        if structure is parent.structure or structure == parent.structure:
+            return parent.structure
+        if step is not None:
+            last = parent.read_steps()
+            if not parent.single:
+                last = tree_map_tensors(lambda x: x[:, -1], last)
+            pair = harmonize([last, step])
+            if not same_structure(pytree.tree_structure(pair[0]),
+                                  pytree.tree_structure(pair[1])):
+                raise steps_differ(pair, [parent.stop - 1, t])
+        return structure
 
     @property
     def steps(self) -> Any:
@@ -275,9 +302,11 @@ def _rows(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, r) if r.dim() == 1 else x[r]
 
 
-def concat_steps(parts: Sequence[Any], dim: int) -> Any:
+def concat_steps(parts: Sequence[Any], dim: int, starts: Sequence[int] | None = None) -> Any:
     """Stacked step traces concatenated leafwise along the step axis ``dim`` (static parts
-    from the first; bookkeeping on which they disagree becomes unknown)."""
+    from the first; bookkeeping on which they disagree becomes unknown).  ``starts``, the
+    parts' first step numbers, name the step in the :class:`StepStructureError` raised when
+    a part's structure differs from the first's."""
     if len(parts) == 1:
         return parts[0]
     parts = harmonize(list(parts))
@@ -285,10 +314,8 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
     rest = [pytree.tree_flatten(p) for p in parts[1:]]
     for i, (_, other) in enumerate(rest, 1):
         if not same_structure(spec, other):  # (leaf by leaf they would not line up)
-            raise ValueError(
-                f"concat_steps: part {i} has a different structure from part 0 (other "
-                "addresses, other static values, or a Switch on another branch), so the steps "
-                "cannot be concatenated into one record")
+            raise steps_differ([parts[0], parts[i]],
+                               None if starts is None else [starts[0], starts[i]])
     out = []
     for j, leaf in enumerate(leaves0):
         if isinstance(leaf, torch.Tensor):
@@ -297,3 +324,19 @@ def concat_steps(parts: Sequence[Any], dim: int) -> Any:
             out.append(leaf)
     return pytree.tree_unflatten(out, reconcile(spec, [s for _, s in rest]))
 
+
+def steps_differ(steps: Sequence[Any], keys: Sequence[int] | None = None) -> StepStructureError:
+    """The error for step traces ``steps`` (the first step numbers of each, ``keys``) that
+    do not share one structure, at the first step whose structure differs from the first's
+    (at the Unfold's own address when the numbers are not known)."""
+    first = pytree.tree_structure(steps[0])
+    i = next((i for i, s in enumerate(steps[1:], 1)
+              if not same_structure(first, pytree.tree_structure(s))), len(steps) - 1)
+    what = ("the kernel's trace at step {addr} has a different structure from step "
+            f"{keys[0]}'s" if keys is not None else
+            "the kernel's traces of two steps of the Unfold at {addr} differ in structure")
+    return StepStructureError(
+        what + " (other addresses or other static values); an Unfold stores its steps "
+        "stacked, one tensor per address, so every step must make the same choices (branch "
+        "on the step with gf.Switch or gf.Mask, not a Python `if`)",
+        () if keys is None else (keys[i],))

@@ -12,7 +12,7 @@ import attrs
 import torch
 from torch.utils import _pytree as pytree
 
-from gfcomb.combinators.unfold.history import StepBlock, concat_steps
+from gfcomb.combinators.unfold.history import StepBlock, concat_steps, steps_differ
 from gfcomb.core.address import normalize
 from gfcomb.core.batching import cached_arange
 from gfcomb.core.choicemap import ChoiceMap
@@ -86,14 +86,21 @@ def zero_like(x: Any) -> torch.Tensor:
     return torch.zeros((), dtype=torch.get_default_dtype())
 
 
-def stack_steps(steps: Sequence[Trace], axis: int = 0) -> Trace:
-    """Stack step traces along a new step axis (``axis``: after any batch axes)."""
+def stack_steps(steps: Sequence[Trace], axis: int = 0, keys: Sequence[int] | None = None,
+                ) -> Trace:
+    """Stack step traces along a new step axis (``axis``: after any batch axes); ``keys``,
+    the steps' numbers, name the step that differs in the :class:`StepStructureError` raised
+    when the traces cannot share one record."""
     if len(steps) == 1:
         return tree_map_tensors(lambda x: x.unsqueeze(axis), steps[0])
     try:  # (one walk per step: the common case, every step of one structure)
         return tree_stack(steps, axis)
     except ValueError:  # a Switch on different branches: widened to one structure
-        return tree_stack(harmonize(steps), axis)
+        widened = harmonize(steps)
+    try:
+        return tree_stack(widened, axis)
+    except ValueError:
+        raise steps_differ(widened, keys) from None
 
 
 @attrs.frozen(repr=False)
