@@ -7,9 +7,10 @@ recording a trace we note, for each callee argument, which source object it *is*
 during update, if the new argument is the same source again, it inherits that source's diff.
 
 So ``Unfold(k)(T, init) @ "xs"`` in a body whose argument ``init`` has argdiff NoChange gets
-argdiffs ``(UnknownChange, NoChange)``: extending the Unfold costs one step.  Plain Python
-values (ints, floats, strings, None) are compared by value; anything else we cannot vouch for
-is UnknownChange, which is always correct, only slower.
+argdiffs ``(UnknownChange, NoChange)``: extending the Unfold costs one step.  A tuple, list or
+dict built in the body (``(x0, v0)``) is unchanged when each item is.  Plain Python values
+(ints, floats, strings, None) are compared by value; anything else we cannot vouch for is
+UnknownChange, which is always correct, only slower.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch._C import _functorch
 from gfcomb.core.batching import is_batched
 from gfcomb.core.diff import Diff, NoChange, UnknownChange
 
-Source = tuple[Any, ...]  # ("arg", i), ("ret", address) or ("same", object)
+Source = tuple[Any, ...]  # ("arg", i), ("ret", address), ("same", Constant) or ("items", ...)
 
 _PLAIN = (int, float, str, bool, type(None))
 _PLAIN_TYPES = frozenset(_PLAIN)  # (exact types: a set lookup on the hot path)
@@ -61,9 +62,10 @@ class SourceTracker:
         is, or None), then registers its return value (retdiff None while recording).
 
         A tensor argument that is neither an argument nor a return value (a constant of
-        the body, a global parameter) is remembered as ``("same", tensor)``: passing the
-        very same object again is NoChange (the value stored in the callee's trace is a
-        copy after vmap).  (One method for both halves: it runs once per traced call.)
+        the body, a global parameter) is remembered as ``("same", Constant(tensor))``:
+        passing the very same object again, or a small one of equal values (a
+        ``torch.zeros(2)`` made at every run), is NoChange (the value stored in the callee's
+        trace is a copy after vmap).  (One method for both halves: it runs once per traced call.)
         """
         by_id = self._by_id
         out: list[Source | None] = []
@@ -74,17 +76,35 @@ class SourceTracker:
             hit = by_id.get(id(a))
             if hit is not None and hit[0] is a:
                 out.append(hit[1])
-            elif (isinstance(a, torch.Tensor) and not a.requires_grad
-                  and (not _functorch.is_functorch_wrapped_tensor(a) or not is_batched(a))):
-                out.append(("same", a))
             else:
-                out.append(None)
+                out.append(self._source_of_new(a))
         if type(retval) is torch.Tensor or not isinstance(retval, _PLAIN):
             src: Source = ("ret", addr)
             by_id[id(retval)] = (retval, src)
             if self._diffs is not None:
                 self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
         return tuple(out)
+
+    def _source_of_new(self, a: Any) -> Source | None:
+        """The source of an argument that is not itself an argument or a return value: a
+        constant tensor (``("same", Constant(tensor))``), or a tuple, list or dict built in the body
+        (``("items", sources of its items)``: a state ``(x, v)`` of two choices, which is
+        unchanged when both are)."""
+        t = type(a)
+        if t is tuple or t is list:
+            return ("items", tuple(self._item_source(x) for x in a))
+        if t is dict:
+            return ("items", tuple(self._item_source(x) for x in a.values()))
+        if (isinstance(a, torch.Tensor) and not a.requires_grad
+                and (not _functorch.is_functorch_wrapped_tensor(a) or not is_batched(a))):
+            return ("same", Constant(a))
+        return None
+
+    def _item_source(self, a: Any) -> Source | None:
+        if type(a) in _PLAIN_TYPES:
+            return None
+        hit = self._by_id.get(id(a))
+        return hit[1] if hit is not None and hit[0] is a else self._source_of_new(a)
 
     def source_of(self, value: Any) -> Source | None:
         """The source ``value`` is, or None."""
@@ -96,26 +116,88 @@ class SourceTracker:
         """The argdiffs of a callee called with ``new_args`` now and ``old_args`` before."""
         if len(new_args) != len(old_args):
             return (_UNKNOWN,) * len(new_args)
-        diffs: list[Diff] = []
-        for j, (new, old) in enumerate(zip(new_args, old_args)):
-            if new is old:
-                diffs.append(_NO_CHANGE)
-                continue
-            if isinstance(new, _PLAIN) and isinstance(old, _PLAIN):
-                diffs.append(_NO_CHANGE if type(new) is type(old) and new == old
-                             else _UNKNOWN)
-                continue
-            old_src = old_sources[j] if old_sources is not None else None
-            if old_src is not None and old_src[0] == "same":
-                diffs.append(_NO_CHANGE if old_src[1] is new else _UNKNOWN)
-                continue
-            src = self.source_of(new)
-            if src is not None and old_src == src and self._diffs is not None:
-                diffs.append(self._diffs.get(src, _UNKNOWN))
-            else:
-                diffs.append(_UNKNOWN)
-        return tuple(diffs)
+        return tuple(self._diff(new, old, old_sources[j] if old_sources is not None else None)
+                     for j, (new, old) in enumerate(zip(new_args, old_args)))
+
+    def _diff(self, new: Any, old: Any, old_src: Source | None) -> Diff:
+        """The diff of one value, ``old`` before (recorded as source ``old_src``)."""
+        if new is old:
+            return _NO_CHANGE
+        if isinstance(new, _PLAIN) and isinstance(old, _PLAIN):
+            return _NO_CHANGE if type(new) is type(old) and new == old else _UNKNOWN
+        if old_src is not None:
+            kind = old_src[0]
+            if kind == "same":
+                return _NO_CHANGE if old_src[1].holds(new) else _UNKNOWN
+            if kind == "items":
+                return self._items_diff(new, old, old_src[1])
+        src = self.source_of(new)
+        if src is not None and old_src == src and self._diffs is not None:
+            return self._diffs.get(src, _UNKNOWN)
+        return _UNKNOWN
+
+    def _items_diff(self, new: Any, old: Any, sources: tuple[Source | None, ...]) -> Diff:
+        """A tuple, list or dict is unchanged when each of its items is (Unknown else: no
+        callee reads finer diffs of a container)."""
+        t = type(new)
+        if t is not type(old) or len(new) != len(old) or len(old) != len(sources):
+            return _UNKNOWN
+        if t is dict:
+            if list(new) != list(old):
+                return _UNKNOWN
+            pairs = zip(new.values(), old.values(), sources)
+        else:
+            pairs = zip(new, old, sources)
+        for n, o, src in pairs:
+            if not isinstance(self._diff(n, o, src), NoChange):
+                return _UNKNOWN
+        return _NO_CHANGE
 
     def diff_of_value(self, value: Any, old_value: Any, old_source: Source | None) -> Diff:
         """The diff of a return value (same rules as a callee argument)."""
         return self.callee_argdiffs((value,), (old_value,), (old_source,))[0]
+
+
+#: the largest constant tensor compared by value (a larger one is UnknownChange when new)
+_COMPARED_NUMEL = 4096
+
+
+class Constant:
+    """A tensor a body passed to a callee that is neither an argument nor a return value:
+    equal to another when it holds the same values (the same object, or both small, of one
+    kind, and equal), so that the bookkeeping of two runs of a body that made their
+    constants anew compares equal (an MCMC accept step merging two traces keeps it)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is this constant again (the object, or equal values)."""
+        return value is self.tensor or _equal_constants(self.tensor, value)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Constant and self.holds(other.tensor)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.tensor.shape), self.tensor.dtype))
+
+    def __repr__(self) -> str:
+        return f"Constant({tuple(self.tensor.shape)})"
+
+
+def _equal_constants(old: torch.Tensor, new: Any) -> bool:
+    """Whether ``new``, a tensor passed where the body passed the constant ``old`` before (a
+    ``torch.zeros(2)`` made anew at every run), holds the same values: compared when both
+    are small, unbatched and need no gradient.  (One host read; under a tracer, which
+    cannot read values, the answer is no: UnknownChange, which is always correct.)"""
+    if (type(new) is not torch.Tensor or new.requires_grad or new.shape != old.shape
+            or new.dtype != old.dtype or new.device != old.device
+            or new.numel() > _COMPARED_NUMEL
+            or (_functorch.is_functorch_wrapped_tensor(new) and is_batched(new))):
+        return False
+    try:
+        return bool(torch.equal(old, new))
+    except RuntimeError:  # (a tracer: make_fx, torch.compile)
+        return False

@@ -224,8 +224,10 @@ class GenFunction(GenerativeFunction):
             args, retval = rows_in(args, whole.n), rows_in(retval, whole.n)
             if score.dim() == 0:
                 score = expanded_rows(score, whole.n)
-        if type(retval) is Deferred and not retval.built and source is not None \
-                and source[0] == "ret":
+        # (a callee's deferred return value returned as it is, read or not, is named, not
+        # stored: one record layout, so that traces of one batch made by different routes
+        # merge leaf by leaf)
+        if type(retval) is Deferred and source is not None and source[0] == "ret":
             retval = CalleeReturn(source[1])
         else:
             retval = resolve(retval)

@@ -282,9 +282,10 @@ class UnfoldTrace(Trace):
         return UnfoldTrace(self.gen_fn, self.args, self.score, self.length, self.inner)
 
     def caller_retval(self) -> Any:
-        """The stacked states; deferred (built on first use) when they must be gathered
-        through the shared history."""
-        if self.history is None:
+        """The stacked states; for a batch, deferred (built on first use: they may have to
+        be gathered through the shared history), with or without a history, so that a
+        caller records one layout for every batch of this Unfold."""
+        if self.history is None and self.score.dim() == 0:
             return self.retval
         return Deferred(lambda: self.retval)
 
