@@ -133,6 +133,26 @@ def unflatten(spec: Any, leaves: Iterator[torch.Tensor]) -> Any:
                                  tspec)
 
 
+def without_bookkeeping(spec: Any) -> Any:
+    """A :func:`flatten` spec with the records' uncompared bookkeeping fields (declared
+    ``eq=False``: a @gen trace's argument sources) set to None: the static data a rebuilt
+    tree's values depend on (bookkeeping only makes later edits cheaper, and stays right
+    when stale: it names sources, and holds constants compared by value)."""
+    kind = spec[0]
+    if kind in (_TUPLE, _LIST):
+        return (kind, tuple(without_bookkeeping(s) for s in spec[1]))
+    if kind == _DICT:
+        return (kind, spec[1], tuple(without_bookkeeping(s) for s in spec[2]))
+    if kind == _RECORD:
+        loose = LOOSE_STATICS.get(spec[1], ())
+        statics = tuple(None if i < len(loose) and loose[i] else v
+                        for i, v in enumerate(spec[3]))
+        return (kind, spec[1], tuple(without_bookkeeping(s) for s in spec[2]), statics)
+    if kind == _NODE:
+        return (kind, spec[1], spec[2], tuple(without_bookkeeping(s) for s in spec[3]))
+    return spec
+
+
 def static_leaves(spec: Any) -> list[Any]:
     """The non-tensor leaves of a tree, from its :func:`flatten` spec, in order (not the
     records' static fields, nor the contexts of other pytree nodes)."""

@@ -171,7 +171,10 @@ def same_scalar_params(new: Sequence[Any], old: Sequence[Any]) -> bool:
               and not (a.requires_grad or b.requires_grad)
               and not _functorch.is_functorch_wrapped_tensor(a)
               and not _functorch.is_functorch_wrapped_tensor(b)):
-            va, vb = a.item(), b.item()
+            try:
+                va, vb = a.item(), b.item()
+            except RuntimeError:  # (under a tracer -- make_fx, compile -- values are unread)
+                return False
         else:
             return False
         if va != vb or (va == 0 and math.copysign(1.0, va) != math.copysign(1.0, vb)):

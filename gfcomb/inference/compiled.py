@@ -49,7 +49,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.errors import ArgumentError, GFIError
-from gfcomb.core.flat import flatten, static_leaves, unflatten
+from gfcomb.core.flat import flatten, static_leaves, unflatten, without_bookkeeping
 from gfcomb.core.gfi import GenerativeFunction
 from gfcomb.core.pytree import tree_index
 from gfcomb.core.vmap import PerRow
@@ -102,9 +102,11 @@ def _meta(t: torch.Tensor) -> tuple[Any, ...]:
 
 def _spec_tensors(spec: Any) -> dict[int, torch.Tensor]:
     """The tensors held in the static part of a :func:`gfcomb.core.flat.flatten` spec (its
-    non-tensor leaves, records' static fields, other nodes' contexts)."""
+    non-tensor leaves, records' static fields, other nodes' contexts) that its values depend
+    on: not those in bookkeeping (a @gen trace's argument sources may name a constant the
+    step made, and stay right replayed; :func:`~gfcomb.core.flat.without_bookkeeping`)."""
     found: dict[int, torch.Tensor] = {}
-    _tensors_in(spec, found, set())
+    _tensors_in(without_bookkeeping(spec), found, set())
     return found
 
 
