@@ -16,7 +16,13 @@ import torch
 
 from gfcomb.core.errors import DistributionArgumentError
 from gfcomb.distributions.base import Distribution
-from gfcomb.distributions.numerics import log_standard_gamma, neg_inf_outside, safe, xlogy
+from gfcomb.distributions.numerics import (
+    log_standard_gamma,
+    neg_inf_outside,
+    safe,
+    sum_last,
+    xlogy,
+)
 from gfcomb.distributions.params import (
     POSITIVE_DEFINITE,
     POSITIVE_VECTOR,
@@ -67,7 +73,7 @@ class MvNormal(Distribution, name="mv_normal",
         eps = torch.randn_like(mean)  # (the draw ``sample`` makes)
         value = mean + (chol @ eps.unsqueeze(-1)).squeeze(-1)
         half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        return value, -0.5 * (eps * eps).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI
+        return value, -0.5 * sum_last(eps * eps) - half_logdet - 0.5 * d * _LOG_2PI
 
     def logpdf(self, value: ArrayLike, mean: ArrayLike, cov: ArrayLike) -> torch.Tensor:
         """Log density per event (the last dim of ``value`` is the event dim)."""
@@ -80,7 +86,7 @@ class MvNormal(Distribution, name="mv_normal",
         chol = chol.expand(*batch, d, d)
         z = torch.linalg.solve_triangular(chol, diff, upper=False).squeeze(-1)
         half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        return -0.5 * (z * z).sum(-1) - half_logdet - 0.5 * d * _LOG_2PI
+        return -0.5 * sum_last(z * z) - half_logdet - 0.5 * d * _LOG_2PI
 
     def event_shape(self, params: Sequence[Any]) -> tuple[int, ...]:
         """``(d,)``: one value is a vector like ``mean``'s last dimension."""

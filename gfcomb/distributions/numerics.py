@@ -25,6 +25,20 @@ def safe(support: torch.Tensor, x: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.where(support, x, torch.full_like(x, fill))
 
 
+#: the longest last dim summed as a product with ones (see :func:`sum_last`)
+_SHORT_SUM = 16
+
+
+def sum_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(-1)``; for a short floating last dim computed as ``x @ ones``: torch's CPU
+    reduction over a short innermost axis is about 15x slower than that product (docs/
+    distributions.md, "vmap")."""
+    d = x.shape[-1] if x.dim() else 0
+    if 0 < d <= _SHORT_SUM and x.is_floating_point():
+        return x @ torch.ones(d, dtype=x.dtype, device=x.device)
+    return x.sum(-1)
+
+
 def xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x * log(y)`` with ``0 * log(0) = 0``, finite gradients there (unlike ``torch.xlogy``,
     whose gradient in ``y`` is NaN at ``x = y = 0``)."""

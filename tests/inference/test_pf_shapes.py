@@ -150,7 +150,7 @@ def plane_model(T):
 
 
 @pytest.mark.parametrize("model, select", [
-    (pair_model, lambda t: gf.select(("steps", t))),
+    (pair_model, lambda t: gf.select(("steps", t, "x"), ("steps", t, "v"))),
     (plane_model, lambda t: gf.select(("steps", t, "x")))])
 def test_kernel_runs_per_filter_step_do_not_grow_with_t(model, select):
     """A tuple state holding a fresh constant, and a vector state with an MH move on the
