@@ -32,14 +32,16 @@ import torch
 
 from gfcomb.combinators.parts import Combinator, gen_fn_part
 from gfcomb.combinators.unfold import Unfold
-from gfcomb.combinators.wrapped import Wrapper
+from gfcomb.combinators.wrapped import FROM_INNER, WrappedTrace, Wrapper
+from gfcomb.core.batched import batch_size
 from gfcomb.core.choicemap import ChoiceMap
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, VectorDiff
 from gfcomb.core.errors import ArgumentError
-from gfcomb.core.gfi import GenerativeFunction, check_args_tuple
+from gfcomb.core.gfi import GenerativeFunction, check_argdiffs, check_args_tuple
 from gfcomb.core.pytree import tree_map_tensors, tree_tensors
 from gfcomb.core.selection import Selection
 from gfcomb.core.trace import Trace
+from gfcomb.core.vmap import PerRow, RowView, held_rows
 
 _NO_CHANGE = NoChange()
 _UNKNOWN = UnknownChange()
@@ -108,6 +110,42 @@ class _ScanStep(Combinator):
         """Math: the kernel's project."""
         return self.kernel.project(trace, selection)
 
+    # (the batch methods: the kernel's own, at the step's (carry, x_t) of every row)
+    @staticmethod
+    def _batch_args(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        t, state, xs = args[0], args[1], args[2]
+        if type(xs) is PerRow or type(state) is RowView:
+            return None  # (inputs per row: the default, per row)
+        carry = PerRow(state.value[0]) if type(state) is PerRow else state[0]
+        x_t = None if xs is None else tree_map_tensors(lambda x: x[t], xs)
+        return (carry, x_t) + tuple(args[3:])
+
+    def batch_generate(self, n: int, args: tuple[Any, ...], constraints: Any = None,
+                       ) -> tuple[Trace, torch.Tensor]:
+        """Math: the kernel's batch generate at every row's (carry, x_t, *params)."""
+        a = self._batch_args(args)
+        if a is None:
+            return super().batch_generate(n, args, constraints)
+        tr, w = self.kernel.batch_generate(n, a, constraints)
+        return self._checked(tr), w
+
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+        """Math: the kernel's batch update (carry and x_t diffs from the state/xs diffs)."""
+        a = self._batch_args(args)
+        if a is None:
+            return super().batch_update(traces, args, argdiffs, constraints)
+        return self.kernel.batch_update(traces, a, self._diffs(argdiffs), constraints)
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
+        """Math: the kernel's batch regenerate weight."""
+        a = self._batch_args(args)
+        if a is None:
+            return super().batch_regenerate(traces, args, argdiffs, selection)
+        return self.kernel.batch_regenerate(traces, a, self._diffs(argdiffs), selection)
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The kernel's parameters."""
         return self.kernel.parameters()
@@ -174,3 +212,66 @@ class Scan(Wrapper):
 
     def outer_retdiff(self, argdiffs: tuple[Diff, ...], inner_retdiff: Diff) -> Diff:
         return inner_retdiff if isinstance(inner_retdiff, NoChange) else _UNKNOWN
+
+    def _wrap(self, args: tuple[Any, ...], inner: Trace) -> WrappedTrace:
+        # (the return value is built when read, as in the batch methods' traces: one layout)
+        return WrappedTrace(self, args, FROM_INNER, inner.score, inner)
+
+    # ------------------------------------------------------------------ the batch protocol
+    def batch_update(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                     constraints: Any = None) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap]:
+        """``update`` of every row of a batch, as one batch update of the inner Unfold (so
+        appending steps costs the new steps only, at any length, as for an Unfold) when the
+        inputs ``xs`` are shared by the rows; otherwise per row (the default).
+
+        Math: as :meth:`update`, row by row: the inner Unfold's batch update weights.
+        """
+        done = self._batch_edit(traces, args, argdiffs, lambda fn, old, a, d: fn.batch_update(
+            old, a, d, constraints))
+        if done is None:
+            return super().batch_update(traces, args, argdiffs, constraints)
+        return done
+
+    def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
+                         argdiffs: tuple[Diff, ...],
+                         selection: Selection) -> tuple[Trace, torch.Tensor, Diff]:
+        """``regenerate`` of every row of a batch, as one batch regenerate of the inner
+        Unfold under the same condition as :meth:`batch_update`.
+
+        Math: as :meth:`regenerate`, row by row.
+        """
+        done = self._batch_edit(traces, args, argdiffs, lambda fn, old, a, d: (
+            *fn.batch_regenerate(old, a, d, selection), ChoiceMap.empty()))
+        if done is None:
+            return super().batch_regenerate(traces, args, argdiffs, selection)
+        return done[:3]
+
+    def _batch_edit(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
+                    edit: Any) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap] | None:
+        """``edit(inner_fn, inner batch, inner args, inner argdiffs)`` on the inner batch,
+        wrapped; None when the batch must run per row (a batch with several row axes, inputs
+        ``xs`` or arguments given as views of other traces)."""
+        args = check_args_tuple(args)
+        if (not isinstance(traces, WrappedTrace) or traces.gen_fn is not self
+                or traces.score.dim() != 1 or len(args) < 2
+                or any(type(a) is RowView for a in args) or type(args[1]) is PerRow):
+            return None
+        argdiffs = check_argdiffs(args, argdiffs, repr(self))
+        init = args[0]
+        state = PerRow((init.value, ())) if type(init) is PerRow else (init, ())
+        in_args = (self._steps(args[1]), state) + tuple(args[1:])
+        in_diffs = self.inner_argdiffs(args, in_args, argdiffs)
+        inner, w, rd, discard = edit(self.inner_fn, traces.inner, in_args, in_diffs)
+        n = batch_size(traces)
+        new = self._wrap(tuple(held_rows(a, n) for a in args), inner)
+        return new, w, self.outer_retdiff(argdiffs, rd), discard
+
+    def batch_retval(self, trace: WrappedTrace) -> Any:
+        """A trace's return value, built when read: ``(final carry, ys)`` (of every row, for
+        a batch) from the inner Unfold's stacked states (step axis after any row axes)."""
+        lead = trace.score.dim()
+        carries, ys = trace.inner.retval
+        leaves = tree_tensors(carries)
+        if not leaves or leaves[0].shape[lead] == 0:
+            return (trace.args[0], None)
+        return (tree_map_tensors(lambda x: x.select(lead, -1), carries), ys)

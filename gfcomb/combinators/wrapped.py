@@ -23,6 +23,7 @@ import torch
 from gfcomb.combinators.edit import Constrain, Edit, Resample
 from gfcomb.combinators.parts import Combinator
 from gfcomb.core.choicemap import ChoiceMap
+from gfcomb.core.deferred import Deferred
 from gfcomb.core.diff import Diff, NoChange, UnknownChange, all_unchanged
 from gfcomb.core.gfi import (
     GenerativeFunction,
@@ -39,17 +40,50 @@ _NO_CHANGE = NoChange()
 _UNKNOWN = UnknownChange()
 
 
+@attrs.frozen
+class FromInner:
+    """A wrapper trace's return value left unbuilt: the wrapper's map of the inner return
+    value, made when read (a Scan's: in a batch its ``ys`` may have to be gathered through
+    the inner Unfold's shared history)."""
+
+
+#: the one FromInner value
+FROM_INNER = FromInner()
+
+
 @attrs.frozen(repr=False)
 class WrappedTrace(Trace):
     """The trace of a wrapper combinator: its own ``args`` and ``retval`` and the ``inner``
-    trace, whose choices and score are the wrapper's."""
+    trace, whose choices and score are the wrapper's.  ``retval`` may be given as
+    :class:`FromInner` (then the wrapper's ``batch_retval(trace)`` makes it when read: a
+    wrapper that does so does it for every trace it makes, so that all have one layout)."""
 
     gen_fn: Any
     args: tuple[Any, ...]
-    retval: Any
+    _retval: Any
     score: torch.Tensor
     inner: Trace
     _layout: Any = attrs.field(default=None, eq=False, repr=False)
+    _built: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def retval(self) -> Any:  # type: ignore[override]
+        """The wrapper's return value (built from the inner one on first read when it was
+        left unbuilt)."""
+        if type(self._retval) is not FromInner:
+            return self._retval
+        if self._built is None:
+            object.__setattr__(self, "_built", (self.gen_fn.batch_retval(self),))
+        return self._built[0]
+
+    def _after_unflatten(self) -> None:
+        object.__setattr__(self, "_built", None)
+
+    def caller_retval(self) -> Any:
+        """The return value, deferred when it is built from an inner value that is."""
+        if type(self._retval) is FromInner and type(self.inner.caller_retval()) is Deferred:
+            return Deferred(lambda: self.retval)
+        return self.retval
 
     @property
     def choices(self) -> ChoiceMap:
@@ -58,8 +92,25 @@ class WrappedTrace(Trace):
     def _retval_at(self, path: tuple[Any, ...]) -> Any:
         return self.inner.get_retval(path)
 
+    def discrete_addresses(self) -> Iterator[tuple[Any, ...]]:
+        """The inner trace's (the wrapper keeps its addresses)."""
+        return self.inner.discrete_addresses()
 
-register_record(WrappedTrace, dynamic=("args", "retval", "score", "inner"), static=("gen_fn",))
+    def compacted(self) -> WrappedTrace:
+        """The inner trace compacted (see :meth:`Trace.compacted`)."""
+        inner = self.inner.compacted()
+        return self if inner is self.inner else attrs.evolve(self, inner=inner, layout=None)
+
+    def with_layout_of(self, other: Trace) -> WrappedTrace:
+        """The inner trace laid out like ``other``'s (see :meth:`Trace.with_layout_of`)."""
+        if not isinstance(other, WrappedTrace):
+            return self
+        inner = self.inner.with_layout_of(other.inner)
+        return self if inner is self.inner else attrs.evolve(self, inner=inner, layout=None)
+
+
+register_record(WrappedTrace, dynamic=("args", "_retval", "score", "inner"),
+                static=("gen_fn",))
 
 
 class Wrapper(Combinator):

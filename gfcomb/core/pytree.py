@@ -335,15 +335,26 @@ def tree_where_alike(mask: torch.Tensor, a: Any, b: Any) -> Any:
     tests; ValueError otherwise), walking only where they differ: a sub-tree that is one
     object in both (a call a move left alone) is kept as it is.  A leaf that is one tensor in
     both, or two views of the same memory laid out alike (a shared argument or observation
-    expanded to every row), passes through from ``a``: merging its rows would only copy it."""
+    expanded to every row), passes through from ``a``: merging its rows would only copy it;
+    so does a leaf expanded to every row on both sides from equal values (a constant the
+    model made anew in each of the two runs), which stays shared."""
     from gfcomb.core.flat import zip_alike
 
     shaped: dict[int, torch.Tensor] = {}
+    lead = mask.dim()
 
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.data_ptr() == y.data_ptr() and x.stride() == y.stride() and x.shape == y.shape \
                 and x.dtype == y.dtype and x.device == y.device:
             return x
+        if x.dim() >= lead and x.shape == y.shape and x.dtype == y.dtype \
+                and all(x.stride(i) == 0 == y.stride(i) for i in range(lead)):
+            row = (0,) * lead
+            try:
+                if x[row].numel() <= 4096 and torch.equal(x[row], y[row]):
+                    return x
+            except RuntimeError:  # (a tracer: values cannot be read; merged as any leaf)
+                pass
         m = shaped.get(x.dim())
         if m is None:
             m = shaped[x.dim()] = mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim()))

@@ -127,14 +127,18 @@ class SourceTracker:
             return _NO_CHANGE if type(new) is type(old) and new == old else _UNKNOWN
         if old_src is not None:
             kind = old_src[0]
-            if kind == "same":
-                return _NO_CHANGE if old_src[1].holds(new) else _UNKNOWN
+            if kind == "same" and old_src[1].tensor is new:
+                return _NO_CHANGE
             if kind == "items":
                 return self._items_diff(new, old, old_src[1])
         src = self.source_of(new)
         if src is not None and old_src == src and self._diffs is not None:
-            return self._diffs.get(src, _UNKNOWN)
-        return _UNKNOWN
+            diff = self._diffs.get(src, _UNKNOWN)
+            if not isinstance(diff, UnknownChange):
+                return diff
+        # (a small tensor made anew -- a torch.zeros(2) of the body run over a batch --
+        # holding the values the callee's batch shares)
+        return _NO_CHANGE if _same_values(old, new) else _UNKNOWN
 
     def _items_diff(self, new: Any, old: Any, sources: tuple[Source | None, ...]) -> Diff:
         """A tuple, list or dict is unchanged when each of its items is (Unknown else: no
@@ -163,22 +167,21 @@ _COMPARED_NUMEL = 4096
 
 
 class Constant:
-    """A tensor a body passed to a callee that is neither an argument nor a return value:
-    equal to another when it holds the same values (the same object, or both small, of one
-    kind, and equal), so that the bookkeeping of two runs of a body that made their
-    constants anew compares equal (an MCMC accept step merging two traces keeps it)."""
+    """A tensor a body passed to a callee that is neither an argument nor a return value.
+    Passing the very same object again is NoChange.  Two compare equal when they hold the
+    same values, so that the bookkeeping of two runs of a body that made their constants
+    anew compares equal (an MCMC accept step merging two traces keeps it); which one is
+    kept does not matter, as a diff is read from the object's identity only (or else from
+    the values of the callee's own old argument)."""
 
     __slots__ = ("tensor",)
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
 
-    def holds(self, value: Any) -> bool:
-        """Whether ``value`` is this constant again (the object, or equal values)."""
-        return value is self.tensor or _equal_constants(self.tensor, value)
-
     def __eq__(self, other: object) -> bool:
-        return type(other) is Constant and self.holds(other.tensor)
+        return type(other) is Constant and (other.tensor is self.tensor
+                                            or _equal_small(self.tensor, other.tensor))
 
     def __hash__(self) -> int:
         return hash((tuple(self.tensor.shape), self.tensor.dtype))
@@ -187,17 +190,28 @@ class Constant:
         return f"Constant({tuple(self.tensor.shape)})"
 
 
-def _equal_constants(old: torch.Tensor, new: Any) -> bool:
-    """Whether ``new``, a tensor passed where the body passed the constant ``old`` before (a
-    ``torch.zeros(2)`` made anew at every run), holds the same values: compared when both
-    are small, unbatched and need no gradient.  (One host read; under a tracer, which
-    cannot read values, the answer is no: UnknownChange, which is always correct.)"""
-    if (type(new) is not torch.Tensor or new.requires_grad or new.shape != old.shape
-            or new.dtype != old.dtype or new.device != old.device
-            or new.numel() > _COMPARED_NUMEL
-            or (_functorch.is_functorch_wrapped_tensor(new) and is_batched(new))):
+def _same_values(old: Any, new: Any) -> bool:
+    """Whether ``new``, a small tensor passed now, holds the values of ``old``, the argument
+    a batch of callee traces holds, shared by every row (leading axes of stride 0: a
+    constant the body made once for the whole batch)."""
+    if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
+        return False
+    lead = old.dim() - new.dim()
+    if lead < 1 or old.shape[lead:] != new.shape or any(old.stride(i) != 0
+                                                        for i in range(lead)):
+        return False  # (a single trace's own tensor: compared by identity only)
+    return _equal_small(old[(0,) * lead], new)
+
+
+def _equal_small(a: torch.Tensor, b: Any) -> bool:
+    """Two small tensors of one shape, both unbatched and needing no gradient, holding
+    equal values (one host read; under a tracer, which cannot read values, no)."""
+    if (type(b) is not torch.Tensor or b.requires_grad or b.numel() > _COMPARED_NUMEL
+            or b.shape != a.shape or b.dtype != a.dtype or b.device != a.device
+            or (_functorch.is_functorch_wrapped_tensor(a) and is_batched(a))
+            or (_functorch.is_functorch_wrapped_tensor(b) and is_batched(b))):
         return False
     try:
-        return bool(torch.equal(old, new))
+        return bool(torch.equal(a, b))
     except RuntimeError:  # (a tracer: make_fx, torch.compile)
         return False

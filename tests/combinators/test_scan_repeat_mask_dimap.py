@@ -127,6 +127,43 @@ def test_scan_in_a_gen_model_and_laws():
     check_gfi(model, st.tuples(float_tensors((), -1, 1)), max_examples=8, derandomize=True)
 
 
+def test_scan_in_a_particle_filter_extends_and_moves_its_shared_history():
+    """A @gen model wrapping a Scan, filtered step by step (xs one longer each step, its
+    VectorDiff naming no updated input), resampled and moved on the newest step: the batch
+    runs the kernel once per step and keeps the steps in the inner Unfold's shared history
+    (a per-row update of the whole batch keeps none and copies every step); every row's
+    score is the model's log density of its choices, and the batch's return value is every
+    row's (final carry, ys)."""
+    from gfcomb.inference import mh, pf_initialize, pf_rejuvenate, pf_resample, pf_update
+
+    @gf.gen
+    def model(xs):
+        return SCAN(gf.normal(0.0, 1.0) @ "c0", xs, torch.tensor(0.7)) @ "scan"
+
+    xs = torch.linspace(-1.0, 1.0, 8)
+    torch.manual_seed(4)
+    state = pf_initialize(model, (xs[:0],), None, 6)
+    runs = []
+    for t in range(8):
+        before = CALLS["n"]
+        state = pf_update(state, (xs[:t + 1],), (gf.VectorDiff(t + 1, t, []),),
+                          {("scan", t, "z"): torch.tensor(0.1 * t)} if t % 2 else None)
+        state = pf_resample(state)
+        state = pf_rejuvenate(state, mh, gf.select(("scan", t, "z")))
+        runs.append(CALLS["n"] - before)
+    assert runs[1:] == [runs[1]] * 7, runs
+    scan_trace = state.traces.subtrace("scan")
+    assert scan_trace.inner.history is not None  # (the steps in the shared history)
+    carry, ys = scan_trace.retval
+    assert carry.shape == (6,) and ys.shape == (6, 8)
+    for i in (0, 5):
+        row = tree_index(state.traces, i)
+        w, (c_i, ys_i) = model.assess((xs,), row.choices)
+        torch.testing.assert_close(w, row.score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(c_i, carry[i], rtol=0, atol=1e-12)
+        torch.testing.assert_close(ys_i, ys[i], rtol=0, atol=1e-12)
+
+
 def test_scan_bad_arguments_name_themselves():
     with pytest.raises(gf.ArgumentError, match="xs"):
         SCAN.simulate((torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0)))

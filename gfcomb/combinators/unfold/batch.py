@@ -105,7 +105,13 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                 continue
             old = tree_index(stored, t - first, dim=1)
             if state is None:
-                state = PerRow(old.args[1])
+                # (a step trace of the kernel itself holds its state as its argument 1; one
+                # made by another function -- a Scan's step is its user kernel's trace --
+                # is given the previous step's state)
+                state = PerRow(old.args[1]) if old.gen_fn is unfold.kernel else \
+                    PerRow(_step_of(resolve(stored.retval), t - first - 1)) if t > first else \
+                    PerRow(_step_of(resolve(head.retval), -1)) if head is not None else \
+                    state_before(args[1], block, prows)
             try:
                 new, w, rd = step(t, old, (t, state) + params,
                                   (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
