@@ -228,9 +228,8 @@ class Scan(Wrapper):
         """
         done = self._batch_edit(traces, args, argdiffs, lambda fn, old, a, d: fn.batch_update(
             old, a, d, constraints))
-        if done is None:
-            return super().batch_update(traces, args, argdiffs, constraints)
-        return done
+        return super().batch_update(traces, args, argdiffs, constraints) if done is None \
+            else done
 
     def batch_regenerate(self, traces: Trace, args: tuple[Any, ...],
                          argdiffs: tuple[Diff, ...],
@@ -242,9 +241,8 @@ class Scan(Wrapper):
         """
         done = self._batch_edit(traces, args, argdiffs, lambda fn, old, a, d: (
             *fn.batch_regenerate(old, a, d, selection), ChoiceMap.empty()))
-        if done is None:
-            return super().batch_regenerate(traces, args, argdiffs, selection)
-        return done[:3]
+        return super().batch_regenerate(traces, args, argdiffs, selection) if done is None \
+            else done[:3]
 
     def _batch_edit(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
                     edit: Any) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap] | None:
