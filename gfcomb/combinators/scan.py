@@ -25,7 +25,7 @@ Math: log p(t; c, xs, θ) = Σ_{t<n} log p_kernel(t_t; c_{t-1}, xs[t], θ).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -245,7 +245,8 @@ class Scan(Wrapper):
             else done[:3]
 
     def _batch_edit(self, traces: Trace, args: tuple[Any, ...], argdiffs: tuple[Diff, ...],
-                    edit: Any) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap] | None:
+                    edit: Callable[..., tuple[Any, ...]],
+                    ) -> tuple[Trace, torch.Tensor, Diff, ChoiceMap] | None:
         """``edit(inner_fn, inner batch, inner args, inner argdiffs)`` on the inner batch,
         wrapped; None when the batch must run per row (a batch with several row axes, inputs
         ``xs`` or arguments given as views of other traces)."""

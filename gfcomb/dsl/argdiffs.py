@@ -63,24 +63,15 @@ class SourceTracker:
 
         A tensor argument that is neither an argument nor a return value (a constant of
         the body, a global parameter) is remembered as ``("same", Constant(tensor))``:
-        passing the very same object again, or a small one of equal values (a
-        ``torch.zeros(2)`` made at every run), is NoChange (the value stored in the callee's
-        trace is a copy after vmap).  (One method for both halves: it runs once per traced call.)
+        passing the very same object again is NoChange (the value stored in the callee's
+        trace is a copy after vmap); so is, in a batch, a small one holding the values the
+        callee's rows share (a ``torch.zeros(2)`` made at every run).  (One method for both
+        halves: it runs once per traced call.)
         """
-        by_id = self._by_id
-        out: list[Source | None] = []
-        for a in args:
-            if type(a) in _PLAIN_TYPES:  # (a plain value is never a source)
-                out.append(None)
-                continue
-            hit = by_id.get(id(a))
-            if hit is not None and hit[0] is a:
-                out.append(hit[1])
-            else:
-                out.append(self._source_of_new(a))
+        out = [self._source(a) for a in args]
         if type(retval) is torch.Tensor or not isinstance(retval, _PLAIN):
             src: Source = ("ret", addr)
-            by_id[id(retval)] = (retval, src)
+            self._by_id[id(retval)] = (retval, src)
             if self._diffs is not None:
                 self._diffs[src] = retdiff if retdiff is not None else _UNKNOWN
         return tuple(out)
@@ -92,15 +83,17 @@ class SourceTracker:
         unchanged when both are)."""
         t = type(a)
         if t is tuple or t is list:
-            return ("items", tuple(self._item_source(x) for x in a))
+            return ("items", tuple(self._source(x) for x in a))
         if t is dict:
-            return ("items", tuple(self._item_source(x) for x in a.values()))
+            return ("items", tuple(self._source(x) for x in a.values()))
         if (isinstance(a, torch.Tensor) and not a.requires_grad
                 and (not _functorch.is_functorch_wrapped_tensor(a) or not is_batched(a))):
             return ("same", Constant(a))
         return None
 
-    def _item_source(self, a: Any) -> Source | None:
+    def _source(self, a: Any) -> Source | None:
+        """What the value ``a`` passed to a callee is: an argument or a return value it is
+        the very object of, else :meth:`_source_of_new` (a plain value is never a source)."""
         if type(a) in _PLAIN_TYPES:
             return None
         hit = self._by_id.get(id(a))

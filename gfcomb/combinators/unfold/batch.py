@@ -105,13 +105,8 @@ def batch_edit(unfold: Unfold, traces: UnfoldTrace, args: tuple[Any, ...], touch
                 continue
             old = tree_index(stored, t - first, dim=1)
             if state is None:
-                # (a step trace of the kernel itself holds its state as its argument 1; one
-                # made by another function -- a Scan's step is its user kernel's trace --
-                # is given the previous step's state)
-                state = PerRow(old.args[1]) if old.gen_fn is unfold.kernel else \
-                    PerRow(_step_of(resolve(stored.retval), t - first - 1)) if t > first else \
-                    PerRow(_step_of(resolve(head.retval), -1)) if head is not None else \
-                    state_before(args[1], block, prows)
+                state = _stored_state(unfold, old, t, first, stored, head,
+                                      lambda: state_before(args[1], block, prows))
             try:
                 new, w, rd = step(t, old, (t, state) + params,
                                   (_NO_CHANGE, state_diff) + (_NO_CHANGE,) * len(params))
@@ -189,6 +184,23 @@ def closed_step(unfold: Unfold, step: Trace, state: Any, rows: int, params: tupl
         return block
     rebuild = StepRebuild(unfold.kernel, rows, params, init)
     return StepBlock.stored(choices, state, rebuild, parent_rows, parent, t, step)
+
+
+def _stored_state(unfold: Unfold, old: Trace, t: int, first: int, stored: Trace,
+                  head: Trace | None, before_window: Callable[[], Any]) -> Any:
+    """The state going into stored step ``t`` (``old``, its trace; ``stored``, the stacked
+    steps first..; ``head``, the steps before ``first`` still stacked; ``before_window()``,
+    the state before them).  A step trace of the kernel itself holds it as its argument 1
+    (the same tensors, which a merge of the old and new trace then need not pick between);
+    one made by another function (a Scan's step is its user kernel's trace) is given the
+    previous step's return value."""
+    if old.gen_fn is unfold.kernel:
+        return PerRow(old.args[1])
+    if t > first:
+        return PerRow(_step_of(resolve(stored.retval), t - first - 1))
+    if head is not None:
+        return PerRow(_step_of(resolve(head.retval), -1))
+    return before_window()
 
 
 def _step_of(states: Any, j: int) -> Any:
